@@ -185,6 +185,25 @@ pub fn device_for_ip(ip: IpAddr) -> Option<String> {
         .map(|i| i.name)
 }
 
+/// Whether `ip` is inside one of the subnets configured on `interface`.
+pub fn on_interface_subnet(interface: &str, ip: IpAddr) -> bool {
+    if_addrs::get_if_addrs()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|i| i.name == interface)
+        .any(|i| match (i.addr, ip) {
+            (if_addrs::IfAddr::V4(v4), IpAddr::V4(a)) => {
+                let mask = u32::from(v4.netmask);
+                u32::from(a) & mask == u32::from(v4.ip) & mask
+            }
+            (if_addrs::IfAddr::V6(v6), IpAddr::V6(a)) => {
+                let mask = u128::from(v6.netmask);
+                u128::from(a) & mask == u128::from(v6.ip) & mask
+            }
+            _ => false,
+        })
+}
+
 /// IPv4 before IPv6; IPv6 link-local addresses cannot be bound without a scope, so skip them.
 fn preferred(ips: &[IpAddr]) -> Option<IpAddr> {
     ips.iter().copied().find(|ip| match ip {
@@ -248,6 +267,12 @@ mod tests {
         assert!(err.contains("storage interface lhnet-test-none has no IP address"), "{err}");
         assert!(err.contains("/nonexistent/annotations"), "{err}");
         assert!(err.contains("fallback: wait"), "{err}");
+    }
+
+    #[test]
+    fn subnet_of_loopback() {
+        assert!(on_interface_subnet("lo", "127.9.9.9".parse().unwrap()));
+        assert!(!on_interface_subnet("lo", "10.0.0.1".parse().unwrap()));
     }
 
     #[test]

@@ -1,1 +1,16 @@
+//! lhnet-proxy: the storage-network sidecar for Longhorn instance-manager and
+//! backing-image-manager pods.
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
 
+pub mod admin;
+pub mod app;
+pub mod body;
+pub mod cluster;
+pub mod config;
+pub mod health;
+pub mod listener;
+pub mod metrics;
+pub mod reply;
+pub mod route;
+pub mod storage;

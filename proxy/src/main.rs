@@ -1,1 +1,245 @@
-fn main() {}
+//! The `lhnet-proxy` command: run the sidecar, check a config, print the storage address.
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use lhnet_proxy::app::{self, Options, RunningProxy};
+use lhnet_proxy::config::Config;
+
+#[derive(Parser)]
+#[command(name = "lhnet-proxy", version, about = "Storage-network sidecar for Longhorn IM/BIM pods")]
+#[command(args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The YAML config file (reloaded on SIGHUP and when the file changes).
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+    /// Worker threads for the data plane (default: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+#[derive(clap::Args, Clone)]
+struct LogArgs {
+    /// Log line format: text for people, json for log collectors.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it.
+    #[arg(long, default_value = "info", global = true)]
+    log_level: String,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a config file; prints every error with its path and exits non-zero.
+    CheckConfig { file: PathBuf },
+    /// Print the storage address and where it came from (for scripts).
+    StorageAddress {
+        /// Read storage_network from this config (default: interface lhnet1, fallback pod_ip).
+        #[arg(long, short = 'c')]
+        config: Option<PathBuf>,
+        /// Print JSON instead of "IP SOURCE".
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.run.log);
+    match cli.command {
+        Some(Command::CheckConfig { file }) => check_config(&file),
+        Some(Command::StorageAddress { config, json }) => storage_address(config.as_deref(), json),
+        None => run(cli.run),
+    }
+}
+
+fn init_logging(args: &LogArgs) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&args.log_level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn pod_ip() -> Option<IpAddr> {
+    let raw = std::env::var("POD_IP").ok()?;
+    match raw.trim().parse() {
+        Ok(ip) => Some(ip),
+        Err(_) => {
+            tracing::warn!(value = %raw, "POD_IP is not an IP address; ignoring it");
+            None
+        }
+    }
+}
+
+fn load(path: &Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|errors| {
+        eprint!("{errors}");
+        ExitCode::from(2)
+    })
+}
+
+fn check_config(file: &Path) -> ExitCode {
+    match load(file) {
+        Ok(config) => {
+            let summary = lhnet_proxy::config::summary(&config);
+            println!(
+                "{}: ok ({} listeners, {} routes, {} clusters)",
+                file.display(),
+                summary["listeners"],
+                summary["routes"],
+                summary["clusters"]
+            );
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+fn storage_address(config: Option<&Path>, json: bool) -> ExitCode {
+    let storage = match config {
+        Some(path) => match load(path) {
+            Ok(c) => c.storage_network,
+            Err(code) => return code,
+        },
+        None => match Config::parse("listeners: []", "defaults") {
+            Ok(c) => c.storage_network,
+            Err(e) => {
+                eprint!("{e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let spec = lhnet_netns::StorageNetworkSpec {
+        interface: storage.interface,
+        network: storage.network,
+        network_status_file: storage.network_status_file,
+        fallback: storage.fallback,
+        pod_ip: pod_ip(),
+    };
+    match lhnet_netns::discover(&spec) {
+        Ok(addr) if json => {
+            println!("{}", serde_json::to_string(&addr).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Ok(addr) => {
+            println!("{} {}", addr.ip, addr.source);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("lhnet-proxy: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let Some(path) = args.config else {
+        eprintln!("lhnet-proxy: --config FILE is required (see examples/im.yaml); lhnet-proxy --help lists the commands");
+        return ExitCode::from(2);
+    };
+    let config = match load(&path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all().thread_name("lhnet-worker");
+    if let Some(n) = args.threads {
+        builder.worker_threads(n.max(1));
+    }
+    let runtime = match builder.build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("lhnet-proxy: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let proxy = match app::start(config, Options { pod_ip: pod_ip() }).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!("cannot start: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        tokio::spawn(watch_config(proxy.reloader(), path, proxy.shutdown_token()));
+        wait_for_signal(&proxy).await;
+        tracing::info!("shutting down: no new connections, draining in-flight streams");
+        proxy.shutdown().await;
+        tracing::info!("stopped");
+        ExitCode::SUCCESS
+    })
+}
+
+/// Returns on SIGTERM, SIGINT or `POST /shutdown`.
+async fn wait_for_signal(proxy: &RunningProxy) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let token = proxy.shutdown_token();
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::warn!("cannot install signal handlers; only POST /shutdown stops the proxy");
+        token.cancelled().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+        _ = token.cancelled() => {}
+    }
+}
+
+/// Reloads the config on SIGHUP and when the file changes (a ConfigMap update replaces it).
+async fn watch_config(reloader: app::Reloader, path: PathBuf, shutdown: tokio_util::sync::CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).ok();
+    let stamp = |p: &Path| -> Option<(SystemTime, u64)> {
+        let m = std::fs::metadata(p).ok()?;
+        Some((m.modified().ok()?, m.len()))
+    };
+    let mut last = stamp(&path);
+    loop {
+        let by_signal = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => true,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => false,
+        };
+        let now = stamp(&path);
+        if !by_signal && now == last {
+            continue;
+        }
+        last = now;
+        match Config::load(&path) {
+            Ok(config) => match reloader.reload(config) {
+                Ok(()) => tracing::info!(file = %path.display(), "config reloaded"),
+                Err(e) => tracing::error!(file = %path.display(), "config not reloaded: {e}"),
+            },
+            Err(errors) => {
+                reloader.reject();
+                tracing::error!(file = %path.display(), "config not reloaded, keeping the running one:\n{errors}");
+            }
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! Wiring only: builds metrics, the storage address, clusters, route tables, listeners and the
+//! admin server from a config, and runs them until shutdown.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, AdminState};
+use crate::cluster::Cluster;
+use crate::config::{Config, ListenAddress};
+use crate::health::HealthService;
+use crate::listener::GrpcListener;
+use crate::metrics::Metrics;
+use crate::route::{LocalServices, RouteTable};
+use crate::storage::StorageState;
+
+/// What the process supplies that is not in the config file.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// The pod IP (`POD_IP` from the downward API): management source address and fallback.
+    pub pod_ip: Option<IpAddr>,
+}
+
+/// A started proxy.
+pub struct RunningProxy {
+    listeners: Vec<(String, SocketAddr)>,
+    admin: SocketAddr,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    admin_thread: Option<std::thread::JoinHandle<()>>,
+    shared: Arc<Shared>,
+}
+
+/// Applies new configs to a running proxy; cheap to clone.
+#[derive(Clone)]
+pub struct Reloader {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    metrics: Arc<Metrics>,
+    storage: Arc<StorageState>,
+    config: Arc<ArcSwap<Config>>,
+    tables: HashMap<String, Arc<ArcSwap<RouteTable>>>,
+    locals: LocalServices,
+}
+
+/// Starts everything the config describes. Errors say which part could not start.
+pub async fn start(config: Config, options: Options) -> Result<RunningProxy, String> {
+    let metrics = Metrics::new();
+    let storage = StorageState::new(&config.storage_network, options.pod_ip, metrics.clone());
+    let shutdown = CancellationToken::new();
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let locals = LocalServices {
+        health: HealthService::server(ready_rx.clone()),
+    };
+    let clusters = build_clusters(&config, &storage, &metrics);
+
+    let mut bound = Vec::new();
+    let mut tables = HashMap::new();
+    for l in &config.listeners {
+        let address = match l.address {
+            ListenAddress::Socket(a) => a,
+            ListenAddress::Storage(port) => match storage.current() {
+                Some(s) => SocketAddr::new(s.ip, port),
+                None => {
+                    return Err(format!(
+                        "listener {} binds storage:{port}, but there is no storage address: {}",
+                        l.name,
+                        storage.last_error().unwrap_or_default()
+                    ))
+                }
+            },
+        };
+        let table = Arc::new(ArcSwap::from_pointee(RouteTable::new(l, &clusters, locals.clone(), metrics.clone())));
+        tables.insert(l.name.clone(), table.clone());
+        let listener = GrpcListener::bind(&l.name, address, table, l.http2.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        bound.push(listener);
+    }
+
+    let config = Arc::new(ArcSwap::from_pointee(config));
+    let admin_state = Arc::new(AdminState {
+        metrics: metrics.clone(),
+        storage: storage.clone(),
+        config: config.clone(),
+        ready: ready_rx,
+        shutdown: shutdown.clone(),
+    });
+    let (admin, admin_thread) =
+        admin::spawn(config.load().admin.address, admin_state).map_err(|e| e.to_string())?;
+    tracing::info!(address = %admin, "admin server listening");
+
+    let drain_timeout = config.load().drain_timeout;
+    let listeners = bound.iter().map(|l| (l.name.to_string(), l.local_addr)).collect();
+    let mut tasks = Vec::new();
+    for l in bound {
+        tasks.push(tokio::spawn(l.serve(storage.clone(), metrics.clone(), shutdown.clone(), drain_timeout)));
+    }
+    let follow = tokio::spawn(storage.clone().follow());
+    tasks.push(tokio::spawn(track_readiness(storage.clone(), ready_tx, shutdown.clone(), follow)));
+
+    Ok(RunningProxy {
+        listeners,
+        admin,
+        shutdown,
+        tasks,
+        admin_thread: Some(admin_thread),
+        shared: Arc::new(Shared {
+            metrics,
+            storage,
+            config,
+            tables,
+            locals,
+        }),
+    })
+}
+
+fn build_clusters(config: &Config, storage: &Arc<StorageState>, metrics: &Arc<Metrics>) -> HashMap<String, Arc<Cluster>> {
+    config
+        .clusters
+        .iter()
+        .map(|c| (c.name.clone(), Cluster::new(c.clone(), storage.clone(), metrics.clone())))
+        .collect()
+}
+
+/// Ready follows the storage address (with `fallback: wait`); ends at shutdown, stopping the
+/// address watcher too.
+async fn track_readiness(
+    storage: Arc<StorageState>,
+    ready: watch::Sender<bool>,
+    shutdown: CancellationToken,
+    follow: JoinHandle<()>,
+) {
+    let mut changes = storage.subscribe();
+    loop {
+        ready.send_replace(storage.is_ready());
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            changed = changes.changed() => if changed.is_err() { break },
+        }
+    }
+    ready.send_replace(false);
+    follow.abort();
+}
+
+// === impl RunningProxy ===
+
+impl RunningProxy {
+    pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners.iter().find(|(n, _)| n == name).map(|(_, a)| *a)
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.shared.metrics
+    }
+
+    /// Cancelling this token starts a graceful shutdown.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// See [`Reloader::reload`].
+    pub fn reload(&self, new: Config) -> Result<(), String> {
+        self.reloader().reload(new)
+    }
+
+    /// Waits until shutdown is requested (token or `POST /shutdown`) and the listeners drained.
+    pub async fn wait(mut self) {
+        self.shutdown.cancelled().await;
+        for task in self.tasks.drain(..) {
+            let _ = task.await;
+        }
+        if let Some(admin) = self.admin_thread.take() {
+            let _ = tokio::task::spawn_blocking(move || admin.join()).await;
+        }
+    }
+
+    /// Starts a graceful shutdown and waits for it.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        self.wait().await;
+    }
+}
+
+// === impl Reloader ===
+
+impl Reloader {
+    /// Applies a new config's routes and clusters without dropping in-flight streams (they keep
+    /// the table they started with). Listener addresses and the admin address need a restart;
+    /// such changes are refused so the running config stays whole.
+    pub fn reload(&self, new: Config) -> Result<(), String> {
+        let result = self.try_reload(new);
+        self.shared.metrics.config_reload(result.is_ok());
+        result
+    }
+
+    /// Counts a reload that failed before it got here (the new file did not parse).
+    pub fn reject(&self) {
+        self.shared.metrics.config_reload(false);
+    }
+
+    fn try_reload(&self, new: Config) -> Result<(), String> {
+        let old = self.shared.config.load();
+        let shape = |c: &Config| -> Vec<(String, String)> {
+            c.listeners.iter().map(|l| (l.name.clone(), l.address.to_string())).collect()
+        };
+        if shape(&old) != shape(&new) || old.admin.address != new.admin.address {
+            return Err("listeners (names or addresses) or the admin address changed; restart lhnet-proxy to apply".into());
+        }
+        let clusters = build_clusters(&new, &self.shared.storage, &self.shared.metrics);
+        for l in &new.listeners {
+            if let Some(table) = self.shared.tables.get(&l.name) {
+                table.store(Arc::new(RouteTable::new(
+                    l,
+                    &clusters,
+                    self.shared.locals.clone(),
+                    self.shared.metrics.clone(),
+                )));
+            }
+        }
+        self.shared.config.store(Arc::new(new));
+        Ok(())
+    }
+}
+
+impl Drop for RunningProxy {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}

@@ -1,0 +1,523 @@
+//! Bodies the proxy streams: requests checked frame by frame on their way up, replayable request
+//! buffers for retries, and responses observed on their way down (status, deadline, metrics).
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes};
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::{Instant, Sleep};
+use tonic::Code;
+
+use crate::metrics::Metrics;
+use crate::reply::{grpc_status, BoxError, LocalReply};
+
+/// Set once when the proxy itself decides how a request ends (a bad request body, a deadline).
+/// The response path reads it to answer with that status instead of the upstream's reaction.
+pub type Verdict = Arc<OnceLock<LocalReply>>;
+
+pin_project_lite::pin_project! {
+    /// Checks a gRPC request body's length-prefixed messages as they stream through, without
+    /// buffering them: a message over `max` ends the request with RESOURCE_EXHAUSTED, a bad
+    /// frame or a body that ends mid-message with INVALID_ARGUMENT.
+    pub struct GrpcRequestBody<B> {
+        #[pin]
+        inner: B,
+        max: usize,
+        compressed_ok: bool,
+        header: [u8; 5],
+        header_len: usize,
+        payload_left: usize,
+        payload_total: usize,
+        verdict: Verdict,
+        failed: bool,
+    }
+}
+
+#[derive(Debug)]
+struct Rejected(String);
+
+impl std::fmt::Display for Rejected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Rejected {}
+
+impl<B> GrpcRequestBody<B> {
+    /// `compressed_ok` is whether the request declared a `grpc-encoding`, which allows the
+    /// compressed flag on messages.
+    pub fn new(inner: B, max: usize, compressed_ok: bool, verdict: Verdict) -> Self {
+        GrpcRequestBody {
+            inner,
+            max,
+            compressed_ok,
+            header: [0; 5],
+            header_len: 0,
+            payload_left: 0,
+            payload_total: 0,
+            verdict,
+            failed: false,
+        }
+    }
+}
+
+/// Walks `chunk` through the frame parser; returns the reply when the data breaks a rule.
+fn scan_frames(
+    chunk: &[u8],
+    max: usize,
+    compressed_ok: bool,
+    header: &mut [u8; 5],
+    header_len: &mut usize,
+    payload_left: &mut usize,
+    payload_total: &mut usize,
+) -> Option<LocalReply> {
+    let mut rest = chunk;
+    while !rest.is_empty() {
+        if *payload_left > 0 {
+            let n = (*payload_left).min(rest.len());
+            *payload_left -= n;
+            rest = &rest[n..];
+            continue;
+        }
+        let n = (5 - *header_len).min(rest.len());
+        header[*header_len..*header_len + n].copy_from_slice(&rest[..n]);
+        *header_len += n;
+        rest = &rest[n..];
+        if *header_len < 5 {
+            break;
+        }
+        *header_len = 0;
+        let flag = header[0];
+        let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+        if flag > 1 || (flag == 1 && !compressed_ok) {
+            let why = if flag > 1 {
+                format!("compressed-flag byte is {flag}, must be 0 or 1")
+            } else {
+                "message is marked compressed but the request has no grpc-encoding header".into()
+            };
+            return Some(LocalReply::new(Code::InvalidArgument, format!("malformed gRPC request frame: {why}")));
+        }
+        if len > max {
+            return Some(LocalReply::new(
+                Code::ResourceExhausted,
+                format!("request message of {len} bytes is larger than max_message_size ({max} bytes)"),
+            ));
+        }
+        *payload_left = len;
+        *payload_total = len;
+    }
+    None
+}
+
+impl<B> Body for GrpcRequestBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        if *this.failed {
+            return Poll::Ready(None);
+        }
+        let reject = |reply: LocalReply, failed: &mut bool, verdict: &Verdict| {
+            *failed = true;
+            let msg = reply.message.clone();
+            let _ = verdict.set(reply);
+            Poll::Ready(Some(Err(Box::new(Rejected(msg)) as BoxError)))
+        };
+        match this.inner.poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    if let Some(reply) = scan_frames(
+                        data,
+                        *this.max,
+                        *this.compressed_ok,
+                        this.header,
+                        this.header_len,
+                        this.payload_left,
+                        this.payload_total,
+                    ) {
+                        return reject(reply, this.failed, this.verdict);
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => {
+                if *this.header_len > 0 || *this.payload_left > 0 {
+                    let got = *this.payload_total - *this.payload_left;
+                    let reply = if *this.header_len > 0 {
+                        LocalReply::new(
+                            Code::InvalidArgument,
+                            format!(
+                                "malformed gRPC request: body ends inside a message header ({} of 5 bytes)",
+                                this.header_len
+                            ),
+                        )
+                    } else {
+                        LocalReply::new(
+                            Code::InvalidArgument,
+                            format!(
+                                "malformed gRPC request: body ends inside a message ({got} of {} bytes)",
+                                this.payload_total
+                            ),
+                        )
+                    };
+                    return reject(reply, this.failed, this.verdict);
+                }
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.failed || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A request body read into memory so it can be sent more than once.
+#[derive(Clone, Default)]
+pub struct Replayable {
+    chunks: Vec<Bytes>,
+    trailers: Option<HeaderMap>,
+}
+
+/// The result of trying to buffer a body up to a bound.
+pub enum Buffered<B> {
+    /// The whole body fit.
+    Complete(Replayable),
+    /// It did not; the prefix read so far comes first, then the rest of the stream.
+    Partial(Prefixed<B>),
+}
+
+/// Reads `body` until it ends or `limit` bytes are buffered.
+pub async fn buffer_up_to<B>(mut body: B, limit: usize) -> Result<Buffered<B>, BoxError>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    use http_body_util::BodyExt;
+    let mut buffered = Replayable::default();
+    let mut size = 0usize;
+    while size <= limit {
+        match body.frame().await {
+            None => return Ok(Buffered::Complete(buffered)),
+            Some(Err(e)) => return Err(e.into()),
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    size += data.len();
+                    buffered.chunks.push(data);
+                }
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        buffered.trailers = Some(trailers);
+                    }
+                }
+            },
+        }
+    }
+    Ok(Buffered::Partial(Prefixed {
+        prefix: buffered.chunks.into(),
+        inner: body,
+    }))
+}
+
+impl Replayable {
+    pub fn len(&self) -> usize {
+        self.chunks.iter().map(Bytes::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A fresh body with the same bytes and trailers.
+    pub fn replay(&self) -> ReplayBody {
+        ReplayBody {
+            chunks: self.chunks.clone().into(),
+            trailers: self.trailers.clone(),
+        }
+    }
+}
+
+/// One replay of a [`Replayable`].
+pub struct ReplayBody {
+    chunks: VecDeque<Bytes>,
+    trailers: Option<HeaderMap>,
+}
+
+impl Body for ReplayBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(chunk) = self.chunks.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        }
+        Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.chunks.is_empty() && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.chunks.iter().map(|c| c.remaining() as u64).sum())
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Buffered chunks first, then the rest of the original body.
+    pub struct Prefixed<B> {
+        prefix: VecDeque<Bytes>,
+        #[pin]
+        inner: B,
+    }
+}
+
+impl<B> Body for Prefixed<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        if let Some(chunk) = this.prefix.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        }
+        this.inner.poll_frame(cx).map(|f| f.map(|r| r.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.prefix.is_empty() && self.inner.is_end_stream()
+    }
+}
+
+/// What the metrics need to know about a request once it ends.
+pub struct RequestLog {
+    pub metrics: Arc<Metrics>,
+    pub listener: Arc<str>,
+    pub route: Arc<str>,
+    pub path: String,
+    pub started: Instant,
+}
+
+impl RequestLog {
+    pub fn finish(self, grpc_code: i32) {
+        let seconds = self.started.elapsed().as_secs_f64();
+        self.metrics
+            .record_request(&self.listener, &self.route, &self.path, grpc_code, seconds);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body on its way downstream. It records the final grpc-status in the metrics,
+    /// ends the stream with DEADLINE_EXCEEDED trailers when the deadline passes, turns an
+    /// upstream reset into proper gRPC trailers, and holds `permit` (a cluster's concurrency
+    /// slot) until the stream ends.
+    pub struct ObservedBody<B> {
+        #[pin]
+        inner: B,
+        #[pin]
+        deadline: Option<Sleep>,
+        deadline_reply: Option<LocalReply>,
+        verdict: Verdict,
+        upstream_error: String,
+        log: Option<RequestLog>,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+        done: bool,
+    }
+
+    impl<B> PinnedDrop for ObservedBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            // The client went away before the end of the stream.
+            if let Some(log) = this.project().log.take() {
+                log.finish(Code::Cancelled as i32);
+            }
+        }
+    }
+}
+
+impl<B> ObservedBody<B> {
+    /// `upstream_error` is the message to send if the upstream resets the stream mid-way.
+    pub fn new(
+        inner: B,
+        deadline: Option<(Instant, LocalReply)>,
+        verdict: Verdict,
+        upstream_error: String,
+        log: RequestLog,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> Self {
+        let (deadline, deadline_reply) = match deadline {
+            Some((at, reply)) => (Some(tokio::time::sleep_until(at)), Some(reply)),
+            None => (None, None),
+        };
+        ObservedBody {
+            inner,
+            deadline,
+            deadline_reply,
+            verdict,
+            upstream_error,
+            log: Some(log),
+            permit,
+            done: false,
+        }
+    }
+}
+
+fn trailers_frame(reply: &LocalReply) -> Frame<Bytes> {
+    let mut trailers = HeaderMap::new();
+    reply.write_to(&mut trailers);
+    Frame::trailers(trailers)
+}
+
+impl<B> Body for ObservedBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: std::fmt::Display,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        if *this.done {
+            return Poll::Ready(None);
+        }
+        let end_with = |reply: LocalReply, this_log: &mut Option<RequestLog>, done: &mut bool| {
+            *done = true;
+            if let Some(log) = this_log.take() {
+                log.finish(reply.code as i32);
+            }
+            Poll::Ready(Some(Ok(trailers_frame(&reply))))
+        };
+        if let Some(deadline) = this.deadline.as_mut().as_pin_mut() {
+            if deadline.poll(cx).is_ready() {
+                let reply = this
+                    .deadline_reply
+                    .take()
+                    .unwrap_or_else(|| LocalReply::new(Code::DeadlineExceeded, "deadline exceeded"));
+                return end_with(reply, this.log, this.done);
+            }
+        }
+        match this.inner.poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(trailers) = frame.trailers_ref() {
+                    *this.done = true;
+                    if let Some(log) = this.log.take() {
+                        log.finish(grpc_status(trailers).unwrap_or(Code::Unknown as i32));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let reply = this.verdict.get().cloned().unwrap_or_else(|| {
+                    LocalReply::new(Code::Unavailable, format!("{}: {e}", this.upstream_error))
+                });
+                end_with(reply, this.log, this.done)
+            }
+            Poll::Ready(None) => {
+                *this.done = true;
+                // A stream that ends without trailers has no grpc-status: that is an error for
+                // the client, and is counted as UNKNOWN.
+                if let Some(log) = this.log.take() {
+                    log.finish(Code::Unknown as i32);
+                }
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full, StreamBody};
+
+    fn frame(flag: u8, payload: &[u8]) -> Vec<u8> {
+        let mut v = vec![flag];
+        v.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        v.extend_from_slice(payload);
+        v
+    }
+
+    async fn run(chunks: Vec<Vec<u8>>, max: usize) -> (Result<usize, String>, Option<LocalReply>) {
+        let verdict: Verdict = Default::default();
+        let stream = futures_util::stream::iter(
+            chunks
+                .into_iter()
+                .map(|c| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(c)))),
+        );
+        let body = GrpcRequestBody::new(StreamBody::new(stream), max, false, verdict.clone());
+        let res = body.collect().await.map(|c| c.to_bytes().len()).map_err(|e| e.to_string());
+        (res, verdict.get().cloned())
+    }
+
+    #[tokio::test]
+    async fn passes_good_frames_split_anywhere() {
+        let mut all = frame(0, b"hello");
+        all.extend(frame(0, &[1u8; 300]));
+        let split: Vec<Vec<u8>> = all.chunks(3).map(|c| c.to_vec()).collect();
+        let (res, verdict) = run(split, 1024).await;
+        assert_eq!(res, Ok(all.len()));
+        assert!(verdict.is_none());
+    }
+
+    #[tokio::test]
+    async fn rejects_oversized_bad_flag_and_truncated() {
+        let (res, v) = run(vec![frame(0, &[0u8; 100])], 10).await;
+        assert!(res.is_err());
+        assert_eq!(v.unwrap().code, Code::ResourceExhausted);
+
+        let (_, v) = run(vec![frame(7, b"x")], 10).await;
+        let v = v.unwrap();
+        assert_eq!(v.code, Code::InvalidArgument);
+        assert!(v.message.contains("compressed-flag byte is 7"), "{v}");
+
+        let mut cut = frame(0, b"abcdef");
+        cut.truncate(8);
+        let (_, v) = run(vec![cut], 10).await;
+        let v = v.unwrap();
+        assert!(v.message.contains("ends inside a message (3 of 6 bytes)"), "{v}");
+    }
+
+    #[tokio::test]
+    async fn buffers_small_bodies_and_streams_large_ones() {
+        let small = Full::new(Bytes::from_static(b"0123456789"));
+        let Buffered::Complete(r) = buffer_up_to(small, 64).await.unwrap() else {
+            panic!("small body should be complete");
+        };
+        assert_eq!(r.replay().collect().await.unwrap().to_bytes(), "0123456789");
+        assert_eq!(r.replay().collect().await.unwrap().to_bytes().len(), 10);
+
+        let stream = futures_util::stream::iter(
+            (0..10).map(|_| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(vec![1u8; 10])))),
+        );
+        let Buffered::Partial(p) = buffer_up_to(StreamBody::new(stream), 25).await.unwrap() else {
+            panic!("large body should be partial");
+        };
+        assert_eq!(p.collect().await.unwrap().to_bytes().len(), 100);
+    }
+}

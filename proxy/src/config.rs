@@ -1,0 +1,1432 @@
+//! The YAML config (Envoy vocabulary), parsed once with every error reported by its path.
+//!
+//! Parsing walks a generic YAML tree instead of deriving `Deserialize`, so that one pass can
+//! report *all* mistakes (`listeners[0].routes[2].match: unknown key "prefx"`), not just the first.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::header::HeaderName;
+use lhnet_netns::Fallback;
+use regex::Regex;
+use serde::{Serialize, Serializer};
+use serde_yaml_ng::{Mapping, Value};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    pub admin: AdminConfig,
+    pub storage_network: StorageNetworkConfig,
+    pub listeners: Vec<ListenerConfig>,
+    pub clusters: Vec<ClusterConfig>,
+    /// How long shutdown waits for in-flight streams after GOAWAY.
+    #[serde(serialize_with = "ser_duration")]
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AdminConfig {
+    pub address: SocketAddr,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StorageNetworkConfig {
+    pub interface: String,
+    /// `<namespace>/<nad>`: the network-status entry to use (matched on name, as Longhorn does).
+    pub network: Option<String>,
+    pub network_status_file: Option<PathBuf>,
+    pub fallback: Fallback,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub address: ListenAddress,
+    pub routes: Vec<RouteConfig>,
+    /// Largest gRPC message a client may send, in bytes.
+    pub max_message_size: usize,
+    pub http2: Http2Options,
+}
+
+/// Where a listener binds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenAddress {
+    Socket(SocketAddr),
+    /// `storage:PORT`: the storage address, whatever it is.
+    Storage(u16),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Http2Options {
+    pub max_concurrent_streams: u32,
+    pub initial_stream_window_size: u32,
+    pub initial_connection_window_size: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RouteConfig {
+    /// Metric label; `<listener>/<index>` unless the config names it.
+    pub name: String,
+    #[serde(rename = "match")]
+    pub matcher: RouteMatch,
+    #[serde(flatten)]
+    pub action: RouteAction,
+    #[serde(serialize_with = "ser_opt_duration")]
+    pub timeout: Option<Duration>,
+    /// `max_stream_duration.grpc_timeout_header_max`: caps the client's `grpc-timeout`.
+    #[serde(serialize_with = "ser_opt_duration")]
+    pub grpc_timeout_header_max: Option<Duration>,
+    pub retry_policy: Option<RetryPolicy>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RouteMatch {
+    pub path: PathMatch,
+    pub headers: Vec<HeaderMatcher>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PathMatch {
+    Path(String),
+    Prefix(String),
+    SafeRegex(#[serde(serialize_with = "ser_regex")] Regex),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HeaderMatcher {
+    #[serde(serialize_with = "ser_header_name")]
+    pub name: HeaderName,
+    pub rule: HeaderRule,
+    pub invert_match: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeaderRule {
+    Exact(String),
+    Prefix(String),
+    SafeRegex(#[serde(serialize_with = "ser_regex")] Regex),
+    Present(bool),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteAction {
+    Cluster(String),
+    Local(LocalService),
+}
+
+/// Services answered inside the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LocalService {
+    Health,
+    LonghornEngineProxy,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RetryPolicy {
+    pub retry_on: Vec<RetryOn>,
+    pub num_retries: u32,
+    #[serde(serialize_with = "ser_opt_duration")]
+    pub per_try_timeout: Option<Duration>,
+    /// Request bodies up to this size are buffered so they can be replayed; larger ones are
+    /// streamed and never retried.
+    pub max_buffered_bytes: usize,
+}
+
+/// Envoy's `retry_on` tokens that make sense for gRPC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RetryOn {
+    ConnectFailure,
+    RefusedStream,
+    Reset,
+    Cancelled,
+    DeadlineExceeded,
+    Internal,
+    ResourceExhausted,
+    Unavailable,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterConfig {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: ClusterKind,
+    pub endpoints: Vec<SocketAddr>,
+    pub source_address: SourceAddress,
+    /// `SO_BINDTODEVICE` on upstream sockets (needs CAP_NET_RAW).
+    pub bind_to_device: Option<String>,
+    pub allowed_destinations: Vec<Destination>,
+    #[serde(serialize_with = "ser_port_ranges")]
+    pub allowed_ports: Vec<RangeInclusive<u16>>,
+    #[serde(serialize_with = "ser_duration")]
+    pub connect_timeout: Duration,
+    #[serde(serialize_with = "ser_duration")]
+    pub idle_timeout: Duration,
+    #[serde(serialize_with = "ser_duration")]
+    pub tcp_keepalive: Duration,
+    /// `circuit_breakers.max_requests`: concurrent requests before RESOURCE_EXHAUSTED.
+    pub max_requests: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClusterKind {
+    Static,
+    OriginalDst,
+}
+
+/// `upstream_bind_config.source_address`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceAddress {
+    Storage,
+    Management,
+    None,
+    Ip(IpAddr),
+}
+
+/// An entry of `allowed_destinations`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    /// Whatever the storage address's subnet is: the storage address itself and peers on the
+    /// same interface's network.
+    Storage,
+    Cidr { network: IpAddr, prefix: u8 },
+}
+
+/// One problem in the file, with the path of the value at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+/// Everything wrong with a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors {
+    pub source: String,
+    pub errors: Vec<ConfigError>,
+}
+
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
+const DEFAULT_RETRY_BUFFER: usize = 64 * 1024;
+
+// === impl Config ===
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+            source: path.display().to_string(),
+            errors: vec![ConfigError {
+                path: String::new(),
+                message: format!("cannot read the file: {e}"),
+            }],
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses YAML text; `source` names it in errors.
+    pub fn parse(text: &str, source: &str) -> Result<Config, ConfigErrors> {
+        let fail = |message: String| ConfigErrors {
+            source: source.to_string(),
+            errors: vec![ConfigError {
+                path: String::new(),
+                message,
+            }],
+        };
+        let mut value: Value =
+            serde_yaml_ng::from_str(text).map_err(|e| fail(format!("not valid YAML: {e}")))?;
+        value
+            .apply_merge()
+            .map_err(|e| fail(format!("bad YAML merge key: {e}")))?;
+        let mut cx = Cx::default();
+        let config = parse_config(&value, &mut cx);
+        match config {
+            Some(config) if cx.errors.is_empty() => Ok(config),
+            _ => Err(ConfigErrors {
+                source: source.to_string(),
+                errors: cx.errors,
+            }),
+        }
+    }
+
+    pub fn cluster(&self, name: &str) -> Option<&ClusterConfig> {
+        self.clusters.iter().find(|c| c.name == name)
+    }
+}
+
+// === impl ConfigErrors ===
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{}: {} error(s):", self.source, self.errors.len())?;
+        for e in &self.errors {
+            writeln!(f, "  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+// === impl ListenAddress, SourceAddress, Destination ===
+
+impl fmt::Display for ListenAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddress::Socket(addr) => write!(f, "{addr}"),
+            ListenAddress::Storage(port) => write!(f, "storage:{port}"),
+        }
+    }
+}
+
+impl fmt::Display for SourceAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SourceAddress::Storage => f.write_str("storage"),
+            SourceAddress::Management => f.write_str("management"),
+            SourceAddress::None => f.write_str("none"),
+            SourceAddress::Ip(ip) => write!(f, "{ip}"),
+        }
+    }
+}
+
+impl fmt::Display for Destination {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Destination::Storage => f.write_str("storage"),
+            Destination::Cidr { network, prefix } => write!(f, "{network}/{prefix}"),
+        }
+    }
+}
+
+impl Destination {
+    /// Whether `ip` is inside this CIDR (`Storage` is resolved by the caller).
+    pub fn cidr_contains(&self, ip: IpAddr) -> bool {
+        match (*self, ip) {
+            (Destination::Cidr { network: IpAddr::V4(n), prefix }, IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+                u32::from(n) & mask == u32::from(ip) & mask
+            }
+            (Destination::Cidr { network: IpAddr::V6(n), prefix }, IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+                u128::from(n) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+macro_rules! display_serialize {
+    ($($t:ty),*) => {$(
+        impl Serialize for $t {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+    )*};
+}
+display_serialize!(ListenAddress, SourceAddress, Destination);
+
+// === parsing ===
+
+#[derive(Default)]
+struct Cx {
+    errors: Vec<ConfigError>,
+}
+
+impl Cx {
+    fn err(&mut self, path: &str, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            path: path.to_string(),
+            message: message.into(),
+        });
+    }
+}
+
+/// A mapping being read: hands out fields by key and reports the keys nobody asked for.
+struct Fields<'a> {
+    path: String,
+    entries: Vec<(String, &'a Value)>,
+    taken: Vec<bool>,
+}
+
+impl<'a> Fields<'a> {
+    fn new(value: &'a Value, path: &str, cx: &mut Cx) -> Option<Self> {
+        let map: &Mapping = match value {
+            Value::Mapping(m) => m,
+            other => {
+                cx.err(path, format!("expected a mapping, got {}", kind(other)));
+                return None;
+            }
+        };
+        let mut entries = Vec::new();
+        for (k, v) in map {
+            match k {
+                Value::String(s) => entries.push((s.clone(), v)),
+                other => cx.err(path, format!("keys must be strings, got {}", kind(other))),
+            }
+        }
+        let taken = vec![false; entries.len()];
+        Some(Fields {
+            path: path.to_string(),
+            entries,
+            taken,
+        })
+    }
+
+    fn child(&self, key: &str) -> String {
+        if self.path.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}.{key}", self.path)
+        }
+    }
+
+    /// The value under `key` (null counts as absent) and its path.
+    fn take(&mut self, key: &str) -> Option<(String, &'a Value)> {
+        let idx = self.entries.iter().position(|(k, _)| k == key)?;
+        self.taken[idx] = true;
+        let value = self.entries[idx].1;
+        if value.is_null() {
+            return None;
+        }
+        Some((self.child(key), value))
+    }
+
+    fn has(&self, key: &str) -> bool {
+        self.entries.iter().any(|(k, v)| k == key && !v.is_null())
+    }
+
+    fn required(&mut self, key: &str, cx: &mut Cx) -> Option<(String, &'a Value)> {
+        let found = self.take(key);
+        if found.is_none() {
+            cx.err(&self.path, format!("missing required key \"{key}\""));
+        }
+        found
+    }
+
+    /// Reports every key that was never taken, suggesting the nearest known one.
+    fn finish(self, known: &[&str], cx: &mut Cx) {
+        for (idx, (key, _)) in self.entries.iter().enumerate() {
+            if self.taken[idx] {
+                continue;
+            }
+            let hint = known
+                .iter()
+                .map(|k| (edit_distance(k, key), *k))
+                .filter(|(d, _)| *d <= 2)
+                .min()
+                .map(|(_, k)| format!(" (did you mean \"{k}\"?)"))
+                .unwrap_or_default();
+            cx.err(&self.path, format!("unknown key \"{key}\"{hint}"));
+        }
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Sequence(_) => "a list",
+        Value::Mapping(_) => "a mapping",
+        Value::Tagged(_) => "a tagged value",
+    }
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+fn string(v: &Value, path: &str, cx: &mut Cx) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        other => {
+            cx.err(path, format!("expected a string, got {}", kind(other)));
+            None
+        }
+    }
+}
+
+fn boolean(v: &Value, path: &str, cx: &mut Cx) -> Option<bool> {
+    match v {
+        Value::Bool(b) => Some(*b),
+        other => {
+            cx.err(path, format!("expected true or false, got {}", kind(other)));
+            None
+        }
+    }
+}
+
+fn unsigned(v: &Value, path: &str, max: u64, cx: &mut Cx) -> Option<u64> {
+    match v.as_u64() {
+        Some(n) if n <= max => Some(n),
+        Some(n) => {
+            cx.err(path, format!("{n} is too large (at most {max})"));
+            None
+        }
+        None => {
+            cx.err(path, format!("expected a non-negative integer, got {}", kind(v)));
+            None
+        }
+    }
+}
+
+fn list<'a>(v: &'a Value, path: &str, cx: &mut Cx) -> Vec<(String, &'a Value)> {
+    match v {
+        Value::Sequence(items) => items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| (format!("{path}[{i}]"), item))
+            .collect(),
+        other => {
+            cx.err(path, format!("expected a list, got {}", kind(other)));
+            Vec::new()
+        }
+    }
+}
+
+/// `2s`, `500ms`, `1.5s`, `1m`, `1h`, `250us`; `0` means zero.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    if t == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or_else(|| format!("\"{t}\" has no unit; write it like 2s, 500ms, 1m"))?;
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("\"{t}\" is not a duration; write it like 2s, 500ms, 1m"))?;
+    let secs = match unit {
+        "us" => n / 1e6,
+        "ms" => n / 1e3,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("\"{t}\": unknown unit \"{unit}\" (use us, ms, s, m or h)")),
+    };
+    if !secs.is_finite() || secs > 1e9 {
+        return Err(format!("\"{t}\" is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn duration(v: &Value, path: &str, cx: &mut Cx) -> Option<Duration> {
+    let text = match v {
+        Value::String(s) => s.clone(),
+        Value::Number(n) if n.as_u64() == Some(0) => "0".into(),
+        other => {
+            cx.err(path, format!("expected a duration like 2s, got {}", kind(other)));
+            return None;
+        }
+    };
+    parse_duration(&text).map_err(|e| cx.err(path, e)).ok()
+}
+
+/// Bytes: an integer, or `64Ki`, `4Mi`, `1Gi`.
+fn size(v: &Value, path: &str, cx: &mut Cx) -> Option<usize> {
+    if let Some(n) = v.as_u64() {
+        return usize::try_from(n).ok();
+    }
+    let Value::String(s) = v else {
+        cx.err(path, format!("expected a size like 4Mi, got {}", kind(v)));
+        return None;
+    };
+    let (num, mult) = if let Some(n) = s.strip_suffix("Ki") {
+        (n, 1usize << 10)
+    } else if let Some(n) = s.strip_suffix("Mi") {
+        (n, 1 << 20)
+    } else if let Some(n) = s.strip_suffix("Gi") {
+        (n, 1 << 30)
+    } else {
+        (s.as_str(), 1)
+    };
+    match num.trim().parse::<usize>().ok().and_then(|n| n.checked_mul(mult)) {
+        Some(n) => Some(n),
+        None => {
+            cx.err(path, format!("\"{s}\" is not a size; write bytes or use Ki, Mi, Gi"));
+            None
+        }
+    }
+}
+
+fn parse_config(root: &Value, cx: &mut Cx) -> Option<Config> {
+    let mut f = Fields::new(root, "", cx)?;
+
+    let admin = match f.take("admin") {
+        Some((path, v)) => parse_admin(v, &path, cx),
+        None => Some(AdminConfig {
+            address: SocketAddr::from(([127, 0, 0, 1], 9901)),
+        }),
+    };
+    let storage_network = match f.take("storage_network") {
+        Some((path, v)) => parse_storage_network(v, &path, cx),
+        None => Some(StorageNetworkConfig {
+            interface: "lhnet1".into(),
+            network: None,
+            network_status_file: None,
+            fallback: Fallback::PodIp,
+        }),
+    };
+    let drain_timeout = match f.take("drain_timeout") {
+        Some((path, v)) => duration(v, &path, cx),
+        None => Some(Duration::from_secs(30)),
+    };
+    let clusters: Vec<ClusterConfig> = f
+        .take("clusters")
+        .map(|(path, v)| {
+            list(v, &path, cx)
+                .into_iter()
+                .filter_map(|(p, item)| parse_cluster(item, &p, cx))
+                .collect()
+        })
+        .unwrap_or_default();
+    let listeners: Vec<ListenerConfig> = match f.required("listeners", cx) {
+        Some((path, v)) => list(v, &path, cx)
+            .into_iter()
+            .filter_map(|(p, item)| parse_listener(item, &p, cx))
+            .collect(),
+        None => Vec::new(),
+    };
+    f.finish(&["admin", "storage_network", "drain_timeout", "listeners", "clusters"], cx);
+
+    check_references(&listeners, &clusters, cx);
+    Some(Config {
+        admin: admin?,
+        storage_network: storage_network?,
+        listeners,
+        clusters,
+        drain_timeout: drain_timeout?,
+    })
+}
+
+fn check_references(listeners: &[ListenerConfig], clusters: &[ClusterConfig], cx: &mut Cx) {
+    let mut seen = HashSet::new();
+    for (i, c) in clusters.iter().enumerate() {
+        if !seen.insert(c.name.as_str()) {
+            cx.err(&format!("clusters[{i}].name"), format!("duplicate cluster name \"{}\"", c.name));
+        }
+    }
+    let mut seen_listeners = HashSet::new();
+    for (li, l) in listeners.iter().enumerate() {
+        if !seen_listeners.insert(l.name.as_str()) {
+            cx.err(&format!("listeners[{li}].name"), format!("duplicate listener name \"{}\"", l.name));
+        }
+        for (ri, r) in l.routes.iter().enumerate() {
+            let RouteAction::Cluster(name) = &r.action else {
+                continue;
+            };
+            let path = format!("listeners[{li}].routes[{ri}].cluster");
+            match clusters.iter().find(|c| &c.name == name) {
+                None => {
+                    let known: Vec<&str> = clusters.iter().map(|c| c.name.as_str()).collect();
+                    cx.err(&path, format!("no cluster named \"{name}\" (clusters: {known:?})"))
+                }
+                Some(c) if c.kind == ClusterKind::OriginalDst => cx.err(
+                    &path,
+                    format!(
+                        "cluster \"{name}\" is original_dst; its destinations come from local services \
+                         (longhorn_engine_proxy), so a route cannot forward to it"
+                    ),
+                ),
+                Some(_) => {}
+            }
+        }
+    }
+}
+
+fn parse_admin(v: &Value, path: &str, cx: &mut Cx) -> Option<AdminConfig> {
+    let mut f = Fields::new(v, path, cx)?;
+    let address = f.required("address", cx).and_then(|(p, v)| socket_addr(v, &p, cx));
+    f.finish(&["address"], cx);
+    Some(AdminConfig { address: address? })
+}
+
+fn socket_addr(v: &Value, path: &str, cx: &mut Cx) -> Option<SocketAddr> {
+    let s = string(v, path, cx)?;
+    s.parse()
+        .map_err(|_| cx.err(path, format!("\"{s}\" is not an IP:PORT address")))
+        .ok()
+}
+
+fn parse_storage_network(v: &Value, path: &str, cx: &mut Cx) -> Option<StorageNetworkConfig> {
+    let mut f = Fields::new(v, path, cx)?;
+    let interface = match f.take("interface") {
+        Some((p, v)) => string(v, &p, cx).filter(|s| {
+            let ok = !s.is_empty() && s.len() <= 15 && !s.contains('/') && !s.contains(char::is_whitespace);
+            if !ok {
+                cx.err(&p, format!("\"{s}\" is not an interface name (1-15 characters, no '/' or spaces)"));
+            }
+            ok
+        }),
+        None => Some("lhnet1".into()),
+    };
+    let network = f.take("network").and_then(|(p, v)| {
+        let s = string(v, &p, cx)?;
+        if s.split('/').count() != 2 || s.starts_with('/') || s.ends_with('/') {
+            cx.err(&p, format!("\"{s}\" must be <namespace>/<network-attachment-definition>"));
+            return None;
+        }
+        Some(s)
+    });
+    let network_status_file = f
+        .take("network_status_file")
+        .and_then(|(p, v)| string(v, &p, cx))
+        .map(PathBuf::from);
+    let fallback = match f.take("fallback") {
+        Some((p, v)) => match string(v, &p, cx).as_deref() {
+            Some("pod_ip") => Some(Fallback::PodIp),
+            Some("wait") => Some(Fallback::Wait),
+            Some(other) => {
+                cx.err(&p, format!("\"{other}\" is not a fallback; use pod_ip or wait"));
+                None
+            }
+            None => None,
+        },
+        None => Some(Fallback::PodIp),
+    };
+    f.finish(&["interface", "network", "network_status_file", "fallback"], cx);
+    Some(StorageNetworkConfig {
+        interface: interface?,
+        network,
+        network_status_file,
+        fallback: fallback?,
+    })
+}
+
+fn parse_listen_address(v: &Value, path: &str, cx: &mut Cx) -> Option<ListenAddress> {
+    let s = string(v, path, cx)?;
+    if let Some(port) = s.strip_prefix("storage:") {
+        return match port.parse::<u16>() {
+            Ok(p) => Some(ListenAddress::Storage(p)),
+            Err(_) if port.contains('-') => {
+                cx.err(path, format!("\"{s}\": port ranges are for kind: tcp listeners"));
+                None
+            }
+            Err(_) => {
+                cx.err(path, format!("\"{s}\": \"{port}\" is not a port"));
+                None
+            }
+        };
+    }
+    match s.parse::<SocketAddr>() {
+        Ok(a) => Some(ListenAddress::Socket(a)),
+        Err(_) => {
+            cx.err(path, format!("\"{s}\" is not IP:PORT or storage:PORT"));
+            None
+        }
+    }
+}
+
+fn parse_listener(v: &Value, path: &str, cx: &mut Cx) -> Option<ListenerConfig> {
+    let mut f = Fields::new(v, path, cx)?;
+    let name = f.required("name", cx).and_then(|(p, v)| string(v, &p, cx));
+    let kind = match f.take("kind") {
+        Some((p, v)) => match string(v, &p, cx).as_deref() {
+            Some("grpc") => Some(()),
+            Some("tcp") => {
+                cx.err(
+                    &p,
+                    "kind: tcp (L4 storage forwarding) is not supported by this version of lhnet-proxy; \
+                     remove the listener or use kind: grpc",
+                );
+                None
+            }
+            Some(other) => {
+                cx.err(&p, format!("\"{other}\" is not a listener kind; use grpc"));
+                None
+            }
+            None => None,
+        },
+        None => Some(()),
+    };
+    let address = f.required("address", cx).and_then(|(p, v)| parse_listen_address(v, &p, cx));
+    let listener_name = name.clone().unwrap_or_else(|| path.to_string());
+    let routes = match f.required("routes", cx) {
+        Some((p, v)) => list(v, &p, cx)
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, (rp, item))| parse_route(item, &rp, &listener_name, i, cx))
+            .collect(),
+        None => Vec::new(),
+    };
+    let max_message_size = match f.take("max_message_size") {
+        Some((p, v)) => size(v, &p, cx),
+        None => Some(DEFAULT_MAX_MESSAGE_SIZE),
+    };
+    let http2 = match f.take("http2_protocol_options") {
+        Some((p, v)) => parse_http2(v, &p, cx),
+        None => Some(Http2Options::default()),
+    };
+    // Envoy's stat_prefix is accepted for familiarity; the listener name is the metric label.
+    let _ = f.take("stat_prefix");
+    f.finish(
+        &["name", "kind", "address", "routes", "max_message_size", "http2_protocol_options", "stat_prefix"],
+        cx,
+    );
+    kind?;
+    Some(ListenerConfig {
+        name: name?,
+        address: address?,
+        routes,
+        max_message_size: max_message_size?,
+        http2: http2?,
+    })
+}
+
+impl Default for Http2Options {
+    fn default() -> Self {
+        Http2Options {
+            max_concurrent_streams: 1024,
+            initial_stream_window_size: 1 << 20,
+            initial_connection_window_size: 4 << 20,
+        }
+    }
+}
+
+fn parse_http2(v: &Value, path: &str, cx: &mut Cx) -> Option<Http2Options> {
+    let mut f = Fields::new(v, path, cx)?;
+    let mut opts = Http2Options::default();
+    let mut ok = true;
+    for (key, slot) in [
+        ("max_concurrent_streams", &mut opts.max_concurrent_streams),
+        ("initial_stream_window_size", &mut opts.initial_stream_window_size),
+        ("initial_connection_window_size", &mut opts.initial_connection_window_size),
+    ] {
+        if let Some((p, v)) = f.take(key) {
+            match unsigned(v, &p, i32::MAX as u64, cx) {
+                Some(n) => *slot = n as u32,
+                None => ok = false,
+            }
+        }
+    }
+    f.finish(
+        &["max_concurrent_streams", "initial_stream_window_size", "initial_connection_window_size"],
+        cx,
+    );
+    ok.then_some(opts)
+}
+
+fn parse_route(v: &Value, path: &str, listener: &str, index: usize, cx: &mut Cx) -> Option<RouteConfig> {
+    let mut f = Fields::new(v, path, cx)?;
+    let name = f
+        .take("name")
+        .and_then(|(p, v)| string(v, &p, cx))
+        .unwrap_or_else(|| format!("{listener}/{index}"));
+    let matcher = f.required("match", cx).and_then(|(p, v)| parse_match(v, &p, cx));
+    let action = match (f.take("cluster"), f.take("local")) {
+        (Some((p, v)), None) => string(v, &p, cx).map(RouteAction::Cluster),
+        (None, Some((p, v))) => match string(v, &p, cx).as_deref() {
+            Some("health") => Some(RouteAction::Local(LocalService::Health)),
+            Some("longhorn_engine_proxy") => Some(RouteAction::Local(LocalService::LonghornEngineProxy)),
+            Some(other) => {
+                cx.err(
+                    &p,
+                    format!("\"{other}\" is not a local service; use health or longhorn_engine_proxy"),
+                );
+                None
+            }
+            None => None,
+        },
+        (Some(_), Some(_)) => {
+            cx.err(path, "a route has either \"cluster\" or \"local\", not both");
+            None
+        }
+        (None, None) => {
+            cx.err(path, "a route needs \"cluster: NAME\" or \"local: SERVICE\"");
+            None
+        }
+    };
+    let timeout = f.take("timeout").and_then(|(p, v)| duration(v, &p, cx)).filter(|d| !d.is_zero());
+    let grpc_timeout_header_max = f.take("max_stream_duration").and_then(|(p, v)| {
+        let mut m = Fields::new(v, &p, cx)?;
+        let max = m
+            .take("grpc_timeout_header_max")
+            .and_then(|(p, v)| duration(v, &p, cx))
+            .filter(|d| !d.is_zero());
+        m.finish(&["grpc_timeout_header_max"], cx);
+        max
+    });
+    let retry_policy = f.take("retry_policy").and_then(|(p, v)| parse_retry(v, &p, cx));
+    f.finish(
+        &["name", "match", "cluster", "local", "timeout", "max_stream_duration", "retry_policy"],
+        cx,
+    );
+    Some(RouteConfig {
+        name,
+        matcher: matcher?,
+        action: action?,
+        timeout,
+        grpc_timeout_header_max,
+        retry_policy,
+    })
+}
+
+fn regex(v: &Value, path: &str, cx: &mut Cx) -> Option<Regex> {
+    // Envoy writes `safe_regex: { regex: "..." }`; a bare string is accepted too.
+    let (text, p) = match v {
+        Value::Mapping(_) => {
+            let mut f = Fields::new(v, path, cx)?;
+            let r = f.required("regex", cx).and_then(|(p, v)| string(v, &p, cx).map(|s| (s, p)));
+            f.finish(&["regex"], cx);
+            r?
+        }
+        other => (string(other, path, cx)?, path.to_string()),
+    };
+    // Anchored like Envoy: the whole value must match.
+    Regex::new(&format!("^(?:{text})$"))
+        .map_err(|e| cx.err(&p, format!("bad regex: {e}")))
+        .ok()
+}
+
+fn parse_match(v: &Value, path: &str, cx: &mut Cx) -> Option<RouteMatch> {
+    let mut f = Fields::new(v, path, cx)?;
+    let specifiers = ["path", "prefix", "safe_regex"];
+    let given: Vec<&str> = specifiers.iter().copied().filter(|k| f.has(k)).collect();
+    if given.len() > 1 {
+        cx.err(path, format!("use one of path, prefix, safe_regex (found {})", given.join(", ")));
+    }
+    let route_path = |s: String, p: &str, cx: &mut Cx| {
+        if s.starts_with('/') {
+            Some(s)
+        } else {
+            cx.err(p, format!("\"{s}\" must start with '/' (gRPC paths look like /package.Service/Method)"));
+            None
+        }
+    };
+    let mut path_match = None;
+    if let Some((p, v)) = f.take("path") {
+        path_match = string(v, &p, cx).and_then(|s| route_path(s, &p, cx)).map(PathMatch::Path);
+    }
+    if let Some((p, v)) = f.take("prefix") {
+        path_match = string(v, &p, cx).and_then(|s| route_path(s, &p, cx)).map(PathMatch::Prefix);
+    }
+    if let Some((p, v)) = f.take("safe_regex") {
+        path_match = regex(v, &p, cx).map(PathMatch::SafeRegex);
+    }
+    if given.is_empty() {
+        cx.err(path, "missing path, prefix or safe_regex (use prefix: / to match everything)");
+    }
+    let headers = f
+        .take("headers")
+        .map(|(p, v)| {
+            list(v, &p, cx)
+                .into_iter()
+                .filter_map(|(hp, item)| parse_header_matcher(item, &hp, cx))
+                .collect()
+        })
+        .unwrap_or_default();
+    // Envoy's `grpc: {}` matcher: every request on a gRPC listener is gRPC, so it always holds.
+    let _ = f.take("grpc");
+    f.finish(&["path", "prefix", "safe_regex", "headers", "grpc"], cx);
+    Some(RouteMatch {
+        path: path_match?,
+        headers,
+    })
+}
+
+fn parse_header_matcher(v: &Value, path: &str, cx: &mut Cx) -> Option<HeaderMatcher> {
+    let mut f = Fields::new(v, path, cx)?;
+    let name = f.required("name", cx).and_then(|(p, v)| {
+        let s = string(v, &p, cx)?;
+        HeaderName::from_bytes(s.to_ascii_lowercase().as_bytes())
+            .map_err(|_| cx.err(&p, format!("\"{s}\" is not a header name")))
+            .ok()
+    });
+    let mut rules = Vec::new();
+    if let Some((p, v)) = f.take("exact_match").or_else(|| f.take("exact")) {
+        rules.push(string(v, &p, cx).map(HeaderRule::Exact));
+    }
+    if let Some((p, v)) = f.take("prefix_match").or_else(|| f.take("prefix")) {
+        rules.push(string(v, &p, cx).map(HeaderRule::Prefix));
+    }
+    if let Some((p, v)) = f.take("safe_regex_match").or_else(|| f.take("safe_regex")) {
+        rules.push(regex(v, &p, cx).map(HeaderRule::SafeRegex));
+    }
+    if let Some((p, v)) = f.take("present_match") {
+        rules.push(boolean(v, &p, cx).map(HeaderRule::Present));
+    }
+    let invert_match = f
+        .take("invert_match")
+        .and_then(|(p, v)| boolean(v, &p, cx))
+        .unwrap_or(false);
+    f.finish(
+        &[
+            "name", "exact_match", "exact", "prefix_match", "prefix", "safe_regex_match", "safe_regex",
+            "present_match", "invert_match",
+        ],
+        cx,
+    );
+    let rule = match rules.len() {
+        0 => Some(HeaderRule::Present(true)),
+        1 => rules.pop().flatten(),
+        _ => {
+            cx.err(path, "use one of exact_match, prefix_match, safe_regex_match, present_match");
+            None
+        }
+    };
+    Some(HeaderMatcher {
+        name: name?,
+        rule: rule?,
+        invert_match,
+    })
+}
+
+fn parse_retry(v: &Value, path: &str, cx: &mut Cx) -> Option<RetryPolicy> {
+    let mut f = Fields::new(v, path, cx)?;
+    let retry_on = match f.required("retry_on", cx) {
+        Some((p, v)) => {
+            // Envoy writes a comma-separated string; a YAML list is accepted too.
+            let tokens: Vec<(String, String)> = match v {
+                Value::String(s) => s.split(',').map(|t| (t.trim().to_string(), p.clone())).collect(),
+                _ => list(v, &p, cx)
+                    .into_iter()
+                    .filter_map(|(ip, item)| string(item, &ip, cx).map(|s| (s, ip)))
+                    .collect(),
+            };
+            let mut out = Vec::new();
+            for (token, tp) in tokens {
+                let parsed = match token.as_str() {
+                    "connect-failure" => RetryOn::ConnectFailure,
+                    "refused-stream" => RetryOn::RefusedStream,
+                    "reset" => RetryOn::Reset,
+                    "cancelled" => RetryOn::Cancelled,
+                    "deadline-exceeded" => RetryOn::DeadlineExceeded,
+                    "internal" => RetryOn::Internal,
+                    "resource-exhausted" => RetryOn::ResourceExhausted,
+                    "unavailable" => RetryOn::Unavailable,
+                    other => {
+                        cx.err(
+                            &tp,
+                            format!(
+                                "\"{other}\" is not a retry_on token; use connect-failure, refused-stream, \
+                                 reset, cancelled, deadline-exceeded, internal, resource-exhausted, unavailable"
+                            ),
+                        );
+                        continue;
+                    }
+                };
+                out.push(parsed);
+            }
+            Some(out)
+        }
+        None => None,
+    };
+    let num_retries = match f.take("num_retries") {
+        Some((p, v)) => unsigned(v, &p, 10, cx).map(|n| n as u32),
+        None => Some(1),
+    };
+    let per_try_timeout = f
+        .take("per_try_timeout")
+        .and_then(|(p, v)| duration(v, &p, cx))
+        .filter(|d| !d.is_zero());
+    let max_buffered_bytes = match f.take("max_buffered_bytes") {
+        Some((p, v)) => size(v, &p, cx),
+        None => Some(DEFAULT_RETRY_BUFFER),
+    };
+    f.finish(&["retry_on", "num_retries", "per_try_timeout", "max_buffered_bytes"], cx);
+    Some(RetryPolicy {
+        retry_on: retry_on?,
+        num_retries: num_retries?,
+        per_try_timeout,
+        max_buffered_bytes: max_buffered_bytes?,
+    })
+}
+
+fn parse_cluster(v: &Value, path: &str, cx: &mut Cx) -> Option<ClusterConfig> {
+    let mut f = Fields::new(v, path, cx)?;
+    let name = f.required("name", cx).and_then(|(p, v)| string(v, &p, cx));
+    let kind = match f.take("type") {
+        Some((p, v)) => match string(v, &p, cx).map(|s| s.to_ascii_lowercase()).as_deref() {
+            Some("static") => Some(ClusterKind::Static),
+            Some("original_dst") => Some(ClusterKind::OriginalDst),
+            Some(other) => {
+                cx.err(&p, format!("\"{other}\" is not a cluster type; use static or original_dst"));
+                None
+            }
+            None => None,
+        },
+        None => Some(ClusterKind::Static),
+    };
+    let endpoints: Vec<SocketAddr> = f
+        .take("endpoints")
+        .map(|(p, v)| {
+            list(v, &p, cx)
+                .into_iter()
+                .filter_map(|(ep, item)| socket_addr(item, &ep, cx))
+                .collect()
+        })
+        .unwrap_or_default();
+    match kind {
+        Some(ClusterKind::Static) if endpoints.is_empty() && !f.has("endpoints") => {
+            cx.err(path, "a static cluster needs endpoints: [IP:PORT, ...]")
+        }
+        Some(ClusterKind::OriginalDst) if !endpoints.is_empty() => cx.err(
+            &f.child("endpoints"),
+            "an original_dst cluster takes its destination from each request; remove endpoints",
+        ),
+        _ => {}
+    }
+    let (source_address, bind_to_device) = match f.take("upstream_bind_config") {
+        Some((p, v)) => parse_bind(v, &p, cx)?,
+        None => (SourceAddress::Storage, None),
+    };
+    let allowed_destinations = f
+        .take("allowed_destinations")
+        .map(|(p, v)| {
+            list(v, &p, cx)
+                .into_iter()
+                .filter_map(|(dp, item)| parse_destination(item, &dp, cx))
+                .collect()
+        })
+        .unwrap_or_default();
+    let allowed_ports = f
+        .take("allowed_ports")
+        .map(|(p, v)| {
+            list(v, &p, cx)
+                .into_iter()
+                .filter_map(|(pp, item)| parse_port_range(item, &pp, cx))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut timeouts = [Duration::from_secs(5), Duration::from_secs(90), Duration::from_secs(30)];
+    for (i, key) in ["connect_timeout", "idle_timeout", "tcp_keepalive"].iter().enumerate() {
+        if let Some((p, v)) = f.take(key) {
+            if let Some(d) = duration(v, &p, cx) {
+                timeouts[i] = d;
+            }
+        }
+    }
+    let max_requests = f
+        .take("circuit_breakers")
+        .and_then(|(p, v)| {
+            let mut cb = Fields::new(v, &p, cx)?;
+            let n = cb
+                .take("max_requests")
+                .and_then(|(p, v)| unsigned(v, &p, 1 << 20, cx))
+                .map(|n| n as usize);
+            cb.finish(&["max_requests"], cx);
+            n
+        })
+        .unwrap_or(1024);
+    // Envoy's protocol options: lhnet is HTTP/2 upstream only, so the key is accepted and ignored.
+    let _ = f.take("typed_extension_protocol_options");
+    f.finish(
+        &[
+            "name", "type", "endpoints", "upstream_bind_config", "allowed_destinations", "allowed_ports",
+            "connect_timeout", "idle_timeout", "tcp_keepalive", "circuit_breakers",
+            "typed_extension_protocol_options",
+        ],
+        cx,
+    );
+    Some(ClusterConfig {
+        name: name?,
+        kind: kind?,
+        endpoints,
+        source_address,
+        bind_to_device,
+        allowed_destinations,
+        allowed_ports,
+        connect_timeout: timeouts[0],
+        idle_timeout: timeouts[1],
+        tcp_keepalive: timeouts[2],
+        max_requests,
+    })
+}
+
+fn parse_bind(v: &Value, path: &str, cx: &mut Cx) -> Option<(SourceAddress, Option<String>)> {
+    let mut f = Fields::new(v, path, cx)?;
+    let source = match f.take("source_address") {
+        Some((p, v)) => {
+            // Envoy writes `source_address: { address: IP, port_value: 0 }`; a string is the short form.
+            let text = match v {
+                Value::Mapping(_) => {
+                    let mut sf = Fields::new(v, &p, cx)?;
+                    let a = sf.required("address", cx).and_then(|(p, v)| string(v, &p, cx));
+                    let _ = sf.take("port_value");
+                    sf.finish(&["address", "port_value"], cx);
+                    a
+                }
+                other => string(other, &p, cx),
+            };
+            match text.as_deref() {
+                Some("storage") => Some(SourceAddress::Storage),
+                Some("management") => Some(SourceAddress::Management),
+                Some("none") => Some(SourceAddress::None),
+                Some(other) => match other.parse::<IpAddr>() {
+                    Ok(ip) => Some(SourceAddress::Ip(ip)),
+                    Err(_) => {
+                        cx.err(&p, format!("\"{other}\" is not storage, management, none or an IP address"));
+                        None
+                    }
+                },
+                None => None,
+            }
+        }
+        None => Some(SourceAddress::Storage),
+    };
+    let device = f.take("bind_to_device").and_then(|(p, v)| match v {
+        Value::Bool(false) => None,
+        Value::Bool(true) => Some("storage".to_string()),
+        other => string(other, &p, cx),
+    });
+    f.finish(&["source_address", "bind_to_device"], cx);
+    Some((source?, device))
+}
+
+fn parse_destination(v: &Value, path: &str, cx: &mut Cx) -> Option<Destination> {
+    let s = string(v, path, cx)?;
+    if s == "storage" {
+        return Some(Destination::Storage);
+    }
+    let (ip, prefix) = match s.split_once('/') {
+        Some((ip, prefix)) => (ip, prefix.parse::<u8>().ok()),
+        None => (s.as_str(), None),
+    };
+    let Ok(network) = ip.parse::<IpAddr>() else {
+        cx.err(path, format!("\"{s}\" is not storage, an IP or a CIDR like 10.30.0.0/16"));
+        return None;
+    };
+    let max = if network.is_ipv4() { 32 } else { 128 };
+    let prefix = match (s.contains('/'), prefix) {
+        (false, _) => max,
+        (true, Some(p)) if p <= max => p,
+        _ => {
+            cx.err(path, format!("\"{s}\": bad prefix length (0-{max})"));
+            return None;
+        }
+    };
+    Some(Destination::Cidr { network, prefix })
+}
+
+fn parse_port_range(v: &Value, path: &str, cx: &mut Cx) -> Option<RangeInclusive<u16>> {
+    let text = match v {
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => s.clone(),
+        other => {
+            cx.err(path, format!("expected a port or range like 10000-30000, got {}", kind(other)));
+            return None;
+        }
+    };
+    let (lo, hi) = text.split_once('-').unwrap_or((&text, &text));
+    match (lo.trim().parse::<u16>(), hi.trim().parse::<u16>()) {
+        (Ok(lo), Ok(hi)) if lo <= hi && lo > 0 => Some(lo..=hi),
+        _ => {
+            cx.err(path, format!("\"{text}\" is not a port or a range like 10000-30000"));
+            None
+        }
+    }
+}
+
+// === serialization helpers (for /config_dump) ===
+
+pub fn format_duration(d: Duration) -> String {
+    if d.subsec_nanos() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+fn ser_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_duration(*d))
+}
+
+fn ser_opt_duration<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_str(&format_duration(*d)),
+        None => s.serialize_none(),
+    }
+}
+
+fn ser_regex<S: Serializer>(r: &Regex, s: S) -> Result<S::Ok, S::Error> {
+    let text = r.as_str();
+    s.serialize_str(text.strip_prefix("^(?:").and_then(|t| t.strip_suffix(")$")).unwrap_or(text))
+}
+
+fn ser_header_name<S: Serializer>(h: &HeaderName, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(h.as_str())
+}
+
+fn ser_port_ranges<S: Serializer>(r: &[RangeInclusive<u16>], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(r.iter().map(|r| format!("{}-{}", r.start(), r.end())))
+}
+
+/// A summary of config values for log lines and `/config_dump`.
+pub fn summary(config: &Config) -> BTreeMap<&'static str, usize> {
+    BTreeMap::from([
+        ("listeners", config.listeners.len()),
+        ("routes", config.listeners.iter().map(|l| l.routes.len()).sum()),
+        ("clusters", config.clusters.len()),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+admin:
+  address: 127.0.0.1:9901
+storage_network:
+  interface: lhnet1
+  network: kube-system/demo-10-30-0-0
+  network_status_file: /etc/podinfo/annotations
+  fallback: pod_ip
+listeners:
+  - name: management
+    address: 0.0.0.0:8501
+    kind: grpc
+    routes:
+      - match: { prefix: /imrpc.ProxyEngineService/ }
+        local: longhorn_engine_proxy
+      - match: { prefix: /ProcessManagerService/ }
+        cluster: instance_manager
+        retry_policy: { retry_on: "connect-failure,unavailable", num_retries: 2, per_try_timeout: 1s }
+      - match:
+          safe_regex: { regex: "/grpc\\.health\\.v1\\.Health/.*" }
+          headers: [{ name: x-lhnet, exact_match: "1", invert_match: true }]
+        local: health
+        timeout: 10s
+        max_stream_duration: { grpc_timeout_header_max: 30s }
+clusters:
+  - name: engines
+    type: original_dst
+    upstream_bind_config: { source_address: storage }
+    allowed_destinations: [storage, 127.0.0.0/8]
+    allowed_ports: [9500-9599, 10000-30000]
+    connect_timeout: 2s
+  - name: instance_manager
+    type: static
+    endpoints: [127.0.0.1:8500]
+    upstream_bind_config: { source_address: none }
+"#;
+
+    #[test]
+    fn parses_the_design_example() {
+        let c = Config::parse(EXAMPLE, "example").unwrap();
+        assert_eq!(c.listeners.len(), 1);
+        let routes = &c.listeners[0].routes;
+        assert_eq!(routes.len(), 3);
+        assert_eq!(routes[0].name, "management/0");
+        assert_eq!(routes[0].action, RouteAction::Local(LocalService::LonghornEngineProxy));
+        assert_eq!(routes[1].action, RouteAction::Cluster("instance_manager".into()));
+        let retry = routes[1].retry_policy.as_ref().unwrap();
+        assert_eq!(retry.retry_on, vec![RetryOn::ConnectFailure, RetryOn::Unavailable]);
+        assert_eq!((retry.num_retries, retry.per_try_timeout), (2, Some(Duration::from_secs(1))));
+        assert_eq!(routes[2].timeout, Some(Duration::from_secs(10)));
+        assert_eq!(routes[2].grpc_timeout_header_max, Some(Duration::from_secs(30)));
+        let engines = c.cluster("engines").unwrap();
+        assert_eq!(engines.kind, ClusterKind::OriginalDst);
+        assert_eq!(engines.allowed_ports, vec![9500..=9599, 10000..=30000]);
+        assert!(engines.allowed_destinations[1].cidr_contains("127.1.2.3".parse().unwrap()));
+        assert!(!engines.allowed_destinations[1].cidr_contains("10.0.0.1".parse().unwrap()));
+        assert_eq!(c.cluster("instance_manager").unwrap().source_address, SourceAddress::None);
+        assert_eq!(c.storage_network.fallback, Fallback::PodIp);
+        assert_eq!(c.drain_timeout, Duration::from_secs(30));
+        // The dump is valid JSON and keeps the Envoy names.
+        let dump = serde_json::to_value(&c).unwrap();
+        assert_eq!(dump["listeners"][0]["routes"][2]["match"]["path"]["safe_regex"], "/grpc\\.health\\.v1\\.Health/.*");
+        assert_eq!(dump["clusters"][0]["allowed_destinations"][0], "storage");
+    }
+
+    #[test]
+    fn reports_all_five_mistakes_with_paths() {
+        let bad = r#"
+admin: { address: "localhost" }
+listeners:
+  - name: management
+    address: 0.0.0.0:8501
+    routes:
+      - match: { prefx: /imrpc.ProxyEngineService/ }
+        local: longhorn_engine_proxy
+      - match: { prefix: /ProcessManagerService/ }
+        cluster: instance_manger
+        timeout: 5 seconds
+clusters:
+  - name: instance_manager
+    endpoints: [127.0.0.1:8500]
+    connect_timeout: 2s
+    upstream_bind_config: { source_address: lhnet9 }
+"#;
+        let errs = Config::parse(bad, "bad.yaml").unwrap_err();
+        let text: Vec<String> = errs.errors.iter().map(|e| e.to_string()).collect();
+        let expect = [
+            "admin.address: \"localhost\" is not an IP:PORT address",
+            "listeners[0].routes[0].match: unknown key \"prefx\" (did you mean \"prefix\"?)",
+            "listeners[0].routes[1].cluster: no cluster named \"instance_manger\"",
+            "listeners[0].routes[1].timeout: \"5 seconds\"",
+            "clusters[0].upstream_bind_config.source_address: \"lhnet9\" is not storage",
+        ];
+        for e in expect {
+            assert!(text.iter().any(|t| t.starts_with(e)), "missing {e:?} in {text:#?}");
+        }
+        assert!(errs.to_string().starts_with("bad.yaml: "), "{errs}");
+    }
+
+    #[test]
+    fn rejects_tcp_listeners_and_original_dst_routes_clearly() {
+        let bad = r#"
+listeners:
+  - { name: data, kind: tcp, address: "storage:10000", routes: [] }
+  - name: m
+    address: 127.0.0.1:0
+    routes: [{ match: { prefix: / }, cluster: engines }]
+clusters: [{ name: engines, type: original_dst }]
+"#;
+        let text = Config::parse(bad, "x").unwrap_err().to_string();
+        assert!(text.contains("listeners[0].kind: kind: tcp"), "{text}");
+        assert!(text.contains("listeners[1].routes[0].cluster: cluster \"engines\" is original_dst"), "{text}");
+    }
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("250us").unwrap(), Duration::from_micros(250));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("10").unwrap_err().contains("no unit"));
+        assert!(parse_duration("3d").unwrap_err().contains("unknown unit"));
+        let mut cx = Cx::default();
+        assert_eq!(size(&Value::String("4Mi".into()), "x", &mut cx), Some(4 << 20));
+        assert_eq!(size(&Value::String("4Xi".into()), "x", &mut cx), None);
+        assert_eq!(cx.errors.len(), 1);
+    }
+
+    #[test]
+    fn not_yaml_is_one_clear_error() {
+        let err = Config::parse("listeners: [", "broken.yaml").unwrap_err();
+        assert_eq!(err.errors.len(), 1);
+        assert!(err.errors[0].message.starts_with("not valid YAML"), "{err}");
+    }
+}

@@ -1,0 +1,472 @@
+//! Prometheus metrics with the names and labels of DESIGN §7, and the socket wrapper that counts
+//! the bytes the proxy moves.
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+use prost::Message;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// The network a socket's local address belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Network {
+    Management,
+    Storage,
+    Loopback,
+}
+
+impl Network {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Network::Management => "management",
+            Network::Storage => "storage",
+            Network::Loopback => "loopback",
+        }
+    }
+}
+
+/// All of lhnet's metrics, registered in one registry.
+pub struct Metrics {
+    registry: Registry,
+    interface_receive: IntCounterVec,
+    interface_transmit: IntCounterVec,
+    requests: IntCounterVec,
+    request_duration: HistogramVec,
+    upstream_connections: IntGaugeVec,
+    upstream_connect_errors: IntCounterVec,
+    storage_address: IntGaugeVec,
+    config_reloads: IntCounterVec,
+    known_methods: KnownMethods,
+}
+
+/// The gRPC services and methods that may appear as label values; anything else is `other`,
+/// so a client cannot grow the label set without bound.
+pub struct KnownMethods {
+    services: HashMap<String, HashSet<String>>,
+}
+
+/// Labels of one gRPC request path, bounded by [`KnownMethods`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrpcLabels<'a> {
+    pub service: &'a str,
+    pub method: &'a str,
+}
+
+const OTHER: &str = "other";
+
+// === impl Metrics ===
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry.register(Box::new(g.clone())).expect("unique metric");
+            g
+        };
+        let interface_receive = counter(
+            "lhnet_interface_receive_bytes_total",
+            "Bytes the proxy received on its own sockets, by the device and network of the local address.",
+            &["device", "network"],
+        );
+        let interface_transmit = counter(
+            "lhnet_interface_transmit_bytes_total",
+            "Bytes the proxy sent on its own sockets, by the device and network of the local address.",
+            &["device", "network"],
+        );
+        let requests = counter(
+            "lhnet_requests_total",
+            "gRPC requests handled, by listener, route, service, method and final grpc-status.",
+            &["listener", "route", "grpc_service", "grpc_method", "grpc_code"],
+        );
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "lhnet_request_duration_seconds",
+                "Time from request headers to the end of the response, by listener and route.",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                5.0, 10.0, 30.0, 60.0,
+            ]),
+            &["listener", "route"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(request_duration.clone()))
+            .expect("unique metric");
+        let upstream_connections = gauge(
+            "lhnet_upstream_connections",
+            "Open upstream connections, by cluster and the network of their source address.",
+            &["cluster", "network"],
+        );
+        let upstream_connect_errors = counter(
+            "lhnet_upstream_connect_errors_total",
+            "Upstream connection attempts that failed, by cluster and reason.",
+            &["cluster", "reason"],
+        );
+        let storage_address = gauge(
+            "lhnet_storage_address_info",
+            "The storage address in use (value 1), its device and where it came from.",
+            &["device", "address", "source"],
+        );
+        let config_reloads = counter(
+            "lhnet_config_reloads_total",
+            "Config reloads, by result (success or failure).",
+            &["result"],
+        );
+        registry
+            .register(Box::new(KernelCounters::new()))
+            .expect("unique metric");
+        Arc::new(Metrics {
+            registry,
+            interface_receive,
+            interface_transmit,
+            requests,
+            request_duration,
+            upstream_connections,
+            upstream_connect_errors,
+            storage_address,
+            config_reloads,
+            known_methods: KnownMethods::from_descriptors(lhnet_proto::FILE_DESCRIPTOR_SET),
+        })
+    }
+
+    /// The Prometheus text exposition (format 0.0.4).
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec only fails on invalid metric families, which registration rules out.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// Byte counters for one socket, to hand to [`CountedIo`].
+    pub fn byte_counters(&self, device: &str, network: Network) -> ByteCounters {
+        let labels = [device, network.as_str()];
+        ByteCounters {
+            received: self.interface_receive.with_label_values(&labels),
+            transmitted: self.interface_transmit.with_label_values(&labels),
+        }
+    }
+
+    pub fn grpc_labels<'a>(&'a self, path: &'a str) -> GrpcLabels<'a> {
+        self.known_methods.labels(path)
+    }
+
+    pub fn record_request(&self, listener: &str, route: &str, path: &str, grpc_code: i32, seconds: f64) {
+        let labels = self.grpc_labels(path);
+        let code = grpc_code_label(grpc_code);
+        self.requests
+            .with_label_values(&[listener, route, labels.service, labels.method, code])
+            .inc();
+        self.request_duration
+            .with_label_values(&[listener, route])
+            .observe(seconds);
+    }
+
+    /// A gauge of open upstream connections; [`ConnectionGuard`] keeps it right.
+    pub fn upstream_connection(&self, cluster: &str, network: Network) -> ConnectionGuard {
+        let gauge = self
+            .upstream_connections
+            .with_label_values(&[cluster, network.as_str()]);
+        gauge.inc();
+        ConnectionGuard { gauge }
+    }
+
+    pub fn upstream_connect_error(&self, cluster: &str, reason: &str) {
+        self.upstream_connect_errors
+            .with_label_values(&[cluster, reason])
+            .inc();
+    }
+
+    /// Replaces the storage-address info series with the current one (or none).
+    pub fn set_storage_address(&self, current: Option<(&str, &str, &str)>) {
+        self.storage_address.reset();
+        if let Some((device, address, source)) = current {
+            self.storage_address
+                .with_label_values(&[device, address, source])
+                .set(1);
+        }
+    }
+
+    pub fn config_reload(&self, success: bool) {
+        self.config_reloads
+            .with_label_values(&[if success { "success" } else { "failure" }])
+            .inc();
+    }
+}
+
+/// gRPC codes as label values; anything outside 0..=16 is `other`.
+fn grpc_code_label(code: i32) -> &'static str {
+    const CODES: [&str; 17] = [
+        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+    ];
+    usize::try_from(code)
+        .ok()
+        .and_then(|c| CODES.get(c))
+        .copied()
+        .unwrap_or(OTHER)
+}
+
+// === impl KnownMethods ===
+
+impl KnownMethods {
+    pub fn from_descriptors(encoded: &[u8]) -> KnownMethods {
+        let mut services = HashMap::new();
+        if let Ok(set) = prost_types::FileDescriptorSet::decode(encoded) {
+            for file in set.file {
+                let package = file.package.unwrap_or_default();
+                for service in file.service {
+                    let name = service.name.unwrap_or_default();
+                    let full = if package.is_empty() {
+                        name
+                    } else {
+                        format!("{package}.{name}")
+                    };
+                    let methods = service.method.into_iter().filter_map(|m| m.name).collect();
+                    services.insert(full, methods);
+                }
+            }
+        }
+        KnownMethods { services }
+    }
+
+    /// Splits `/pkg.Service/Method` into bounded label values.
+    pub fn labels<'a>(&'a self, path: &'a str) -> GrpcLabels<'a> {
+        let other = GrpcLabels {
+            service: OTHER,
+            method: OTHER,
+        };
+        let Some((service, method)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) else {
+            return other;
+        };
+        match self.services.get_key_value(service) {
+            Some((service, methods)) => GrpcLabels {
+                service,
+                method: methods.get(method).map(String::as_str).unwrap_or(OTHER),
+            },
+            None => other,
+        }
+    }
+}
+
+// === kernel counters ===
+
+/// `lhnet_network_{receive,transmit}_bytes_total`: the kernel's per-device counters of the pod's
+/// namespace, read at scrape time.
+struct KernelCounters {
+    template_rx: IntCounterVec,
+    template_tx: IntCounterVec,
+}
+
+impl KernelCounters {
+    fn new() -> Self {
+        let (rx, tx) = Self::families();
+        KernelCounters {
+            template_rx: rx,
+            template_tx: tx,
+        }
+    }
+
+    fn families() -> (IntCounterVec, IntCounterVec) {
+        let rx = IntCounterVec::new(
+            Opts::new(
+                "lhnet_network_receive_bytes_total",
+                "Bytes the kernel received on each device of the pod's network namespace.",
+            ),
+            &["device"],
+        )
+        .expect("valid metric");
+        let tx = IntCounterVec::new(
+            Opts::new(
+                "lhnet_network_transmit_bytes_total",
+                "Bytes the kernel sent on each device of the pod's network namespace.",
+            ),
+            &["device"],
+        )
+        .expect("valid metric");
+        (rx, tx)
+    }
+}
+
+impl Collector for KernelCounters {
+    fn desc(&self) -> Vec<&Desc> {
+        let mut d = self.template_rx.desc();
+        d.extend(self.template_tx.desc());
+        d
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let (rx, tx) = Self::families();
+        match lhnet_netns::read_device_counters() {
+            Ok(devices) => {
+                for (device, c) in devices {
+                    rx.with_label_values(&[device.as_str()]).inc_by(c.rx_bytes);
+                    tx.with_label_values(&[device.as_str()]).inc_by(c.tx_bytes);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read kernel device counters"),
+        }
+        let mut families = rx.collect();
+        families.extend(tx.collect());
+        families
+    }
+}
+
+// === impl ConnectionGuard ===
+
+/// Decrements the upstream-connection gauge when the connection is dropped.
+pub struct ConnectionGuard {
+    gauge: IntGauge,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+// === impl CountedIo ===
+
+/// The receive and transmit counters of one socket.
+#[derive(Clone)]
+pub struct ByteCounters {
+    received: IntCounter,
+    transmitted: IntCounter,
+}
+
+pin_project_lite::pin_project! {
+    /// Wraps a socket and counts every byte read and written into its [`ByteCounters`]; an
+    /// optional guard lives as long as the socket (e.g. an upstream-connection gauge).
+    pub struct CountedIo<T> {
+        #[pin]
+        inner: T,
+        counters: ByteCounters,
+        guard: Option<ConnectionGuard>,
+    }
+}
+
+impl<T> CountedIo<T> {
+    pub fn new(inner: T, counters: ByteCounters, guard: Option<ConnectionGuard>) -> Self {
+        CountedIo {
+            inner,
+            counters,
+            guard,
+        }
+    }
+
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for CountedIo<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let res = this.inner.poll_read(cx, buf);
+        let n = buf.filled().len().saturating_sub(before);
+        if n > 0 {
+            this.counters.received.inc_by(n as u64);
+        }
+        res
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for CountedIo<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let res = this.inner.poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &res {
+            this.counters.transmitted.inc_by(*n as u64);
+        }
+        res
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let res = this.inner.poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = &res {
+            this.counters.transmitted.inc_by(*n as u64);
+        }
+        res
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn method_labels_are_bounded() {
+        let m = Metrics::new();
+        assert_eq!(
+            m.grpc_labels("/imrpc.ProxyEngineService/VolumeGet"),
+            GrpcLabels { service: "imrpc.ProxyEngineService", method: "VolumeGet" }
+        );
+        assert_eq!(
+            m.grpc_labels("/imrpc.ProxyEngineService/NoSuch"),
+            GrpcLabels { service: "imrpc.ProxyEngineService", method: OTHER }
+        );
+        assert_eq!(m.grpc_labels("/evil.Service/X").service, OTHER);
+        assert_eq!(m.grpc_labels("garbage").method, OTHER);
+        assert_eq!(grpc_code_label(14), "14");
+        assert_eq!(grpc_code_label(99), OTHER);
+    }
+
+    #[tokio::test]
+    async fn counted_io_counts_both_directions() {
+        let m = Metrics::new();
+        let (a, mut b) = tokio::io::duplex(1024);
+        let mut counted = CountedIo::new(a, m.byte_counters("lo", Network::Loopback), None);
+        counted.write_all(b"hello").await.unwrap();
+        b.write_all(b"abc").await.unwrap();
+        let mut buf = [0u8; 3];
+        counted.read_exact(&mut buf).await.unwrap();
+        let text = m.render();
+        assert!(text.contains("lhnet_interface_transmit_bytes_total{device=\"lo\",network=\"loopback\"} 5"), "{text}");
+        assert!(text.contains("lhnet_interface_receive_bytes_total{device=\"lo\",network=\"loopback\"} 3"), "{text}");
+        assert!(text.contains("lhnet_network_receive_bytes_total{device=\"lo\"}"), "{text}");
+    }
+
+    #[test]
+    fn connection_guard_tracks_the_gauge() {
+        let m = Metrics::new();
+        let g1 = m.upstream_connection("engines", Network::Storage);
+        let g2 = m.upstream_connection("engines", Network::Storage);
+        assert!(m.render().contains("lhnet_upstream_connections{cluster=\"engines\",network=\"storage\"} 2"));
+        drop(g1);
+        drop(g2);
+        assert!(m.render().contains("lhnet_upstream_connections{cluster=\"engines\",network=\"storage\"} 0"));
+    }
+}

@@ -1,0 +1,92 @@
+//! Replies the proxy makes itself: gRPC Trailers-Only responses with a status and a message.
+
+use std::fmt;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Response};
+use http_body_util::{BodyExt, Empty};
+use tonic::Code;
+
+/// The body type of every response the proxy sends downstream.
+pub type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A gRPC status made by the proxy. `message` says what failed and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalReply {
+    pub code: Code,
+    pub message: String,
+}
+
+impl LocalReply {
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
+        LocalReply {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// A Trailers-Only response: HTTP 200, `content-type: application/grpc`, `grpc-status` and
+    /// `grpc-message` in the only HEADERS frame, which ends the stream.
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let mut response = Response::new(empty_body());
+        self.write_to(response.headers_mut());
+        response
+            .headers_mut()
+            .insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        response
+    }
+
+    /// Puts `grpc-status` and `grpc-message` into a header (or trailer) map.
+    pub fn write_to(&self, headers: &mut HeaderMap) {
+        headers.insert("grpc-status", HeaderValue::from(self.code as i32));
+        if let Ok(v) = HeaderValue::from_str(&percent_encode(&self.message)) {
+            headers.insert("grpc-message", v);
+        }
+    }
+}
+
+impl fmt::Display for LocalReply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}: {}", self.code, self.message)
+    }
+}
+
+pub fn empty_body() -> ProxyBody {
+    Empty::<Bytes>::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+/// gRPC's `grpc-message` encoding: bytes outside printable ASCII, and `%`, become `%XX`.
+pub fn percent_encode(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for b in message.trim_end_matches('\n').bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The `grpc-status` in a header map, if there is a valid one.
+pub fn grpc_status(headers: &HeaderMap) -> Option<i32> {
+    headers.get("grpc-status")?.to_str().ok()?.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trailers_only_shape() {
+        let r = LocalReply::new(Code::Unavailable, "upstream connect error: 100% down\n").into_response();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-type"], "application/grpc");
+        assert_eq!(r.headers()["grpc-status"], "14");
+        assert_eq!(r.headers()["grpc-message"], "upstream connect error: 100%25 down");
+        assert!(http_body::Body::is_end_stream(r.body()));
+        assert_eq!(percent_encode("é"), "%C3%A9");
+        assert_eq!(grpc_status(r.headers()), Some(14));
+    }
+}

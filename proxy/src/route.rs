@@ -1,0 +1,527 @@
+//! The router: matches each gRPC request to a route (first match wins) and carries it out,
+//! forwarding to a cluster or calling a local service, under the route's deadline and retries.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::HeaderValue;
+use http::request::Parts;
+use http::{HeaderMap, Request, Response};
+use http_body::Body;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+use tonic::Code;
+
+use crate::body::{buffer_up_to, Buffered, GrpcRequestBody, ObservedBody, RequestLog, Verdict};
+use crate::cluster::{Cluster, UpstreamError};
+use crate::config::{
+    format_duration, HeaderMatcher, HeaderRule, ListenerConfig, LocalService, PathMatch, RetryOn,
+    RetryPolicy, RouteAction, RouteConfig,
+};
+use crate::health::HealthService;
+use crate::metrics::Metrics;
+use crate::reply::{grpc_status, BoxError, LocalReply, ProxyBody};
+
+/// One listener's routes, built from config; replaced whole on reload.
+pub struct RouteTable {
+    listener: Arc<str>,
+    max_message_size: usize,
+    routes: Vec<Route>,
+    metrics: Arc<Metrics>,
+    locals: LocalServices,
+}
+
+struct Route {
+    name: Arc<str>,
+    config: RouteConfig,
+    target: Target,
+}
+
+enum Target {
+    Cluster(Arc<Cluster>),
+    Local(LocalService),
+}
+
+/// The tonic services answered inside the proxy.
+#[derive(Clone)]
+pub struct LocalServices {
+    pub health: lhnet_proto::health::health_server::HealthServer<HealthService>,
+}
+
+/// The request body as it travels up: checked frame by frame.
+type CheckedBody = GrpcRequestBody<Incoming>;
+
+const HOP_BY_HOP: [&str; 5] = ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"];
+
+// === impl RouteTable ===
+
+impl RouteTable {
+    /// Builds the table; every `cluster:` route must name a cluster in `clusters` (config
+    /// validation guarantees it, and a missing one is skipped with an error log).
+    pub fn new(
+        listener: &ListenerConfig,
+        clusters: &HashMap<String, Arc<Cluster>>,
+        locals: LocalServices,
+        metrics: Arc<Metrics>,
+    ) -> RouteTable {
+        let routes = listener
+            .routes
+            .iter()
+            .filter_map(|r| {
+                let target = match &r.action {
+                    RouteAction::Local(svc) => Target::Local(*svc),
+                    RouteAction::Cluster(name) => match clusters.get(name) {
+                        Some(c) => Target::Cluster(c.clone()),
+                        None => {
+                            tracing::error!(route = %r.name, cluster = %name, "route names an unknown cluster; skipped");
+                            return None;
+                        }
+                    },
+                };
+                Some(Route {
+                    name: r.name.as_str().into(),
+                    config: r.clone(),
+                    target,
+                })
+            })
+            .collect();
+        RouteTable {
+            listener: listener.name.as_str().into(),
+            max_message_size: listener.max_message_size,
+            routes,
+            metrics,
+            locals,
+        }
+    }
+
+    fn select<B>(&self, request: &Request<B>) -> Option<&Route> {
+        let path = request.uri().path();
+        self.routes.iter().find(|r| {
+            let path_ok = match &r.config.matcher.path {
+                PathMatch::Path(p) => path == p,
+                PathMatch::Prefix(p) => path.starts_with(p.as_str()),
+                PathMatch::SafeRegex(re) => re.is_match(path),
+            };
+            path_ok && r.config.matcher.headers.iter().all(|h| header_matches(h, request.headers()))
+        })
+    }
+
+    /// Handles one request from a downstream client; never fails (errors are gRPC replies).
+    pub async fn handle(&self, request: Request<Incoming>) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let path = request.uri().path().to_string();
+        let Some(route) = self.select(&request) else {
+            let reply = LocalReply::new(
+                Code::Unimplemented,
+                format!("no route for {path} on listener {}", self.listener),
+            );
+            self.metrics
+                .record_request(&self.listener, "none", &path, reply.code as i32, 0.0);
+            return reply.into_response();
+        };
+        let log = RequestLog {
+            metrics: self.metrics.clone(),
+            listener: self.listener.clone(),
+            route: route.name.clone(),
+            path,
+            started,
+        };
+        let context = self.context(route);
+
+        let is_grpc = request
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.starts_with("application/grpc"));
+        if !is_grpc {
+            let reply = LocalReply::new(
+                Code::InvalidArgument,
+                format!("request is not gRPC (content-type must be application/grpc) ({context})"),
+            );
+            return finish_local(reply, log);
+        }
+
+        let deadline = effective_deadline(&route.config, request.headers());
+        let deadline_at = deadline.map(|d| started + d);
+        let verdict = Verdict::default();
+        let compressed_ok = request.headers().contains_key("grpc-encoding");
+        let (parts, body) = request.into_parts();
+        let body = GrpcRequestBody::new(body, self.max_message_size, compressed_ok, verdict.clone());
+        let deadline_reply = |waited: Duration| {
+            LocalReply::new(
+                Code::DeadlineExceeded,
+                format!("deadline of {} exceeded ({context})", format_duration(waited)),
+            )
+        };
+
+        match &route.target {
+            Target::Local(service) => {
+                let call = self.call_local(*service, parts, body, &context);
+                let response = match deadline_at {
+                    Some(at) => match tokio::time::timeout_at(at, call).await {
+                        Ok(r) => r,
+                        Err(_) => return finish_local(deadline_reply(deadline.unwrap_or_default()), log),
+                    },
+                    None => call.await,
+                };
+                finish(response, &verdict, deadline_at.map(|at| (at, deadline_reply(deadline.unwrap_or_default()))), context, log, None)
+            }
+            Target::Cluster(cluster) => {
+                let call = self.forward(cluster, &route.config, parts, body, deadline, &verdict, &context);
+                let result = match deadline_at {
+                    Some(at) => match tokio::time::timeout_at(at, call).await {
+                        Ok(r) => r,
+                        Err(_) => return finish_local(deadline_reply(deadline.unwrap_or_default()), log),
+                    },
+                    None => call.await,
+                };
+                match result {
+                    Ok((response, permit)) => finish(
+                        response,
+                        &verdict,
+                        deadline_at.map(|at| (at, deadline_reply(deadline.unwrap_or_default()))),
+                        context,
+                        log,
+                        Some(permit),
+                    ),
+                    Err(reply) => finish_local(reply, log),
+                }
+            }
+        }
+    }
+
+    fn context(&self, route: &Route) -> String {
+        match &route.target {
+            Target::Cluster(c) => format!("listener {}, route {}, cluster {}", self.listener, route.name, c.name()),
+            Target::Local(s) => format!("listener {}, route {}, local {s:?}", self.listener, route.name),
+        }
+    }
+
+    async fn call_local(&self, service: LocalService, parts: Parts, body: CheckedBody, context: &str) -> Response<ProxyBody> {
+        match service {
+            LocalService::Health => {
+                let mut svc = self.locals.health.clone();
+                let request = Request::from_parts(parts, body);
+                match tower_service::Service::call(&mut svc, request).await {
+                    Ok(response) => response.map(|b| b.map_err(BoxError::from).boxed_unsync()),
+                    Err(never) => match never {},
+                }
+            }
+            LocalService::LonghornEngineProxy => LocalReply::new(
+                Code::Unimplemented,
+                format!("local service longhorn_engine_proxy is not available in this lhnet-proxy build ({context})"),
+            )
+            .into_response(),
+        }
+    }
+
+    /// Sends the request to the cluster, retrying as the route's policy allows.
+    #[allow(clippy::too_many_arguments)]
+    async fn forward(
+        &self,
+        cluster: &Arc<Cluster>,
+        route: &RouteConfig,
+        mut parts: Parts,
+        body: CheckedBody,
+        deadline: Option<Duration>,
+        verdict: &Verdict,
+        context: &str,
+    ) -> Result<(Response<Incoming>, OwnedSemaphorePermit), LocalReply> {
+        let permit = cluster.try_acquire().ok_or_else(|| {
+            LocalReply::new(
+                Code::ResourceExhausted,
+                format!(
+                    "cluster {} has circuit_breakers.max_requests ({}) requests in flight ({context})",
+                    cluster.name(),
+                    cluster.config.max_requests
+                ),
+            )
+        })?;
+        for name in HOP_BY_HOP {
+            parts.headers.remove(name);
+        }
+        if let Some(d) = deadline {
+            if let Ok(v) = HeaderValue::from_str(&encode_grpc_timeout(d)) {
+                parts.headers.insert("grpc-timeout", v);
+            }
+        }
+        let upstream_reply = |e: UpstreamError| {
+            verdict
+                .get()
+                .cloned()
+                .unwrap_or_else(|| LocalReply::new(Code::Unavailable, format!("{e} ({context})")))
+        };
+
+        let policy = match &route.retry_policy {
+            Some(p) if p.num_retries > 0 => p,
+            _ => {
+                let destination = self.destination(cluster, context)?;
+                let request = Request::from_parts(parts, body.boxed_unsync());
+                return cluster
+                    .send(destination, request)
+                    .await
+                    .map(|r| (r, permit))
+                    .map_err(upstream_reply);
+            }
+        };
+
+        let replayable = match buffer_up_to(body, policy.max_buffered_bytes).await {
+            Ok(Buffered::Complete(r)) => r,
+            Ok(Buffered::Partial(rest)) => {
+                // Too large to replay: one attempt, streamed.
+                let destination = self.destination(cluster, context)?;
+                let request = Request::from_parts(parts, rest.boxed_unsync());
+                return cluster
+                    .send(destination, request)
+                    .await
+                    .map(|r| (r, permit))
+                    .map_err(upstream_reply);
+            }
+            Err(e) => {
+                return Err(verdict.get().cloned().unwrap_or_else(|| {
+                    LocalReply::new(Code::Cancelled, format!("reading the request body failed: {e} ({context})"))
+                }))
+            }
+        };
+
+        let mut attempt = 0u32;
+        loop {
+            let destination = self.destination(cluster, context)?;
+            let request = rebuild(&parts, replayable.replay().boxed_unsync());
+            let sent = cluster.send(destination, request);
+            let outcome = match policy.per_try_timeout {
+                Some(t) => tokio::time::timeout(t, sent).await.map_err(|_| t),
+                None => Ok(sent.await),
+            };
+            let retry_reason = match &outcome {
+                Err(t) => Some(format!("per_try_timeout {} expired", format_duration(*t))),
+                Ok(Err(e)) if retryable_error(policy, e) => Some(e.to_string()),
+                Ok(Ok(response)) => grpc_status(response.headers())
+                    .filter(|code| retryable_code(policy, *code))
+                    .map(|code| format!("upstream answered grpc-status {code}")),
+                Ok(Err(_)) => None,
+            };
+            if retry_reason.is_none() || attempt >= policy.num_retries {
+                return match outcome {
+                    Ok(Ok(response)) => Ok((response, permit)),
+                    Ok(Err(e)) => Err(upstream_reply(e)),
+                    Err(t) => Err(LocalReply::new(
+                        Code::DeadlineExceeded,
+                        format!("per_try_timeout {} expired on every attempt ({context})", format_duration(t)),
+                    )),
+                };
+            }
+            attempt += 1;
+            tracing::debug!(attempt, reason = retry_reason.as_deref().unwrap_or(""), %context, "retrying");
+            // Envoy's default back-off: 25 ms base, doubling.
+            tokio::time::sleep(Duration::from_millis(25u64 << attempt.min(3))).await;
+        }
+    }
+
+    fn destination(&self, cluster: &Cluster, context: &str) -> Result<SocketAddr, LocalReply> {
+        cluster.pick_endpoint().ok_or_else(|| {
+            LocalReply::new(Code::Unavailable, format!("cluster {} has no endpoints ({context})", cluster.name()))
+        })
+    }
+}
+
+/// Completes a local reply: records it and returns it.
+fn finish_local(reply: LocalReply, log: RequestLog) -> Response<ProxyBody> {
+    log.finish(reply.code as i32);
+    reply.into_response()
+}
+
+/// Turns an upstream (or local service) response into the downstream one.
+fn finish<B>(
+    response: Response<B>,
+    verdict: &Verdict,
+    deadline: Option<(Instant, LocalReply)>,
+    context: String,
+    log: RequestLog,
+    permit: Option<OwnedSemaphorePermit>,
+) -> Response<ProxyBody>
+where
+    B: Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: std::fmt::Display,
+{
+    // The proxy rejected the request body: its status wins over the upstream's reaction.
+    if let Some(reply) = verdict.get() {
+        return finish_local(reply.clone(), log);
+    }
+    if let Some(code) = grpc_status(response.headers()) {
+        // Trailers-Only: the status is in the headers and the stream has ended.
+        log.finish(code);
+        return response.map(|b| b.map_err(|e| BoxError::from(e.to_string())).boxed_unsync());
+    }
+    let (mut parts, body) = response.into_parts();
+    for name in HOP_BY_HOP {
+        parts.headers.remove(name);
+    }
+    let body = ObservedBody::new(
+        body,
+        deadline,
+        verdict.clone(),
+        format!("upstream stream failed ({context})"),
+        log,
+        permit,
+    );
+    Response::from_parts(parts, body.boxed_unsync())
+}
+
+/// Copies what an upstream request needs from the downstream parts.
+fn rebuild(parts: &Parts, body: ProxyBody) -> Request<ProxyBody> {
+    let mut request = Request::new(body);
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = parts.uri.clone();
+    *request.version_mut() = parts.version;
+    *request.headers_mut() = parts.headers.clone();
+    request
+}
+
+fn retryable_error(policy: &RetryPolicy, e: &UpstreamError) -> bool {
+    let token = match e {
+        UpstreamError::Connect { .. } => RetryOn::ConnectFailure,
+        UpstreamError::Refused { .. } => RetryOn::RefusedStream,
+        UpstreamError::Reset { .. } => RetryOn::Reset,
+    };
+    policy.retry_on.contains(&token)
+}
+
+fn retryable_code(policy: &RetryPolicy, code: i32) -> bool {
+    let token = match code {
+        1 => RetryOn::Cancelled,
+        4 => RetryOn::DeadlineExceeded,
+        8 => RetryOn::ResourceExhausted,
+        13 => RetryOn::Internal,
+        14 => RetryOn::Unavailable,
+        _ => return false,
+    };
+    policy.retry_on.contains(&token)
+}
+
+fn header_matches(m: &HeaderMatcher, headers: &HeaderMap) -> bool {
+    let value = headers.get(&m.name).and_then(|v| v.to_str().ok());
+    let hit = match (&m.rule, value) {
+        (HeaderRule::Present(want), v) => v.is_some() == *want,
+        (_, None) => false,
+        (HeaderRule::Exact(s), Some(v)) => v == s,
+        (HeaderRule::Prefix(s), Some(v)) => v.starts_with(s.as_str()),
+        (HeaderRule::SafeRegex(re), Some(v)) => re.is_match(v),
+    };
+    hit != m.invert_match
+}
+
+/// The route `timeout` and the client's `grpc-timeout` (capped by
+/// `max_stream_duration.grpc_timeout_header_max`), whichever is shorter.
+fn effective_deadline(route: &RouteConfig, headers: &HeaderMap) -> Option<Duration> {
+    let from_header = headers
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout)
+        .map(|d| match route.grpc_timeout_header_max {
+            Some(max) => d.min(max),
+            None => d,
+        });
+    match (route.timeout, from_header) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// gRPC's `grpc-timeout`: up to 8 digits and a unit (H, M, S, m, u, n).
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// The shortest exact `grpc-timeout` text for a duration (at most 8 digits).
+pub fn encode_grpc_timeout(d: Duration) -> String {
+    let nanos = d.as_nanos();
+    for (unit, per) in [("n", 1u128), ("u", 1_000), ("m", 1_000_000), ("S", 1_000_000_000), ("M", 60_000_000_000), ("H", 3_600_000_000_000)] {
+        let value = nanos.div_ceil(per);
+        if value < 100_000_000 {
+            return format!("{value}{unit}");
+        }
+    }
+    "99999999H".into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_round_trip() {
+        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("123456789S"), None);
+        assert_eq!(parse_grpc_timeout("10x"), None);
+        assert_eq!(parse_grpc_timeout("S"), None);
+        assert_eq!(encode_grpc_timeout(Duration::from_millis(1500)), "1500000u");
+        assert_eq!(encode_grpc_timeout(Duration::from_secs(3600 * 24)), "86400S");
+        for d in [Duration::from_nanos(5), Duration::from_millis(250), Duration::from_secs(86400 * 3)] {
+            let back = parse_grpc_timeout(&encode_grpc_timeout(d)).unwrap();
+            assert!(back >= d && back - d < Duration::from_secs(60), "{d:?} -> {back:?}");
+        }
+    }
+
+    #[test]
+    fn deadline_is_the_shortest_and_capped() {
+        let config = crate::config::Config::parse(
+            r#"
+listeners:
+  - name: l
+    address: 127.0.0.1:0
+    routes:
+      - match: { prefix: / }
+        local: health
+        timeout: 5s
+        max_stream_duration: { grpc_timeout_header_max: 2s }
+"#,
+            "t",
+        )
+        .unwrap();
+        let route = &config.listeners[0].routes[0];
+        let mut h = HeaderMap::new();
+        assert_eq!(effective_deadline(route, &h), Some(Duration::from_secs(5)));
+        h.insert("grpc-timeout", HeaderValue::from_static("10S"));
+        assert_eq!(effective_deadline(route, &h), Some(Duration::from_secs(2)));
+        h.insert("grpc-timeout", HeaderValue::from_static("300m"));
+        assert_eq!(effective_deadline(route, &h), Some(Duration::from_millis(300)));
+    }
+
+    #[test]
+    fn header_rules() {
+        let m = |rule, invert| HeaderMatcher {
+            name: http::header::HeaderName::from_static("x-replica"),
+            rule,
+            invert_match: invert,
+        };
+        let mut h = HeaderMap::new();
+        h.insert("x-replica", HeaderValue::from_static("r-1"));
+        assert!(header_matches(&m(HeaderRule::Exact("r-1".into()), false), &h));
+        assert!(!header_matches(&m(HeaderRule::Exact("r-1".into()), true), &h));
+        assert!(header_matches(&m(HeaderRule::Prefix("r-".into()), false), &h));
+        assert!(header_matches(&m(HeaderRule::SafeRegex(regex::Regex::new("^r-[0-9]$").unwrap()), false), &h));
+        assert!(header_matches(&m(HeaderRule::Present(true), false), &h));
+        assert!(header_matches(&m(HeaderRule::Present(false), false), &HeaderMap::new()));
+        assert!(!header_matches(&m(HeaderRule::Exact("r-1".into()), false), &HeaderMap::new()));
+    }
+}
