@@ -23,6 +23,9 @@ pub mod echo {
     tonic::include_proto!("lhnet.echo.v1");
 }
 
+#[cfg(feature = "echo-server")]
+pub mod echo_server;
+
 /// The encoded `FileDescriptorSet` of every proto above, used to bound metric label values to
 /// services and methods that exist.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));

@@ -181,7 +181,9 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.failed || self.inner.is_end_stream()
+        // Mid-message, the end of the inner body is an error still to be reported.
+        let mid_message = self.header_len > 0 || self.payload_left > 0;
+        self.failed || (!mid_message && self.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -44,6 +44,9 @@ pub struct StorageNetworkConfig {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ListenerConfig {
+    /// Where it is in the file (`listeners[0]`), for error messages.
+    #[serde(skip)]
+    pub path: String,
     pub name: String,
     pub address: ListenAddress,
     pub routes: Vec<RouteConfig>,
@@ -69,6 +72,8 @@ pub struct Http2Options {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RouteConfig {
+    #[serde(skip)]
+    pub path: String,
     /// Metric label; `<listener>/<index>` unless the config names it.
     pub name: String,
     #[serde(rename = "match")]
@@ -156,6 +161,8 @@ pub enum RetryOn {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ClusterConfig {
+    #[serde(skip)]
+    pub path: String,
     pub name: String,
     #[serde(rename = "type")]
     pub kind: ClusterKind,
@@ -633,21 +640,21 @@ fn parse_config(root: &Value, cx: &mut Cx) -> Option<Config> {
 
 fn check_references(listeners: &[ListenerConfig], clusters: &[ClusterConfig], cx: &mut Cx) {
     let mut seen = HashSet::new();
-    for (i, c) in clusters.iter().enumerate() {
+    for c in clusters {
         if !seen.insert(c.name.as_str()) {
-            cx.err(&format!("clusters[{i}].name"), format!("duplicate cluster name \"{}\"", c.name));
+            cx.err(&format!("{}.name", c.path), format!("duplicate cluster name \"{}\"", c.name));
         }
     }
     let mut seen_listeners = HashSet::new();
-    for (li, l) in listeners.iter().enumerate() {
+    for l in listeners {
         if !seen_listeners.insert(l.name.as_str()) {
-            cx.err(&format!("listeners[{li}].name"), format!("duplicate listener name \"{}\"", l.name));
+            cx.err(&format!("{}.name", l.path), format!("duplicate listener name \"{}\"", l.name));
         }
-        for (ri, r) in l.routes.iter().enumerate() {
+        for r in &l.routes {
             let RouteAction::Cluster(name) = &r.action else {
                 continue;
             };
-            let path = format!("listeners[{li}].routes[{ri}].cluster");
+            let path = format!("{}.cluster", r.path);
             match clusters.iter().find(|c| &c.name == name) {
                 None => {
                     let known: Vec<&str> = clusters.iter().map(|c| c.name.as_str()).collect();
@@ -797,6 +804,7 @@ fn parse_listener(v: &Value, path: &str, cx: &mut Cx) -> Option<ListenerConfig> 
     );
     kind?;
     Some(ListenerConfig {
+        path: path.to_string(),
         name: name?,
         address: address?,
         routes,
@@ -884,6 +892,7 @@ fn parse_route(v: &Value, path: &str, listener: &str, index: usize, cx: &mut Cx)
         cx,
     );
     Some(RouteConfig {
+        path: path.to_string(),
         name,
         matcher: matcher?,
         action: action?,
@@ -1151,6 +1160,7 @@ fn parse_cluster(v: &Value, path: &str, cx: &mut Cx) -> Option<ClusterConfig> {
         cx,
     );
     Some(ClusterConfig {
+        path: path.to_string(),
         name: name?,
         kind: kind?,
         endpoints,

@@ -450,7 +450,7 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
-/// The shortest exact `grpc-timeout` text for a duration (at most 8 digits).
+/// `grpc-timeout` text for a duration: the finest unit that fits in 8 digits, rounded up.
 pub fn encode_grpc_timeout(d: Duration) -> String {
     let nanos = d.as_nanos();
     for (unit, per) in [("n", 1u128), ("u", 1_000), ("m", 1_000_000), ("S", 1_000_000_000), ("M", 60_000_000_000), ("H", 3_600_000_000_000)] {
@@ -475,7 +475,9 @@ mod tests {
         assert_eq!(parse_grpc_timeout("10x"), None);
         assert_eq!(parse_grpc_timeout("S"), None);
         assert_eq!(encode_grpc_timeout(Duration::from_millis(1500)), "1500000u");
-        assert_eq!(encode_grpc_timeout(Duration::from_secs(3600 * 24)), "86400S");
+        assert_eq!(encode_grpc_timeout(Duration::from_secs(3600 * 24)), "86400000m");
+        assert_eq!(encode_grpc_timeout(Duration::from_secs(3600 * 24 * 30)), "2592000S");
+        assert_eq!(encode_grpc_timeout(Duration::from_secs(3600 * 24 * 365 * 10)), "5256000M");
         for d in [Duration::from_nanos(5), Duration::from_millis(250), Duration::from_secs(86400 * 3)] {
             let back = parse_grpc_timeout(&encode_grpc_timeout(d)).unwrap();
             assert!(back >= d && back - d < Duration::from_secs(60), "{d:?} -> {back:?}");
