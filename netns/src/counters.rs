@@ -70,7 +70,10 @@ mod tests {
         let devices = parse_proc_net_dev(text).unwrap();
         assert_eq!(devices.len(), 2);
         let d = devices["lhnet1"];
-        assert_eq!((d.rx_bytes, d.rx_packets, d.tx_bytes, d.tx_packets), (123456, 789, 654321, 987));
+        assert_eq!(
+            (d.rx_bytes, d.rx_packets, d.tx_bytes, d.tx_packets),
+            (123456, 789, 654321, 987)
+        );
     }
 
     #[test]

@@ -75,11 +75,7 @@ impl fmt::Display for AddressSource {
 
 impl fmt::Display for DiscoveryError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "no storage address yet: {}",
-            self.reasons.join("; ")
-        )?;
+        write!(f, "no storage address yet: {}", self.reasons.join("; "))?;
         match self.fallback {
             Fallback::Wait => write!(
                 f,
@@ -109,7 +105,10 @@ pub fn discover(spec: &StorageNetworkSpec) -> Result<StorageAddress, DiscoveryEr
             source: AddressSource::Interface,
         });
     }
-    reasons.push(format!("storage interface {} has no IP address", spec.interface));
+    reasons.push(format!(
+        "storage interface {} has no IP address",
+        spec.interface
+    ));
 
     match (&spec.network, &spec.network_status_file) {
         (Some(network), Some(path)) => match from_network_status(network, path) {
@@ -155,7 +154,10 @@ fn from_network_status(network: &str, path: &PathBuf) -> Result<StorageAddress, 
         )
     })?;
     let ip: IpAddr = ip.parse().map_err(|e| {
-        format!("network-status file {}: entry {network} has a bad IP {ip:?}: {e}", path.display())
+        format!(
+            "network-status file {}: entry {network} has a bad IP {ip:?}: {e}",
+            path.display()
+        )
     })?;
     Ok(StorageAddress {
         ip,
@@ -241,19 +243,29 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("lhnet-ns-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("annotations");
-        std::fs::write(&file, r#"[{"name":"ns/net","interface":"lhnet1","ips":["10.30.0.7"]}]"#).unwrap();
+        std::fs::write(
+            &file,
+            r#"[{"name":"ns/net","interface":"lhnet1","ips":["10.30.0.7"]}]"#,
+        )
+        .unwrap();
 
         let mut s = spec(Fallback::PodIp);
         s.network = Some("ns/net".into());
         s.network_status_file = Some(file.clone());
         s.pod_ip = Some("10.42.0.5".parse().unwrap());
         let found = discover(&s).unwrap();
-        assert_eq!((found.ip.to_string(), found.source), ("10.30.0.7".into(), AddressSource::NetworkStatus));
+        assert_eq!(
+            (found.ip.to_string(), found.source),
+            ("10.30.0.7".into(), AddressSource::NetworkStatus)
+        );
         assert_eq!(found.device.as_deref(), Some("lhnet1"));
 
         s.network = Some("ns/other".into());
         let found = discover(&s).unwrap();
-        assert_eq!((found.ip.to_string(), found.source), ("10.42.0.5".into(), AddressSource::PodIp));
+        assert_eq!(
+            (found.ip.to_string(), found.source),
+            ("10.42.0.5".into(), AddressSource::PodIp)
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -264,7 +276,10 @@ mod tests {
         s.network_status_file = Some("/nonexistent/annotations".into());
         s.pod_ip = Some("10.42.0.5".parse().unwrap());
         let err = discover(&s).unwrap_err().to_string();
-        assert!(err.contains("storage interface lhnet-test-none has no IP address"), "{err}");
+        assert!(
+            err.contains("storage interface lhnet-test-none has no IP address"),
+            "{err}"
+        );
         assert!(err.contains("/nonexistent/annotations"), "{err}");
         assert!(err.contains("fallback: wait"), "{err}");
     }

@@ -24,7 +24,9 @@ pub struct NetworkStatusEntry {
 /// Why a network-status file gave no entries.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum NetworkStatusError {
-    #[error("no {NETWORK_STATUS} annotation in the file (is Multus installed and the pod attached?)")]
+    #[error(
+        "no {NETWORK_STATUS} annotation in the file (is Multus installed and the pod attached?)"
+    )]
     Missing,
     #[error("annotation line {line}: {reason}")]
     BadQuoting { line: usize, reason: String },
@@ -45,7 +47,10 @@ pub fn parse_network_status(contents: &str) -> Result<Vec<NetworkStatusEntry>, N
 
 /// Longhorn's choice of storage IP: the entry whose `name` equals the network
 /// (`<namespace>/<nad>`), its IPs sorted as strings, the first one.
-pub fn pick_ip<'a>(entries: &'a [NetworkStatusEntry], network: &str) -> Option<(&'a NetworkStatusEntry, String)> {
+pub fn pick_ip<'a>(
+    entries: &'a [NetworkStatusEntry],
+    network: &str,
+) -> Option<(&'a NetworkStatusEntry, String)> {
     let entry = entries.iter().find(|e| e.name == network)?;
     let mut ips = entry.ips.clone();
     ips.sort();
@@ -118,7 +123,8 @@ fn unquote_go(quoted: &str) -> Result<String, String> {
         if hex.len() != digits {
             return Err(format!("short escape \\{esc}{hex}"));
         }
-        let value = u32::from_str_radix(&hex, 16).map_err(|_| format!("bad escape \\{esc}{hex}"))?;
+        let value =
+            u32::from_str_radix(&hex, 16).map_err(|_| format!("bad escape \\{esc}{hex}"))?;
         if esc == 'x' {
             bytes.push(value as u8);
         } else {
@@ -167,18 +173,37 @@ mod tests {
     #[test]
     fn reads_raw_value_and_deprecated_name() {
         let raw = r#"[{"name": "ns/net", "interface": "lhnet1", "ips": ["10.30.0.9"]}]"#;
-        assert_eq!(pick_ip(&parse_network_status(raw).unwrap(), "ns/net").unwrap().1, "10.30.0.9");
+        assert_eq!(
+            pick_ip(&parse_network_status(raw).unwrap(), "ns/net")
+                .unwrap()
+                .1,
+            "10.30.0.9"
+        );
         let old = "k8s.v1.cni.cncf.io/networks-status=\"[{\\\"name\\\":\\\"ns/net\\\",\\\"ips\\\":[\\\"10.30.0.8\\\"]}]\"\n";
-        assert_eq!(pick_ip(&parse_network_status(old).unwrap(), "ns/net").unwrap().1, "10.30.0.8");
+        assert_eq!(
+            pick_ip(&parse_network_status(old).unwrap(), "ns/net")
+                .unwrap()
+                .1,
+            "10.30.0.8"
+        );
     }
 
     #[test]
     fn errors_say_what_is_wrong() {
-        assert_eq!(parse_network_status("a=\"b\"\n"), Err(NetworkStatusError::Missing));
+        assert_eq!(
+            parse_network_status("a=\"b\"\n"),
+            Err(NetworkStatusError::Missing)
+        );
         let bad = "k8s.v1.cni.cncf.io/network-status=[oops\n";
-        assert!(matches!(parse_network_status(bad), Err(NetworkStatusError::BadQuoting { line: 1, .. })));
+        assert!(matches!(
+            parse_network_status(bad),
+            Err(NetworkStatusError::BadQuoting { line: 1, .. })
+        ));
         let not_json = "k8s.v1.cni.cncf.io/network-status=\"{nope\"\n";
-        assert!(matches!(parse_network_status(not_json), Err(NetworkStatusError::BadJson(_))));
+        assert!(matches!(
+            parse_network_status(not_json),
+            Err(NetworkStatusError::BadJson(_))
+        ));
     }
 
     #[test]

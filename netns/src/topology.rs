@@ -69,15 +69,27 @@ impl Topology {
 
     /// Plugs `ns` into `bridge` with a veth pair whose end inside `ns` is named `ifname`, brings
     /// it up, and gives it `cidr` (`10.30.0.2/24`) when one is given.
-    pub fn attach(&mut self, ns: &Namespace, ifname: &str, bridge: &str, cidr: Option<&str>) -> io::Result<()> {
+    pub fn attach(
+        &mut self,
+        ns: &Namespace,
+        ifname: &str,
+        bridge: &str,
+        cidr: Option<&str>,
+    ) -> io::Result<()> {
         self.next_link += 1;
         let hub_end = format!("vh{}", self.next_link);
         let pod_end = format!("vp{}", self.next_link);
         self.ip_in(
             &self.hub,
-            &["link", "add", &hub_end, "type", "veth", "peer", "name", &pod_end, "netns", &ns.name],
+            &[
+                "link", "add", &hub_end, "type", "veth", "peer", "name", &pod_end, "netns",
+                &ns.name,
+            ],
         )?;
-        self.ip_in(&self.hub, &["link", "set", &hub_end, "master", bridge, "up"])?;
+        self.ip_in(
+            &self.hub,
+            &["link", "set", &hub_end, "master", bridge, "up"],
+        )?;
         self.ip_in(ns, &["link", "set", &pod_end, "name", ifname])?;
         self.ip_in(ns, &["link", "set", ifname, "up"])?;
         if let Some(cidr) = cidr {
@@ -128,7 +140,12 @@ impl Topology {
 
 impl Drop for Topology {
     fn drop(&mut self) {
-        for ns in self.namespaces.iter().rev().chain(std::iter::once(&self.hub)) {
+        for ns in self
+            .namespaces
+            .iter()
+            .rev()
+            .chain(std::iter::once(&self.hub))
+        {
             if let Err(e) = ip(&["netns", "del", &ns.name]) {
                 tracing::warn!(namespace = %ns.name, error = %e, "could not delete test namespace");
             }
@@ -155,7 +172,9 @@ fn ip(args: &[&str]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{counters::read_device_counters, discovery::interface_addresses, namespace::run_in};
+    use crate::{
+        counters::read_device_counters, discovery::interface_addresses, namespace::run_in,
+    };
 
     #[test]
     fn builds_and_tears_down() {
@@ -169,15 +188,22 @@ mod tests {
             topo.add_bridge("stor").unwrap();
             let a = topo.add_namespace("a").unwrap();
             let b = topo.add_namespace("b").unwrap();
-            topo.attach(&a, "lhnet1", "stor", Some("10.77.0.1/24")).unwrap();
-            topo.attach(&b, "lhnet1", "stor", Some("10.77.0.2/24")).unwrap();
+            topo.attach(&a, "lhnet1", "stor", Some("10.77.0.1/24"))
+                .unwrap();
+            topo.attach(&b, "lhnet1", "stor", Some("10.77.0.2/24"))
+                .unwrap();
             names = vec![a.name.clone(), b.name.clone()];
 
             let addrs = run_in(&a.name, || interface_addresses("lhnet1")).unwrap();
-            assert_eq!(addrs, vec!["10.77.0.1".parse::<std::net::IpAddr>().unwrap()]);
+            assert_eq!(
+                addrs,
+                vec!["10.77.0.1".parse::<std::net::IpAddr>().unwrap()]
+            );
 
             // A TCP round trip from a to b crosses the bridge and shows in a's lhnet1 counters.
-            let listener = run_in(&b.name, || std::net::TcpListener::bind("10.77.0.2:0")).unwrap().unwrap();
+            let listener = run_in(&b.name, || std::net::TcpListener::bind("10.77.0.2:0"))
+                .unwrap()
+                .unwrap();
             let port = listener.local_addr().unwrap().port();
             let server = std::thread::spawn(move || {
                 use std::io::Read;
@@ -195,9 +221,19 @@ mod tests {
             .unwrap();
             assert_eq!(server.join().unwrap(), 100_000);
             let after = run_in(&a.name, read_device_counters).unwrap().unwrap()["lhnet1"];
-            assert!(after.tx_bytes - before.tx_bytes >= 100_000, "{before:?} -> {after:?}");
+            assert!(
+                after.tx_bytes - before.tx_bytes >= 100_000,
+                "{before:?} -> {after:?}"
+            );
         }
-        let list = String::from_utf8(Command::new("ip").args(["netns", "list"]).output().unwrap().stdout).unwrap();
+        let list = String::from_utf8(
+            Command::new("ip")
+                .args(["netns", "list"])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap();
         for name in names {
             assert!(!list.contains(&name), "{name} left behind");
         }

@@ -45,7 +45,10 @@ impl AddressWatcher {
             SockProtocol::NetlinkRoute,
         )?;
         let groups = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR;
-        bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &NetlinkAddr::new(0, groups))?;
+        bind(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &NetlinkAddr::new(0, groups),
+        )?;
         Ok(AddressWatcher {
             interface: interface.to_string(),
             socket: register(fd)?,
@@ -90,7 +93,10 @@ impl AddressWatcher {
                 .difference(&now)
                 .map(|ip| AddressEvent::Removed(*ip))
                 .collect();
-            events.extend(now.difference(&self.current).map(|ip| AddressEvent::Added(*ip)));
+            events.extend(
+                now.difference(&self.current)
+                    .map(|ip| AddressEvent::Added(*ip)),
+            );
             self.current = now;
             if !events.is_empty() {
                 return Ok(events);
@@ -104,7 +110,8 @@ impl AddressWatcher {
 fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
     // SAFETY: the AsyncFd owns the OwnedFd, so the descriptor stays open and names the same
     // socket until the AsyncFd is dropped; OwnedFd::as_raw_fd always returns that descriptor.
-    unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.map_err(|e| e.into())
+    unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into())
 }
 
 #[cfg(test)]
@@ -128,13 +135,19 @@ mod tests {
         let (ready_tx, ready_rx) = mpsc::channel();
         let (seen_tx, seen_rx) = mpsc::channel();
         let watcher = spawn_in(&ns.name, move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async {
                 let mut w = AddressWatcher::new("lhnet1").unwrap();
                 assert_eq!(w.current().count(), 0);
                 ready_tx.send(()).unwrap();
                 for _ in 0..2 {
-                    let events = tokio::time::timeout(Duration::from_secs(5), w.next()).await.unwrap().unwrap();
+                    let events = tokio::time::timeout(Duration::from_secs(5), w.next())
+                        .await
+                        .unwrap()
+                        .unwrap();
                     seen_tx.send(events).unwrap();
                 }
             })

@@ -63,11 +63,18 @@ pub async fn spawn(addr: SocketAddr, name: &str) -> std::io::Result<RunningEcho>
             .serve_with_incoming(incoming)
             .await;
     });
-    Ok(RunningEcho { addr, accepts, task })
+    Ok(RunningEcho {
+        addr,
+        accepts,
+        task,
+    })
 }
 
 fn peer<T>(request: &Request<T>) -> String {
-    request.remote_addr().map(|a| a.to_string()).unwrap_or_default()
+    request
+        .remote_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default()
 }
 
 fn echo_metadata<T>(from: &Request<T>, to: &mut tonic::metadata::MetadataMap) {
@@ -97,7 +104,10 @@ impl Echo for EchoService {
     }
 
     /// Counts the messages and bytes; replies with no payload, so data flows one way.
-    async fn client_stream(&self, request: Request<Streaming<EchoRequest>>) -> Result<Response<EchoReply>, Status> {
+    async fn client_stream(
+        &self,
+        request: Request<Streaming<EchoRequest>>,
+    ) -> Result<Response<EchoReply>, Status> {
         let peer = peer(&request);
         let mut meta = tonic::metadata::MetadataMap::new();
         echo_metadata(&request, &mut meta);
@@ -119,7 +129,10 @@ impl Echo for EchoService {
 
     type ServerStreamStream = ReplyStream;
 
-    async fn server_stream(&self, request: Request<EchoRequest>) -> Result<Response<ReplyStream>, Status> {
+    async fn server_stream(
+        &self,
+        request: Request<EchoRequest>,
+    ) -> Result<Response<ReplyStream>, Status> {
         let fail_after: Option<u32> = request
             .metadata()
             .get(FAIL_AFTER_HEADER)
@@ -132,7 +145,9 @@ impl Echo for EchoService {
         let count = fail_after.map_or(req.count, |f| req.count.min(f.saturating_add(1)));
         let stream = tokio_stream::iter(0..count).map(move |i| {
             if fail_after == Some(i) {
-                return Err(Status::aborted(format!("stopped after {i} replies, as asked")));
+                return Err(Status::aborted(format!(
+                    "stopped after {i} replies, as asked"
+                )));
             }
             Ok(EchoReply {
                 payload: req.payload.clone(),
@@ -146,7 +161,10 @@ impl Echo for EchoService {
 
     type BidiStream = ReplyStream;
 
-    async fn bidi(&self, request: Request<Streaming<EchoRequest>>) -> Result<Response<ReplyStream>, Status> {
+    async fn bidi(
+        &self,
+        request: Request<Streaming<EchoRequest>>,
+    ) -> Result<Response<ReplyStream>, Status> {
         let name = self.name.to_string();
         let peer = peer(&request);
         let mut n = 0u32;

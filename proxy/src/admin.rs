@@ -30,21 +30,29 @@ pub struct AdminState {
 }
 
 /// Binds the admin address now (so errors surface at start) and serves it on a new thread.
-pub fn spawn(address: SocketAddr, state: Arc<AdminState>) -> std::io::Result<(SocketAddr, std::thread::JoinHandle<()>)> {
+pub fn spawn(
+    address: SocketAddr,
+    state: Arc<AdminState>,
+) -> std::io::Result<(SocketAddr, std::thread::JoinHandle<()>)> {
     let listener = std::net::TcpListener::bind(address)
         .map_err(|e| std::io::Error::new(e.kind(), format!("admin: cannot bind {address}: {e}")))?;
     listener.set_nonblocking(true)?;
     let local = listener.local_addr()?;
-    let handle = std::thread::Builder::new().name("lhnet-admin".into()).spawn(move || {
-        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-            Ok(rt) => rt,
-            Err(e) => {
-                tracing::error!(error = %e, "admin: cannot start its runtime");
-                return;
-            }
-        };
-        runtime.block_on(serve(listener, state));
-    })?;
+    let handle = std::thread::Builder::new()
+        .name("lhnet-admin".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "admin: cannot start its runtime");
+                    return;
+                }
+            };
+            runtime.block_on(serve(listener, state));
+        })?;
     Ok((local, handle))
 }
 
@@ -73,7 +81,10 @@ async fn serve(listener: std::net::TcpListener, state: Arc<AdminState>) {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(respond(&state, req, peer)) }
             });
-            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
                 tracing::debug!(error = %e, "admin connection ended with an error");
             }
         });
@@ -83,8 +94,10 @@ async fn serve(listener: std::net::TcpListener, state: Arc<AdminState>) {
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
 }
 
@@ -92,8 +105,10 @@ fn json(value: &serde_json::Value) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(
         serde_json::to_vec_pretty(value).unwrap_or_default(),
     )));
-    r.headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
     r
 }
 

@@ -77,7 +77,12 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Str
                 }
             },
         };
-        let table = Arc::new(ArcSwap::from_pointee(RouteTable::new(l, &clusters, locals.clone(), metrics.clone())));
+        let table = Arc::new(ArcSwap::from_pointee(RouteTable::new(
+            l,
+            &clusters,
+            locals.clone(),
+            metrics.clone(),
+        )));
         tables.insert(l.name.clone(), table.clone());
         let listener = GrpcListener::bind(&l.name, address, table, l.http2.clone())
             .await
@@ -98,13 +103,26 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Str
     tracing::info!(address = %admin, "admin server listening");
 
     let drain_timeout = config.load().drain_timeout;
-    let listeners = bound.iter().map(|l| (l.name.to_string(), l.local_addr)).collect();
+    let listeners = bound
+        .iter()
+        .map(|l| (l.name.to_string(), l.local_addr))
+        .collect();
     let mut tasks = Vec::new();
     for l in bound {
-        tasks.push(tokio::spawn(l.serve(storage.clone(), metrics.clone(), shutdown.clone(), drain_timeout)));
+        tasks.push(tokio::spawn(l.serve(
+            storage.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+            drain_timeout,
+        )));
     }
     let follow = tokio::spawn(storage.clone().follow());
-    tasks.push(tokio::spawn(track_readiness(storage.clone(), ready_tx, shutdown.clone(), follow)));
+    tasks.push(tokio::spawn(track_readiness(
+        storage.clone(),
+        ready_tx,
+        shutdown.clone(),
+        follow,
+    )));
 
     Ok(RunningProxy {
         listeners,
@@ -122,11 +140,20 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Str
     })
 }
 
-fn build_clusters(config: &Config, storage: &Arc<StorageState>, metrics: &Arc<Metrics>) -> HashMap<String, Arc<Cluster>> {
+fn build_clusters(
+    config: &Config,
+    storage: &Arc<StorageState>,
+    metrics: &Arc<Metrics>,
+) -> HashMap<String, Arc<Cluster>> {
     config
         .clusters
         .iter()
-        .map(|c| (c.name.clone(), Cluster::new(c.clone(), storage.clone(), metrics.clone())))
+        .map(|c| {
+            (
+                c.name.clone(),
+                Cluster::new(c.clone(), storage.clone(), metrics.clone()),
+            )
+        })
         .collect()
 }
 
@@ -154,7 +181,10 @@ async fn track_readiness(
 
 impl RunningProxy {
     pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
-        self.listeners.iter().find(|(n, _)| n == name).map(|(_, a)| *a)
+        self.listeners
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
@@ -219,7 +249,10 @@ impl Reloader {
     fn try_reload(&self, new: Config) -> Result<(), String> {
         let old = self.shared.config.load();
         let shape = |c: &Config| -> Vec<(String, String)> {
-            c.listeners.iter().map(|l| (l.name.clone(), l.address.to_string())).collect()
+            c.listeners
+                .iter()
+                .map(|l| (l.name.clone(), l.address.to_string()))
+                .collect()
         };
         if shape(&old) != shape(&new) || old.admin.address != new.admin.address {
             return Err("listeners (names or addresses) or the admin address changed; restart lhnet-proxy to apply".into());

@@ -101,12 +101,17 @@ fn scan_frames(
             } else {
                 "message is marked compressed but the request has no grpc-encoding header".into()
             };
-            return Some(LocalReply::new(Code::InvalidArgument, format!("malformed gRPC request frame: {why}")));
+            return Some(LocalReply::new(
+                Code::InvalidArgument,
+                format!("malformed gRPC request frame: {why}"),
+            ));
         }
         if len > max {
             return Some(LocalReply::new(
                 Code::ResourceExhausted,
-                format!("request message of {len} bytes is larger than max_message_size ({max} bytes)"),
+                format!(
+                    "request message of {len} bytes is larger than max_message_size ({max} bytes)"
+                ),
             ));
         }
         *payload_left = len;
@@ -123,7 +128,10 @@ where
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
         if *this.failed {
             return Poll::Ready(None);
@@ -266,7 +274,10 @@ impl Body for ReplayBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if let Some(chunk) = self.chunks.pop_front() {
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
@@ -299,12 +310,17 @@ where
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
         if let Some(chunk) = this.prefix.pop_front() {
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
-        this.inner.poll_frame(cx).map(|f| f.map(|r| r.map_err(Into::into)))
+        this.inner
+            .poll_frame(cx)
+            .map(|f| f.map(|r| r.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -398,7 +414,10 @@ where
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
         if *this.done {
             return Poll::Ready(None);
@@ -412,10 +431,9 @@ where
         };
         if let Some(deadline) = this.deadline.as_mut().as_pin_mut() {
             if deadline.poll(cx).is_ready() {
-                let reply = this
-                    .deadline_reply
-                    .take()
-                    .unwrap_or_else(|| LocalReply::new(Code::DeadlineExceeded, "deadline exceeded"));
+                let reply = this.deadline_reply.take().unwrap_or_else(|| {
+                    LocalReply::new(Code::DeadlineExceeded, "deadline exceeded")
+                });
                 return end_with(reply, this.log, this.done);
             }
         }
@@ -473,7 +491,11 @@ mod tests {
                 .map(|c| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(c)))),
         );
         let body = GrpcRequestBody::new(StreamBody::new(stream), max, false, verdict.clone());
-        let res = body.collect().await.map(|c| c.to_bytes().len()).map_err(|e| e.to_string());
+        let res = body
+            .collect()
+            .await
+            .map(|c| c.to_bytes().len())
+            .map_err(|e| e.to_string());
         (res, verdict.get().cloned())
     }
 
@@ -502,7 +524,10 @@ mod tests {
         cut.truncate(8);
         let (_, v) = run(vec![cut], 10).await;
         let v = v.unwrap();
-        assert!(v.message.contains("ends inside a message (3 of 6 bytes)"), "{v}");
+        assert!(
+            v.message.contains("ends inside a message (3 of 6 bytes)"),
+            "{v}"
+        );
     }
 
     #[tokio::test]
@@ -514,9 +539,10 @@ mod tests {
         assert_eq!(r.replay().collect().await.unwrap().to_bytes(), "0123456789");
         assert_eq!(r.replay().collect().await.unwrap().to_bytes().len(), 10);
 
-        let stream = futures_util::stream::iter(
-            (0..10).map(|_| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(vec![1u8; 10])))),
-        );
+        let stream =
+            futures_util::stream::iter((0..10).map(|_| {
+                Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(vec![1u8; 10])))
+            }));
         let Buffered::Partial(p) = buffer_up_to(StreamBody::new(stream), 25).await.unwrap() else {
             panic!("large body should be partial");
         };

@@ -38,11 +38,20 @@ pub struct Cluster {
 #[derive(Debug)]
 pub enum UpstreamError {
     /// Connecting failed: refused, unreachable, timed out, or no source address to bind.
-    Connect { destination: SocketAddr, cause: String },
+    Connect {
+        destination: SocketAddr,
+        cause: String,
+    },
     /// The upstream refused the stream before processing it (REFUSED_STREAM).
-    Refused { destination: SocketAddr, cause: String },
+    Refused {
+        destination: SocketAddr,
+        cause: String,
+    },
     /// The connection or stream broke before a response arrived.
-    Reset { destination: SocketAddr, cause: String },
+    Reset {
+        destination: SocketAddr,
+        cause: String,
+    },
 }
 
 /// Makes upstream TCP connections for one cluster.
@@ -67,7 +76,11 @@ pub struct ConnectError {
 // === impl Cluster ===
 
 impl Cluster {
-    pub fn new(config: ClusterConfig, storage: Arc<StorageState>, metrics: Arc<Metrics>) -> Arc<Cluster> {
+    pub fn new(
+        config: ClusterConfig,
+        storage: Arc<StorageState>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Cluster> {
         let connector = Connector {
             cluster: config.name.as_str().into(),
             source: config.source_address,
@@ -119,8 +132,10 @@ impl Cluster {
     /// `allowed_ports`. An empty list allows everything for that part.
     pub fn allows(&self, destination: SocketAddr) -> bool {
         let c = &self.config;
-        let port_ok =
-            c.allowed_ports.is_empty() || c.allowed_ports.iter().any(|r| r.contains(&destination.port()));
+        let port_ok = c.allowed_ports.is_empty()
+            || c.allowed_ports
+                .iter()
+                .any(|r| r.contains(&destination.port()));
         let ip = destination.ip();
         let ip_ok = c.allowed_destinations.is_empty()
             || c.allowed_destinations.iter().any(|d| match d {
@@ -155,20 +170,26 @@ impl Cluster {
             .path_and_query()
             .map(|p| p.as_str())
             .unwrap_or("/");
-        let uri: Uri = format!("http://{destination}{path}")
-            .parse()
-            .map_err(|e| UpstreamError::Connect {
-                destination,
-                cause: format!("bad upstream URI: {e}"),
-            })?;
+        let uri: Uri =
+            format!("http://{destination}{path}")
+                .parse()
+                .map_err(|e| UpstreamError::Connect {
+                    destination,
+                    cause: format!("bad upstream URI: {e}"),
+                })?;
         *request.uri_mut() = uri;
-        self.client.request(request).await.map_err(|e| classify_error(destination, e))
+        self.client
+            .request(request)
+            .await
+            .map_err(|e| classify_error(destination, e))
     }
 }
 
 impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Cluster").field("name", &self.config.name).finish()
+        f.debug_struct("Cluster")
+            .field("name", &self.config.name)
+            .finish()
     }
 }
 
@@ -240,16 +261,22 @@ impl Connector {
                     reason: "no_source_address",
                     message: format!(
                         "no storage address to bind (source_address: storage): {}",
-                        self.storage
-                            .last_error()
-                            .unwrap_or_else(|| format!("{} has no address", self.storage.interface()))
+                        self.storage.last_error().unwrap_or_else(|| format!(
+                            "{} has no address",
+                            self.storage.interface()
+                        ))
                     ),
                 }),
             },
-            SourceAddress::Management => self.storage.management_address().map(Some).ok_or(ConnectError {
+            SourceAddress::Management => self
+                .storage
+                .management_address()
+                .map(Some)
+                .ok_or(ConnectError {
                 reason: "no_source_address",
-                message: "no management address to bind (source_address: management): POD_IP is not set"
-                    .into(),
+                message:
+                    "no management address to bind (source_address: management): POD_IP is not set"
+                        .into(),
             }),
         }
     }
@@ -260,32 +287,37 @@ impl Connector {
             reason: "bind",
             message: format!(
                 "cannot bind source {} for {destination}: {e}",
-                source.map(|s| s.to_string()).unwrap_or_else(|| "(any)".into())
+                source
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "(any)".into())
             ),
         })?;
-        let stream = match tokio::time::timeout(self.connect_timeout, socket.connect(destination)).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => {
-                let reason = match e.kind() {
-                    io::ErrorKind::ConnectionRefused => "refused",
-                    io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => "unreachable",
-                    _ => "other",
-                };
-                return Err(ConnectError {
-                    reason,
-                    message: format!("connecting to {destination}: {e}"),
-                });
-            }
-            Err(_) => {
-                return Err(ConnectError {
-                    reason: "timeout",
-                    message: format!(
-                        "connecting to {destination}: no answer within connect_timeout {}",
-                        crate::config::format_duration(self.connect_timeout)
-                    ),
-                })
-            }
-        };
+        let stream =
+            match tokio::time::timeout(self.connect_timeout, socket.connect(destination)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    let reason = match e.kind() {
+                        io::ErrorKind::ConnectionRefused => "refused",
+                        io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => {
+                            "unreachable"
+                        }
+                        _ => "other",
+                    };
+                    return Err(ConnectError {
+                        reason,
+                        message: format!("connecting to {destination}: {e}"),
+                    });
+                }
+                Err(_) => {
+                    return Err(ConnectError {
+                        reason: "timeout",
+                        message: format!(
+                            "connecting to {destination}: no answer within connect_timeout {}",
+                            crate::config::format_duration(self.connect_timeout)
+                        ),
+                    })
+                }
+            };
         let local = stream.local_addr().map_err(|e| ConnectError {
             reason: "other",
             message: format!("local address of connection to {destination}: {e}"),
@@ -296,17 +328,27 @@ impl Connector {
             device = %device, "upstream connection"
         );
         let guard = self.metrics.upstream_connection(&self.cluster, network);
-        Ok(CountedIo::new(stream, self.metrics.byte_counters(&device, network), Some(guard)))
+        Ok(CountedIo::new(
+            stream,
+            self.metrics.byte_counters(&device, network),
+            Some(guard),
+        ))
     }
 
     fn socket(&self, destination: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpSocket> {
-        let socket = Socket::new(Domain::for_address(destination), Type::STREAM, Some(Protocol::TCP))?;
+        let socket = Socket::new(
+            Domain::for_address(destination),
+            Type::STREAM,
+            Some(Protocol::TCP),
+        )?;
         socket.set_nonblocking(true)?;
         socket.set_tcp_nodelay(true)?;
         socket.set_tcp_keepalive(
-            &TcpKeepalive::new()
-                .with_time(self.keepalive)
-                .with_interval(self.keepalive.min(Duration::from_secs(10)).max(Duration::from_secs(1))),
+            &TcpKeepalive::new().with_time(self.keepalive).with_interval(
+                self.keepalive
+                    .min(Duration::from_secs(10))
+                    .max(Duration::from_secs(1)),
+            ),
         )?;
         if let Some(device) = &self.bind_to_device {
             let name = if device == "storage" {
@@ -314,9 +356,12 @@ impl Connector {
             } else {
                 device.clone()
             };
-            socket
-                .bind_device(Some(name.as_bytes()))
-                .map_err(|e| io::Error::new(e.kind(), format!("SO_BINDTODEVICE {name}: {e} (needs CAP_NET_RAW)")))?;
+            socket.bind_device(Some(name.as_bytes())).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("SO_BINDTODEVICE {name}: {e} (needs CAP_NET_RAW)"),
+                )
+            })?;
         }
         if let Some(ip) = source {
             if ip.is_ipv4() != destination.is_ipv4() {
@@ -421,8 +466,14 @@ mod tests {
     #[tokio::test]
     async fn missing_storage_address_is_a_clear_connect_error() {
         let c = cluster("{ name: s, endpoints: [127.0.0.1:1], upstream_bind_config: { source_address: storage } }");
-        let req = Request::builder().uri("/x.Y/Z").body(crate::reply::empty_body()).unwrap();
-        let err = c.send("127.0.0.1:1".parse().unwrap(), req).await.unwrap_err();
+        let req = Request::builder()
+            .uri("/x.Y/Z")
+            .body(crate::reply::empty_body())
+            .unwrap();
+        let err = c
+            .send("127.0.0.1:1".parse().unwrap(), req)
+            .await
+            .unwrap_err();
         let text = err.to_string();
         assert!(matches!(err, UpstreamError::Connect { .. }), "{text}");
         assert!(text.contains("no storage address to bind"), "{text}");

@@ -205,7 +205,10 @@ pub enum Destination {
     /// Whatever the storage address's subnet is: the storage address itself and peers on the
     /// same interface's network.
     Storage,
-    Cidr { network: IpAddr, prefix: u8 },
+    Cidr {
+        network: IpAddr,
+        prefix: u8,
+    },
 }
 
 /// One problem in the file, with the path of the value at fault.
@@ -329,11 +332,23 @@ impl Destination {
     /// Whether `ip` is inside this CIDR (`Storage` is resolved by the caller).
     pub fn cidr_contains(&self, ip: IpAddr) -> bool {
         match (*self, ip) {
-            (Destination::Cidr { network: IpAddr::V4(n), prefix }, IpAddr::V4(ip)) => {
+            (
+                Destination::Cidr {
+                    network: IpAddr::V4(n),
+                    prefix,
+                },
+                IpAddr::V4(ip),
+            ) => {
                 let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
                 u32::from(n) & mask == u32::from(ip) & mask
             }
-            (Destination::Cidr { network: IpAddr::V6(n), prefix }, IpAddr::V6(ip)) => {
+            (
+                Destination::Cidr {
+                    network: IpAddr::V6(n),
+                    prefix,
+                },
+                IpAddr::V6(ip),
+            ) => {
                 let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
                 u128::from(n) & mask == u128::from(ip) & mask
             }
@@ -467,7 +482,9 @@ fn edit_distance(a: &str, b: &str) -> usize {
     for (i, ca) in a.chars().enumerate() {
         let mut cur = vec![i + 1; b.len() + 1];
         for (j, cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
         }
         prev = cur;
     }
@@ -502,7 +519,10 @@ fn unsigned(v: &Value, path: &str, max: u64, cx: &mut Cx) -> Option<u64> {
             None
         }
         None => {
-            cx.err(path, format!("expected a non-negative integer, got {}", kind(v)));
+            cx.err(
+                path,
+                format!("expected a non-negative integer, got {}", kind(v)),
+            );
             None
         }
     }
@@ -541,7 +561,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "s" => n,
         "m" => n * 60.0,
         "h" => n * 3600.0,
-        _ => return Err(format!("\"{t}\": unknown unit \"{unit}\" (use us, ms, s, m or h)")),
+        _ => {
+            return Err(format!(
+                "\"{t}\": unknown unit \"{unit}\" (use us, ms, s, m or h)"
+            ))
+        }
     };
     if !secs.is_finite() || secs > 1e9 {
         return Err(format!("\"{t}\" is out of range"));
@@ -554,7 +578,10 @@ fn duration(v: &Value, path: &str, cx: &mut Cx) -> Option<Duration> {
         Value::String(s) => s.clone(),
         Value::Number(n) if n.as_u64() == Some(0) => "0".into(),
         other => {
-            cx.err(path, format!("expected a duration like 2s, got {}", kind(other)));
+            cx.err(
+                path,
+                format!("expected a duration like 2s, got {}", kind(other)),
+            );
             return None;
         }
     };
@@ -579,10 +606,18 @@ fn size(v: &Value, path: &str, cx: &mut Cx) -> Option<usize> {
     } else {
         (s.as_str(), 1)
     };
-    match num.trim().parse::<usize>().ok().and_then(|n| n.checked_mul(mult)) {
+    match num
+        .trim()
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+    {
         Some(n) => Some(n),
         None => {
-            cx.err(path, format!("\"{s}\" is not a size; write bytes or use Ki, Mi, Gi"));
+            cx.err(
+                path,
+                format!("\"{s}\" is not a size; write bytes or use Ki, Mi, Gi"),
+            );
             None
         }
     }
@@ -626,7 +661,16 @@ fn parse_config(root: &Value, cx: &mut Cx) -> Option<Config> {
             .collect(),
         None => Vec::new(),
     };
-    f.finish(&["admin", "storage_network", "drain_timeout", "listeners", "clusters"], cx);
+    f.finish(
+        &[
+            "admin",
+            "storage_network",
+            "drain_timeout",
+            "listeners",
+            "clusters",
+        ],
+        cx,
+    );
 
     check_references(&listeners, &clusters, cx);
     Some(Config {
@@ -642,13 +686,19 @@ fn check_references(listeners: &[ListenerConfig], clusters: &[ClusterConfig], cx
     let mut seen = HashSet::new();
     for c in clusters {
         if !seen.insert(c.name.as_str()) {
-            cx.err(&format!("{}.name", c.path), format!("duplicate cluster name \"{}\"", c.name));
+            cx.err(
+                &format!("{}.name", c.path),
+                format!("duplicate cluster name \"{}\"", c.name),
+            );
         }
     }
     let mut seen_listeners = HashSet::new();
     for l in listeners {
         if !seen_listeners.insert(l.name.as_str()) {
-            cx.err(&format!("{}.name", l.path), format!("duplicate listener name \"{}\"", l.name));
+            cx.err(
+                &format!("{}.name", l.path),
+                format!("duplicate listener name \"{}\"", l.name),
+            );
         }
         for r in &l.routes {
             let RouteAction::Cluster(name) = &r.action else {
@@ -675,7 +725,9 @@ fn check_references(listeners: &[ListenerConfig], clusters: &[ClusterConfig], cx
 
 fn parse_admin(v: &Value, path: &str, cx: &mut Cx) -> Option<AdminConfig> {
     let mut f = Fields::new(v, path, cx)?;
-    let address = f.required("address", cx).and_then(|(p, v)| socket_addr(v, &p, cx));
+    let address = f
+        .required("address", cx)
+        .and_then(|(p, v)| socket_addr(v, &p, cx));
     f.finish(&["address"], cx);
     Some(AdminConfig { address: address? })
 }
@@ -691,9 +743,15 @@ fn parse_storage_network(v: &Value, path: &str, cx: &mut Cx) -> Option<StorageNe
     let mut f = Fields::new(v, path, cx)?;
     let interface = match f.take("interface") {
         Some((p, v)) => string(v, &p, cx).filter(|s| {
-            let ok = !s.is_empty() && s.len() <= 15 && !s.contains('/') && !s.contains(char::is_whitespace);
+            let ok = !s.is_empty()
+                && s.len() <= 15
+                && !s.contains('/')
+                && !s.contains(char::is_whitespace);
             if !ok {
-                cx.err(&p, format!("\"{s}\" is not an interface name (1-15 characters, no '/' or spaces)"));
+                cx.err(
+                    &p,
+                    format!("\"{s}\" is not an interface name (1-15 characters, no '/' or spaces)"),
+                );
             }
             ok
         }),
@@ -702,7 +760,10 @@ fn parse_storage_network(v: &Value, path: &str, cx: &mut Cx) -> Option<StorageNe
     let network = f.take("network").and_then(|(p, v)| {
         let s = string(v, &p, cx)?;
         if s.split('/').count() != 2 || s.starts_with('/') || s.ends_with('/') {
-            cx.err(&p, format!("\"{s}\" must be <namespace>/<network-attachment-definition>"));
+            cx.err(
+                &p,
+                format!("\"{s}\" must be <namespace>/<network-attachment-definition>"),
+            );
             return None;
         }
         Some(s)
@@ -716,14 +777,20 @@ fn parse_storage_network(v: &Value, path: &str, cx: &mut Cx) -> Option<StorageNe
             Some("pod_ip") => Some(Fallback::PodIp),
             Some("wait") => Some(Fallback::Wait),
             Some(other) => {
-                cx.err(&p, format!("\"{other}\" is not a fallback; use pod_ip or wait"));
+                cx.err(
+                    &p,
+                    format!("\"{other}\" is not a fallback; use pod_ip or wait"),
+                );
                 None
             }
             None => None,
         },
         None => Some(Fallback::PodIp),
     };
-    f.finish(&["interface", "network", "network_status_file", "fallback"], cx);
+    f.finish(
+        &["interface", "network", "network_status_file", "fallback"],
+        cx,
+    );
     Some(StorageNetworkConfig {
         interface: interface?,
         network,
@@ -738,7 +805,10 @@ fn parse_listen_address(v: &Value, path: &str, cx: &mut Cx) -> Option<ListenAddr
         return match port.parse::<u16>() {
             Ok(p) => Some(ListenAddress::Storage(p)),
             Err(_) if port.contains('-') => {
-                cx.err(path, format!("\"{s}\": port ranges are for kind: tcp listeners"));
+                cx.err(
+                    path,
+                    format!("\"{s}\": port ranges are for kind: tcp listeners"),
+                );
                 None
             }
             Err(_) => {
@@ -778,7 +848,9 @@ fn parse_listener(v: &Value, path: &str, cx: &mut Cx) -> Option<ListenerConfig> 
         },
         None => Some(()),
     };
-    let address = f.required("address", cx).and_then(|(p, v)| parse_listen_address(v, &p, cx));
+    let address = f
+        .required("address", cx)
+        .and_then(|(p, v)| parse_listen_address(v, &p, cx));
     let listener_name = name.clone().unwrap_or_else(|| path.to_string());
     let routes = match f.required("routes", cx) {
         Some((p, v)) => list(v, &p, cx)
@@ -799,7 +871,15 @@ fn parse_listener(v: &Value, path: &str, cx: &mut Cx) -> Option<ListenerConfig> 
     // Envoy's stat_prefix is accepted for familiarity; the listener name is the metric label.
     let _ = f.take("stat_prefix");
     f.finish(
-        &["name", "kind", "address", "routes", "max_message_size", "http2_protocol_options", "stat_prefix"],
+        &[
+            "name",
+            "kind",
+            "address",
+            "routes",
+            "max_message_size",
+            "http2_protocol_options",
+            "stat_prefix",
+        ],
         cx,
     );
     kind?;
@@ -829,8 +909,14 @@ fn parse_http2(v: &Value, path: &str, cx: &mut Cx) -> Option<Http2Options> {
     let mut ok = true;
     for (key, slot) in [
         ("max_concurrent_streams", &mut opts.max_concurrent_streams),
-        ("initial_stream_window_size", &mut opts.initial_stream_window_size),
-        ("initial_connection_window_size", &mut opts.initial_connection_window_size),
+        (
+            "initial_stream_window_size",
+            &mut opts.initial_stream_window_size,
+        ),
+        (
+            "initial_connection_window_size",
+            &mut opts.initial_connection_window_size,
+        ),
     ] {
         if let Some((p, v)) = f.take(key) {
             match unsigned(v, &p, i32::MAX as u64, cx) {
@@ -840,43 +926,68 @@ fn parse_http2(v: &Value, path: &str, cx: &mut Cx) -> Option<Http2Options> {
         }
     }
     f.finish(
-        &["max_concurrent_streams", "initial_stream_window_size", "initial_connection_window_size"],
+        &[
+            "max_concurrent_streams",
+            "initial_stream_window_size",
+            "initial_connection_window_size",
+        ],
         cx,
     );
     ok.then_some(opts)
 }
 
-fn parse_route(v: &Value, path: &str, listener: &str, index: usize, cx: &mut Cx) -> Option<RouteConfig> {
+fn parse_route(
+    v: &Value,
+    path: &str,
+    listener: &str,
+    index: usize,
+    cx: &mut Cx,
+) -> Option<RouteConfig> {
     let mut f = Fields::new(v, path, cx)?;
     let name = f
         .take("name")
         .and_then(|(p, v)| string(v, &p, cx))
         .unwrap_or_else(|| format!("{listener}/{index}"));
-    let matcher = f.required("match", cx).and_then(|(p, v)| parse_match(v, &p, cx));
+    let matcher = f
+        .required("match", cx)
+        .and_then(|(p, v)| parse_match(v, &p, cx));
     let action = match (f.take("cluster"), f.take("local")) {
         (Some((p, v)), None) => string(v, &p, cx).map(RouteAction::Cluster),
-        (None, Some((p, v))) => match string(v, &p, cx).as_deref() {
-            Some("health") => Some(RouteAction::Local(LocalService::Health)),
-            Some("longhorn_engine_proxy") => Some(RouteAction::Local(LocalService::LonghornEngineProxy)),
-            Some(other) => {
-                cx.err(
+        (None, Some((p, v))) => {
+            match string(v, &p, cx).as_deref() {
+                Some("health") => Some(RouteAction::Local(LocalService::Health)),
+                Some("longhorn_engine_proxy") => {
+                    Some(RouteAction::Local(LocalService::LonghornEngineProxy))
+                }
+                Some(other) => {
+                    cx.err(
                     &p,
                     format!("\"{other}\" is not a local service; use health or longhorn_engine_proxy"),
                 );
-                None
+                    None
+                }
+                None => None,
             }
-            None => None,
-        },
+        }
         (Some(_), Some(_)) => {
-            cx.err(path, "a route has either \"cluster\" or \"local\", not both");
+            cx.err(
+                path,
+                "a route has either \"cluster\" or \"local\", not both",
+            );
             None
         }
         (None, None) => {
-            cx.err(path, "a route needs \"cluster: NAME\" or \"local: SERVICE\"");
+            cx.err(
+                path,
+                "a route needs \"cluster: NAME\" or \"local: SERVICE\"",
+            );
             None
         }
     };
-    let timeout = f.take("timeout").and_then(|(p, v)| duration(v, &p, cx)).filter(|d| !d.is_zero());
+    let timeout = f
+        .take("timeout")
+        .and_then(|(p, v)| duration(v, &p, cx))
+        .filter(|d| !d.is_zero());
     let grpc_timeout_header_max = f.take("max_stream_duration").and_then(|(p, v)| {
         let mut m = Fields::new(v, &p, cx)?;
         let max = m
@@ -886,9 +997,19 @@ fn parse_route(v: &Value, path: &str, listener: &str, index: usize, cx: &mut Cx)
         m.finish(&["grpc_timeout_header_max"], cx);
         max
     });
-    let retry_policy = f.take("retry_policy").and_then(|(p, v)| parse_retry(v, &p, cx));
+    let retry_policy = f
+        .take("retry_policy")
+        .and_then(|(p, v)| parse_retry(v, &p, cx));
     f.finish(
-        &["name", "match", "cluster", "local", "timeout", "max_stream_duration", "retry_policy"],
+        &[
+            "name",
+            "match",
+            "cluster",
+            "local",
+            "timeout",
+            "max_stream_duration",
+            "retry_policy",
+        ],
         cx,
     );
     Some(RouteConfig {
@@ -907,7 +1028,9 @@ fn regex(v: &Value, path: &str, cx: &mut Cx) -> Option<Regex> {
     let (text, p) = match v {
         Value::Mapping(_) => {
             let mut f = Fields::new(v, path, cx)?;
-            let r = f.required("regex", cx).and_then(|(p, v)| string(v, &p, cx).map(|s| (s, p)));
+            let r = f
+                .required("regex", cx)
+                .and_then(|(p, v)| string(v, &p, cx).map(|s| (s, p)));
             f.finish(&["regex"], cx);
             r?
         }
@@ -924,28 +1047,46 @@ fn parse_match(v: &Value, path: &str, cx: &mut Cx) -> Option<RouteMatch> {
     let specifiers = ["path", "prefix", "safe_regex"];
     let given: Vec<&str> = specifiers.iter().copied().filter(|k| f.has(k)).collect();
     if given.len() > 1 {
-        cx.err(path, format!("use one of path, prefix, safe_regex (found {})", given.join(", ")));
+        cx.err(
+            path,
+            format!(
+                "use one of path, prefix, safe_regex (found {})",
+                given.join(", ")
+            ),
+        );
     }
     let route_path = |s: String, p: &str, cx: &mut Cx| {
         if s.starts_with('/') {
             Some(s)
         } else {
-            cx.err(p, format!("\"{s}\" must start with '/' (gRPC paths look like /package.Service/Method)"));
+            cx.err(
+                p,
+                format!(
+                    "\"{s}\" must start with '/' (gRPC paths look like /package.Service/Method)"
+                ),
+            );
             None
         }
     };
     let mut path_match = None;
     if let Some((p, v)) = f.take("path") {
-        path_match = string(v, &p, cx).and_then(|s| route_path(s, &p, cx)).map(PathMatch::Path);
+        path_match = string(v, &p, cx)
+            .and_then(|s| route_path(s, &p, cx))
+            .map(PathMatch::Path);
     }
     if let Some((p, v)) = f.take("prefix") {
-        path_match = string(v, &p, cx).and_then(|s| route_path(s, &p, cx)).map(PathMatch::Prefix);
+        path_match = string(v, &p, cx)
+            .and_then(|s| route_path(s, &p, cx))
+            .map(PathMatch::Prefix);
     }
     if let Some((p, v)) = f.take("safe_regex") {
         path_match = regex(v, &p, cx).map(PathMatch::SafeRegex);
     }
     if given.is_empty() {
-        cx.err(path, "missing path, prefix or safe_regex (use prefix: / to match everything)");
+        cx.err(
+            path,
+            "missing path, prefix or safe_regex (use prefix: / to match everything)",
+        );
     }
     let headers = f
         .take("headers")
@@ -992,8 +1133,15 @@ fn parse_header_matcher(v: &Value, path: &str, cx: &mut Cx) -> Option<HeaderMatc
         .unwrap_or(false);
     f.finish(
         &[
-            "name", "exact_match", "exact", "prefix_match", "prefix", "safe_regex_match", "safe_regex",
-            "present_match", "invert_match",
+            "name",
+            "exact_match",
+            "exact",
+            "prefix_match",
+            "prefix",
+            "safe_regex_match",
+            "safe_regex",
+            "present_match",
+            "invert_match",
         ],
         cx,
     );
@@ -1001,7 +1149,10 @@ fn parse_header_matcher(v: &Value, path: &str, cx: &mut Cx) -> Option<HeaderMatc
         0 => Some(HeaderRule::Present(true)),
         1 => rules.pop().flatten(),
         _ => {
-            cx.err(path, "use one of exact_match, prefix_match, safe_regex_match, present_match");
+            cx.err(
+                path,
+                "use one of exact_match, prefix_match, safe_regex_match, present_match",
+            );
             None
         }
     };
@@ -1018,7 +1169,10 @@ fn parse_retry(v: &Value, path: &str, cx: &mut Cx) -> Option<RetryPolicy> {
         Some((p, v)) => {
             // Envoy writes a comma-separated string; a YAML list is accepted too.
             let tokens: Vec<(String, String)> = match v {
-                Value::String(s) => s.split(',').map(|t| (t.trim().to_string(), p.clone())).collect(),
+                Value::String(s) => s
+                    .split(',')
+                    .map(|t| (t.trim().to_string(), p.clone()))
+                    .collect(),
                 _ => list(v, &p, cx)
                     .into_iter()
                     .filter_map(|(ip, item)| string(item, &ip, cx).map(|s| (s, ip)))
@@ -1064,7 +1218,15 @@ fn parse_retry(v: &Value, path: &str, cx: &mut Cx) -> Option<RetryPolicy> {
         Some((p, v)) => size(v, &p, cx),
         None => Some(DEFAULT_RETRY_BUFFER),
     };
-    f.finish(&["retry_on", "num_retries", "per_try_timeout", "max_buffered_bytes"], cx);
+    f.finish(
+        &[
+            "retry_on",
+            "num_retries",
+            "per_try_timeout",
+            "max_buffered_bytes",
+        ],
+        cx,
+    );
     Some(RetryPolicy {
         retry_on: retry_on?,
         num_retries: num_retries?,
@@ -1081,7 +1243,10 @@ fn parse_cluster(v: &Value, path: &str, cx: &mut Cx) -> Option<ClusterConfig> {
             Some("static") => Some(ClusterKind::Static),
             Some("original_dst") => Some(ClusterKind::OriginalDst),
             Some(other) => {
-                cx.err(&p, format!("\"{other}\" is not a cluster type; use static or original_dst"));
+                cx.err(
+                    &p,
+                    format!("\"{other}\" is not a cluster type; use static or original_dst"),
+                );
                 None
             }
             None => None,
@@ -1129,8 +1294,15 @@ fn parse_cluster(v: &Value, path: &str, cx: &mut Cx) -> Option<ClusterConfig> {
                 .collect()
         })
         .unwrap_or_default();
-    let mut timeouts = [Duration::from_secs(5), Duration::from_secs(90), Duration::from_secs(30)];
-    for (i, key) in ["connect_timeout", "idle_timeout", "tcp_keepalive"].iter().enumerate() {
+    let mut timeouts = [
+        Duration::from_secs(5),
+        Duration::from_secs(90),
+        Duration::from_secs(30),
+    ];
+    for (i, key) in ["connect_timeout", "idle_timeout", "tcp_keepalive"]
+        .iter()
+        .enumerate()
+    {
         if let Some((p, v)) = f.take(key) {
             if let Some(d) = duration(v, &p, cx) {
                 timeouts[i] = d;
@@ -1153,8 +1325,16 @@ fn parse_cluster(v: &Value, path: &str, cx: &mut Cx) -> Option<ClusterConfig> {
     let _ = f.take("typed_extension_protocol_options");
     f.finish(
         &[
-            "name", "type", "endpoints", "upstream_bind_config", "allowed_destinations", "allowed_ports",
-            "connect_timeout", "idle_timeout", "tcp_keepalive", "circuit_breakers",
+            "name",
+            "type",
+            "endpoints",
+            "upstream_bind_config",
+            "allowed_destinations",
+            "allowed_ports",
+            "connect_timeout",
+            "idle_timeout",
+            "tcp_keepalive",
+            "circuit_breakers",
             "typed_extension_protocol_options",
         ],
         cx,
@@ -1183,7 +1363,9 @@ fn parse_bind(v: &Value, path: &str, cx: &mut Cx) -> Option<(SourceAddress, Opti
             let text = match v {
                 Value::Mapping(_) => {
                     let mut sf = Fields::new(v, &p, cx)?;
-                    let a = sf.required("address", cx).and_then(|(p, v)| string(v, &p, cx));
+                    let a = sf
+                        .required("address", cx)
+                        .and_then(|(p, v)| string(v, &p, cx));
                     let _ = sf.take("port_value");
                     sf.finish(&["address", "port_value"], cx);
                     a
@@ -1197,7 +1379,12 @@ fn parse_bind(v: &Value, path: &str, cx: &mut Cx) -> Option<(SourceAddress, Opti
                 Some(other) => match other.parse::<IpAddr>() {
                     Ok(ip) => Some(SourceAddress::Ip(ip)),
                     Err(_) => {
-                        cx.err(&p, format!("\"{other}\" is not storage, management, none or an IP address"));
+                        cx.err(
+                            &p,
+                            format!(
+                                "\"{other}\" is not storage, management, none or an IP address"
+                            ),
+                        );
                         None
                     }
                 },
@@ -1225,7 +1412,10 @@ fn parse_destination(v: &Value, path: &str, cx: &mut Cx) -> Option<Destination> 
         None => (s.as_str(), None),
     };
     let Ok(network) = ip.parse::<IpAddr>() else {
-        cx.err(path, format!("\"{s}\" is not storage, an IP or a CIDR like 10.30.0.0/16"));
+        cx.err(
+            path,
+            format!("\"{s}\" is not storage, an IP or a CIDR like 10.30.0.0/16"),
+        );
         return None;
     };
     let max = if network.is_ipv4() { 32 } else { 128 };
@@ -1245,7 +1435,13 @@ fn parse_port_range(v: &Value, path: &str, cx: &mut Cx) -> Option<RangeInclusive
         Value::Number(n) => n.to_string(),
         Value::String(s) => s.clone(),
         other => {
-            cx.err(path, format!("expected a port or range like 10000-30000, got {}", kind(other)));
+            cx.err(
+                path,
+                format!(
+                    "expected a port or range like 10000-30000, got {}",
+                    kind(other)
+                ),
+            );
             return None;
         }
     };
@@ -1253,7 +1449,10 @@ fn parse_port_range(v: &Value, path: &str, cx: &mut Cx) -> Option<RangeInclusive
     match (lo.trim().parse::<u16>(), hi.trim().parse::<u16>()) {
         (Ok(lo), Ok(hi)) if lo <= hi && lo > 0 => Some(lo..=hi),
         _ => {
-            cx.err(path, format!("\"{text}\" is not a port or a range like 10000-30000"));
+            cx.err(
+                path,
+                format!("\"{text}\" is not a port or a range like 10000-30000"),
+            );
             None
         }
     }
@@ -1282,7 +1481,11 @@ fn ser_opt_duration<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, 
 
 fn ser_regex<S: Serializer>(r: &Regex, s: S) -> Result<S::Ok, S::Error> {
     let text = r.as_str();
-    s.serialize_str(text.strip_prefix("^(?:").and_then(|t| t.strip_suffix(")$")).unwrap_or(text))
+    s.serialize_str(
+        text.strip_prefix("^(?:")
+            .and_then(|t| t.strip_suffix(")$"))
+            .unwrap_or(text),
+    )
 }
 
 fn ser_header_name<S: Serializer>(h: &HeaderName, s: S) -> Result<S::Ok, S::Error> {
@@ -1297,7 +1500,10 @@ fn ser_port_ranges<S: Serializer>(r: &[RangeInclusive<u16>], s: S) -> Result<S::
 pub fn summary(config: &Config) -> BTreeMap<&'static str, usize> {
     BTreeMap::from([
         ("listeners", config.listeners.len()),
-        ("routes", config.listeners.iter().map(|l| l.routes.len()).sum()),
+        (
+            "routes",
+            config.listeners.iter().map(|l| l.routes.len()).sum(),
+        ),
         ("clusters", config.clusters.len()),
     ])
 }
@@ -1350,24 +1556,45 @@ clusters:
         let routes = &c.listeners[0].routes;
         assert_eq!(routes.len(), 3);
         assert_eq!(routes[0].name, "management/0");
-        assert_eq!(routes[0].action, RouteAction::Local(LocalService::LonghornEngineProxy));
-        assert_eq!(routes[1].action, RouteAction::Cluster("instance_manager".into()));
+        assert_eq!(
+            routes[0].action,
+            RouteAction::Local(LocalService::LonghornEngineProxy)
+        );
+        assert_eq!(
+            routes[1].action,
+            RouteAction::Cluster("instance_manager".into())
+        );
         let retry = routes[1].retry_policy.as_ref().unwrap();
-        assert_eq!(retry.retry_on, vec![RetryOn::ConnectFailure, RetryOn::Unavailable]);
-        assert_eq!((retry.num_retries, retry.per_try_timeout), (2, Some(Duration::from_secs(1))));
+        assert_eq!(
+            retry.retry_on,
+            vec![RetryOn::ConnectFailure, RetryOn::Unavailable]
+        );
+        assert_eq!(
+            (retry.num_retries, retry.per_try_timeout),
+            (2, Some(Duration::from_secs(1)))
+        );
         assert_eq!(routes[2].timeout, Some(Duration::from_secs(10)));
-        assert_eq!(routes[2].grpc_timeout_header_max, Some(Duration::from_secs(30)));
+        assert_eq!(
+            routes[2].grpc_timeout_header_max,
+            Some(Duration::from_secs(30))
+        );
         let engines = c.cluster("engines").unwrap();
         assert_eq!(engines.kind, ClusterKind::OriginalDst);
         assert_eq!(engines.allowed_ports, vec![9500..=9599, 10000..=30000]);
         assert!(engines.allowed_destinations[1].cidr_contains("127.1.2.3".parse().unwrap()));
         assert!(!engines.allowed_destinations[1].cidr_contains("10.0.0.1".parse().unwrap()));
-        assert_eq!(c.cluster("instance_manager").unwrap().source_address, SourceAddress::None);
+        assert_eq!(
+            c.cluster("instance_manager").unwrap().source_address,
+            SourceAddress::None
+        );
         assert_eq!(c.storage_network.fallback, Fallback::PodIp);
         assert_eq!(c.drain_timeout, Duration::from_secs(30));
         // The dump is valid JSON and keeps the Envoy names.
         let dump = serde_json::to_value(&c).unwrap();
-        assert_eq!(dump["listeners"][0]["routes"][2]["match"]["path"]["safe_regex"], "/grpc\\.health\\.v1\\.Health/.*");
+        assert_eq!(
+            dump["listeners"][0]["routes"][2]["match"]["path"]["safe_regex"],
+            "/grpc\\.health\\.v1\\.Health/.*"
+        );
         assert_eq!(dump["clusters"][0]["allowed_destinations"][0], "storage");
     }
 
@@ -1400,7 +1627,10 @@ clusters:
             "clusters[0].upstream_bind_config.source_address: \"lhnet9\" is not storage",
         ];
         for e in expect {
-            assert!(text.iter().any(|t| t.starts_with(e)), "missing {e:?} in {text:#?}");
+            assert!(
+                text.iter().any(|t| t.starts_with(e)),
+                "missing {e:?} in {text:#?}"
+            );
         }
         assert!(errs.to_string().starts_with("bad.yaml: "), "{errs}");
     }
@@ -1417,7 +1647,10 @@ clusters: [{ name: engines, type: original_dst }]
 "#;
         let text = Config::parse(bad, "x").unwrap_err().to_string();
         assert!(text.contains("listeners[0].kind: kind: tcp"), "{text}");
-        assert!(text.contains("listeners[1].routes[0].cluster: cluster \"engines\" is original_dst"), "{text}");
+        assert!(
+            text.contains("listeners[1].routes[0].cluster: cluster \"engines\" is original_dst"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -1428,7 +1661,10 @@ clusters: [{ name: engines, type: original_dst }]
         assert!(parse_duration("10").unwrap_err().contains("no unit"));
         assert!(parse_duration("3d").unwrap_err().contains("unknown unit"));
         let mut cx = Cx::default();
-        assert_eq!(size(&Value::String("4Mi".into()), "x", &mut cx), Some(4 << 20));
+        assert_eq!(
+            size(&Value::String("4Mi".into()), "x", &mut cx),
+            Some(4 << 20)
+        );
         assert_eq!(size(&Value::String("4Xi".into()), "x", &mut cx), None);
         assert_eq!(cx.errors.len(), 1);
     }

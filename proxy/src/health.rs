@@ -25,20 +25,32 @@ impl HealthService {
 }
 
 fn status(ready: bool) -> HealthCheckResponse {
-    let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
-    HealthCheckResponse { status: status as i32 }
+    let status = if ready {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    HealthCheckResponse {
+        status: status as i32,
+    }
 }
 
 #[tonic::async_trait]
 impl Health for HealthService {
-    async fn check(&self, _request: Request<HealthCheckRequest>) -> Result<Response<HealthCheckResponse>, Status> {
+    async fn check(
+        &self,
+        _request: Request<HealthCheckRequest>,
+    ) -> Result<Response<HealthCheckResponse>, Status> {
         Ok(Response::new(status(*self.ready.borrow())))
     }
 
     type WatchStream = Pin<Box<dyn Stream<Item = Result<HealthCheckResponse, Status>> + Send>>;
 
     /// Sends the current status, then every change.
-    async fn watch(&self, _request: Request<HealthCheckRequest>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(
+        &self,
+        _request: Request<HealthCheckRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
         let stream = WatchStream::new(self.ready.clone()).map(|ready| Ok(status(ready)));
         Ok(Response::new(Box::pin(stream)))
     }

@@ -28,9 +28,17 @@ pub struct GrpcListener {
 }
 
 impl GrpcListener {
-    pub async fn bind(name: &str, address: SocketAddr, routes: Arc<ArcSwap<RouteTable>>, http2: Http2Options) -> std::io::Result<Self> {
+    pub async fn bind(
+        name: &str,
+        address: SocketAddr,
+        routes: Arc<ArcSwap<RouteTable>>,
+        http2: Http2Options,
+    ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(address).await.map_err(|e| {
-            std::io::Error::new(e.kind(), format!("listener {name}: cannot bind {address}: {e}"))
+            std::io::Error::new(
+                e.kind(),
+                format!("listener {name}: cannot bind {address}: {e}"),
+            )
         })?;
         Ok(GrpcListener {
             name: name.into(),
@@ -72,7 +80,11 @@ impl GrpcListener {
                 network = network.as_str(), listener = %self.name, local = %local, peer = %peer,
                 device = %device, "connection accepted"
             );
-            let io = TokioIo::new(CountedIo::new(stream, metrics.byte_counters(&device, network), None));
+            let io = TokioIo::new(CountedIo::new(
+                stream,
+                metrics.byte_counters(&device, network),
+                None,
+            ));
             let routes = self.routes.clone();
             let service = service_fn(move |request| {
                 let table = routes.load_full();
@@ -95,7 +107,10 @@ impl GrpcListener {
         drop(self.listener);
         let open = graceful.count();
         tracing::info!(listener = %self.name, connections = open, "draining");
-        if tokio::time::timeout(drain_timeout, graceful.shutdown()).await.is_err() {
+        if tokio::time::timeout(drain_timeout, graceful.shutdown())
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 listener = %self.name,
                 "streams still open after drain_timeout {}; closing them", format_duration(drain_timeout)

@@ -12,7 +12,11 @@ use lhnet_proxy::app::{self, Options, RunningProxy};
 use lhnet_proxy::config::Config;
 
 #[derive(Parser)]
-#[command(name = "lhnet-proxy", version, about = "Storage-network sidecar for Longhorn IM/BIM pods")]
+#[command(
+    name = "lhnet-proxy",
+    version,
+    about = "Storage-network sidecar for Longhorn IM/BIM pods"
+)]
 #[command(args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
@@ -78,7 +82,9 @@ fn init_logging(args: &LogArgs) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&args.log_level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match args.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -199,7 +205,10 @@ fn run(args: RunArgs) -> ExitCode {
 async fn wait_for_signal(proxy: &RunningProxy) {
     use tokio::signal::unix::{signal, SignalKind};
     let token = proxy.shutdown_token();
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::warn!("cannot install signal handlers; only POST /shutdown stops the proxy");
         token.cancelled().await;
         return;
@@ -212,7 +221,11 @@ async fn wait_for_signal(proxy: &RunningProxy) {
 }
 
 /// Reloads the config on SIGHUP and when the file changes (a ConfigMap update replaces it).
-async fn watch_config(reloader: app::Reloader, path: PathBuf, shutdown: tokio_util::sync::CancellationToken) {
+async fn watch_config(
+    reloader: app::Reloader,
+    path: PathBuf,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = signal(SignalKind::hangup()).ok();
     let stamp = |p: &Path| -> Option<(SystemTime, u64)> {

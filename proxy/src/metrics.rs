@@ -70,12 +70,16 @@ impl Metrics {
         let registry = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry.register(Box::new(c.clone())).expect("unique metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
             c
         };
         let gauge = |name: &str, help: &str, labels: &[&str]| {
             let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry.register(Box::new(g.clone())).expect("unique metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
             g
         };
         let interface_receive = counter(
@@ -91,7 +95,13 @@ impl Metrics {
         let requests = counter(
             "lhnet_requests_total",
             "gRPC requests handled, by listener, route, service, method and final grpc-status.",
-            &["listener", "route", "grpc_service", "grpc_method", "grpc_code"],
+            &[
+                "listener",
+                "route",
+                "grpc_service",
+                "grpc_method",
+                "grpc_code",
+            ],
         );
         let request_duration = HistogramVec::new(
             HistogramOpts::new(
@@ -99,8 +109,8 @@ impl Metrics {
                 "Time from request headers to the end of the response, by listener and route.",
             )
             .buckets(vec![
-                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                5.0, 10.0, 30.0, 60.0,
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
             ]),
             &["listener", "route"],
         )
@@ -166,7 +176,14 @@ impl Metrics {
         self.known_methods.labels(path)
     }
 
-    pub fn record_request(&self, listener: &str, route: &str, path: &str, grpc_code: i32, seconds: f64) {
+    pub fn record_request(
+        &self,
+        listener: &str,
+        route: &str,
+        path: &str,
+        grpc_code: i32,
+        seconds: f64,
+    ) {
         let labels = self.grpc_labels(path);
         let code = grpc_code_label(grpc_code);
         self.requests
@@ -374,7 +391,11 @@ impl<T> CountedIo<T> {
 }
 
 impl<T: AsyncRead> AsyncRead for CountedIo<T> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = self.project();
         let before = buf.filled().len();
         let res = this.inner.poll_read(cx, buf);
@@ -387,7 +408,11 @@ impl<T: AsyncRead> AsyncRead for CountedIo<T> {
 }
 
 impl<T: AsyncWrite> AsyncWrite for CountedIo<T> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let this = self.project();
         let res = this.inner.poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &res {
@@ -432,11 +457,17 @@ mod tests {
         let m = Metrics::new();
         assert_eq!(
             m.grpc_labels("/imrpc.ProxyEngineService/VolumeGet"),
-            GrpcLabels { service: "imrpc.ProxyEngineService", method: "VolumeGet" }
+            GrpcLabels {
+                service: "imrpc.ProxyEngineService",
+                method: "VolumeGet"
+            }
         );
         assert_eq!(
             m.grpc_labels("/imrpc.ProxyEngineService/NoSuch"),
-            GrpcLabels { service: "imrpc.ProxyEngineService", method: OTHER }
+            GrpcLabels {
+                service: "imrpc.ProxyEngineService",
+                method: OTHER
+            }
         );
         assert_eq!(m.grpc_labels("/evil.Service/X").service, OTHER);
         assert_eq!(m.grpc_labels("garbage").method, OTHER);
@@ -454,9 +485,22 @@ mod tests {
         let mut buf = [0u8; 3];
         counted.read_exact(&mut buf).await.unwrap();
         let text = m.render();
-        assert!(text.contains("lhnet_interface_transmit_bytes_total{device=\"lo\",network=\"loopback\"} 5"), "{text}");
-        assert!(text.contains("lhnet_interface_receive_bytes_total{device=\"lo\",network=\"loopback\"} 3"), "{text}");
-        assert!(text.contains("lhnet_network_receive_bytes_total{device=\"lo\"}"), "{text}");
+        assert!(
+            text.contains(
+                "lhnet_interface_transmit_bytes_total{device=\"lo\",network=\"loopback\"} 5"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "lhnet_interface_receive_bytes_total{device=\"lo\",network=\"loopback\"} 3"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("lhnet_network_receive_bytes_total{device=\"lo\"}"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -464,9 +508,13 @@ mod tests {
         let m = Metrics::new();
         let g1 = m.upstream_connection("engines", Network::Storage);
         let g2 = m.upstream_connection("engines", Network::Storage);
-        assert!(m.render().contains("lhnet_upstream_connections{cluster=\"engines\",network=\"storage\"} 2"));
+        assert!(m
+            .render()
+            .contains("lhnet_upstream_connections{cluster=\"engines\",network=\"storage\"} 2"));
         drop(g1);
         drop(g2);
-        assert!(m.render().contains("lhnet_upstream_connections{cluster=\"engines\",network=\"storage\"} 0"));
+        assert!(m
+            .render()
+            .contains("lhnet_upstream_connections{cluster=\"engines\",network=\"storage\"} 0"));
     }
 }

@@ -31,9 +31,10 @@ impl LocalReply {
     pub fn into_response(self) -> Response<ProxyBody> {
         let mut response = Response::new(empty_body());
         self.write_to(response.headers_mut());
-        response
-            .headers_mut()
-            .insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
         response
     }
 
@@ -53,7 +54,9 @@ impl fmt::Display for LocalReply {
 }
 
 pub fn empty_body() -> ProxyBody {
-    Empty::<Bytes>::new().map_err(|never| match never {}).boxed_unsync()
+    Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 /// gRPC's `grpc-message` encoding: bytes outside printable ASCII, and `%`, become `%XX`.
@@ -71,7 +74,13 @@ pub fn percent_encode(message: &str) -> String {
 
 /// The `grpc-status` in a header map, if there is a valid one.
 pub fn grpc_status(headers: &HeaderMap) -> Option<i32> {
-    headers.get("grpc-status")?.to_str().ok()?.trim().parse().ok()
+    headers
+        .get("grpc-status")?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 #[cfg(test)]
@@ -80,11 +89,15 @@ mod tests {
 
     #[test]
     fn trailers_only_shape() {
-        let r = LocalReply::new(Code::Unavailable, "upstream connect error: 100% down\n").into_response();
+        let r = LocalReply::new(Code::Unavailable, "upstream connect error: 100% down\n")
+            .into_response();
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["content-type"], "application/grpc");
         assert_eq!(r.headers()["grpc-status"], "14");
-        assert_eq!(r.headers()["grpc-message"], "upstream connect error: 100%25 down");
+        assert_eq!(
+            r.headers()["grpc-message"],
+            "upstream connect error: 100%25 down"
+        );
         assert!(http_body::Body::is_end_stream(r.body()));
         assert_eq!(percent_encode("é"), "%C3%A9");
         assert_eq!(grpc_status(r.headers()), Some(14));

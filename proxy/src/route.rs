@@ -55,7 +55,13 @@ pub struct LocalServices {
 /// The request body as it travels up: checked frame by frame.
 type CheckedBody = GrpcRequestBody<Incoming>;
 
-const HOP_BY_HOP: [&str; 5] = ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"];
+const HOP_BY_HOP: [&str; 5] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+];
 
 // === impl RouteTable ===
 
@@ -106,7 +112,12 @@ impl RouteTable {
                 PathMatch::Prefix(p) => path.starts_with(p.as_str()),
                 PathMatch::SafeRegex(re) => re.is_match(path),
             };
-            path_ok && r.config.matcher.headers.iter().all(|h| header_matches(h, request.headers()))
+            path_ok
+                && r.config
+                    .matcher
+                    .headers
+                    .iter()
+                    .all(|h| header_matches(h, request.headers()))
         })
     }
 
@@ -150,11 +161,15 @@ impl RouteTable {
         let verdict = Verdict::default();
         let compressed_ok = request.headers().contains_key("grpc-encoding");
         let (parts, body) = request.into_parts();
-        let body = GrpcRequestBody::new(body, self.max_message_size, compressed_ok, verdict.clone());
+        let body =
+            GrpcRequestBody::new(body, self.max_message_size, compressed_ok, verdict.clone());
         let deadline_reply = |waited: Duration| {
             LocalReply::new(
                 Code::DeadlineExceeded,
-                format!("deadline of {} exceeded ({context})", format_duration(waited)),
+                format!(
+                    "deadline of {} exceeded ({context})",
+                    format_duration(waited)
+                ),
             )
         };
 
@@ -164,18 +179,37 @@ impl RouteTable {
                 let response = match deadline_at {
                     Some(at) => match tokio::time::timeout_at(at, call).await {
                         Ok(r) => r,
-                        Err(_) => return finish_local(deadline_reply(deadline.unwrap_or_default()), log),
+                        Err(_) => {
+                            return finish_local(deadline_reply(deadline.unwrap_or_default()), log)
+                        }
                     },
                     None => call.await,
                 };
-                finish(response, &verdict, deadline_at.map(|at| (at, deadline_reply(deadline.unwrap_or_default()))), context, log, None)
+                finish(
+                    response,
+                    &verdict,
+                    deadline_at.map(|at| (at, deadline_reply(deadline.unwrap_or_default()))),
+                    context,
+                    log,
+                    None,
+                )
             }
             Target::Cluster(cluster) => {
-                let call = self.forward(cluster, &route.config, parts, body, deadline, &verdict, &context);
+                let call = self.forward(
+                    cluster,
+                    &route.config,
+                    parts,
+                    body,
+                    deadline,
+                    &verdict,
+                    &context,
+                );
                 let result = match deadline_at {
                     Some(at) => match tokio::time::timeout_at(at, call).await {
                         Ok(r) => r,
-                        Err(_) => return finish_local(deadline_reply(deadline.unwrap_or_default()), log),
+                        Err(_) => {
+                            return finish_local(deadline_reply(deadline.unwrap_or_default()), log)
+                        }
                     },
                     None => call.await,
                 };
@@ -196,12 +230,26 @@ impl RouteTable {
 
     fn context(&self, route: &Route) -> String {
         match &route.target {
-            Target::Cluster(c) => format!("listener {}, route {}, cluster {}", self.listener, route.name, c.name()),
-            Target::Local(s) => format!("listener {}, route {}, local {s:?}", self.listener, route.name),
+            Target::Cluster(c) => format!(
+                "listener {}, route {}, cluster {}",
+                self.listener,
+                route.name,
+                c.name()
+            ),
+            Target::Local(s) => format!(
+                "listener {}, route {}, local {s:?}",
+                self.listener, route.name
+            ),
         }
     }
 
-    async fn call_local(&self, service: LocalService, parts: Parts, body: CheckedBody, context: &str) -> Response<ProxyBody> {
+    async fn call_local(
+        &self,
+        service: LocalService,
+        parts: Parts,
+        body: CheckedBody,
+        context: &str,
+    ) -> Response<ProxyBody> {
         match service {
             LocalService::Health => {
                 let mut svc = self.locals.health.clone();
@@ -283,7 +331,10 @@ impl RouteTable {
             }
             Err(e) => {
                 return Err(verdict.get().cloned().unwrap_or_else(|| {
-                    LocalReply::new(Code::Cancelled, format!("reading the request body failed: {e} ({context})"))
+                    LocalReply::new(
+                        Code::Cancelled,
+                        format!("reading the request body failed: {e} ({context})"),
+                    )
                 }))
             }
         };
@@ -311,7 +362,10 @@ impl RouteTable {
                     Ok(Err(e)) => Err(upstream_reply(e)),
                     Err(t) => Err(LocalReply::new(
                         Code::DeadlineExceeded,
-                        format!("per_try_timeout {} expired on every attempt ({context})", format_duration(t)),
+                        format!(
+                            "per_try_timeout {} expired on every attempt ({context})",
+                            format_duration(t)
+                        ),
                     )),
                 };
             }
@@ -324,7 +378,10 @@ impl RouteTable {
 
     fn destination(&self, cluster: &Cluster, context: &str) -> Result<SocketAddr, LocalReply> {
         cluster.pick_endpoint().ok_or_else(|| {
-            LocalReply::new(Code::Unavailable, format!("cluster {} has no endpoints ({context})", cluster.name()))
+            LocalReply::new(
+                Code::Unavailable,
+                format!("cluster {} has no endpoints ({context})", cluster.name()),
+            )
         })
     }
 }
@@ -453,7 +510,14 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 /// `grpc-timeout` text for a duration: the finest unit that fits in 8 digits, rounded up.
 pub fn encode_grpc_timeout(d: Duration) -> String {
     let nanos = d.as_nanos();
-    for (unit, per) in [("n", 1u128), ("u", 1_000), ("m", 1_000_000), ("S", 1_000_000_000), ("M", 60_000_000_000), ("H", 3_600_000_000_000)] {
+    for (unit, per) in [
+        ("n", 1u128),
+        ("u", 1_000),
+        ("m", 1_000_000),
+        ("S", 1_000_000_000),
+        ("M", 60_000_000_000),
+        ("H", 3_600_000_000_000),
+    ] {
         let value = nanos.div_ceil(per);
         if value < 100_000_000 {
             return format!("{value}{unit}");
@@ -475,12 +539,28 @@ mod tests {
         assert_eq!(parse_grpc_timeout("10x"), None);
         assert_eq!(parse_grpc_timeout("S"), None);
         assert_eq!(encode_grpc_timeout(Duration::from_millis(1500)), "1500000u");
-        assert_eq!(encode_grpc_timeout(Duration::from_secs(3600 * 24)), "86400000m");
-        assert_eq!(encode_grpc_timeout(Duration::from_secs(3600 * 24 * 30)), "2592000S");
-        assert_eq!(encode_grpc_timeout(Duration::from_secs(3600 * 24 * 365 * 10)), "5256000M");
-        for d in [Duration::from_nanos(5), Duration::from_millis(250), Duration::from_secs(86400 * 3)] {
+        assert_eq!(
+            encode_grpc_timeout(Duration::from_secs(3600 * 24)),
+            "86400000m"
+        );
+        assert_eq!(
+            encode_grpc_timeout(Duration::from_secs(3600 * 24 * 30)),
+            "2592000S"
+        );
+        assert_eq!(
+            encode_grpc_timeout(Duration::from_secs(3600 * 24 * 365 * 10)),
+            "5256000M"
+        );
+        for d in [
+            Duration::from_nanos(5),
+            Duration::from_millis(250),
+            Duration::from_secs(86400 * 3),
+        ] {
             let back = parse_grpc_timeout(&encode_grpc_timeout(d)).unwrap();
-            assert!(back >= d && back - d < Duration::from_secs(60), "{d:?} -> {back:?}");
+            assert!(
+                back >= d && back - d < Duration::from_secs(60),
+                "{d:?} -> {back:?}"
+            );
         }
     }
 
@@ -506,7 +586,10 @@ listeners:
         h.insert("grpc-timeout", HeaderValue::from_static("10S"));
         assert_eq!(effective_deadline(route, &h), Some(Duration::from_secs(2)));
         h.insert("grpc-timeout", HeaderValue::from_static("300m"));
-        assert_eq!(effective_deadline(route, &h), Some(Duration::from_millis(300)));
+        assert_eq!(
+            effective_deadline(route, &h),
+            Some(Duration::from_millis(300))
+        );
     }
 
     #[test]
@@ -518,12 +601,33 @@ listeners:
         };
         let mut h = HeaderMap::new();
         h.insert("x-replica", HeaderValue::from_static("r-1"));
-        assert!(header_matches(&m(HeaderRule::Exact("r-1".into()), false), &h));
-        assert!(!header_matches(&m(HeaderRule::Exact("r-1".into()), true), &h));
-        assert!(header_matches(&m(HeaderRule::Prefix("r-".into()), false), &h));
-        assert!(header_matches(&m(HeaderRule::SafeRegex(regex::Regex::new("^r-[0-9]$").unwrap()), false), &h));
+        assert!(header_matches(
+            &m(HeaderRule::Exact("r-1".into()), false),
+            &h
+        ));
+        assert!(!header_matches(
+            &m(HeaderRule::Exact("r-1".into()), true),
+            &h
+        ));
+        assert!(header_matches(
+            &m(HeaderRule::Prefix("r-".into()), false),
+            &h
+        ));
+        assert!(header_matches(
+            &m(
+                HeaderRule::SafeRegex(regex::Regex::new("^r-[0-9]$").unwrap()),
+                false
+            ),
+            &h
+        ));
         assert!(header_matches(&m(HeaderRule::Present(true), false), &h));
-        assert!(header_matches(&m(HeaderRule::Present(false), false), &HeaderMap::new()));
-        assert!(!header_matches(&m(HeaderRule::Exact("r-1".into()), false), &HeaderMap::new()));
+        assert!(header_matches(
+            &m(HeaderRule::Present(false), false),
+            &HeaderMap::new()
+        ));
+        assert!(!header_matches(
+            &m(HeaderRule::Exact("r-1".into()), false),
+            &HeaderMap::new()
+        ));
     }
 }

@@ -26,7 +26,11 @@ pub struct StorageState {
 
 impl StorageState {
     /// Discovers the address once. `pod_ip` comes from the caller (the binary reads `POD_IP`).
-    pub fn new(config: &StorageNetworkConfig, pod_ip: Option<IpAddr>, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(
+        config: &StorageNetworkConfig,
+        pod_ip: Option<IpAddr>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         let spec = StorageNetworkSpec {
             interface: config.interface.clone(),
             network: config.network.clone(),
@@ -108,8 +112,11 @@ impl StorageState {
                     a.source.as_str(),
                 )
             });
-            self.metrics
-                .set_storage_address(labels.as_ref().map(|(d, a, s)| (d.as_str(), a.as_str(), *s)));
+            self.metrics.set_storage_address(
+                labels
+                    .as_ref()
+                    .map(|(d, a, s)| (d.as_str(), a.as_str(), *s)),
+            );
         }
     }
 
@@ -151,13 +158,27 @@ impl StorageState {
         if local.is_loopback() {
             return ("lo".into(), Network::Loopback);
         }
-        if let Some(hit) = self.device_cache.lock().ok().and_then(|c| c.get(&local).cloned()) {
+        if let Some(hit) = self
+            .device_cache
+            .lock()
+            .ok()
+            .and_then(|c| c.get(&local).cloned())
+        {
             return hit;
         }
-        let device = lhnet_netns::discovery::device_for_ip(local).unwrap_or_else(|| "unknown".into());
+        let device =
+            lhnet_netns::discovery::device_for_ip(local).unwrap_or_else(|| "unknown".into());
         let is_storage = device == self.spec.interface
-            || self.current.borrow().as_ref().is_some_and(|a| a.ip == local);
-        let network = if is_storage { Network::Storage } else { Network::Management };
+            || self
+                .current
+                .borrow()
+                .as_ref()
+                .is_some_and(|a| a.ip == local);
+        let network = if is_storage {
+            Network::Storage
+        } else {
+            Network::Management
+        };
         if let Ok(mut cache) = self.device_cache.lock() {
             cache.insert(local, (device.clone(), network));
         }

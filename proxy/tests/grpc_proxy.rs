@@ -18,7 +18,9 @@ use tonic::Code;
 const ECHO: &str = "/lhnet.echo.v1.Echo/";
 
 async fn echo(name: &str) -> RunningEcho {
-    echo_server::spawn("127.0.0.1:0".parse().unwrap(), name).await.unwrap()
+    echo_server::spawn("127.0.0.1:0".parse().unwrap(), name)
+        .await
+        .unwrap()
 }
 
 /// A port nothing listens on: bound, then released.
@@ -51,12 +53,22 @@ fn static_cluster(name: &str, endpoints: &[SocketAddr]) -> String {
 
 async fn client(p: &RunningProxy) -> EchoClient<Channel> {
     let addr = p.listener_addr("m").unwrap();
-    let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
-    EchoClient::new(channel).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20)
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    EchoClient::new(channel)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20)
 }
 
 fn req(payload: &[u8]) -> EchoRequest {
-    EchoRequest { payload: payload.to_vec(), count: 0, delay_ms: 0 }
+    EchoRequest {
+        payload: payload.to_vec(),
+        count: 0,
+        delay_ms: 0,
+    }
 }
 
 async fn admin_get(p: &RunningProxy, path: &str) -> (u16, String) {
@@ -65,12 +77,17 @@ async fn admin_get(p: &RunningProxy, path: &str) -> (u16, String) {
 
 async fn admin_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let req = format!("{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    );
     s.write_all(req.as_bytes()).await.unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     let status = out[9..12].parse().unwrap();
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -94,8 +111,13 @@ async fn every_call_shape_passes_through_with_metadata_and_trailers() {
     assert_eq!((reply.messages, reply.payload), (10, b"10000".to_vec()));
 
     // Server streaming, ending with a non-OK status in the trailers after data.
-    let mut r = tonic::Request::new(EchoRequest { payload: b"x".to_vec(), count: 5, delay_ms: 0 });
-    r.metadata_mut().insert(FAIL_AFTER_HEADER, "3".parse().unwrap());
+    let mut r = tonic::Request::new(EchoRequest {
+        payload: b"x".to_vec(),
+        count: 5,
+        delay_ms: 0,
+    });
+    r.metadata_mut()
+        .insert(FAIL_AFTER_HEADER, "3".parse().unwrap());
     let mut stream = c.server_stream(r).await.unwrap().into_inner();
     let mut got = 0;
     let status = loop {
@@ -111,7 +133,11 @@ async fn every_call_shape_passes_through_with_metadata_and_trailers() {
 
     // Bidi: replies interleave with requests.
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let mut replies = c.bidi(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let mut replies = c
+        .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
     for i in 0..3u8 {
         tx.send(req(&[i])).await.unwrap();
         let reply = replies.message().await.unwrap().unwrap();
@@ -122,7 +148,10 @@ async fn every_call_shape_passes_through_with_metadata_and_trailers() {
 
     // A 1 MiB message both ways.
     let big = vec![42u8; 1 << 20];
-    assert_eq!(c.unary(req(&big)).await.unwrap().into_inner().payload.len(), 1 << 20);
+    assert_eq!(
+        c.unary(req(&big)).await.unwrap().into_inner().payload.len(),
+        1 << 20
+    );
 }
 
 #[tokio::test]
@@ -132,9 +161,17 @@ async fn unknown_route_is_unimplemented() {
     let p = proxy(&routes, &static_cluster("up", &[up.addr])).await;
     let mut c = client(&p).await;
     assert!(c.unary(req(b"a")).await.is_ok());
-    let status = c.client_stream(tokio_stream::iter(vec![req(b"a")])).await.unwrap_err();
+    let status = c
+        .client_stream(tokio_stream::iter(vec![req(b"a")]))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::Unimplemented);
-    assert!(status.message().contains("no route for /lhnet.echo.v1.Echo/ClientStream on listener m"), "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("no route for /lhnet.echo.v1.Echo/ClientStream on listener m"),
+        "{status:?}"
+    );
 }
 
 #[tokio::test]
@@ -144,14 +181,28 @@ async fn dead_upstream_is_unavailable_quickly_and_says_where() {
     let mut c = client(&p).await;
     let started = std::time::Instant::now();
     let status = c.unary(req(b"a")).await.unwrap_err();
-    assert!(started.elapsed() < Duration::from_secs(1), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        started.elapsed()
+    );
     assert_eq!(status.code(), Code::Unavailable);
     let msg = status.message();
-    for part in ["upstream connect error", &dead.to_string(), "listener m", "route m/0", "cluster gone"] {
+    for part in [
+        "upstream connect error",
+        &dead.to_string(),
+        "listener m",
+        "route m/0",
+        "cluster gone",
+    ] {
         assert!(msg.contains(part), "{part:?} missing from {msg:?}");
     }
     let (_, metrics) = admin_get(&p, "/metrics").await;
-    assert!(metrics.contains("lhnet_upstream_connect_errors_total{cluster=\"gone\",reason=\"refused\"}"), "{metrics}");
+    assert!(
+        metrics
+            .contains("lhnet_upstream_connect_errors_total{cluster=\"gone\",reason=\"refused\"}"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -164,12 +215,19 @@ async fn grpc_timeout_gives_deadline_exceeded() {
     );
     let p = proxy(&routes, &static_cluster("up", &[up.addr])).await;
     let mut c = client(&p).await;
-    let mut r = tonic::Request::new(EchoRequest { payload: vec![], count: 0, delay_ms: 3000 });
+    let mut r = tonic::Request::new(EchoRequest {
+        payload: vec![],
+        count: 0,
+        delay_ms: 3000,
+    });
     r.set_timeout(Duration::from_secs(10));
     let started = std::time::Instant::now();
     let status = c.unary(r).await.unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
-    assert!(status.message().contains("deadline of 200ms exceeded"), "{status:?}");
+    assert!(
+        status.message().contains("deadline of 200ms exceeded"),
+        "{status:?}"
+    );
     assert!(started.elapsed() < Duration::from_secs(2));
 }
 
@@ -183,7 +241,11 @@ async fn route_timeout_caps_a_stream_with_trailers() {
     let mut c = client(&p).await;
     // A bidi stream that stays open: headers arrive, then the route timeout ends it.
     let (tx, rx) = tokio::sync::mpsc::channel(1);
-    let mut replies = c.bidi(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let mut replies = c
+        .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
     tx.send(req(b"a")).await.unwrap();
     assert!(replies.message().await.unwrap().is_some());
     let status = replies.message().await.unwrap_err();
@@ -205,7 +267,11 @@ async fn retry_on_connect_failure_reaches_the_second_endpoint() {
         assert_eq!(reply.server, "live");
     }
     // Without the retry policy half of the calls fail.
-    let p2 = proxy(&echo_route_to("pair"), &static_cluster("pair", &[dead, live.addr])).await;
+    let p2 = proxy(
+        &echo_route_to("pair"),
+        &static_cluster("pair", &[dead, live.addr]),
+    )
+    .await;
     let mut c2 = client(&p2).await;
     let mut failures = 0;
     for _ in 0..4 {
@@ -231,7 +297,11 @@ async fn upstream_connections_are_pooled() {
         call.await.unwrap().unwrap();
     }
     c.unary(req(b"p")).await.unwrap();
-    assert!(up.accepted() <= 2, "{} upstream connections for 201 calls", up.accepted());
+    assert!(
+        up.accepted() <= 2,
+        "{} upstream connections for 201 calls",
+        up.accepted()
+    );
 }
 
 #[tokio::test]
@@ -255,7 +325,9 @@ async fn metrics_pass_promtool_and_show_the_request() {
     ] {
         assert!(text.contains(line), "missing {line}\n{text}");
     }
-    assert!(text.contains("lhnet_interface_receive_bytes_total{device=\"lo\",network=\"loopback\"}"));
+    assert!(
+        text.contains("lhnet_interface_receive_bytes_total{device=\"lo\",network=\"loopback\"}")
+    );
     assert!(text.contains("lhnet_network_transmit_bytes_total{device=\"lo\"}"));
 
     match std::process::Command::new("promtool")
@@ -267,7 +339,12 @@ async fn metrics_pass_promtool_and_show_the_request() {
     {
         Ok(mut child) => {
             use std::io::Write;
-            child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(text.as_bytes())
+                .unwrap();
             let out = child.wait_with_output().unwrap();
             assert!(
                 out.status.success(),
@@ -298,7 +375,9 @@ async fn admin_endpoints() {
     assert_eq!(admin_get(&p, "/shutdown").await.0, 405);
     let (status, _) = admin_request(p.admin_addr(), "POST", "/shutdown").await;
     assert_eq!(status, 200);
-    tokio::time::timeout(Duration::from_secs(5), p.wait()).await.expect("shutdown finishes");
+    tokio::time::timeout(Duration::from_secs(5), p.wait())
+        .await
+        .expect("shutdown finishes");
 }
 
 #[tokio::test]
@@ -306,14 +385,32 @@ async fn local_health_answers_serving() {
     let routes = "      - match: { prefix: /grpc.health.v1.Health/ }\n        local: health\n";
     let p = proxy(routes, "  []").await;
     let addr = p.listener_addr("m").unwrap();
-    let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let mut h = lhnet_proto::health::health_client::HealthClient::new(channel);
-    let r = h.check(lhnet_proto::health::HealthCheckRequest { service: String::new() }).await.unwrap();
+    let r = h
+        .check(lhnet_proto::health::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap();
     assert_eq!(r.into_inner().status, 1);
-    let mut w = h.watch(lhnet_proto::health::HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
+    let mut w = h
+        .watch(lhnet_proto::health::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(w.message().await.unwrap().unwrap().status, 1);
     let (_, text) = admin_get(&p, "/metrics").await;
-    assert!(text.contains("grpc_method=\"Check\",grpc_service=\"grpc.health.v1.Health\""), "{text}");
+    assert!(
+        text.contains("grpc_method=\"Check\",grpc_service=\"grpc.health.v1.Health\""),
+        "{text}"
+    );
 }
 
 /// One raw HTTP/2 connection, so several requests can share it on purpose.
@@ -337,7 +434,10 @@ fn grpc_frame(flag: u8, message: &[u8]) -> Vec<u8> {
 }
 
 /// Sends a raw gRPC request and returns (grpc-status, grpc-message) from headers or trailers.
-async fn raw_call(send: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>, body: Vec<u8>) -> (i32, String) {
+async fn raw_call(
+    send: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    body: Vec<u8>,
+) -> (i32, String) {
     let request = http::Request::post(format!("http://proxy{ECHO}Unary"))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
@@ -348,9 +448,16 @@ async fn raw_call(send: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>
     let headers = response.headers().clone();
     let collected = response.into_body().collect().await.unwrap();
     let trailers = collected.trailers().cloned().unwrap_or_default();
-    let source = if headers.contains_key("grpc-status") { &headers } else { &trailers };
+    let source = if headers.contains_key("grpc-status") {
+        &headers
+    } else {
+        &trailers
+    };
     let code = source["grpc-status"].to_str().unwrap().parse().unwrap();
-    let msg = source.get("grpc-message").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+    let msg = source
+        .get("grpc-message")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
     (code, msg)
 }
 
@@ -375,7 +482,10 @@ async fn bad_frames_and_oversized_messages_are_refused_and_the_connection_lives_
     let huge = prost::Message::encode_to_vec(&req(&vec![0u8; 5 << 20]));
     let (code, msg) = raw_call(&mut send, grpc_frame(0, &huge)).await;
     assert_eq!(code, 8, "{msg}");
-    assert!(msg.contains("larger than max_message_size (4194304 bytes)"), "{msg}");
+    assert!(
+        msg.contains("larger than max_message_size (4194304 bytes)"),
+        "{msg}"
+    );
 
     // The same connection still serves a good request.
     assert_eq!(raw_call(&mut send, grpc_frame(0, &good)).await.0, 0);
@@ -400,15 +510,22 @@ async fn a_stalled_client_does_not_hold_others_back() {
     let mut stalled = Vec::new();
     for _ in 0..20 {
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (mut send, conn) = hyper::client::conn::http2::handshake::<_, _, http_body_util::StreamBody<_>>(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(tcp),
-        )
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake::<_, _, http_body_util::StreamBody<_>>(
+                hyper_util::rt::TokioExecutor::new(),
+                hyper_util::rt::TokioIo::new(tcp),
+            )
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let (tx, rx) = tokio::sync::mpsc::channel::<
+            Result<http_body::Frame<Bytes>, std::convert::Infallible>,
+        >(1);
+        tx.send(Ok(http_body::Frame::data(Bytes::from(vec![
+            0u8, 0, 0, 1, 0, 1, 2,
+        ]))))
         .await
         .unwrap();
-        tokio::spawn(conn);
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<http_body::Frame<Bytes>, std::convert::Infallible>>(1);
-        tx.send(Ok(http_body::Frame::data(Bytes::from(vec![0u8, 0, 0, 1, 0, 1, 2])))).await.unwrap();
         let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
         let request = http::Request::post(format!("http://proxy{ECHO}ClientStream"))
             .header("content-type", "application/grpc")
@@ -423,7 +540,11 @@ async fn a_stalled_client_does_not_hold_others_back() {
     for _ in 0..50 {
         c.unary(req(b"ok")).await.unwrap();
     }
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     drop(stalled);
 }
 
@@ -431,12 +552,20 @@ async fn a_stalled_client_does_not_hold_others_back() {
 async fn reload_swaps_routes_without_dropping_streams() {
     let a = echo("a").await;
     let b = echo("b").await;
-    let clusters = format!("{}{}", static_cluster("a", &[a.addr]), static_cluster("b", &[b.addr]));
+    let clusters = format!(
+        "{}{}",
+        static_cluster("a", &[a.addr]),
+        static_cluster("b", &[b.addr])
+    );
     let p = proxy(&echo_route_to("a"), &clusters).await;
     let mut c = client(&p).await;
 
     let (tx, rx) = tokio::sync::mpsc::channel(1);
-    let mut open = c.bidi(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let mut open = c
+        .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
     tx.send(req(b"1")).await.unwrap();
     assert_eq!(open.message().await.unwrap().unwrap().server, "a");
 
@@ -451,12 +580,23 @@ async fn reload_swaps_routes_without_dropping_streams() {
     tx.send(req(b"2")).await.unwrap();
     assert_eq!(open.message().await.unwrap().unwrap().server, "a");
 
-    let moved = yaml.replace("name: m\n    address: 127.0.0.1:0", "name: m\n    address: 127.0.0.1:1");
-    let err = p.reload(Config::parse(&moved, "moved").unwrap()).unwrap_err();
+    let moved = yaml.replace(
+        "name: m\n    address: 127.0.0.1:0",
+        "name: m\n    address: 127.0.0.1:1",
+    );
+    let err = p
+        .reload(Config::parse(&moved, "moved").unwrap())
+        .unwrap_err();
     assert!(err.contains("restart"), "{err}");
     let (_, text) = admin_get(&p, "/metrics").await;
-    assert!(text.contains("lhnet_config_reloads_total{result=\"success\"} 1"), "{text}");
-    assert!(text.contains("lhnet_config_reloads_total{result=\"failure\"} 1"), "{text}");
+    assert!(
+        text.contains("lhnet_config_reloads_total{result=\"success\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("lhnet_config_reloads_total{result=\"failure\"} 1"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -465,11 +605,21 @@ async fn shutdown_drains_in_flight_calls() {
     let p = proxy(&echo_route_to("up"), &static_cluster("up", &[up.addr])).await;
     let mut c = client(&p).await;
     let slow = tokio::spawn(async move {
-        c.unary(EchoRequest { payload: b"late".to_vec(), count: 0, delay_ms: 500 }).await
+        c.unary(EchoRequest {
+            payload: b"late".to_vec(),
+            count: 0,
+            delay_ms: 500,
+        })
+        .await
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
     let addr = p.listener_addr("m").unwrap();
-    tokio::time::timeout(Duration::from_secs(5), p.shutdown()).await.expect("drain within drain_timeout");
+    tokio::time::timeout(Duration::from_secs(5), p.shutdown())
+        .await
+        .expect("drain within drain_timeout");
     assert_eq!(slow.await.unwrap().unwrap().into_inner().payload, b"late");
-    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "listener still accepting");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "listener still accepting"
+    );
 }
