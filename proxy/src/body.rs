@@ -14,7 +14,7 @@ use tokio::time::{Instant, Sleep};
 use tonic::Code;
 
 use crate::metrics::Metrics;
-use crate::reply::{grpc_status, BoxError, LocalReply};
+use crate::reply::{grpc_status, BoxError, LocalReply, RouteContext};
 
 /// Set once when the proxy itself decides how a request ends (a bad request body, a deadline).
 /// The response path reads it to answer with that status instead of the upstream's reaction.
@@ -357,7 +357,7 @@ pin_project_lite::pin_project! {
         deadline: Option<Sleep>,
         deadline_reply: Option<LocalReply>,
         verdict: Verdict,
-        upstream_error: String,
+        context: RouteContext,
         log: Option<RequestLog>,
         permit: Option<tokio::sync::OwnedSemaphorePermit>,
         done: bool,
@@ -374,12 +374,12 @@ pin_project_lite::pin_project! {
 }
 
 impl<B> ObservedBody<B> {
-    /// `upstream_error` is the message to send if the upstream resets the stream mid-way.
+    /// `context` names the route in the message sent if the upstream resets the stream mid-way.
     pub fn new(
         inner: B,
         deadline: Option<(Instant, LocalReply)>,
         verdict: Verdict,
-        upstream_error: String,
+        context: RouteContext,
         log: RequestLog,
         permit: Option<tokio::sync::OwnedSemaphorePermit>,
     ) -> Self {
@@ -392,7 +392,7 @@ impl<B> ObservedBody<B> {
             deadline,
             deadline_reply,
             verdict,
-            upstream_error,
+            context,
             log: Some(log),
             permit,
             done: false,
@@ -450,7 +450,10 @@ where
             }
             Poll::Ready(Some(Err(e))) => {
                 let reply = this.verdict.get().cloned().unwrap_or_else(|| {
-                    LocalReply::new(Code::Unavailable, format!("{}: {e}", this.upstream_error))
+                    LocalReply::new(
+                        Code::Unavailable,
+                        format!("upstream stream failed ({}): {e}", this.context),
+                    )
                 });
                 end_with(reply, this.log, this.done)
             }

@@ -181,6 +181,10 @@ pub struct ClusterConfig {
     pub tcp_keepalive: Duration,
     /// `circuit_breakers.max_requests`: concurrent requests before RESOURCE_EXHAUSTED.
     pub max_requests: usize,
+    /// HTTP/2 connections per endpoint at most; a new one opens when every open one carries
+    /// `streams_per_connection` requests awaiting their response.
+    pub max_connections_per_endpoint: usize,
+    pub streams_per_connection: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -1321,6 +1325,19 @@ fn parse_cluster(v: &Value, path: &str, cx: &mut Cx) -> Option<ClusterConfig> {
             n
         })
         .unwrap_or(1024);
+    let mut pool = [4usize, 16];
+    for (i, key) in ["max_connections_per_endpoint", "streams_per_connection"]
+        .iter()
+        .enumerate()
+    {
+        if let Some((p, v)) = f.take(key) {
+            match unsigned(v, &p, 1 << 16, cx) {
+                Some(0) => cx.err(&p, "must be at least 1"),
+                Some(n) => pool[i] = n as usize,
+                None => {}
+            }
+        }
+    }
     // Envoy's protocol options: lhnet is HTTP/2 upstream only, so the key is accepted and ignored.
     let _ = f.take("typed_extension_protocol_options");
     f.finish(
@@ -1352,6 +1369,8 @@ fn parse_cluster(v: &Value, path: &str, cx: &mut Cx) -> Option<ClusterConfig> {
         idle_timeout: timeouts[1],
         tcp_keepalive: timeouts[2],
         max_requests,
+        max_connections_per_endpoint: pool[0],
+        streams_per_connection: pool[1],
     })
 }
 

@@ -53,6 +53,25 @@ impl fmt::Display for LocalReply {
     }
 }
 
+/// Where a request went, for error messages: "listener L, route R, cluster C". Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct RouteContext {
+    pub listener: std::sync::Arc<str>,
+    pub route: std::sync::Arc<str>,
+    /// `cluster NAME` or `local SERVICE`.
+    pub target: std::sync::Arc<str>,
+}
+
+impl fmt::Display for RouteContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "listener {}, route {}, {}",
+            self.listener, self.route, self.target
+        )
+    }
+}
+
 pub fn empty_body() -> ProxyBody {
     Empty::<Bytes>::new()
         .map_err(|never| match never {})

@@ -24,7 +24,7 @@ use crate::config::{
 };
 use crate::health::HealthService;
 use crate::metrics::Metrics;
-use crate::reply::{grpc_status, BoxError, LocalReply, ProxyBody};
+use crate::reply::{grpc_status, BoxError, LocalReply, ProxyBody, RouteContext};
 
 /// One listener's routes, built from config; replaced whole on reload.
 pub struct RouteTable {
@@ -37,6 +37,7 @@ pub struct RouteTable {
 
 struct Route {
     name: Arc<str>,
+    context: RouteContext,
     config: RouteConfig,
     target: Target,
 }
@@ -88,8 +89,18 @@ impl RouteTable {
                         }
                     },
                 };
+                let name: Arc<str> = r.name.as_str().into();
+                let target_text = match &target {
+                    Target::Cluster(c) => format!("cluster {}", c.name()),
+                    Target::Local(s) => format!("local {s:?}"),
+                };
                 Some(Route {
-                    name: r.name.as_str().into(),
+                    context: RouteContext {
+                        listener: listener.name.as_str().into(),
+                        route: name.clone(),
+                        target: target_text.into(),
+                    },
+                    name,
                     config: r.clone(),
                     target,
                 })
@@ -141,7 +152,7 @@ impl RouteTable {
             path,
             started,
         };
-        let context = self.context(route);
+        let context = route.context.clone();
 
         let is_grpc = request
             .headers()
@@ -228,33 +239,18 @@ impl RouteTable {
         }
     }
 
-    fn context(&self, route: &Route) -> String {
-        match &route.target {
-            Target::Cluster(c) => format!(
-                "listener {}, route {}, cluster {}",
-                self.listener,
-                route.name,
-                c.name()
-            ),
-            Target::Local(s) => format!(
-                "listener {}, route {}, local {s:?}",
-                self.listener, route.name
-            ),
-        }
-    }
-
     async fn call_local(
         &self,
         service: LocalService,
         parts: Parts,
         body: CheckedBody,
-        context: &str,
+        context: &RouteContext,
     ) -> Response<ProxyBody> {
         match service {
             LocalService::Health => {
                 let mut svc = self.locals.health.clone();
                 let request = Request::from_parts(parts, body);
-                match tower_service::Service::call(&mut svc, request).await {
+                match tonic::codegen::Service::call(&mut svc, request).await {
                     Ok(response) => response.map(|b| b.map_err(BoxError::from).boxed_unsync()),
                     Err(never) => match never {},
                 }
@@ -277,7 +273,7 @@ impl RouteTable {
         body: CheckedBody,
         deadline: Option<Duration>,
         verdict: &Verdict,
-        context: &str,
+        context: &RouteContext,
     ) -> Result<(Response<Incoming>, OwnedSemaphorePermit), LocalReply> {
         let permit = cluster.try_acquire().ok_or_else(|| {
             LocalReply::new(
@@ -376,7 +372,11 @@ impl RouteTable {
         }
     }
 
-    fn destination(&self, cluster: &Cluster, context: &str) -> Result<SocketAddr, LocalReply> {
+    fn destination(
+        &self,
+        cluster: &Cluster,
+        context: &RouteContext,
+    ) -> Result<SocketAddr, LocalReply> {
         cluster.pick_endpoint().ok_or_else(|| {
             LocalReply::new(
                 Code::Unavailable,
@@ -397,7 +397,7 @@ fn finish<B>(
     response: Response<B>,
     verdict: &Verdict,
     deadline: Option<(Instant, LocalReply)>,
-    context: String,
+    context: RouteContext,
     log: RequestLog,
     permit: Option<OwnedSemaphorePermit>,
 ) -> Response<ProxyBody>
@@ -418,14 +418,7 @@ where
     for name in HOP_BY_HOP {
         parts.headers.remove(name);
     }
-    let body = ObservedBody::new(
-        body,
-        deadline,
-        verdict.clone(),
-        format!("upstream stream failed ({context})"),
-        log,
-        permit,
-    );
+    let body = ObservedBody::new(body, deadline, verdict.clone(), context, log, permit);
     Response::from_parts(parts, body.boxed_unsync())
 }
 

@@ -297,11 +297,21 @@ async fn upstream_connections_are_pooled() {
         call.await.unwrap().unwrap();
     }
     c.unary(req(b"p")).await.unwrap();
+    // At most max_connections_per_endpoint (4) for 200 concurrent calls.
     assert!(
-        up.accepted() <= 2,
+        up.accepted() <= 4,
         "{} upstream connections for 201 calls",
         up.accepted()
     );
+
+    // One call at a time: they all share a single connection.
+    let single = echo("single").await;
+    let p = proxy(&echo_route_to("s"), &static_cluster("s", &[single.addr])).await;
+    let mut c = client(&p).await;
+    for _ in 0..100 {
+        c.unary(req(b"p")).await.unwrap();
+    }
+    assert_eq!(single.accepted(), 1);
 }
 
 #[tokio::test]
@@ -621,5 +631,56 @@ async fn shutdown_drains_in_flight_calls() {
     assert!(
         tokio::net::TcpStream::connect(addr).await.is_err(),
         "listener still accepting"
+    );
+}
+
+#[tokio::test]
+async fn idle_connections_close_and_dead_addresses_back_off() {
+    let up = echo("up").await;
+    let dead = dead_port();
+    let routes = format!(
+        "{}      - match: {{ prefix: /lhnet.echo.v1.Echo/Bidi }}\n        cluster: gone\n",
+        format!("      - match: {{ path: {ECHO}Unary }}\n        cluster: up\n")
+    );
+    let clusters = format!(
+        "  - {{ name: up, endpoints: [{}], idle_timeout: 200ms }}\n{}",
+        up.addr,
+        static_cluster("gone", &[dead])
+    );
+    let p = proxy(&routes, &clusters).await;
+    let mut c = client(&p).await;
+    c.unary(req(b"i")).await.unwrap();
+    let gauge = "lhnet_upstream_connections{cluster=\"up\",network=\"loopback\"}";
+    assert!(admin_get(&p, "/metrics")
+        .await
+        .1
+        .contains(&format!("{gauge} 1")));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (_, text) = admin_get(&p, "/metrics").await;
+    assert!(
+        text.contains(&format!("{gauge} 0")),
+        "idle connection still open:\n{text}"
+    );
+
+    // A dead address is dialled once; calls right after fail fast without dialling again.
+    let call = || {
+        let mut c = c.clone();
+        async move {
+            c.bidi(tokio_stream::iter(vec![req(b"d")]))
+                .await
+                .unwrap_err()
+        }
+    };
+    assert_eq!(call().await.code(), Code::Unavailable);
+    let status = call().await;
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(
+        status.message().contains("not dialling again"),
+        "{status:?}"
+    );
+    let (_, text) = admin_get(&p, "/metrics").await;
+    assert!(
+        text.contains("lhnet_upstream_connect_errors_total{cluster=\"gone\",reason=\"refused\"} 1"),
+        "{text}"
     );
 }

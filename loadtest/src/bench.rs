@@ -1,0 +1,479 @@
+//! `lhnet-loadtest bench`: gRPC unary and 1 MiB calls direct, through lhnet, and through nginx
+//! and HAProxy, in one run, with the same upstream, load generator and thread count.
+//!
+//! Each proxy gets `threads` worker threads pinned to the first CPUs; the upstream and the load
+//! generator (`h2load`) share the remaining CPU, so every proxy meets the same load.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use lhnet_proto::echo::echo_client::EchoClient;
+use lhnet_proto::echo::EchoRequest;
+use serde::Serialize;
+
+use crate::peers::{self, which};
+
+/// What `bench` was asked to do.
+#[derive(Debug, Clone)]
+pub struct BenchArgs {
+    pub peers: Vec<String>,
+    pub threads: usize,
+    pub duration: Duration,
+    pub connections: u32,
+    pub streams: u32,
+    pub peers_dir: Option<PathBuf>,
+    /// Request payload sizes in bytes, one workload each.
+    pub payloads: Vec<usize>,
+}
+
+/// One measurement.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sample {
+    pub workload: String,
+    pub target: String,
+    pub requests_per_second: f64,
+    pub mean_latency_ms: f64,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub ratio_to_direct: f64,
+}
+
+/// The whole run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub threads: usize,
+    pub connections: u32,
+    pub streams_per_connection: u32,
+    pub seconds_per_run: f64,
+    pub samples: Vec<Sample>,
+    pub skipped: Vec<String>,
+}
+
+struct Target {
+    name: String,
+    addr: SocketAddr,
+}
+
+const UPSTREAM_NAME: &str = "bench-upstream";
+
+/// Runs the benchmark and returns its report.
+pub fn run(args: &BenchArgs) -> Result<Report, String> {
+    if which("h2load").is_none() {
+        return Err(
+            "h2load is not installed (apt-get install nghttp2-client); it is the load generator"
+                .into(),
+        );
+    }
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let (proxy_cpus, load_cpus) = cpu_split(cpus, args.threads);
+
+    let upstream = spawn_runtime_thread("bench-upstream", 1, load_cpus.clone(), |rt| {
+        rt.block_on(lhnet_proto::echo_server::spawn(
+            "127.0.0.1:0".parse().unwrap(),
+            UPSTREAM_NAME,
+        ))
+    })?;
+    let upstream_addr = upstream.addr;
+
+    let mut targets = vec![Target {
+        name: "direct".into(),
+        addr: upstream_addr,
+    }];
+    let proxy = start_lhnet(upstream_addr, args.threads, proxy_cpus.clone())?;
+    targets.push(Target {
+        name: "lhnet".into(),
+        addr: proxy.1,
+    });
+
+    let mut skipped = Vec::new();
+    let mut running_peers = Vec::new();
+    let templates = peers::find_templates(args.peers_dir.as_deref());
+    for name in &args.peers {
+        let Some(dir) = templates.as_deref() else {
+            skipped.push(format!(
+                "{name}: peer config templates not found (pass --peers-dir ../shared/peers)"
+            ));
+            continue;
+        };
+        let listen = peers::free_port().map_err(|e| e.to_string())?;
+        let pin = proxy_cpus.as_ref().map(|c| cpu_list(c));
+        match peers::start_grpc_peer(
+            name,
+            dir,
+            listen,
+            upstream_addr,
+            "127.0.0.1",
+            args.threads,
+            pin.as_deref(),
+        ) {
+            Ok(p) => {
+                targets.push(Target {
+                    name: name.clone(),
+                    addr: p.addr,
+                });
+                running_peers.push(p);
+            }
+            Err(e) => skipped.push(format!("{name}: {e}")),
+        }
+    }
+    for note in &skipped {
+        eprintln!("skipped {note}");
+    }
+
+    for t in &targets {
+        check_target(t)?;
+    }
+
+    let dir = std::env::temp_dir().join(format!("lhnet-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let mut samples = Vec::new();
+    for &payload in &args.payloads {
+        let workload = workload_name(payload);
+        let workload = workload.as_str();
+        let body = dir.join(format!("req-{payload}.bin"));
+        std::fs::write(&body, grpc_frame(payload)).map_err(|e| e.to_string())?;
+        let mut direct_rps = None;
+        for t in &targets {
+            eprintln!("bench: {workload} via {} ...", t.name);
+            let m = h2load(
+                t.addr,
+                &body,
+                args,
+                load_cpus.as_ref().map(|c| cpu_list(c)).as_deref(),
+            )?;
+            let direct = *direct_rps.get_or_insert(m.rps);
+            samples.push(Sample {
+                workload: workload.into(),
+                target: t.name.clone(),
+                requests_per_second: m.rps,
+                mean_latency_ms: m.mean_ms,
+                succeeded: m.succeeded,
+                failed: m.failed,
+                ratio_to_direct: if direct > 0.0 { m.rps / direct } else { 0.0 },
+            });
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    drop(running_peers);
+    proxy.0.shutdown_token().cancel();
+    Ok(Report {
+        threads: args.threads,
+        connections: args.connections,
+        streams_per_connection: args.streams,
+        seconds_per_run: args.duration.as_secs_f64(),
+        samples,
+        skipped,
+    })
+}
+
+/// Prints the report as a table, with each peer's ratio and lhnet's lead over the best peer.
+pub fn print(report: &Report) {
+    println!(
+        "gRPC through proxies: {} thread(s) each, h2load -c {} -m {}, {} s per run\n",
+        report.threads, report.connections, report.streams_per_connection, report.seconds_per_run
+    );
+    println!(
+        "{:<12} {:<8} {:>12} {:>12} {:>10} {:>8}",
+        "workload", "target", "req/s", "mean ms", "vs direct", "failed"
+    );
+    for s in &report.samples {
+        println!(
+            "{:<12} {:<8} {:>12.0} {:>12.2} {:>9.2}x {:>8}",
+            s.workload,
+            s.target,
+            s.requests_per_second,
+            s.mean_latency_ms,
+            s.ratio_to_direct,
+            s.failed
+        );
+    }
+    let workloads: Vec<&str> = {
+        let mut w: Vec<&str> = report.samples.iter().map(|s| s.workload.as_str()).collect();
+        w.dedup();
+        w
+    };
+    for w in workloads {
+        let of = |t: &str| {
+            report
+                .samples
+                .iter()
+                .find(|s| s.workload == w && s.target == t)
+        };
+        let best_peer = report
+            .samples
+            .iter()
+            .filter(|s| s.workload == w && s.target != "direct" && s.target != "lhnet")
+            .max_by(|a, b| a.requests_per_second.total_cmp(&b.requests_per_second));
+        if let (Some(l), Some(p)) = (of("lhnet"), best_peer) {
+            println!(
+                "{w}: lhnet / best peer ({}) = {:.2}x",
+                p.target,
+                l.requests_per_second / p.requests_per_second
+            );
+        }
+    }
+}
+
+fn workload_name(payload: usize) -> String {
+    match payload {
+        p if p >= 1 << 20 && p % (1 << 20) == 0 => format!("unary {} MiB", p >> 20),
+        p if p >= 1 << 10 && p % (1 << 10) == 0 => format!("unary {} KiB", p >> 10),
+        p => format!("unary {p} B"),
+    }
+}
+
+/// Proxy CPUs and load CPUs: the proxy gets the first `threads` CPUs, the rest carry the load.
+fn cpu_split(cpus: usize, threads: usize) -> (Option<Vec<usize>>, Option<Vec<usize>>) {
+    if cpus < 2 || threads >= cpus {
+        return (None, None);
+    }
+    (
+        (Some((0..threads).collect())),
+        Some((threads..cpus).collect()),
+    )
+}
+
+fn cpu_list(cpus: &[usize]) -> String {
+    cpus.iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn pin_current_thread(cpus: &[usize]) {
+    let mut set = nix::sched::CpuSet::new();
+    for &c in cpus {
+        let _ = set.set(c);
+    }
+    let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+}
+
+/// Starts a multi-thread runtime (pinned when `cpus` is given) on a background thread, runs
+/// `setup` on it, and keeps the runtime alive for the rest of the process.
+fn spawn_runtime_thread<T, F>(
+    name: &str,
+    threads: usize,
+    cpus: Option<Vec<usize>>,
+    setup: F,
+) -> Result<T, String>
+where
+    T: Send + 'static,
+    F: FnOnce(&tokio::runtime::Runtime) -> std::io::Result<T> + Send + 'static,
+{
+    let (tx, rx) = std::sync::mpsc::channel();
+    let name = name.to_string();
+    std::thread::spawn(move || {
+        // One thread: a current-thread runtime, as `lhnet-proxy --threads 1` uses.
+        let mut builder = if threads == 1 {
+            tokio::runtime::Builder::new_current_thread()
+        } else {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(threads);
+            b
+        };
+        builder.thread_name(name.as_str()).enable_all();
+        if let Some(c) = &cpus {
+            let c = c.clone();
+            builder.on_thread_start(move || pin_current_thread(&c));
+        }
+        let rt = match builder.build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                let _ = tx.send(Err(e.to_string()));
+                return;
+            }
+        };
+        if let Some(c) = &cpus {
+            // A current-thread runtime runs on this thread.
+            pin_current_thread(c);
+        }
+        let _ = tx.send(setup(&rt).map_err(|e| e.to_string()));
+        rt.block_on(std::future::pending::<()>());
+    });
+    rx.recv().map_err(|e| e.to_string())?
+}
+
+fn start_lhnet(
+    upstream: SocketAddr,
+    threads: usize,
+    cpus: Option<Vec<usize>>,
+) -> Result<(lhnet_proxy::app::RunningProxy, SocketAddr), String> {
+    let yaml = format!(
+        "admin: {{ address: 127.0.0.1:0 }}\nstorage_network: {{ interface: lo }}\n\
+         listeners:\n  - name: bench\n    address: 127.0.0.1:0\n    routes:\n\
+         \x20     - match: {{ prefix: / }}\n        cluster: up\n\
+         clusters:\n  - name: up\n    endpoints: [{upstream}]\n    upstream_bind_config: {{ source_address: 127.0.0.1 }}\n"
+    );
+    let config = lhnet_proxy::config::Config::parse(&yaml, "bench").map_err(|e| e.to_string())?;
+    spawn_runtime_thread("lhnet-proxy", threads, cpus, move |rt| {
+        let proxy = rt
+            .block_on(lhnet_proxy::app::start(
+                config,
+                lhnet_proxy::app::Options::default(),
+            ))
+            .map_err(std::io::Error::other)?;
+        let addr = proxy
+            .listener_addr("bench")
+            .ok_or_else(|| std::io::Error::other("no listener"))?;
+        Ok((proxy, addr))
+    })
+}
+
+/// One real gRPC call through the target, so a broken proxy cannot post a fast number.
+fn check_target(t: &Target) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let mut c = EchoClient::connect(format!("http://{}", t.addr))
+            .await
+            .map_err(|e| format!("{}: cannot connect: {e}", t.name))?;
+        let reply = c
+            .unary(EchoRequest {
+                payload: b"check".to_vec(),
+                count: 0,
+                delay_ms: 0,
+            })
+            .await
+            .map_err(|e| format!("{}: check call failed: {e}", t.name))?
+            .into_inner();
+        if reply.server != UPSTREAM_NAME || reply.payload != b"check" {
+            return Err(format!(
+                "{}: wrong answer to the check call: {reply:?}",
+                t.name
+            ));
+        }
+        Ok(())
+    })
+}
+
+fn grpc_frame(payload: usize) -> Vec<u8> {
+    let msg = prost::Message::encode_to_vec(&EchoRequest {
+        payload: vec![7u8; payload],
+        count: 0,
+        delay_ms: 0,
+    });
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&msg);
+    frame
+}
+
+struct Measured {
+    rps: f64,
+    mean_ms: f64,
+    succeeded: u64,
+    failed: u64,
+}
+
+fn h2load(
+    addr: SocketAddr,
+    body: &std::path::Path,
+    args: &BenchArgs,
+    cpus: Option<&str>,
+) -> Result<Measured, String> {
+    let mut cmd = match cpus {
+        Some(c) => {
+            let mut cmd = Command::new("taskset");
+            cmd.args(["-c", c, "h2load"]);
+            cmd
+        }
+        None => Command::new("h2load"),
+    };
+    let out = cmd
+        .args([
+            "-t",
+            "1",
+            "-c",
+            &args.connections.to_string(),
+            "-m",
+            &args.streams.to_string(),
+        ])
+        .args([
+            "-D",
+            &format!("{}", args.duration.as_secs().max(1)),
+            "--warm-up-time",
+            "1",
+        ])
+        .arg("-d")
+        .arg(body)
+        .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+        .arg(format!("http://{addr}/lhnet.echo.v1.Echo/Unary"))
+        .output()
+        .map_err(|e| format!("running h2load: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    parse_h2load(&text).ok_or_else(|| {
+        format!(
+            "cannot read h2load's output:\n{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn parse_h2load(text: &str) -> Option<Measured> {
+    let finished = text.lines().find(|l| l.starts_with("finished in"))?;
+    let rps: f64 = finished
+        .split(',')
+        .nth(1)?
+        .trim()
+        .strip_suffix(" req/s")?
+        .parse()
+        .ok()?;
+    let requests = text.lines().find(|l| l.starts_with("requests:"))?;
+    let field = |name: &str| -> Option<u64> {
+        requests
+            .split(',')
+            .find(|p| p.trim().ends_with(name))?
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse().ok())
+    };
+    let latency = text.lines().find(|l| l.starts_with("time for request:"))?;
+    let mean = latency.split_whitespace().nth(5)?;
+    Some(Measured {
+        rps,
+        mean_ms: parse_time_ms(mean)?,
+        succeeded: field("succeeded")?,
+        failed: field("failed")? + field("errored")?,
+    })
+}
+
+fn parse_time_ms(t: &str) -> Option<f64> {
+    if let Some(v) = t.strip_suffix("us") {
+        v.parse::<f64>().ok().map(|v| v / 1000.0)
+    } else if let Some(v) = t.strip_suffix("ms") {
+        v.parse().ok()
+    } else if let Some(v) = t.strip_suffix('s') {
+        v.parse::<f64>().ok().map(|v| v * 1000.0)
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_h2load_output() {
+        let text = "\nfinished in 5.00s, 23456.20 req/s, 2.34MB/s\nrequests: 117281 total, 117281 started, 117281 done, 117270 succeeded, 11 failed, 0 errored, 0 timeout\nstatus codes: 117281 2xx\n                     min         max         mean         sd        +/- sd\ntime for request:      123us      4.56ms      1.23ms       234us    68.50%\n";
+        let m = parse_h2load(text).unwrap();
+        assert_eq!(m.rps, 23456.20);
+        assert_eq!((m.succeeded, m.failed), (117270, 11));
+        assert!((m.mean_ms - 1.23).abs() < 1e-9);
+        assert_eq!(parse_time_ms("250us"), Some(0.25));
+        assert_eq!(parse_time_ms("1.5s"), Some(1500.0));
+    }
+
+    #[test]
+    fn cpu_split_leaves_load_cpus() {
+        assert_eq!(cpu_split(2, 1), (Some(vec![0]), Some(vec![1])));
+        assert_eq!(cpu_split(1, 1), (None, None));
+        assert_eq!(cpu_split(4, 2), (Some(vec![0, 1]), Some(vec![2, 3])));
+    }
+}

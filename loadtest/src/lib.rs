@@ -1,0 +1,6 @@
+//! lhnet's load generator and benchmarks.
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+pub mod bench;
+pub mod peers;

@@ -1,0 +1,334 @@
+//! Clusters: where upstream requests go. Each address has a pool of multiplexed HTTP/2
+//! connections ([`pool`]) made by a connector that binds the cluster's source address
+//! ([`connect`]).
+
+mod connect;
+mod pool;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+pub use connect::{ConnectError, Connector};
+use pool::{EndpointPool, PoolLimits};
+
+use crate::config::{ClusterConfig, Destination};
+use crate::metrics::Metrics;
+use crate::reply::ProxyBody;
+use crate::storage::StorageState;
+
+/// Original-destination addresses a cluster keeps pools for at most; idle ones are reaped.
+const MAX_DYNAMIC_ENDPOINTS: usize = 4096;
+
+/// One upstream cluster.
+pub struct Cluster {
+    pub config: ClusterConfig,
+    connector: Connector,
+    limits: PoolLimits,
+    /// Pools of a static cluster's endpoints, in config order.
+    endpoints: Vec<Arc<EndpointPool>>,
+    /// Pools of original-destination addresses, made on first use.
+    dynamic: Mutex<HashMap<SocketAddr, Arc<EndpointPool>>>,
+    next_endpoint: AtomicUsize,
+    in_flight: Arc<Semaphore>,
+    storage: Arc<StorageState>,
+}
+
+/// Why a request did not reach (or did not get an answer from) the upstream.
+#[derive(Debug)]
+pub enum UpstreamError {
+    /// Connecting failed: refused, unreachable, timed out, or no source address to bind.
+    Connect {
+        destination: SocketAddr,
+        cause: String,
+    },
+    /// The upstream refused the stream before processing it (REFUSED_STREAM).
+    Refused {
+        destination: SocketAddr,
+        cause: String,
+    },
+    /// The connection or stream broke before a response arrived.
+    Reset {
+        destination: SocketAddr,
+        cause: String,
+    },
+}
+
+// === impl Cluster ===
+
+impl Cluster {
+    pub fn new(
+        config: ClusterConfig,
+        storage: Arc<StorageState>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Cluster> {
+        let connector = Connector {
+            cluster: config.name.as_str().into(),
+            source: config.source_address,
+            bind_to_device: config.bind_to_device.clone(),
+            connect_timeout: config.connect_timeout,
+            keepalive: config.tcp_keepalive,
+            storage: storage.clone(),
+            metrics,
+        };
+        let limits = PoolLimits {
+            max_connections: config.max_connections_per_endpoint,
+            streams_per_connection: config.streams_per_connection,
+            idle_timeout: config.idle_timeout,
+        };
+        let endpoints = config
+            .endpoints
+            .iter()
+            .filter_map(|addr| match EndpointPool::new(*addr, limits) {
+                Ok(p) => Some(Arc::new(p)),
+                Err(e) => {
+                    tracing::error!(cluster = %config.name, "endpoint skipped: {e}");
+                    None
+                }
+            })
+            .collect();
+        let cluster = Arc::new(Cluster {
+            in_flight: Arc::new(Semaphore::new(config.max_requests)),
+            config,
+            connector,
+            limits,
+            endpoints,
+            dynamic: Mutex::new(HashMap::new()),
+            next_endpoint: AtomicUsize::new(0),
+            storage,
+        });
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(reap_idle(Arc::downgrade(&cluster)));
+            }
+            Err(_) => {
+                tracing::warn!(cluster = %cluster.config.name, "no runtime: idle connections will not be reaped")
+            }
+        }
+        cluster
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// The next endpoint of a static cluster, round robin.
+    pub fn pick_endpoint(&self) -> Option<SocketAddr> {
+        if self.endpoints.is_empty() {
+            return None;
+        }
+        let i = self.next_endpoint.fetch_add(1, Ordering::Relaxed);
+        Some(self.endpoints[i % self.endpoints.len()].addr)
+    }
+
+    /// A concurrency slot, or `None` when `circuit_breakers.max_requests` are in flight.
+    pub fn try_acquire(&self) -> Option<OwnedSemaphorePermit> {
+        self.in_flight.clone().try_acquire_owned().ok()
+    }
+
+    /// Whether an original-destination address is allowed by `allowed_destinations` and
+    /// `allowed_ports`. An empty list allows everything for that part.
+    pub fn allows(&self, destination: SocketAddr) -> bool {
+        let c = &self.config;
+        let port_ok = c.allowed_ports.is_empty()
+            || c.allowed_ports
+                .iter()
+                .any(|r| r.contains(&destination.port()));
+        let ip = destination.ip();
+        let ip_ok = c.allowed_destinations.is_empty()
+            || c.allowed_destinations.iter().any(|d| match d {
+                Destination::Storage => self.is_on_storage_network(ip),
+                cidr => cidr.cidr_contains(ip),
+            });
+        port_ok && ip_ok
+    }
+
+    fn is_on_storage_network(&self, ip: IpAddr) -> bool {
+        let Some(storage) = self.storage.current() else {
+            return false;
+        };
+        if storage.ip == ip {
+            return true;
+        }
+        // Peers on the storage interface's subnets.
+        storage
+            .device
+            .as_deref()
+            .is_some_and(|device| lhnet_netns::discovery::on_interface_subnet(device, ip))
+    }
+
+    /// Sends `request` (whose URI holds only the path) to `destination` over its pool.
+    pub async fn send(
+        &self,
+        destination: SocketAddr,
+        request: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let pool = self.pool_for(destination)?;
+        pool.send(&self.connector, request).await
+    }
+
+    fn pool_for(&self, destination: SocketAddr) -> Result<Arc<EndpointPool>, UpstreamError> {
+        if let Some(p) = self.endpoints.iter().find(|p| p.addr == destination) {
+            return Ok(p.clone());
+        }
+        let fail = |cause: String| UpstreamError::Connect { destination, cause };
+        let mut dynamic = self
+            .dynamic
+            .lock()
+            .map_err(|_| fail("connection pool lock poisoned".into()))?;
+        if let Some(p) = dynamic.get(&destination) {
+            return Ok(p.clone());
+        }
+        if dynamic.len() >= MAX_DYNAMIC_ENDPOINTS {
+            dynamic.retain(|_, p| !p.reap());
+            if dynamic.len() >= MAX_DYNAMIC_ENDPOINTS {
+                return Err(fail(format!(
+                    "cluster {} already holds connections to {MAX_DYNAMIC_ENDPOINTS} addresses",
+                    self.config.name
+                )));
+            }
+        }
+        let pool = Arc::new(EndpointPool::new(destination, self.limits).map_err(fail)?);
+        dynamic.insert(destination, pool.clone());
+        Ok(pool)
+    }
+
+    /// Open upstream connections to `destination` (for tests and status).
+    pub fn connections_to(&self, destination: SocketAddr) -> usize {
+        self.pool_for(destination)
+            .map(|p| p.connections())
+            .unwrap_or(0)
+    }
+
+    fn reap(&self) {
+        for p in &self.endpoints {
+            p.reap();
+        }
+        if let Ok(mut dynamic) = self.dynamic.lock() {
+            dynamic.retain(|_, p| !p.reap());
+        }
+    }
+}
+
+/// Closes idle connections until the cluster is dropped (a reload replaces clusters).
+async fn reap_idle(cluster: Weak<Cluster>) {
+    let every = match cluster.upgrade() {
+        Some(c) => {
+            (c.config.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(30))
+        }
+        None => return,
+    };
+    loop {
+        tokio::time::sleep(every).await;
+        match cluster.upgrade() {
+            Some(c) => c.reap(),
+            None => return,
+        }
+    }
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("name", &self.config.name)
+            .finish()
+    }
+}
+
+/// An error and its sources, joined with ": " (hyper's Display alone hides the cause).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
+}
+
+// === impl UpstreamError ===
+
+impl UpstreamError {
+    pub fn destination(&self) -> SocketAddr {
+        match self {
+            UpstreamError::Connect { destination, .. }
+            | UpstreamError::Refused { destination, .. }
+            | UpstreamError::Reset { destination, .. } => *destination,
+        }
+    }
+}
+
+impl std::fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamError::Connect { destination, cause } => {
+                write!(f, "upstream connect error to {destination}: {cause}")
+            }
+            UpstreamError::Refused { destination, cause } => {
+                write!(f, "upstream {destination} refused the stream: {cause}")
+            }
+            UpstreamError::Reset { destination, cause } => {
+                write!(f, "upstream {destination} reset before responding: {cause}")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn cluster(yaml: &str) -> Arc<Cluster> {
+        let text = format!("listeners: []\nclusters:\n  - {yaml}\n");
+        let config = Config::parse(&text, "test").unwrap();
+        let metrics = Metrics::new();
+        let storage = StorageState::new(&config.storage_network, None, metrics.clone());
+        Cluster::new(config.clusters[0].clone(), storage, metrics)
+    }
+
+    #[tokio::test]
+    async fn round_robin_over_endpoints() {
+        let c = cluster("{ name: s, endpoints: [127.0.0.1:1, 127.0.0.1:2, 127.0.0.1:3] }");
+        let picked: Vec<u16> = (0..6).map(|_| c.pick_endpoint().unwrap().port()).collect();
+        assert_eq!(picked, vec![1, 2, 3, 1, 2, 3]);
+    }
+
+    #[tokio::test]
+    async fn allowed_destinations_and_ports() {
+        let c = cluster(
+            "{ name: e, type: original_dst, allowed_destinations: [127.0.0.0/8, 10.30.0.5], allowed_ports: [9500-9599] }",
+        );
+        assert!(c.allows("127.0.0.1:9501".parse().unwrap()));
+        assert!(c.allows("10.30.0.5:9599".parse().unwrap()));
+        assert!(!c.allows("10.30.0.6:9501".parse().unwrap()));
+        assert!(!c.allows("127.0.0.1:22".parse().unwrap()));
+    }
+
+    #[tokio::test]
+    async fn missing_storage_address_is_a_clear_connect_error() {
+        let c = cluster("{ name: s, endpoints: [127.0.0.1:1], upstream_bind_config: { source_address: storage } }");
+        let req = Request::builder()
+            .uri("/x.Y/Z")
+            .body(crate::reply::empty_body())
+            .unwrap();
+        let err = c
+            .send("127.0.0.1:1".parse().unwrap(), req)
+            .await
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, UpstreamError::Connect { .. }), "{text}");
+        assert!(text.contains("no storage address to bind"), "{text}");
+        assert!(text.contains("lhnet1"), "{text}");
+    }
+}

@@ -1,0 +1,299 @@
+//! The connections to one upstream address: HTTP/2, multiplexed, reused, bounded in number,
+//! closed when idle, and dialled again only after a back-off when dialling fails.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::http2::{self, SendRequest};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::connect::{ConnectError, Connector};
+use super::UpstreamError;
+use crate::cluster::error_chain;
+use crate::reply::ProxyBody;
+
+/// Limits of one endpoint's pool.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolLimits {
+    pub max_connections: usize,
+    /// A new connection opens when every open one has this many requests awaiting headers.
+    pub streams_per_connection: usize,
+    pub idle_timeout: Duration,
+}
+
+/// The pool for one address.
+pub struct EndpointPool {
+    pub addr: SocketAddr,
+    authority: Authority,
+    limits: PoolLimits,
+    state: Mutex<State>,
+    dialled: Notify,
+    /// Milliseconds since `epoch` of the last request (for reaping idle pools).
+    last_used: AtomicU64,
+    epoch: Instant,
+}
+
+#[derive(Default)]
+struct State {
+    conns: Vec<Arc<Conn>>,
+    dialling: usize,
+    /// After a failed dial: no new dial before this instant; requests fail fast with `cause`.
+    backoff: Option<Backoff>,
+}
+
+struct Backoff {
+    until: Instant,
+    failures: u32,
+    cause: String,
+}
+
+struct Conn {
+    send: SendRequest<ProxyBody>,
+    in_flight: AtomicUsize,
+    idle_since_ms: AtomicU64,
+}
+
+/// What to do after looking at the pool.
+enum Pick {
+    Use(Arc<Conn>),
+    Dial,
+    Wait,
+    Fail(String),
+}
+
+const BACKOFF_BASE: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Counts a request as in flight on a connection until its response headers arrive.
+struct InFlight<'a> {
+    conn: &'a Conn,
+    pool: &'a EndpointPool,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.conn.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.conn
+                .idle_since_ms
+                .store(self.pool.now_ms(), Ordering::Relaxed);
+        }
+    }
+}
+
+impl EndpointPool {
+    pub fn new(addr: SocketAddr, limits: PoolLimits) -> Result<EndpointPool, String> {
+        let authority = Authority::try_from(addr.to_string().as_str())
+            .map_err(|e| format!("{addr} is not a usable authority: {e}"))?;
+        Ok(EndpointPool {
+            addr,
+            authority,
+            limits,
+            state: Mutex::new(State::default()),
+            dialled: Notify::new(),
+            last_used: AtomicU64::new(0),
+            epoch: Instant::now(),
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Sends a request over a pooled connection, dialling one when needed.
+    pub async fn send(
+        &self,
+        connector: &Connector,
+        request: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        self.last_used.store(self.now_ms(), Ordering::Relaxed);
+        let conn = self.checkout(connector).await?;
+        let mut request = request;
+        *request.uri_mut() = self.upstream_uri(request.uri());
+        conn.in_flight.fetch_add(1, Ordering::Relaxed);
+        let _counted = InFlight {
+            conn: &conn,
+            pool: self,
+        };
+        let mut send = conn.send.clone();
+        send.send_request(request).await.map_err(|e| {
+            let cause = error_chain(&e);
+            if cause.contains("refused stream") {
+                // hyper does not expose h2's reason code; h2 words REFUSED_STREAM this way.
+                UpstreamError::Refused {
+                    destination: self.addr,
+                    cause,
+                }
+            } else {
+                UpstreamError::Reset {
+                    destination: self.addr,
+                    cause,
+                }
+            }
+        })
+    }
+
+    fn upstream_uri(&self, original: &Uri) -> Uri {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(Scheme::HTTP);
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = original.path_and_query().cloned();
+        Uri::from_parts(parts).unwrap_or_else(|_| original.clone())
+    }
+
+    async fn checkout(&self, connector: &Connector) -> Result<Arc<Conn>, UpstreamError> {
+        loop {
+            // Register for the dial notification before looking, so none is missed.
+            let dialled = self.dialled.notified();
+            match self.pick() {
+                Pick::Use(conn) => return Ok(conn),
+                Pick::Fail(cause) => {
+                    return Err(UpstreamError::Connect {
+                        destination: self.addr,
+                        cause,
+                    })
+                }
+                Pick::Wait => dialled.await,
+                Pick::Dial => return self.dial(connector).await,
+            }
+        }
+    }
+
+    fn pick(&self) -> Pick {
+        let Ok(mut state) = self.state.lock() else {
+            return Pick::Fail("connection pool lock poisoned".into());
+        };
+        state.conns.retain(|c| !c.send.is_closed());
+        let soft = self.limits.streams_per_connection;
+        if let Some(c) = state
+            .conns
+            .iter()
+            .find(|c| c.in_flight.load(Ordering::Relaxed) < soft)
+        {
+            return Pick::Use(c.clone());
+        }
+        let room = state.conns.len() + state.dialling < self.limits.max_connections.max(1);
+        let backing_off = state.backoff.as_ref().filter(|b| Instant::now() < b.until);
+        if room && backing_off.is_none() && (state.dialling == 0 || !state.conns.is_empty()) {
+            state.dialling += 1;
+            return Pick::Dial;
+        }
+        if let Some(c) = state
+            .conns
+            .iter()
+            .min_by_key(|c| c.in_flight.load(Ordering::Relaxed))
+        {
+            return Pick::Use(c.clone());
+        }
+        if state.dialling > 0 {
+            return Pick::Wait;
+        }
+        match backing_off {
+            Some(b) => Pick::Fail(format!(
+                "{} (not dialling again for {} ms after {} failed attempt(s))",
+                b.cause,
+                b.until
+                    .saturating_duration_since(Instant::now())
+                    .as_millis(),
+                b.failures
+            )),
+            None => Pick::Fail("no connection available".into()),
+        }
+    }
+
+    async fn dial(&self, connector: &Connector) -> Result<Arc<Conn>, UpstreamError> {
+        let result = self.open(connector).await;
+        let Ok(mut state) = self.state.lock() else {
+            return Err(UpstreamError::Connect {
+                destination: self.addr,
+                cause: "connection pool lock poisoned".into(),
+            });
+        };
+        state.dialling -= 1;
+        let outcome = match result {
+            Ok(send) => {
+                state.backoff = None;
+                let conn = Arc::new(Conn {
+                    send,
+                    in_flight: AtomicUsize::new(0),
+                    idle_since_ms: AtomicU64::new(self.now_ms()),
+                });
+                state.conns.push(conn.clone());
+                Ok(conn)
+            }
+            Err(e) => {
+                connector
+                    .metrics
+                    .upstream_connect_error(&connector.cluster, e.reason);
+                let failures = state.backoff.as_ref().map_or(0, |b| b.failures) + 1;
+                let wait = BACKOFF_BASE
+                    .saturating_mul(1 << (failures - 1).min(10))
+                    .min(BACKOFF_MAX);
+                state.backoff = Some(Backoff {
+                    until: Instant::now() + wait,
+                    failures,
+                    cause: e.message.clone(),
+                });
+                Err(UpstreamError::Connect {
+                    destination: self.addr,
+                    cause: e.message,
+                })
+            }
+        };
+        drop(state);
+        self.dialled.notify_waiters();
+        outcome
+    }
+
+    async fn open(&self, connector: &Connector) -> Result<SendRequest<ProxyBody>, ConnectError> {
+        let io = connector.connect(self.addr).await?;
+        let (send, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(2 << 20)
+            .initial_connection_window_size(8 << 20)
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| ConnectError {
+                reason: "handshake",
+                message: format!("HTTP/2 handshake with {}: {}", self.addr, error_chain(&e)),
+            })?;
+        let addr = self.addr;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(peer = %addr, error = %error_chain(&e), "upstream connection ended with an error");
+            }
+        });
+        Ok(send)
+    }
+
+    /// Drops connections idle for longer than the idle timeout; their tasks then close them.
+    /// Returns true when the pool holds nothing and has not been used for that long.
+    pub fn reap(&self) -> bool {
+        let now = self.now_ms();
+        let idle_ms = self.limits.idle_timeout.as_millis() as u64;
+        let Ok(mut state) = self.state.lock() else {
+            return false;
+        };
+        state.conns.retain(|c| {
+            let busy = c.in_flight.load(Ordering::Relaxed) > 0;
+            let fresh = now.saturating_sub(c.idle_since_ms.load(Ordering::Relaxed)) < idle_ms;
+            !c.send.is_closed() && (busy || fresh)
+        });
+        state.conns.is_empty()
+            && state.dialling == 0
+            && now.saturating_sub(self.last_used.load(Ordering::Relaxed)) >= idle_ms
+    }
+
+    /// Open connections (for tests and status).
+    pub fn connections(&self) -> usize {
+        self.state.lock().map(|s| s.conns.len()).unwrap_or(0)
+    }
+}
