@@ -639,8 +639,7 @@ async fn idle_connections_close_and_dead_addresses_back_off() {
     let up = echo("up").await;
     let dead = dead_port();
     let routes = format!(
-        "{}      - match: {{ prefix: /lhnet.echo.v1.Echo/Bidi }}\n        cluster: gone\n",
-        format!("      - match: {{ path: {ECHO}Unary }}\n        cluster: up\n")
+        "      - match: {{ path: {ECHO}Unary }}\n        cluster: up\n      - match: {{ path: {ECHO}Bidi }}\n        cluster: gone\n"
     );
     let clusters = format!(
         "  - {{ name: up, endpoints: [{}], idle_timeout: 200ms }}\n{}",
