@@ -266,7 +266,8 @@ where
 {
     let (tx, rx) = std::sync::mpsc::channel();
     let name = name.to_string();
-    std::thread::spawn(move || {
+    let thread = std::thread::Builder::new().name(name.clone());
+    let spawned = thread.spawn(move || {
         // One thread: a current-thread runtime, as `lhnet-proxy --threads 1` uses.
         let mut builder = if threads == 1 {
             tokio::runtime::Builder::new_current_thread()
@@ -294,6 +295,7 @@ where
         let _ = tx.send(setup(&rt).map_err(|e| e.to_string()));
         rt.block_on(std::future::pending::<()>());
     });
+    spawned.map_err(|e| format!("cannot start a thread: {e}"))?;
     rx.recv().map_err(|e| e.to_string())?
 }
 

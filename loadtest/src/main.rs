@@ -50,6 +50,11 @@ enum Cmd {
     },
 }
 
+// glibc's malloc spent ~10% of the proxy's CPU in malloc_consolidate under small-call load
+// (perf, lhnet-loadtest bench); mimalloc does not.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     match Cli::parse().command {
         Cmd::Bench {

@@ -333,15 +333,21 @@ pub struct RequestLog {
     pub metrics: Arc<Metrics>,
     pub listener: Arc<str>,
     pub route: Arc<str>,
-    pub path: String,
+    /// The request URI; only its path is used.
+    pub path: http::Uri,
     pub started: Instant,
 }
 
 impl RequestLog {
     pub fn finish(self, grpc_code: i32) {
         let seconds = self.started.elapsed().as_secs_f64();
-        self.metrics
-            .record_request(&self.listener, &self.route, &self.path, grpc_code, seconds);
+        self.metrics.record_request(
+            &self.listener,
+            &self.route,
+            self.path.path(),
+            grpc_code,
+            seconds,
+        );
     }
 }
 

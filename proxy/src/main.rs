@@ -68,6 +68,11 @@ enum Command {
     },
 }
 
+// glibc's malloc spent ~10% of the proxy's CPU in malloc_consolidate under small-call load
+// (perf, lhnet-loadtest bench); mimalloc does not.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.run.log);
@@ -172,11 +177,17 @@ fn run(args: RunArgs) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // One data-plane thread: a current-thread runtime, with no work-stealing machinery.
+    let mut builder = match args.threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n.max(1));
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     builder.enable_all().thread_name("lhnet-worker");
-    if let Some(n) = args.threads {
-        builder.worker_threads(n.max(1));
-    }
     let runtime = match builder.build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -7,6 +7,15 @@ use http::{HeaderMap, HeaderValue, Response};
 use http_body_util::{BodyExt, Empty};
 use tonic::Code;
 
+/// gRPC header names, parsed once (looking a header up by `&str` parses the name each time).
+pub mod names {
+    use http::header::HeaderName;
+    pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+    pub const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+    pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+    pub const GRPC_ENCODING: HeaderName = HeaderName::from_static("grpc-encoding");
+}
+
 /// The body type of every response the proxy sends downstream.
 pub type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -40,9 +49,9 @@ impl LocalReply {
 
     /// Puts `grpc-status` and `grpc-message` into a header (or trailer) map.
     pub fn write_to(&self, headers: &mut HeaderMap) {
-        headers.insert("grpc-status", HeaderValue::from(self.code as i32));
+        headers.insert(names::GRPC_STATUS, HeaderValue::from(self.code as i32));
         if let Ok(v) = HeaderValue::from_str(&percent_encode(&self.message)) {
-            headers.insert("grpc-message", v);
+            headers.insert(names::GRPC_MESSAGE, v);
         }
     }
 }
@@ -94,7 +103,7 @@ pub fn percent_encode(message: &str) -> String {
 /// The `grpc-status` in a header map, if there is a valid one.
 pub fn grpc_status(headers: &HeaderMap) -> Option<i32> {
     headers
-        .get("grpc-status")?
+        .get(names::GRPC_STATUS)?
         .to_str()
         .ok()?
         .trim()

@@ -24,7 +24,7 @@ use crate::config::{
 };
 use crate::health::HealthService;
 use crate::metrics::Metrics;
-use crate::reply::{grpc_status, BoxError, LocalReply, ProxyBody, RouteContext};
+use crate::reply::{grpc_status, names, BoxError, LocalReply, ProxyBody, RouteContext};
 
 /// One listener's routes, built from config; replaced whole on reload.
 pub struct RouteTable {
@@ -55,14 +55,6 @@ pub struct LocalServices {
 
 /// The request body as it travels up: checked frame by frame.
 type CheckedBody = GrpcRequestBody<Incoming>;
-
-const HOP_BY_HOP: [&str; 5] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "upgrade",
-];
 
 // === impl RouteTable ===
 
@@ -135,14 +127,20 @@ impl RouteTable {
     /// Handles one request from a downstream client; never fails (errors are gRPC replies).
     pub async fn handle(&self, request: Request<Incoming>) -> Response<ProxyBody> {
         let started = Instant::now();
-        let path = request.uri().path().to_string();
+        // A cheap clone (shared bytes), kept for the metrics at the end of the stream.
+        let path = request.uri().clone();
         let Some(route) = self.select(&request) else {
             let reply = LocalReply::new(
                 Code::Unimplemented,
-                format!("no route for {path} on listener {}", self.listener),
+                format!("no route for {} on listener {}", path.path(), self.listener),
             );
-            self.metrics
-                .record_request(&self.listener, "none", &path, reply.code as i32, 0.0);
+            self.metrics.record_request(
+                &self.listener,
+                "none",
+                path.path(),
+                reply.code as i32,
+                0.0,
+            );
             return reply.into_response();
         };
         let log = RequestLog {
@@ -170,7 +168,7 @@ impl RouteTable {
         let deadline = effective_deadline(&route.config, request.headers());
         let deadline_at = deadline.map(|d| started + d);
         let verdict = Verdict::default();
-        let compressed_ok = request.headers().contains_key("grpc-encoding");
+        let compressed_ok = request.headers().contains_key(names::GRPC_ENCODING);
         let (parts, body) = request.into_parts();
         let body =
             GrpcRequestBody::new(body, self.max_message_size, compressed_ok, verdict.clone());
@@ -263,7 +261,9 @@ impl RouteTable {
         }
     }
 
-    /// Sends the request to the cluster, retrying as the route's policy allows.
+    /// Sends the request to the cluster, retrying as the route's policy allows. Headers pass
+    /// as they are: HTTP/2 forbids connection-specific headers (RFC 9113 §8.2.2) and h2 refuses
+    /// them on receipt, so there is nothing hop-by-hop to strip.
     #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
@@ -285,12 +285,9 @@ impl RouteTable {
                 ),
             )
         })?;
-        for name in HOP_BY_HOP {
-            parts.headers.remove(name);
-        }
         if let Some(d) = deadline {
             if let Ok(v) = HeaderValue::from_str(&encode_grpc_timeout(d)) {
-                parts.headers.insert("grpc-timeout", v);
+                parts.headers.insert(names::GRPC_TIMEOUT, v);
             }
         }
         let upstream_reply = |e: UpstreamError| {
@@ -414,10 +411,7 @@ where
         log.finish(code);
         return response.map(|b| b.map_err(|e| BoxError::from(e.to_string())).boxed_unsync());
     }
-    let (mut parts, body) = response.into_parts();
-    for name in HOP_BY_HOP {
-        parts.headers.remove(name);
-    }
+    let (parts, body) = response.into_parts();
     let body = ObservedBody::new(body, deadline, verdict.clone(), context, log, permit);
     Response::from_parts(parts, body.boxed_unsync())
 }
@@ -469,7 +463,7 @@ fn header_matches(m: &HeaderMatcher, headers: &HeaderMap) -> bool {
 /// `max_stream_duration.grpc_timeout_header_max`), whichever is shorter.
 fn effective_deadline(route: &RouteConfig, headers: &HeaderMap) -> Option<Duration> {
     let from_header = headers
-        .get("grpc-timeout")
+        .get(names::GRPC_TIMEOUT)
         .and_then(|v| v.to_str().ok())
         .and_then(parse_grpc_timeout)
         .map(|d| match route.grpc_timeout_header_max {
