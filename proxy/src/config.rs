@@ -86,6 +86,9 @@ pub struct RouteConfig {
     #[serde(serialize_with = "ser_opt_duration")]
     pub grpc_timeout_header_max: Option<Duration>,
     pub retry_policy: Option<RetryPolicy>,
+    /// For `local: longhorn_engine_proxy`: the original_dst cluster it dials through
+    /// (default `engines`).
+    pub upstream_cluster: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -705,6 +708,29 @@ fn check_references(listeners: &[ListenerConfig], clusters: &[ClusterConfig], cx
             );
         }
         for r in &l.routes {
+            if r.action == RouteAction::Local(LocalService::LonghornEngineProxy) {
+                let name = r.upstream_cluster.as_deref().unwrap_or("engines");
+                let path = format!("{}.upstream_cluster", r.path);
+                match clusters.iter().find(|c| c.name == name) {
+                    None => cx.err(
+                        &path,
+                        format!("longhorn_engine_proxy dials through cluster \"{name}\", which does not exist; add an original_dst cluster named {name}"),
+                    ),
+                    Some(c) if c.kind != ClusterKind::OriginalDst => cx.err(
+                        &path,
+                        format!("cluster \"{name}\" must be type: original_dst for longhorn_engine_proxy"),
+                    ),
+                    Some(_) => {}
+                }
+            }
+            if r.upstream_cluster.is_some()
+                && r.action != RouteAction::Local(LocalService::LonghornEngineProxy)
+            {
+                cx.err(
+                    &format!("{}.upstream_cluster", r.path),
+                    "only local: longhorn_engine_proxy routes take upstream_cluster",
+                );
+            }
             let RouteAction::Cluster(name) = &r.action else {
                 continue;
             };
@@ -1004,6 +1030,9 @@ fn parse_route(
     let retry_policy = f
         .take("retry_policy")
         .and_then(|(p, v)| parse_retry(v, &p, cx));
+    let upstream_cluster = f
+        .take("upstream_cluster")
+        .and_then(|(p, v)| string(v, &p, cx));
     f.finish(
         &[
             "name",
@@ -1013,6 +1042,7 @@ fn parse_route(
             "timeout",
             "max_stream_duration",
             "retry_policy",
+            "upstream_cluster",
         ],
         cx,
     );
@@ -1024,6 +1054,7 @@ fn parse_route(
         timeout,
         grpc_timeout_header_max,
         retry_policy,
+        upstream_cluster,
     })
 }
 

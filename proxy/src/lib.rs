@@ -8,6 +8,7 @@ pub mod app;
 pub mod body;
 pub mod cluster;
 pub mod config;
+pub mod engine_proxy;
 pub mod health;
 pub mod listener;
 pub mod metrics;

@@ -22,9 +22,11 @@ use crate::config::{
     format_duration, HeaderMatcher, HeaderRule, ListenerConfig, LocalService, PathMatch, RetryOn,
     RetryPolicy, RouteAction, RouteConfig,
 };
+use crate::engine_proxy::EngineProxy;
 use crate::health::HealthService;
 use crate::metrics::Metrics;
 use crate::reply::{grpc_status, names, BoxError, LocalReply, ProxyBody, RouteContext};
+use lhnet_proto::imrpc::proxy_engine_service_server::ProxyEngineServiceServer;
 
 /// One listener's routes, built from config; replaced whole on reload.
 pub struct RouteTable {
@@ -44,7 +46,8 @@ struct Route {
 
 enum Target {
     Cluster(Arc<Cluster>),
-    Local(LocalService),
+    Health,
+    EngineProxy(ProxyEngineServiceServer<EngineProxy>),
 }
 
 /// The tonic services answered inside the proxy.
@@ -52,6 +55,9 @@ enum Target {
 pub struct LocalServices {
     pub health: lhnet_proto::health::health_server::HealthServer<HealthService>,
 }
+
+/// The cluster `local: longhorn_engine_proxy` dials through unless the route names another.
+pub const DEFAULT_ENGINE_CLUSTER: &str = "engines";
 
 /// The request body as it travels up: checked frame by frame.
 type CheckedBody = GrpcRequestBody<Incoming>;
@@ -72,7 +78,21 @@ impl RouteTable {
             .iter()
             .filter_map(|r| {
                 let target = match &r.action {
-                    RouteAction::Local(svc) => Target::Local(*svc),
+                    RouteAction::Local(LocalService::Health) => Target::Health,
+                    RouteAction::Local(LocalService::LonghornEngineProxy) => {
+                        let name = r.upstream_cluster.as_deref().unwrap_or(DEFAULT_ENGINE_CLUSTER);
+                        match clusters.get(name) {
+                            Some(c) => Target::EngineProxy(
+                                EngineProxy::server(c.clone())
+                                    .max_decoding_message_size(listener.max_message_size)
+                                    .max_encoding_message_size(usize::MAX),
+                            ),
+                            None => {
+                                tracing::error!(route = %r.name, cluster = %name, "engine proxy route names an unknown cluster; skipped");
+                                return None;
+                            }
+                        }
+                    }
                     RouteAction::Cluster(name) => match clusters.get(name) {
                         Some(c) => Target::Cluster(c.clone()),
                         None => {
@@ -84,7 +104,11 @@ impl RouteTable {
                 let name: Arc<str> = r.name.as_str().into();
                 let target_text = match &target {
                     Target::Cluster(c) => format!("cluster {}", c.name()),
-                    Target::Local(s) => format!("local {s:?}"),
+                    Target::Health => "local health".to_string(),
+                    Target::EngineProxy(_) => format!(
+                        "local longhorn_engine_proxy (cluster {})",
+                        r.upstream_cluster.as_deref().unwrap_or(DEFAULT_ENGINE_CLUSTER)
+                    ),
                 };
                 Some(Route {
                     context: RouteContext {
@@ -183,8 +207,8 @@ impl RouteTable {
         };
 
         match &route.target {
-            Target::Local(service) => {
-                let call = self.call_local(*service, parts, body, &context);
+            Target::Health | Target::EngineProxy(_) => {
+                let call = self.call_local(&route.target, parts, body);
                 let response = match deadline_at {
                     Some(at) => match tokio::time::timeout_at(at, call).await {
                         Ok(r) => r,
@@ -239,25 +263,23 @@ impl RouteTable {
 
     async fn call_local(
         &self,
-        service: LocalService,
+        target: &Target,
         parts: Parts,
         body: CheckedBody,
-        context: &RouteContext,
     ) -> Response<ProxyBody> {
-        match service {
-            LocalService::Health => {
-                let mut svc = self.locals.health.clone();
-                let request = Request::from_parts(parts, body);
-                match tonic::codegen::Service::call(&mut svc, request).await {
-                    Ok(response) => response.map(|b| b.map_err(BoxError::from).boxed_unsync()),
-                    Err(never) => match never {},
-                }
+        let request = Request::from_parts(parts, body);
+        let response = match target {
+            Target::Health => {
+                tonic::codegen::Service::call(&mut self.locals.health.clone(), request).await
             }
-            LocalService::LonghornEngineProxy => LocalReply::new(
-                Code::Unimplemented,
-                format!("local service longhorn_engine_proxy is not available in this lhnet-proxy build ({context})"),
-            )
-            .into_response(),
+            Target::EngineProxy(server) => {
+                tonic::codegen::Service::call(&mut server.clone(), request).await
+            }
+            Target::Cluster(_) => unreachable_local(),
+        };
+        match response {
+            Ok(response) => response.map(|b| b.map_err(BoxError::from).boxed_unsync()),
+            Err(never) => match never {},
         }
     }
 
@@ -381,6 +403,17 @@ impl RouteTable {
             )
         })
     }
+}
+
+/// `call_local` is only reached for local targets; a cluster target here is a bug, answered as
+/// an internal error rather than a panic.
+fn unreachable_local() -> Result<Response<tonic::body::Body>, std::convert::Infallible> {
+    Ok(LocalReply::new(
+        Code::Internal,
+        "cluster route dispatched as a local service",
+    )
+    .into_response()
+    .map(|_| tonic::body::Body::empty()))
 }
 
 /// Completes a local reply: records it and returns it.

@@ -1,0 +1,710 @@
+//! `imrpc.ProxyEngineService`, wire-compatible with Longhorn v1.3.3: each call is translated to
+//! the engine's `ControllerService` and the replicas' `ReplicaService` / `SyncAgentService`, in
+//! the order of `spec/longhorn-v1.3-wire.md` §3, over the engine cluster's pooled connections
+//! bound to the storage address.
+
+mod address;
+mod channel;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lhnet_proto::imrpc::proxy_engine_service_server::{
+    ProxyEngineService, ProxyEngineServiceServer,
+};
+use lhnet_proto::imrpc::*;
+use lhnet_proto::ptypes::controller_service_client::ControllerServiceClient;
+use lhnet_proto::ptypes::replica_service_client::ReplicaServiceClient;
+use lhnet_proto::ptypes::sync_agent_service_client::SyncAgentServiceClient;
+use lhnet_proto::ptypes::{self, ControllerReplica, ReplicaMode};
+use tonic::{Request, Response, Status};
+
+pub use address::{parse_address, EngineAddr, ReplicaAddr};
+use channel::EngineChannel;
+
+use crate::cluster::Cluster;
+
+type Empty = ();
+
+/// Deadline of every engine and replica call (longhorn-engine's `GRPCServiceCommonTimeout`).
+const ENGINE_CALL_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// The Longhorn engine proxy, answering inside lhnet.
+#[derive(Clone)]
+pub struct EngineProxy {
+    engines: Arc<Cluster>,
+}
+
+impl EngineProxy {
+    pub fn server(engines: Arc<Cluster>) -> ProxyEngineServiceServer<EngineProxy> {
+        ProxyEngineServiceServer::new(EngineProxy { engines })
+    }
+
+    /// Refuses an address outside the cluster's allowed destinations, before any dial.
+    fn allow(&self, field: &str, addr: SocketAddr) -> Result<(), Status> {
+        if self.engines.allows(addr) {
+            return Ok(());
+        }
+        Err(Status::permission_denied(format!(
+            "{field} {addr} is outside allowed_destinations/allowed_ports of cluster {}; not dialled",
+            self.engines.name()
+        )))
+    }
+
+    fn engine(&self, request: Option<&ProxyEngineRequest>) -> Result<EngineAddr, Status> {
+        let text = request.map(|r| r.address.as_str()).unwrap_or_default();
+        let addr = EngineAddr::parse("address", text)?;
+        self.allow("address", addr.0)?;
+        Ok(addr)
+    }
+
+    fn channel(&self, destination: SocketAddr) -> EngineChannel {
+        EngineChannel {
+            cluster: self.engines.clone(),
+            destination,
+        }
+    }
+
+    fn controller(&self, addr: EngineAddr) -> ControllerServiceClient<EngineChannel> {
+        ControllerServiceClient::new(self.channel(addr.0))
+    }
+
+    fn replica(&self, addr: ReplicaAddr) -> Result<ReplicaServiceClient<EngineChannel>, Status> {
+        self.allow("replica address", addr.0)?;
+        Ok(ReplicaServiceClient::new(self.channel(addr.0)))
+    }
+
+    fn sync_agent(
+        &self,
+        addr: ReplicaAddr,
+    ) -> Result<SyncAgentServiceClient<EngineChannel>, Status> {
+        let agent = addr.sync_agent()?;
+        self.allow("replica sync agent", agent)?;
+        Ok(SyncAgentServiceClient::new(self.channel(agent)))
+    }
+
+    /// The engine's replicas, each with its parsed address and mode.
+    async fn replicas(
+        &self,
+        engine: EngineAddr,
+    ) -> Result<Vec<(String, Option<ReplicaAddr>, ReplicaMode)>, Status> {
+        let list = call(
+            &format!("list replicas for volume {engine}"),
+            self.controller(engine).replica_list(timed(())),
+        )
+        .await?;
+        Ok(list
+            .replicas
+            .into_iter()
+            .map(|r| {
+                let text = r.address.map(|a| a.address).unwrap_or_default();
+                let parsed = ReplicaAddr::parse("replica address", &text).ok();
+                let mode = ReplicaMode::try_from(r.mode).unwrap_or(ReplicaMode::Err);
+                (text, parsed, mode)
+            })
+            .collect())
+    }
+}
+
+/// A downstream request with the engine-call deadline (sent as grpc-timeout, and enforced).
+fn timed<T>(message: T) -> Request<T> {
+    let mut r = Request::new(message);
+    r.set_timeout(ENGINE_CALL_TIMEOUT);
+    r
+}
+
+/// Awaits a downstream call under the deadline; errors keep their code, with the Go proxy's
+/// text shape: `failed to <op>: <cause>`.
+async fn call<T, F>(op: &str, fut: F) -> Result<T, Status>
+where
+    F: Future<Output = Result<Response<T>, Status>>,
+{
+    match tokio::time::timeout(ENGINE_CALL_TIMEOUT, fut).await {
+        Ok(Ok(r)) => Ok(r.into_inner()),
+        Ok(Err(s)) => Err(Status::new(
+            s.code(),
+            format!("failed to {op}: {}", s.message()),
+        )),
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "failed to {op}: no answer within {} s",
+            ENGINE_CALL_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+fn logged(op: &'static str, engine: EngineAddr, mutating: bool) {
+    if mutating {
+        tracing::info!(op, volume = %engine, network = "storage", "engine proxy call");
+    } else {
+        tracing::debug!(op, volume = %engine, network = "storage", "engine proxy call");
+    }
+}
+
+fn unbuilt(op: &str) -> Status {
+    Status::unimplemented(format!(
+        "{op} is not available in this lhnet-proxy build yet (the rebuild, purge, clone, backup and restore tasks are in progress)"
+    ))
+}
+
+/// Longhorn's disk file names to snapshot names: `volume-snap-X.img` → `X`, the head → `volume-head`.
+pub fn snapshot_name(disk: &str) -> String {
+    if let Some(name) = disk
+        .strip_prefix("volume-snap-")
+        .and_then(|d| d.strip_suffix(".img"))
+    {
+        name.to_string()
+    } else if disk.starts_with("volume-head-") && disk.ends_with(".img") {
+        "volume-head".to_string()
+    } else {
+        disk.to_string()
+    }
+}
+
+#[tonic::async_trait]
+impl ProxyEngineService for EngineProxy {
+    async fn server_version_get(
+        &self,
+        request: Request<ProxyEngineRequest>,
+    ) -> Result<Response<EngineVersionProxyResponse>, Status> {
+        let engine = self.engine(Some(request.get_ref()))?;
+        logged("ServerVersionGet", engine, false);
+        let reply = call(
+            &format!("get version of {engine}"),
+            self.controller(engine).version_detail_get(timed(())),
+        )
+        .await?;
+        Ok(Response::new(EngineVersionProxyResponse {
+            version: reply.version,
+        }))
+    }
+
+    async fn volume_get(
+        &self,
+        request: Request<ProxyEngineRequest>,
+    ) -> Result<Response<EngineVolumeGetProxyResponse>, Status> {
+        let engine = self.engine(Some(request.get_ref()))?;
+        logged("VolumeGet", engine, false);
+        let volume = call(
+            &format!("get volume {engine}"),
+            self.controller(engine).volume_get(timed(())),
+        )
+        .await?;
+        Ok(Response::new(EngineVolumeGetProxyResponse {
+            volume: Some(volume),
+        }))
+    }
+
+    async fn volume_expand(
+        &self,
+        request: Request<EngineVolumeExpandRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        let r = request.into_inner();
+        let engine = self.engine(r.proxy_engine_request.as_ref())?;
+        logged("VolumeExpand", engine, true);
+        let size = r.expand.map(|e| e.size).unwrap_or_default();
+        call(
+            &format!("expand volume {engine}"),
+            self.controller(engine)
+                .volume_expand(timed(ptypes::VolumeExpandRequest { size })),
+        )
+        .await?;
+        Ok(Response::new(()))
+    }
+
+    async fn volume_frontend_start(
+        &self,
+        request: Request<EngineVolumeFrontendStartRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        let r = request.into_inner();
+        let engine = self.engine(r.proxy_engine_request.as_ref())?;
+        let frontend = r.frontend_start.map(|f| f.frontend).unwrap_or_default();
+        if frontend.is_empty() {
+            return Err(Status::invalid_argument(
+                "missing required frontend_start.frontend parameter",
+            ));
+        }
+        logged("VolumeFrontendStart", engine, true);
+        call(
+            &format!("start frontend {frontend} of volume {engine}"),
+            self.controller(engine)
+                .volume_frontend_start(timed(ptypes::VolumeFrontendStartRequest { frontend })),
+        )
+        .await?;
+        Ok(Response::new(()))
+    }
+
+    async fn volume_frontend_shutdown(
+        &self,
+        request: Request<ProxyEngineRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        let engine = self.engine(Some(request.get_ref()))?;
+        logged("VolumeFrontendShutdown", engine, true);
+        call(
+            &format!("shut down the frontend of volume {engine}"),
+            self.controller(engine).volume_frontend_shutdown(timed(())),
+        )
+        .await?;
+        Ok(Response::new(()))
+    }
+
+    async fn volume_snapshot(
+        &self,
+        request: Request<EngineVolumeSnapshotRequest>,
+    ) -> Result<Response<EngineVolumeSnapshotProxyResponse>, Status> {
+        let r = request.into_inner();
+        let engine = self.engine(r.proxy_engine_request.as_ref())?;
+        logged("VolumeSnapshot", engine, true);
+        let snapshot = r.snapshot_volume.unwrap_or_default();
+        let reply = call(
+            &format!("snapshot volume {engine}"),
+            self.controller(engine).volume_snapshot(timed(snapshot)),
+        )
+        .await?;
+        Ok(Response::new(EngineVolumeSnapshotProxyResponse {
+            snapshot: Some(reply),
+        }))
+    }
+
+    async fn snapshot_list(
+        &self,
+        request: Request<ProxyEngineRequest>,
+    ) -> Result<Response<EngineSnapshotListProxyResponse>, Status> {
+        let engine = self.engine(Some(request.get_ref()))?;
+        logged("SnapshotList", engine, false);
+        let mut best: Option<ptypes::Replica> = None;
+        for (text, addr, mode) in self.replicas(engine).await? {
+            if mode != ReplicaMode::Rw {
+                continue;
+            }
+            let addr = addr.ok_or_else(|| {
+                Status::internal(format!(
+                    "engine {engine} reported a bad replica address {text:?}"
+                ))
+            })?;
+            let replica = call(
+                &format!("get replica {addr}"),
+                self.replica(addr)?.replica_get(timed(())),
+            )
+            .await?;
+            let Some(replica) = replica.replica else {
+                continue;
+            };
+            if best
+                .as_ref()
+                .is_none_or(|b| replica.disks.len() > b.disks.len())
+            {
+                best = Some(replica);
+            }
+        }
+        let mut disks = HashMap::new();
+        if let Some(replica) = best {
+            for (file, d) in replica.disks {
+                if file == replica.backing_file {
+                    continue;
+                }
+                let name = snapshot_name(&file);
+                disks.insert(
+                    name.clone(),
+                    EngineSnapshotDiskInfo {
+                        name,
+                        parent: if d.parent.is_empty() {
+                            String::new()
+                        } else {
+                            snapshot_name(&d.parent)
+                        },
+                        children: d
+                            .children
+                            .into_iter()
+                            .map(|(c, v)| (snapshot_name(&c), v))
+                            .collect(),
+                        removed: d.removed,
+                        user_created: d.user_created,
+                        created: d.created,
+                        size: d.size,
+                        labels: d.labels,
+                    },
+                );
+            }
+        }
+        Ok(Response::new(EngineSnapshotListProxyResponse { disks }))
+    }
+
+    async fn snapshot_revert(
+        &self,
+        request: Request<EngineSnapshotRevertRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        let r = request.into_inner();
+        let engine = self.engine(r.proxy_engine_request.as_ref())?;
+        if r.name.is_empty() {
+            return Err(Status::invalid_argument("missing required name parameter"));
+        }
+        logged("SnapshotRevert", engine, true);
+        call(
+            &format!("revert volume {engine} to snapshot {}", r.name),
+            self.controller(engine)
+                .volume_revert(timed(ptypes::VolumeRevertRequest {
+                    name: r.name.clone(),
+                })),
+        )
+        .await?;
+        Ok(Response::new(()))
+    }
+
+    async fn snapshot_purge(
+        &self,
+        _request: Request<EngineSnapshotPurgeRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        Err(unbuilt("SnapshotPurge"))
+    }
+
+    async fn snapshot_purge_status(
+        &self,
+        request: Request<ProxyEngineRequest>,
+    ) -> Result<Response<EngineSnapshotPurgeStatusProxyResponse>, Status> {
+        let engine = self.engine(Some(request.get_ref()))?;
+        logged("SnapshotPurgeStatus", engine, false);
+        let mut status = HashMap::new();
+        for (text, addr, mode) in self.replicas(engine).await? {
+            if mode == ReplicaMode::Err {
+                continue;
+            }
+            let result = match addr.map(|a| self.sync_agent(a)) {
+                Some(Ok(mut agent)) => {
+                    call(
+                        &format!("get snapshot purge status of {text}"),
+                        agent.snapshot_purge_status(timed(())),
+                    )
+                    .await
+                }
+                Some(Err(e)) => Err(e),
+                None => Err(Status::internal(format!("bad replica address {text:?}"))),
+            };
+            status.insert(
+                text,
+                result.unwrap_or_else(|e| ptypes::SnapshotPurgeStatusResponse {
+                    error: e.message().to_string(),
+                    ..Default::default()
+                }),
+            );
+        }
+        Ok(Response::new(EngineSnapshotPurgeStatusProxyResponse {
+            status,
+        }))
+    }
+
+    async fn snapshot_clone(
+        &self,
+        _request: Request<EngineSnapshotCloneRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        Err(unbuilt("SnapshotClone"))
+    }
+
+    async fn snapshot_clone_status(
+        &self,
+        request: Request<ProxyEngineRequest>,
+    ) -> Result<Response<EngineSnapshotCloneStatusProxyResponse>, Status> {
+        let engine = self.engine(Some(request.get_ref()))?;
+        logged("SnapshotCloneStatus", engine, false);
+        let mut status = HashMap::new();
+        for (text, addr, _mode) in self.replicas(engine).await? {
+            let result = match addr.map(|a| self.sync_agent(a)) {
+                Some(Ok(mut agent)) => {
+                    call(
+                        &format!("get snapshot clone status of {text}"),
+                        agent.snapshot_clone_status(timed(())),
+                    )
+                    .await
+                }
+                Some(Err(e)) => Err(e),
+                None => Err(Status::internal(format!("bad replica address {text:?}"))),
+            };
+            status.insert(
+                text,
+                result.unwrap_or_else(|e| ptypes::SnapshotCloneStatusResponse {
+                    error: e.message().to_string(),
+                    ..Default::default()
+                }),
+            );
+        }
+        Ok(Response::new(EngineSnapshotCloneStatusProxyResponse {
+            status,
+        }))
+    }
+
+    async fn snapshot_remove(
+        &self,
+        request: Request<EngineSnapshotRemoveRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        let r = request.into_inner();
+        let engine = self.engine(r.proxy_engine_request.as_ref())?;
+        logged("SnapshotRemove", engine, true);
+        let mut last_error = None;
+        for name in &r.names {
+            if let Err(e) = self.remove_one_snapshot(engine, name).await {
+                tracing::warn!(volume = %engine, snapshot = %name, error = %e.message(), "snapshot remove failed");
+                last_error = Some(e);
+            }
+        }
+        match last_error {
+            Some(e) => Err(e),
+            None => Ok(Response::new(())),
+        }
+    }
+
+    async fn snapshot_backup(
+        &self,
+        _request: Request<EngineSnapshotBackupRequest>,
+    ) -> Result<Response<EngineSnapshotBackupProxyResponse>, Status> {
+        Err(unbuilt("SnapshotBackup"))
+    }
+
+    async fn snapshot_backup_status(
+        &self,
+        _request: Request<EngineSnapshotBackupStatusRequest>,
+    ) -> Result<Response<EngineSnapshotBackupStatusProxyResponse>, Status> {
+        Err(unbuilt("SnapshotBackupStatus"))
+    }
+
+    async fn backup_restore(
+        &self,
+        _request: Request<EngineBackupRestoreRequest>,
+    ) -> Result<Response<EngineBackupRestoreProxyResponse>, Status> {
+        Err(unbuilt("BackupRestore"))
+    }
+
+    async fn backup_restore_status(
+        &self,
+        request: Request<ProxyEngineRequest>,
+    ) -> Result<Response<EngineBackupRestoreStatusProxyResponse>, Status> {
+        let engine = self.engine(Some(request.get_ref()))?;
+        logged("BackupRestoreStatus", engine, false);
+        let mut status = HashMap::new();
+        for (text, addr, mode) in self.replicas(engine).await? {
+            if mode == ReplicaMode::Err {
+                continue;
+            }
+            let result = match addr.map(|a| self.sync_agent(a)) {
+                Some(Ok(mut agent)) => {
+                    call(
+                        &format!("get restore status of {text}"),
+                        agent.restore_status(timed(())),
+                    )
+                    .await
+                }
+                Some(Err(e)) => Err(e),
+                None => Err(Status::internal(format!("bad replica address {text:?}"))),
+            };
+            let entry = match result {
+                Ok(s) => EngineBackupRestoreStatus {
+                    is_restoring: s.is_restoring,
+                    last_restored: s.last_restored,
+                    current_restoring_backup: s.current_restoring_backup,
+                    progress: s.progress,
+                    error: s.error,
+                    filename: s.dest_file_name,
+                    state: s.state,
+                    backup_url: s.backup_url,
+                },
+                Err(e) => EngineBackupRestoreStatus {
+                    error: e.message().to_string(),
+                    ..Default::default()
+                },
+            };
+            status.insert(text, entry);
+        }
+        Ok(Response::new(EngineBackupRestoreStatusProxyResponse {
+            status,
+        }))
+    }
+
+    async fn replica_add(
+        &self,
+        _request: Request<EngineReplicaAddRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        Err(unbuilt("ReplicaAdd"))
+    }
+
+    async fn replica_list(
+        &self,
+        request: Request<ProxyEngineRequest>,
+    ) -> Result<Response<EngineReplicaListProxyResponse>, Status> {
+        let engine = self.engine(Some(request.get_ref()))?;
+        logged("ReplicaList", engine, false);
+        let list = call(
+            &format!("list replicas for volume {engine}"),
+            self.controller(engine).replica_list(timed(())),
+        )
+        .await?;
+        let replicas = list
+            .replicas
+            .into_iter()
+            .map(|r| ControllerReplica {
+                address: r.address,
+                mode: r.mode,
+            })
+            .collect();
+        Ok(Response::new(EngineReplicaListProxyResponse {
+            replica_list: Some(ptypes::ReplicaListReply { replicas }),
+        }))
+    }
+
+    async fn replica_rebuilding_status(
+        &self,
+        request: Request<ProxyEngineRequest>,
+    ) -> Result<Response<EngineReplicaRebuildStatusProxyResponse>, Status> {
+        let engine = self.engine(Some(request.get_ref()))?;
+        logged("ReplicaRebuildingStatus", engine, false);
+        let mut status = HashMap::new();
+        for (text, addr, mode) in self.replicas(engine).await? {
+            if mode != ReplicaMode::Wo {
+                continue;
+            }
+            let mut agent = match addr.map(|a| self.sync_agent(a)) {
+                Some(Ok(agent)) => agent,
+                Some(Err(e)) => {
+                    status.insert(
+                        text,
+                        ptypes::ReplicaRebuildStatusResponse {
+                            error: e.message().to_string(),
+                            ..Default::default()
+                        },
+                    );
+                    continue;
+                }
+                None => {
+                    status.insert(
+                        text.clone(),
+                        ptypes::ReplicaRebuildStatusResponse {
+                            error: format!("bad replica address {text:?}"),
+                            ..Default::default()
+                        },
+                    );
+                    continue;
+                }
+            };
+            // A restore (DR) volume's WO replicas restore, they do not rebuild: stop there.
+            if let Ok(restore) = call(
+                &format!("get restore status of {text}"),
+                agent.restore_status(timed(())),
+            )
+            .await
+            {
+                if !restore.dest_file_name.is_empty() {
+                    break;
+                }
+            }
+            let result = call(
+                &format!("get rebuild status of {text}"),
+                agent.replica_rebuild_status(timed(())),
+            )
+            .await;
+            status.insert(
+                text,
+                result.unwrap_or_else(|e| ptypes::ReplicaRebuildStatusResponse {
+                    error: e.message().to_string(),
+                    ..Default::default()
+                }),
+            );
+        }
+        Ok(Response::new(EngineReplicaRebuildStatusProxyResponse {
+            status,
+        }))
+    }
+
+    async fn replica_verify_rebuild(
+        &self,
+        request: Request<EngineReplicaVerifyRebuildRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        let r = request.into_inner();
+        let engine = self.engine(r.proxy_engine_request.as_ref())?;
+        let replica = ReplicaAddr::parse("replica_address", &r.replica_address)?;
+        self.allow("replica_address", replica.0)?;
+        logged("ReplicaVerifyRebuild", engine, true);
+        call(
+            &format!("verify rebuild of replica {replica} for volume {engine}"),
+            self.controller(engine)
+                .replica_verify_rebuild(timed(ptypes::ReplicaAddress {
+                    address: replica.url(),
+                })),
+        )
+        .await?;
+        Ok(Response::new(()))
+    }
+
+    async fn replica_remove(
+        &self,
+        request: Request<EngineReplicaRemoveRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        let r = request.into_inner();
+        let engine = self.engine(r.proxy_engine_request.as_ref())?;
+        let replica = ReplicaAddr::parse("replica_address", &r.replica_address)?;
+        logged("ReplicaRemove", engine, true);
+        call(
+            &format!("remove replica {replica} from volume {engine}"),
+            self.controller(engine)
+                .replica_delete(timed(ptypes::ReplicaAddress {
+                    address: replica.url(),
+                })),
+        )
+        .await?;
+        Ok(Response::new(()))
+    }
+
+    async fn ping(&self, _request: Request<()>) -> Result<Response<()>, Status> {
+        Ok(Response::new(()))
+    }
+}
+
+impl EngineProxy {
+    /// One name of SnapshotRemove: no replica may be rebuilding; every RW replica marks the disk.
+    async fn remove_one_snapshot(&self, engine: EngineAddr, name: &str) -> Result<(), Status> {
+        let replicas = self.replicas(engine).await?;
+        let mut targets = Vec::new();
+        for (text, addr, mode) in &replicas {
+            let addr = addr.ok_or_else(|| {
+                Status::internal(format!(
+                    "engine {engine} reported a bad replica address {text:?}"
+                ))
+            })?;
+            let replica = call(
+                &format!("get replica {addr}"),
+                self.replica(addr)?.replica_get(timed(())),
+            )
+            .await?;
+            if replica.replica.is_some_and(|r| r.rebuilding) {
+                return Err(Status::failed_precondition(format!(
+                    "failed to remove snapshot {name}: replica {addr} is rebuilding"
+                )));
+            }
+            if *mode == ReplicaMode::Rw {
+                targets.push(addr);
+            }
+        }
+        for addr in targets {
+            call(
+                &format!("mark snapshot {name} as removed on replica {addr}"),
+                self.replica(addr)?
+                    .disk_mark_as_removed(timed(ptypes::DiskMarkAsRemovedRequest {
+                        name: name.to_string(),
+                    })),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_names_become_snapshot_names() {
+        assert_eq!(snapshot_name("volume-snap-s1.img"), "s1");
+        assert_eq!(snapshot_name("volume-head-003.img"), "volume-head");
+        assert_eq!(snapshot_name("backing.qcow2"), "backing.qcow2");
+    }
+}
