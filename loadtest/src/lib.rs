@@ -4,3 +4,4 @@
 
 pub mod bench;
 pub mod peers;
+pub mod sim;

@@ -14,7 +14,9 @@ use tokio::time::{Instant, Sleep};
 use tonic::Code;
 
 use crate::metrics::Metrics;
-use crate::reply::{grpc_status, BoxError, LocalReply, RouteContext};
+use crate::reply::{
+    grpc_status, undecodable_to_invalid_argument, BoxError, LocalReply, RouteContext,
+};
 
 /// Set once when the proxy itself decides how a request ends (a bad request body, a deadline).
 /// The response path reads it to answer with that status instead of the upstream's reaction.
@@ -366,6 +368,8 @@ pin_project_lite::pin_project! {
         context: RouteContext,
         log: Option<RequestLog>,
         permit: Option<tokio::sync::OwnedSemaphorePermit>,
+        // Set for local (tonic) services, whose decode failures are the caller's malformed request.
+        local: bool,
         done: bool,
     }
 
@@ -388,6 +392,7 @@ impl<B> ObservedBody<B> {
         context: RouteContext,
         log: RequestLog,
         permit: Option<tokio::sync::OwnedSemaphorePermit>,
+        local: bool,
     ) -> Self {
         let (deadline, deadline_reply) = match deadline {
             Some((at, reply)) => (Some(tokio::time::sleep_until(at)), Some(reply)),
@@ -401,6 +406,7 @@ impl<B> ObservedBody<B> {
             context,
             log: Some(log),
             permit,
+            local,
             done: false,
         }
     }
@@ -445,7 +451,12 @@ where
         }
         match this.inner.poll_frame(cx) {
             Poll::Pending => Poll::Pending,
-            Poll::Ready(Some(Ok(frame))) => {
+            Poll::Ready(Some(Ok(mut frame))) => {
+                if *this.local {
+                    if let Some(trailers) = frame.trailers_mut() {
+                        undecodable_to_invalid_argument(trailers);
+                    }
+                }
                 if let Some(trailers) = frame.trailers_ref() {
                     *this.done = true;
                     if let Some(log) = this.log.take() {

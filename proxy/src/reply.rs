@@ -100,6 +100,55 @@ pub fn percent_encode(message: &str) -> String {
     out
 }
 
+/// tonic answers a request message it cannot decode with INTERNAL; for the caller that is a
+/// malformed request, which lhnet reports as INVALID_ARGUMENT (DESIGN §3). Rewrites the status
+/// in a local service's headers or trailers.
+pub fn undecodable_to_invalid_argument(headers: &mut HeaderMap) {
+    if grpc_status(headers) != Some(Code::Internal as i32) {
+        return;
+    }
+    let Some(message) = headers
+        .get(names::GRPC_MESSAGE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return;
+    };
+    if !message.starts_with("failed%20to%20decode%20Protobuf%20message")
+        && !message.starts_with("failed to decode Protobuf message")
+    {
+        return;
+    }
+    let decoded = percent_decode(message);
+    LocalReply::new(
+        Code::InvalidArgument,
+        format!("malformed request: {decoded}"),
+    )
+    .write_to(headers);
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// The `grpc-status` in a header map, if there is a valid one.
 pub fn grpc_status(headers: &HeaderMap) -> Option<i32> {
     headers
@@ -129,5 +178,19 @@ mod tests {
         assert!(http_body::Body::is_end_stream(r.body()));
         assert_eq!(percent_encode("é"), "%C3%A9");
         assert_eq!(grpc_status(r.headers()), Some(14));
+        assert_eq!(percent_decode("100%25 d%C3%A9j%C3%A0"), "100% déjà");
+
+        let mut h = HeaderMap::new();
+        LocalReply::new(
+            Code::Internal,
+            "failed to decode Protobuf message: x: buffer underflow",
+        )
+        .write_to(&mut h);
+        undecodable_to_invalid_argument(&mut h);
+        assert_eq!(grpc_status(&h), Some(3));
+        assert_eq!(
+            h[names::GRPC_MESSAGE],
+            "malformed request: failed to decode Protobuf message: x: buffer underflow"
+        );
     }
 }

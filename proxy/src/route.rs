@@ -25,7 +25,10 @@ use crate::config::{
 use crate::engine_proxy::EngineProxy;
 use crate::health::HealthService;
 use crate::metrics::Metrics;
-use crate::reply::{grpc_status, names, BoxError, LocalReply, ProxyBody, RouteContext};
+use crate::reply::{
+    grpc_status, names, undecodable_to_invalid_argument, BoxError, LocalReply, ProxyBody,
+    RouteContext,
+};
 use lhnet_proto::imrpc::proxy_engine_service_server::ProxyEngineServiceServer;
 
 /// One listener's routes, built from config; replaced whole on reload.
@@ -439,13 +442,19 @@ where
     if let Some(reply) = verdict.get() {
         return finish_local(reply.clone(), log);
     }
+    // A local service's response has no cluster permit; an upstream's always has one.
+    let local = permit.is_none();
+    let mut response = response;
+    if local {
+        undecodable_to_invalid_argument(response.headers_mut());
+    }
     if let Some(code) = grpc_status(response.headers()) {
         // Trailers-Only: the status is in the headers and the stream has ended.
         log.finish(code);
         return response.map(|b| b.map_err(|e| BoxError::from(e.to_string())).boxed_unsync());
     }
     let (parts, body) = response.into_parts();
-    let body = ObservedBody::new(body, deadline, verdict.clone(), context, log, permit);
+    let body = ObservedBody::new(body, deadline, verdict.clone(), context, log, permit, local);
     Response::from_parts(parts, body.boxed_unsync())
 }
 

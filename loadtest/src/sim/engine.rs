@@ -1,0 +1,432 @@
+//! A simulated longhorn-engine controller: `ControllerService` with a volume's real state, which
+//! drives its replicas over gRPC (`ReplicaService`) as the real engine does.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use lhnet_proto::ptypes::controller_service_server::{ControllerService, ControllerServiceServer};
+use lhnet_proto::ptypes::replica_service_client::ReplicaServiceClient;
+use lhnet_proto::ptypes::*;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+/// The engine's volume and replica set.
+#[derive(Clone)]
+pub struct SimEngine {
+    state: Arc<Mutex<EngineState>>,
+    clients: Arc<Mutex<HashMap<String, ReplicaServiceClient<Channel>>>>,
+}
+
+struct EngineState {
+    volume: Volume,
+    /// `tcp://IP:PORT` → mode, in the order they were added.
+    replicas: Vec<(String, ReplicaMode)>,
+}
+
+type R<T> = Result<Response<T>, Status>;
+
+impl SimEngine {
+    pub fn new(name: &str, size: i64, replicas: Vec<String>) -> SimEngine {
+        SimEngine {
+            state: Arc::new(Mutex::new(EngineState {
+                volume: Volume {
+                    name: name.to_string(),
+                    size,
+                    replica_count: 0,
+                    endpoint: String::new(),
+                    frontend: String::new(),
+                    frontend_state: "down".into(),
+                    is_expanding: false,
+                    last_expansion_error: String::new(),
+                    last_expansion_failed_at: String::new(),
+                },
+                replicas: replicas.into_iter().map(|r| (r, ReplicaMode::Rw)).collect(),
+            })),
+            clients: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    pub fn server(&self) -> ControllerServiceServer<SimEngine> {
+        ControllerServiceServer::new(self.clone())
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut EngineState) -> Result<T, Status>) -> Result<T, Status> {
+        let mut s = self
+            .state
+            .lock()
+            .map_err(|_| Status::internal("engine state lock poisoned"))?;
+        f(&mut s)
+    }
+
+    fn volume(&self) -> Result<Volume, Status> {
+        self.with(|s| {
+            let mut v = s.volume.clone();
+            v.replica_count = s.replicas.len() as i32;
+            Ok(v)
+        })
+    }
+
+    /// Replicas in a mode, for fan-out.
+    fn replicas_in(&self, mode: ReplicaMode) -> Result<Vec<String>, Status> {
+        self.with(|s| {
+            Ok(s.replicas
+                .iter()
+                .filter(|(_, m)| *m == mode)
+                .map(|(a, _)| a.clone())
+                .collect())
+        })
+    }
+
+    fn client(&self, address: &str) -> Result<ReplicaServiceClient<Channel>, Status> {
+        let mut clients = self
+            .clients
+            .lock()
+            .map_err(|_| Status::internal("engine client lock poisoned"))?;
+        if let Some(c) = clients.get(address) {
+            return Ok(c.clone());
+        }
+        let host = address.strip_prefix("tcp://").unwrap_or(address);
+        let channel = Channel::from_shared(format!("http://{host}"))
+            .map_err(|e| Status::invalid_argument(format!("bad replica address {address}: {e}")))?
+            .connect_lazy();
+        let client = ReplicaServiceClient::new(channel);
+        clients.insert(address.to_string(), client.clone());
+        Ok(client)
+    }
+
+    /// Marks a replica ERR after a failed call, as the engine does.
+    fn fail_replica(&self, address: &str) {
+        let _ = self.with(|s| {
+            for (a, m) in s.replicas.iter_mut() {
+                if a == address {
+                    *m = ReplicaMode::Err;
+                }
+            }
+            Ok(())
+        });
+    }
+
+    fn reply(v: Volume) -> R<Volume> {
+        Ok(Response::new(v))
+    }
+}
+
+fn replica_list(s: &EngineState) -> ReplicaListReply {
+    ReplicaListReply {
+        replicas: s
+            .replicas
+            .iter()
+            .map(|(a, m)| ControllerReplica {
+                address: Some(ReplicaAddress { address: a.clone() }),
+                mode: *m as i32,
+            })
+            .collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl ControllerService for SimEngine {
+    async fn volume_get(&self, _r: Request<()>) -> R<Volume> {
+        Self::reply(self.volume()?)
+    }
+
+    async fn volume_start(&self, r: Request<VolumeStartRequest>) -> R<Volume> {
+        let r = r.into_inner();
+        self.with(|s| {
+            if !s.replicas.is_empty() {
+                return Err(Status::unknown("volume is already started"));
+            }
+            s.replicas = r
+                .replica_addresses
+                .into_iter()
+                .map(|a| (a, ReplicaMode::Rw))
+                .collect();
+            if r.size > 0 {
+                s.volume.size = r.size;
+            }
+            Ok(())
+        })?;
+        Self::reply(self.volume()?)
+    }
+
+    async fn volume_shutdown(&self, _r: Request<()>) -> R<Volume> {
+        self.with(|s| {
+            s.volume.frontend_state = "down".into();
+            Ok(())
+        })?;
+        Self::reply(self.volume()?)
+    }
+
+    async fn volume_snapshot(&self, r: Request<VolumeSnapshotRequest>) -> R<VolumeSnapshotReply> {
+        let r = r.into_inner();
+        let name = if r.name.is_empty() {
+            uuid_like()
+        } else {
+            r.name
+        };
+        let created = super::replica_now();
+        for address in self.replicas_in(ReplicaMode::Rw)? {
+            let mut client = self.client(&address)?;
+            let req = ReplicaSnapshotRequest {
+                name: name.clone(),
+                user_created: true,
+                created: created.clone(),
+                labels: r.labels.clone(),
+            };
+            if let Err(e) = client.replica_snapshot(req).await {
+                if e.message().contains("too many snapshots") {
+                    return Err(Status::unknown(format!(
+                        "failed to snapshot replica {address}: {}",
+                        e.message()
+                    )));
+                }
+                self.fail_replica(&address);
+            }
+        }
+        Ok(Response::new(VolumeSnapshotReply { name }))
+    }
+
+    async fn volume_revert(&self, r: Request<VolumeRevertRequest>) -> R<Volume> {
+        let name = r.into_inner().name;
+        if name == "volume-head" {
+            return Err(Status::unknown(
+                "invalid snapshot name volume-head: cannot revert to the volume head",
+            ));
+        }
+        if self.with(|s| Ok(s.volume.frontend_state == "up"))? {
+            return Err(Status::unknown(
+                "volume frontend is up; shut it down before reverting",
+            ));
+        }
+        for address in self.replicas_in(ReplicaMode::Rw)? {
+            let mut client = self.client(&address)?;
+            client
+                .replica_revert(ReplicaRevertRequest {
+                    name: name.clone(),
+                    created: super::replica_now(),
+                })
+                .await
+                .map_err(|e| {
+                    Status::unknown(format!(
+                        "failed to revert replica {address}: {}",
+                        e.message()
+                    ))
+                })?;
+        }
+        Self::reply(self.volume()?)
+    }
+
+    async fn volume_expand(&self, r: Request<VolumeExpandRequest>) -> R<Volume> {
+        let size = r.into_inner().size;
+        let current = self.with(|s| Ok(s.volume.size))?;
+        if size < current {
+            return Err(Status::unknown(format!(
+                "cannot shrink volume from {current} to {size}"
+            )));
+        }
+        for address in self.replicas_in(ReplicaMode::Rw)? {
+            let mut client = self.client(&address)?;
+            if let Err(e) = client.replica_expand(ReplicaExpandRequest { size }).await {
+                self.with(|s| {
+                    s.volume.last_expansion_error = e.message().to_string();
+                    s.volume.last_expansion_failed_at = super::replica_now();
+                    Ok(())
+                })?;
+                return Err(Status::unknown(format!(
+                    "failed to expand replica {address}: {}",
+                    e.message()
+                )));
+            }
+        }
+        self.with(|s| {
+            s.volume.size = size;
+            Ok(())
+        })?;
+        Self::reply(self.volume()?)
+    }
+
+    async fn volume_frontend_start(&self, r: Request<VolumeFrontendStartRequest>) -> R<Volume> {
+        let frontend = r.into_inner().frontend;
+        if frontend != "tgt-blockdev" && frontend != "tgt-iscsi" {
+            return Err(Status::unknown(format!(
+                "unsupported frontend {frontend:?}; use tgt-blockdev or tgt-iscsi"
+            )));
+        }
+        self.with(|s| {
+            if s.volume.frontend_state == "up" {
+                return Err(Status::unknown("frontend is already up"));
+            }
+            s.volume.endpoint = format!("/dev/longhorn/{}", s.volume.name);
+            s.volume.frontend = frontend;
+            s.volume.frontend_state = "up".into();
+            Ok(())
+        })?;
+        Self::reply(self.volume()?)
+    }
+
+    async fn volume_frontend_shutdown(&self, _r: Request<()>) -> R<Volume> {
+        self.with(|s| {
+            s.volume.frontend_state = "down".into();
+            s.volume.endpoint = String::new();
+            Ok(())
+        })?;
+        Self::reply(self.volume()?)
+    }
+
+    async fn replica_list(&self, _r: Request<()>) -> R<ReplicaListReply> {
+        self.with(|s| Ok(Response::new(replica_list(s))))
+    }
+
+    async fn replica_get(&self, r: Request<ReplicaAddress>) -> R<ControllerReplica> {
+        let address = r.into_inner().address;
+        self.with(|s| {
+            s.replicas
+                .iter()
+                .find(|(a, _)| *a == address)
+                .map(|(a, m)| {
+                    Response::new(ControllerReplica {
+                        address: Some(ReplicaAddress { address: a.clone() }),
+                        mode: *m as i32,
+                    })
+                })
+                .ok_or_else(|| Status::unknown(format!("cannot find replica {address}")))
+        })
+    }
+
+    async fn controller_replica_create(
+        &self,
+        r: Request<ControllerReplicaCreateRequest>,
+    ) -> R<ControllerReplica> {
+        let r = r.into_inner();
+        let mode = ReplicaMode::try_from(r.mode).unwrap_or(ReplicaMode::Wo);
+        self.with(|s| {
+            if s.replicas.iter().any(|(a, _)| *a == r.address) {
+                return Err(Status::unknown(format!(
+                    "replica {} is already in the volume",
+                    r.address
+                )));
+            }
+            s.replicas.push((r.address.clone(), mode));
+            Ok(())
+        })?;
+        Ok(Response::new(ControllerReplica {
+            address: Some(ReplicaAddress { address: r.address }),
+            mode: mode as i32,
+        }))
+    }
+
+    async fn replica_delete(&self, r: Request<ReplicaAddress>) -> R<()> {
+        let address = r.into_inner().address;
+        self.with(|s| {
+            let before = s.replicas.len();
+            s.replicas.retain(|(a, _)| *a != address);
+            if s.replicas.len() == before {
+                return Err(Status::unknown(format!("cannot find replica {address}")));
+            }
+            Ok(())
+        })?;
+        Ok(Response::new(()))
+    }
+
+    async fn replica_update(&self, r: Request<ControllerReplica>) -> R<ControllerReplica> {
+        let r = r.into_inner();
+        let address = r.address.clone().map(|a| a.address).unwrap_or_default();
+        let mode =
+            ReplicaMode::try_from(r.mode).map_err(|_| Status::invalid_argument("bad mode"))?;
+        self.with(
+            |s| match s.replicas.iter_mut().find(|(a, _)| *a == address) {
+                Some(entry) => {
+                    entry.1 = mode;
+                    Ok(())
+                }
+                None => Err(Status::unknown(format!("cannot find replica {address}"))),
+            },
+        )?;
+        Ok(Response::new(r))
+    }
+
+    async fn replica_prepare_rebuild(
+        &self,
+        _r: Request<ReplicaAddress>,
+    ) -> R<ReplicaPrepareRebuildReply> {
+        Err(Status::unimplemented(
+            "the simulated engine does not rebuild yet",
+        ))
+    }
+
+    async fn replica_verify_rebuild(&self, r: Request<ReplicaAddress>) -> R<ControllerReplica> {
+        let address = r.into_inner().address;
+        self.with(
+            |s| match s.replicas.iter_mut().find(|(a, _)| *a == address) {
+                Some((_, mode)) if *mode == ReplicaMode::Wo => {
+                    *mode = ReplicaMode::Rw;
+                    Ok(())
+                }
+                Some((_, mode)) => Err(Status::unknown(format!(
+                    "replica {address} is in mode {mode:?}, not WO: nothing to verify"
+                ))),
+                None => Err(Status::unknown(format!("cannot find replica {address}"))),
+            },
+        )?;
+        Ok(Response::new(ControllerReplica {
+            address: Some(ReplicaAddress { address }),
+            mode: ReplicaMode::Rw as i32,
+        }))
+    }
+
+    async fn journal_list(&self, _r: Request<JournalListRequest>) -> R<()> {
+        Ok(Response::new(()))
+    }
+
+    async fn version_detail_get(&self, _r: Request<()>) -> R<VersionDetailGetReply> {
+        Ok(Response::new(VersionDetailGetReply {
+            version: Some(VersionOutput {
+                version: "v1.3.3-lhnet-sim".into(),
+                git_commit: "simulated".into(),
+                build_date: "2026-11-27T00:00:00Z".into(),
+                cli_api_version: 5,
+                cli_api_min_version: 3,
+                controller_api_version: 3,
+                controller_api_min_version: 3,
+                data_format_version: 1,
+                data_format_min_version: 1,
+            }),
+        }))
+    }
+
+    type MetricGetStream = ReceiverStream<Result<MetricGetReply, Status>>;
+
+    async fn metric_get(&self, _r: Request<()>) -> R<Self::MetricGetStream> {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let _ = tx
+            .send(Ok(MetricGetReply {
+                metric: Some(Metric::default()),
+            }))
+            .await;
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// A random-looking snapshot name like the engine's UUIDs.
+fn uuid_like() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    let a = h.finish();
+    h.write_u64(a);
+    let b = h.finish();
+    format!(
+        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xffff,
+        b >> 48,
+        b & 0xffff_ffff_ffff
+    )
+}

@@ -1,0 +1,554 @@
+//! imrpc.ProxyEngineService through the real lhnet-proxy, against the simulated engine and
+//! replicas on real sockets.
+
+use std::net::SocketAddr;
+
+use lhnet_loadtest::sim::{self, RunningEngine, RunningReplica};
+use lhnet_proto::imrpc::proxy_engine_service_client::ProxyEngineServiceClient;
+use lhnet_proto::imrpc::*;
+use lhnet_proto::ptypes::controller_service_client::ControllerServiceClient;
+use lhnet_proto::ptypes::{self, ReplicaMode};
+use lhnet_proxy::app::{self, Options, RunningProxy};
+use lhnet_proxy::config::Config;
+use tonic::transport::Channel;
+use tonic::Code;
+
+const SIZE: i64 = 64 << 20;
+
+struct Setup {
+    _proxy: RunningProxy,
+    client: ProxyEngineServiceClient<Channel>,
+    engine: RunningEngine,
+    replicas: Vec<RunningReplica>,
+}
+
+async fn start_proxy() -> (RunningProxy, ProxyEngineServiceClient<Channel>) {
+    let yaml = "admin: { address: 127.0.0.1:0 }\nstorage_network: { interface: lo }\n\
+        listeners:\n  - name: m\n    address: 127.0.0.1:0\n    routes:\n\
+        \x20     - match: { prefix: /imrpc.ProxyEngineService/ }\n        local: longhorn_engine_proxy\n\
+        clusters:\n  - name: engines\n    type: original_dst\n    upstream_bind_config: { source_address: storage }\n\
+        \x20   allowed_destinations: [127.0.0.1]\n    connect_timeout: 1s\n";
+    let config = Config::parse(yaml, "test").unwrap();
+    let proxy = app::start(config, Options::default()).await.unwrap();
+    let addr = proxy.listener_addr("m").unwrap();
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    (proxy, ProxyEngineServiceClient::new(channel))
+}
+
+async fn setup() -> Setup {
+    let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        replicas.push(sim::start_replica(local, SIZE).await.unwrap());
+    }
+    let urls = replicas.iter().map(|r| r.url()).collect();
+    let engine = sim::start_engine(local, "vol-a", SIZE, urls).await.unwrap();
+    let (proxy, client) = start_proxy().await;
+    Setup {
+        _proxy: proxy,
+        client,
+        engine,
+        replicas,
+    }
+}
+
+fn req(addr: SocketAddr) -> ProxyEngineRequest {
+    ProxyEngineRequest {
+        address: addr.to_string(),
+    }
+}
+
+fn some_req(addr: SocketAddr) -> Option<ProxyEngineRequest> {
+    Some(req(addr))
+}
+
+#[tokio::test]
+async fn volume_calls_reach_the_engine() {
+    let mut s = setup().await;
+    let e = s.engine.served.addr;
+
+    let v = s
+        .client
+        .server_version_get(req(e))
+        .await
+        .unwrap()
+        .into_inner()
+        .version
+        .unwrap();
+    assert_eq!(
+        (
+            v.version.as_str(),
+            v.cli_api_version,
+            v.controller_api_version
+        ),
+        ("v1.3.3-lhnet-sim", 5, 3)
+    );
+    s.client.ping(()).await.unwrap();
+
+    let vol = s
+        .client
+        .volume_get(req(e))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(
+        (
+            vol.name.as_str(),
+            vol.size,
+            vol.replica_count,
+            vol.frontend_state.as_str()
+        ),
+        ("vol-a", SIZE, 2, "down")
+    );
+
+    // The three address forms Longhorn uses all work.
+    for form in [format!("tcp://{e}"), format!("http://{e}/v1")] {
+        let vol = s
+            .client
+            .volume_get(ProxyEngineRequest { address: form })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(vol.volume.unwrap().name, "vol-a");
+    }
+
+    let start = EngineVolumeFrontendStartRequest {
+        proxy_engine_request: some_req(e),
+        frontend_start: Some(ptypes::VolumeFrontendStartRequest {
+            frontend: "tgt-blockdev".into(),
+        }),
+    };
+    s.client.volume_frontend_start(start.clone()).await.unwrap();
+    let vol = s
+        .client
+        .volume_get(req(e))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(
+        (vol.frontend_state.as_str(), vol.endpoint.as_str()),
+        ("up", "/dev/longhorn/vol-a")
+    );
+    // The engine's own error comes back with its text.
+    let err = s.client.volume_frontend_start(start).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unknown);
+    assert!(err.message().contains("frontend is already up"), "{err:?}");
+    s.client.volume_frontend_shutdown(req(e)).await.unwrap();
+
+    let expand = |size| EngineVolumeExpandRequest {
+        proxy_engine_request: some_req(e),
+        expand: Some(ptypes::VolumeExpandRequest { size }),
+    };
+    s.client.volume_expand(expand(2 * SIZE)).await.unwrap();
+    assert_eq!(
+        s.client
+            .volume_get(req(e))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap()
+            .size,
+        2 * SIZE
+    );
+    let err = s.client.volume_expand(expand(SIZE)).await.unwrap_err();
+    assert!(
+        err.message()
+            .starts_with(&format!("failed to expand volume {e}: cannot shrink")),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn snapshots_list_revert_and_remove() {
+    let mut s = setup().await;
+    let e = s.engine.served.addr;
+    let snap = |name: &str| EngineVolumeSnapshotRequest {
+        proxy_engine_request: some_req(e),
+        snapshot_volume: Some(ptypes::VolumeSnapshotRequest {
+            name: name.into(),
+            labels: [("k".to_string(), "v".to_string())].into(),
+        }),
+    };
+    assert_eq!(
+        s.client
+            .volume_snapshot(snap("s1"))
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshot
+            .unwrap()
+            .name,
+        "s1"
+    );
+    s.client.volume_snapshot(snap("s2")).await.unwrap();
+    let generated = s
+        .client
+        .volume_snapshot(snap(""))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap()
+        .name;
+    assert_eq!(
+        generated.len(),
+        36,
+        "engine-generated names look like UUIDs: {generated}"
+    );
+    for r in &s.replicas {
+        assert_eq!(r.replica.snapshots().len(), 3);
+    }
+
+    let disks = s
+        .client
+        .snapshot_list(req(e))
+        .await
+        .unwrap()
+        .into_inner()
+        .disks;
+    let mut names: Vec<&str> = disks.keys().map(String::as_str).collect();
+    names.sort();
+    let mut want = vec!["s1", "s2", generated.as_str(), "volume-head"];
+    want.sort();
+    assert_eq!(names, want);
+    assert_eq!(disks["s2"].parent, "s1");
+    assert!(disks["s1"].children.contains_key("s2"));
+    assert_eq!(disks["volume-head"].parent, generated);
+    assert_eq!(disks["s1"].labels["k"], "v");
+    assert!(disks["s1"].user_created);
+
+    let revert = |name: &str| EngineSnapshotRevertRequest {
+        proxy_engine_request: some_req(e),
+        name: name.into(),
+    };
+    let err = s
+        .client
+        .snapshot_revert(revert("volume-head"))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("cannot revert to the volume head"),
+        "{err:?}"
+    );
+    s.client.snapshot_revert(revert("s1")).await.unwrap();
+    let disks = s
+        .client
+        .snapshot_list(req(e))
+        .await
+        .unwrap()
+        .into_inner()
+        .disks;
+    assert_eq!(disks["volume-head"].parent, "s1");
+
+    let remove = EngineSnapshotRemoveRequest {
+        proxy_engine_request: some_req(e),
+        names: vec!["s2".into()],
+    };
+    s.client.snapshot_remove(remove).await.unwrap();
+    let disks = s
+        .client
+        .snapshot_list(req(e))
+        .await
+        .unwrap()
+        .into_inner()
+        .disks;
+    assert!(disks["s2"].removed && !disks["s1"].removed);
+    // The last error is returned when one of the names fails.
+    let remove = EngineSnapshotRemoveRequest {
+        proxy_engine_request: some_req(e),
+        names: vec!["s1".into(), "nope".into()],
+    };
+    let err = s.client.snapshot_remove(remove).await.unwrap_err();
+    assert!(
+        err.message().contains("cannot find snapshot nope"),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn replica_calls_and_status_fan_out() {
+    let mut s = setup().await;
+    let e = s.engine.served.addr;
+    let list = s
+        .client
+        .replica_list(req(e))
+        .await
+        .unwrap()
+        .into_inner()
+        .replica_list
+        .unwrap()
+        .replicas;
+    let urls: Vec<String> = list
+        .iter()
+        .map(|r| r.address.clone().unwrap().address)
+        .collect();
+    assert_eq!(urls, s.replicas.iter().map(|r| r.url()).collect::<Vec<_>>());
+    assert!(list.iter().all(|r| r.mode == ReplicaMode::Rw as i32));
+
+    let purge = s
+        .client
+        .snapshot_purge_status(req(e))
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(purge.len(), 2);
+    assert!(purge.values().all(|p| !p.is_purging && p.error.is_empty()));
+    assert_eq!(
+        s.client
+            .snapshot_clone_status(req(e))
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .len(),
+        2
+    );
+    assert_eq!(
+        s.client
+            .backup_restore_status(req(e))
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .len(),
+        2
+    );
+    // Only WO replicas are rebuilding.
+    assert!(s
+        .client
+        .replica_rebuilding_status(req(e))
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .is_empty());
+
+    // A third replica added WO (as ReplicaAdd does) shows in rebuild status, then verify makes it RW.
+    let third = sim::start_replica("127.0.0.1:0".parse().unwrap(), SIZE)
+        .await
+        .unwrap();
+    let mut controller = ControllerServiceClient::connect(format!("http://{e}"))
+        .await
+        .unwrap();
+    controller
+        .controller_replica_create(ptypes::ControllerReplicaCreateRequest {
+            address: third.url(),
+            snapshot_required: true,
+            mode: ReplicaMode::Wo as i32,
+        })
+        .await
+        .unwrap();
+    let rebuilding = s
+        .client
+        .replica_rebuilding_status(req(e))
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(rebuilding.keys().collect::<Vec<_>>(), vec![&third.url()]);
+    let verify = EngineReplicaVerifyRebuildRequest {
+        proxy_engine_request: some_req(e),
+        replica_address: third.url(),
+    };
+    s.client
+        .replica_verify_rebuild(verify.clone())
+        .await
+        .unwrap();
+    let err = s.client.replica_verify_rebuild(verify).await.unwrap_err();
+    assert!(err.message().contains("not WO"), "{err:?}");
+
+    // A replica whose process is gone: its entry carries the error, the call still succeeds.
+    let third_url = third.url();
+    drop(third);
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let purge = s
+        .client
+        .snapshot_purge_status(req(e))
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(purge.len(), 3);
+    let gone = &purge[&third_url].error;
+    assert!(
+        gone.starts_with(&format!(
+            "failed to get snapshot purge status of {third_url}"
+        )),
+        "{gone}"
+    );
+    assert!(purge
+        .iter()
+        .filter(|(k, _)| **k != third_url)
+        .all(|(_, p)| p.error.is_empty()));
+
+    let remove = |a: String| EngineReplicaRemoveRequest {
+        proxy_engine_request: some_req(e),
+        replica_address: a,
+    };
+    s.client
+        .replica_remove(remove(s.replicas[1].url()))
+        .await
+        .unwrap();
+    let err = s
+        .client
+        .replica_remove(remove(s.replicas[1].url()))
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("cannot find replica"), "{err:?}");
+    assert_eq!(
+        s.client
+            .volume_get(req(e))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap()
+            .replica_count,
+        2
+    );
+}
+
+#[tokio::test]
+async fn engine_down_is_unavailable_with_the_go_text_shape() {
+    let (_proxy, mut client) = start_proxy().await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let err = client.volume_get(req(dead)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message()
+            .starts_with(&format!("failed to get volume {dead}: ")),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn forbidden_and_malformed_addresses_are_refused_before_any_dial() {
+    let mut s = setup().await;
+    // An engine outside allowed_destinations (127.0.0.1 only).
+    let outside = sim::start_engine("127.0.0.2:0".parse().unwrap(), "vol-x", SIZE, vec![])
+        .await
+        .unwrap();
+    let err = s
+        .client
+        .volume_get(req(outside.served.addr))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("not dialled"), "{err:?}");
+    assert_eq!(outside.served.accepted(), 0);
+
+    // A replica address outside the allowed set, named in a request.
+    let verify = EngineReplicaVerifyRebuildRequest {
+        proxy_engine_request: some_req(s.engine.served.addr),
+        replica_address: "tcp://127.0.0.3:10000".into(),
+    };
+    assert_eq!(
+        s.client
+            .replica_verify_rebuild(verify)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+
+    for bad in ["", "engine-a:9501", "tcp://10.0.0.1"] {
+        let err = s
+            .client
+            .volume_get(ProxyEngineRequest {
+                address: bad.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{bad}: {err:?}");
+        assert!(err.message().contains("address"), "{err:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_thousand_calls_reuse_a_handful_of_engine_connections() {
+    let mut s = setup().await;
+    let e = s.engine.served.addr;
+    for _ in 0..1000 {
+        s.client.volume_get(req(e)).await.unwrap();
+    }
+    let accepted = s.engine.served.accepted();
+    assert!(
+        accepted <= 4,
+        "{accepted} engine connections for 1000 VolumeGet calls"
+    );
+}
+
+#[tokio::test]
+async fn a_malformed_request_body_is_invalid_argument_and_the_proxy_keeps_serving() {
+    let mut s = setup().await;
+    let e = s.engine.served.addr;
+    // Raw bytes that are not a ProxyEngineRequest (field 1 declared as a 100-byte string, 2 given).
+    let mut raw_client = tonic::client::Grpc::new(
+        Channel::from_shared(format!("http://{}", s._proxy.listener_addr("m").unwrap()))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    raw_client.ready().await.unwrap();
+    let path = http::uri::PathAndQuery::from_static("/imrpc.ProxyEngineService/VolumeGet");
+    let err = raw_client
+        .unary::<_, ProxyEngineRequest, _>(
+            tonic::Request::new(RawBytes(vec![0x0a, 100, b'x', b'y'])),
+            path,
+            RawCodec,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    s.client.volume_get(req(e)).await.unwrap();
+}
+
+#[derive(Clone)]
+struct RawBytes(Vec<u8>);
+
+/// Encodes raw bytes as they are; decodes replies as ProxyEngineRequest (never reached).
+#[derive(Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = RawBytes;
+    type Decode = ProxyEngineRequest;
+    type Encoder = RawEncoder;
+    type Decoder = tonic_prost::ProstDecoder<ProxyEngineRequest>;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::default()
+    }
+}
+
+struct RawEncoder;
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = RawBytes;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: RawBytes,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        dst.put_slice(&item.0);
+        Ok(())
+    }
+}
