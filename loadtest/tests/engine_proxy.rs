@@ -552,3 +552,187 @@ impl tonic::codec::Encoder for RawEncoder {
         Ok(())
     }
 }
+
+fn add(engine: SocketAddr, replica: String, restore: bool) -> EngineReplicaAddRequest {
+    EngineReplicaAddRequest {
+        proxy_engine_request: some_req(engine),
+        replica_address: replica,
+        restore,
+        size: SIZE,
+        current_size: SIZE,
+    }
+}
+
+#[tokio::test]
+async fn replica_add_rebuilds_a_spare_with_the_same_bytes() {
+    let mut s = setup().await;
+    let e = s.engine.served.addr;
+    // The engine's data path writes every block to each RW replica.
+    let block: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8 + 1).collect();
+    for r in &s.replicas {
+        r.replica.write(0, &block).unwrap();
+    }
+    let snap = EngineVolumeSnapshotRequest {
+        proxy_engine_request: some_req(e),
+        snapshot_volume: Some(ptypes::VolumeSnapshotRequest {
+            name: "before-add".into(),
+            labels: Default::default(),
+        }),
+    };
+    s.client.volume_snapshot(snap).await.unwrap();
+    for r in &s.replicas {
+        r.replica.write(1 << 20, &block[..4096]).unwrap();
+    }
+
+    let spare = sim::start_replica("127.0.0.1:0".parse().unwrap(), SIZE)
+        .await
+        .unwrap();
+    s.client
+        .replica_add(add(e, spare.url(), false))
+        .await
+        .unwrap();
+
+    let list = s
+        .client
+        .replica_list(req(e))
+        .await
+        .unwrap()
+        .into_inner()
+        .replica_list
+        .unwrap()
+        .replicas;
+    let mode_of = |url: &str| {
+        list.iter()
+            .find(|r| r.address.as_ref().unwrap().address == url)
+            .map(|r| r.mode)
+    };
+    assert_eq!(mode_of(&spare.url()), Some(ReplicaMode::Rw as i32));
+    // The spare holds the same bytes as the source, layer by layer, copied over TCP.
+    assert_eq!(spare.replica.read(0, block.len()), block);
+    assert_eq!(
+        spare.replica.read(1 << 20, 4096),
+        s.replicas[0].replica.read(1 << 20, 4096)
+    );
+    let source_snaps = s.replicas[0].replica.snapshots();
+    assert_eq!(spare.replica.snapshots(), source_snaps);
+    assert!(source_snaps.contains(&"volume-snap-before-add.img".to_string()));
+    let status = s
+        .client
+        .replica_rebuilding_status(req(e))
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert!(status.is_empty(), "no WO replica is left: {status:?}");
+    // The manager's view: three replicas, SnapshotList still answers.
+    assert_eq!(
+        s.client
+            .volume_get(req(e))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap()
+            .replica_count,
+        3
+    );
+    assert!(s
+        .client
+        .snapshot_list(req(e))
+        .await
+        .unwrap()
+        .into_inner()
+        .disks
+        .contains_key("before-add"));
+}
+
+#[tokio::test]
+async fn replica_add_starts_an_empty_volume_and_adds_restore_replicas() {
+    let (_proxy, mut client) = start_proxy().await;
+    let engine = sim::start_engine("127.0.0.1:0".parse().unwrap(), "vol-new", SIZE, vec![])
+        .await
+        .unwrap();
+    let e = engine.served.addr;
+    let first = sim::start_replica("127.0.0.1:0".parse().unwrap(), SIZE)
+        .await
+        .unwrap();
+    client
+        .replica_add(add(e, first.url(), false))
+        .await
+        .unwrap();
+    let list = client
+        .replica_list(req(e))
+        .await
+        .unwrap()
+        .into_inner()
+        .replica_list
+        .unwrap()
+        .replicas;
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].mode, ReplicaMode::Rw as i32);
+
+    let small = sim::start_replica("127.0.0.1:0".parse().unwrap(), SIZE / 2)
+        .await
+        .unwrap();
+    let err = client
+        .replica_add(add(e, small.url(), true))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let same = sim::start_replica("127.0.0.1:0".parse().unwrap(), SIZE)
+        .await
+        .unwrap();
+    client.replica_add(add(e, same.url(), true)).await.unwrap();
+    let list = client
+        .replica_list(req(e))
+        .await
+        .unwrap()
+        .into_inner()
+        .replica_list
+        .unwrap()
+        .replicas;
+    assert_eq!(
+        list.iter()
+            .filter(|r| r.mode == ReplicaMode::Wo as i32)
+            .count(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn replica_add_fails_clearly_when_the_target_sync_agent_is_gone() {
+    let mut s = setup().await;
+    let e = s.engine.served.addr;
+    let spare = sim::start_replica("127.0.0.1:0".parse().unwrap(), SIZE)
+        .await
+        .unwrap();
+    let url = spare.url();
+    let RunningReplica {
+        replica: _replica,
+        service: _service,
+        sync_agent,
+    } = spare;
+    drop(sync_agent);
+    let err = s
+        .client
+        .replica_add(add(e, url.clone(), false))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains(&format!("to {url}")), "{err:?}");
+    // The engine keeps it WO (not RW): the manager sees a rebuild that did not finish.
+    let list = s
+        .client
+        .replica_list(req(e))
+        .await
+        .unwrap()
+        .into_inner()
+        .replica_list
+        .unwrap()
+        .replicas;
+    let mode = list
+        .iter()
+        .find(|r| r.address.as_ref().unwrap().address == url)
+        .map(|r| r.mode);
+    assert_eq!(mode, Some(ReplicaMode::Wo as i32));
+}

@@ -294,19 +294,45 @@ impl ControllerService for SimEngine {
         })
     }
 
+    /// Adds a replica; with `snapshot_required` every RW replica and the new one first take the
+    /// same snapshot, so the rebuild has a fixed point to copy up to.
     async fn controller_replica_create(
         &self,
         r: Request<ControllerReplicaCreateRequest>,
     ) -> R<ControllerReplica> {
         let r = r.into_inner();
         let mode = ReplicaMode::try_from(r.mode).unwrap_or(ReplicaMode::Wo);
-        self.with(|s| {
-            if s.replicas.iter().any(|(a, _)| *a == r.address) {
-                return Err(Status::unknown(format!(
-                    "replica {} is already in the volume",
-                    r.address
-                )));
+        if self.with(|s| Ok(s.replicas.iter().any(|(a, _)| *a == r.address)))? {
+            return Err(Status::unknown(format!(
+                "replica {} is already in the volume",
+                r.address
+            )));
+        }
+        if r.snapshot_required {
+            let name = uuid_like();
+            let created = super::replica_now();
+            let mut targets = self.replicas_in(ReplicaMode::Rw)?;
+            targets.push(r.address.clone());
+            for address in targets {
+                let req = ReplicaSnapshotRequest {
+                    name: name.clone(),
+                    user_created: false,
+                    created: created.clone(),
+                    labels: HashMap::new(),
+                };
+                self.client(&address)?
+                    .replica_snapshot(req)
+                    .await
+                    .map_err(|e| {
+                        Status::unknown(format!(
+                            "failed to snapshot replica {address} before adding {}: {}",
+                            r.address,
+                            e.message()
+                        ))
+                    })?;
             }
+        }
+        self.with(|s| {
             s.replicas.push((r.address.clone(), mode));
             Ok(())
         })?;
@@ -346,13 +372,63 @@ impl ControllerService for SimEngine {
         Ok(Response::new(r))
     }
 
+    /// The files a new WO replica needs: the first RW replica's snapshot files.
     async fn replica_prepare_rebuild(
         &self,
-        _r: Request<ReplicaAddress>,
+        r: Request<ReplicaAddress>,
     ) -> R<ReplicaPrepareRebuildReply> {
-        Err(Status::unimplemented(
-            "the simulated engine does not rebuild yet",
-        ))
+        let address = r.into_inner().address;
+        let mode = self.with(|s| {
+            s.replicas
+                .iter()
+                .find(|(a, _)| *a == address)
+                .map(|(_, m)| *m)
+                .ok_or_else(|| Status::unknown(format!("cannot find replica {address}")))
+        })?;
+        if mode != ReplicaMode::Wo {
+            return Err(Status::unknown(format!(
+                "replica {address} is {mode:?}, not WO: nothing to rebuild"
+            )));
+        }
+        let source = self
+            .replicas_in(ReplicaMode::Rw)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| Status::unknown("no RW replica to rebuild from"))?;
+        let info = self
+            .client(&source)?
+            .replica_get(())
+            .await
+            .map_err(|e| {
+                Status::unknown(format!(
+                    "failed to get source replica {source}: {}",
+                    e.message()
+                ))
+            })?
+            .into_inner()
+            .replica
+            .unwrap_or_default();
+        let sync_file_info_list = info
+            .chain
+            .iter()
+            .filter(|f| **f != info.head)
+            .map(|f| SyncFileInfo {
+                from_file_name: f.clone(),
+                to_file_name: f.clone(),
+                actual_size: info
+                    .disks
+                    .get(f)
+                    .and_then(|d| d.size.parse().ok())
+                    .unwrap_or(0),
+            })
+            .collect();
+        Ok(Response::new(ReplicaPrepareRebuildReply {
+            replica: Some(ControllerReplica {
+                address: Some(ReplicaAddress { address }),
+                mode: mode as i32,
+            }),
+            sync_file_info_list,
+        }))
     }
 
     async fn replica_verify_rebuild(&self, r: Request<ReplicaAddress>) -> R<ControllerReplica> {

@@ -5,6 +5,7 @@
 
 mod engine;
 mod replica;
+mod sync;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use lhnet_proto::ptypes::replica_service_server::{ReplicaService, ReplicaServiceServer};
+use lhnet_proto::ptypes::sync_agent_service_client::SyncAgentServiceClient;
 use lhnet_proto::ptypes::sync_agent_service_server::{SyncAgentService, SyncAgentServiceServer};
 use lhnet_proto::ptypes::*;
 use tonic::{Request, Response, Status};
@@ -22,6 +23,11 @@ struct ReplicaState {
     size: i64,
     /// Disk file name → metadata; the head is `volume-head-NNN.img`.
     disks: BTreeMap<String, DiskInfo>,
+    /// Disk file name → the bytes written while that disk was the head, from offset 0.
+    data: HashMap<String, Vec<u8>>,
+    /// Rebuild progress of this replica as a target: bytes received and expected.
+    rebuild: (u64, u64),
+    rebuild_error: String,
     head: String,
     head_index: u32,
     open: bool,
@@ -79,6 +85,9 @@ impl SimReplica {
             state: Arc::new(Mutex::new(ReplicaState {
                 size,
                 disks,
+                data: HashMap::new(),
+                rebuild: (0, 0),
+                rebuild_error: String::new(),
                 head,
                 head_index: 0,
                 open: true,
@@ -106,6 +115,53 @@ impl SimReplica {
 
     fn info(&self) -> Result<Replica, Status> {
         self.with(|s| Ok(s.to_proto()))
+    }
+
+    /// Writes bytes into the head at `offset`, as the engine's data path does.
+    pub fn write(&self, offset: usize, bytes: &[u8]) -> Result<(), Status> {
+        self.with(|s| {
+            let end = offset + bytes.len();
+            if end as i64 > s.size {
+                return Err(Status::out_of_range(format!(
+                    "write of {} bytes at {offset} is past the volume size {}",
+                    bytes.len(),
+                    s.size
+                )));
+            }
+            let head = s.head.clone();
+            let data = s.data.entry(head.clone()).or_default();
+            if data.len() < end {
+                data.resize(end, 0);
+            }
+            data[offset..end].copy_from_slice(bytes);
+            let len = data.len();
+            if let Some(d) = s.disks.get_mut(&head) {
+                d.size = len.to_string();
+            }
+            s.revision_counter += 1;
+            Ok(())
+        })
+    }
+
+    /// What a reader sees at `offset..offset+len`: the newest layer that holds each byte.
+    pub fn read(&self, offset: usize, len: usize) -> Vec<u8> {
+        self.with(|s| {
+            let mut out = vec![0u8; len];
+            let mut filled = vec![false; len];
+            for disk in s.chain() {
+                let Some(data) = s.data.get(&disk) else {
+                    continue;
+                };
+                for i in 0..len {
+                    if !filled[i] && offset + i < data.len() && data[offset + i] != 0 {
+                        out[i] = data[offset + i];
+                        filled[i] = true;
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .unwrap_or_default()
     }
 
     /// Snapshot file names, oldest first (for tests).
@@ -205,6 +261,12 @@ impl ReplicaState {
         old_head.labels = labels;
         old_head.children = HashMap::from([(new_head.clone(), true)]);
         self.disks.insert(file.clone(), old_head);
+        if let Some(bytes) = self.data.remove(&self.head) {
+            if let Some(d) = self.disks.get_mut(&file) {
+                d.size = bytes.len().to_string();
+            }
+            self.data.insert(file.clone(), bytes);
+        }
         self.disks.insert(
             new_head.clone(),
             DiskInfo {
@@ -270,6 +332,23 @@ impl ReplicaService for SimReplica {
     }
 
     async fn replica_reload(&self, _r: Request<()>) -> R<ReplicaReloadResponse> {
+        // Rebuild the children links from the parents, as loading the .meta files does.
+        self.with(|s| {
+            let parents: Vec<(String, String)> = s
+                .disks
+                .iter()
+                .map(|(k, d)| (k.clone(), d.parent.clone()))
+                .collect();
+            for d in s.disks.values_mut() {
+                d.children.clear();
+            }
+            for (child, parent) in parents {
+                if let Some(p) = s.disks.get_mut(&parent) {
+                    p.children.insert(child, true);
+                }
+            }
+            Ok(())
+        })?;
         Ok(Response::new(ReplicaReloadResponse {
             replica: Some(self.info()?),
         }))
@@ -443,11 +522,101 @@ impl SyncAgentService for SimReplica {
     async fn file_rename(&self, _r: Request<FileRenameRequest>) -> R<()> {
         Err(not_yet("FileRename"))
     }
-    async fn file_send(&self, _r: Request<FileSendRequest>) -> R<()> {
-        Err(not_yet("FileSend"))
+    /// Sends one disk file (metadata and bytes) to a receiver at host:port over TCP.
+    async fn file_send(&self, r: Request<FileSendRequest>) -> R<()> {
+        let r = r.into_inner();
+        let (meta, data) = self.with(|s| {
+            let meta = s.disks.get(&r.from_file_name).cloned().ok_or_else(|| {
+                Status::not_found(format!("cannot find disk file {}", r.from_file_name))
+            })?;
+            Ok((
+                meta,
+                s.data.get(&r.from_file_name).cloned().unwrap_or_default(),
+            ))
+        })?;
+        let port = u16::try_from(r.port)
+            .map_err(|_| Status::invalid_argument(format!("bad port {}", r.port)))?;
+        super::sync::send_disk(&r.host, port, &meta, &data)
+            .await
+            .map_err(|e| {
+                Status::unavailable(format!(
+                    "failed to send {} to {}:{port}: {e}",
+                    r.from_file_name, r.host
+                ))
+            })?;
+        Ok(Response::new(()))
     }
-    async fn files_sync(&self, _r: Request<FilesSyncRequest>) -> R<()> {
-        Err(not_yet("FilesSync"))
+
+    /// Pulls every listed file from the source replica's sync agent into this replica.
+    async fn files_sync(&self, r: Request<FilesSyncRequest>) -> R<()> {
+        let r = r.into_inner();
+        let total: u64 = r
+            .sync_file_info_list
+            .iter()
+            .map(|f| f.actual_size.max(0) as u64)
+            .sum();
+        self.with(|s| {
+            s.rebuild = (0, total);
+            s.rebuild_error.clear();
+            Ok(())
+        })?;
+        let source = r
+            .from_address
+            .strip_prefix("tcp://")
+            .unwrap_or(&r.from_address);
+        let source: std::net::SocketAddr = source.parse().map_err(|_| {
+            Status::invalid_argument(format!("bad from_address {}", r.from_address))
+        })?;
+        let agent = std::net::SocketAddr::new(source.ip(), source.port() + 2);
+        let result = async {
+            let mut client = SyncAgentServiceClient::connect(format!("http://{agent}"))
+                .await
+                .map_err(|e| {
+                    Status::unavailable(format!("cannot reach source sync agent {agent}: {e}"))
+                })?;
+            for file in &r.sync_file_info_list {
+                let receiver = tokio::net::TcpListener::bind((r.to_host.as_str(), 0))
+                    .await
+                    .map_err(|e| {
+                        Status::internal(format!("cannot open a receiver on {}: {e}", r.to_host))
+                    })?;
+                let port = receiver
+                    .local_addr()
+                    .map_err(|e| Status::internal(e.to_string()))?
+                    .port();
+                let receive = tokio::spawn(super::sync::receive_disk(receiver));
+                client
+                    .file_send(FileSendRequest {
+                        from_file_name: file.from_file_name.clone(),
+                        host: r.to_host.clone(),
+                        port: i32::from(port),
+                    })
+                    .await?;
+                let (mut meta, data) = receive
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))?
+                    .map_err(|e| {
+                        Status::data_loss(format!("receiving {}: {e}", file.from_file_name))
+                    })?;
+                meta.name = file.to_file_name.clone();
+                self.with(|s| {
+                    s.rebuild.0 += data.len() as u64;
+                    s.disks.insert(file.to_file_name.clone(), meta);
+                    s.data.insert(file.to_file_name.clone(), data);
+                    Ok(())
+                })?;
+            }
+            Ok::<(), Status>(())
+        }
+        .await;
+        if let Err(e) = &result {
+            let _ = self.with(|s| {
+                s.rebuild_error = e.message().to_string();
+                Ok(())
+            });
+        }
+        result?;
+        Ok(Response::new(()))
     }
     async fn snapshot_clone(&self, _r: Request<SnapshotCloneRequest>) -> R<()> {
         Err(not_yet("SnapshotClone"))
@@ -488,9 +657,24 @@ impl SyncAgentService for SimReplica {
         Ok(Response::new(SnapshotPurgeStatusResponse::default()))
     }
     async fn replica_rebuild_status(&self, _r: Request<()>) -> R<ReplicaRebuildStatusResponse> {
-        let rebuilding = self.with(|s| Ok(s.rebuilding))?;
+        let (rebuilding, (done, total), error) =
+            self.with(|s| Ok((s.rebuilding, s.rebuild, s.rebuild_error.clone())))?;
+        let progress = match (done * 100).checked_div(total) {
+            Some(p) => p as i32,
+            None if rebuilding => 0,
+            None => 100,
+        };
+        let state = match (error.is_empty(), rebuilding, total > 0 && done == total) {
+            (false, _, _) => "error",
+            (true, true, _) => "in_progress",
+            (true, false, true) => "complete",
+            (true, false, false) => "",
+        };
         Ok(Response::new(ReplicaRebuildStatusResponse {
             is_rebuilding: rebuilding,
+            progress,
+            error,
+            state: state.into(),
             ..Default::default()
         }))
     }

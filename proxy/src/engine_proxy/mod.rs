@@ -31,6 +31,8 @@ type Empty = ();
 
 /// Deadline of every engine and replica call (longhorn-engine's `GRPCServiceCommonTimeout`).
 const ENGINE_CALL_TIMEOUT: Duration = Duration::from_secs(180);
+/// Deadline of file sync and clone (`GRPCServiceLongTimeout`).
+const LONG_CALL_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// The Longhorn engine proxy, answering inside lhnet.
 #[derive(Clone)]
@@ -522,9 +524,20 @@ impl ProxyEngineService for EngineProxy {
 
     async fn replica_add(
         &self,
-        _request: Request<EngineReplicaAddRequest>,
+        request: Request<EngineReplicaAddRequest>,
     ) -> Result<Response<Empty>, Status> {
-        Err(unbuilt("ReplicaAdd"))
+        let r = request.into_inner();
+        let engine = self.engine(r.proxy_engine_request.as_ref())?;
+        let replica = ReplicaAddr::parse("replica_address", &r.replica_address)?;
+        self.allow("replica_address", replica.0)?;
+        replica
+            .sync_agent()
+            .and_then(|a| self.allow("replica sync agent", a))?;
+        logged("ReplicaAdd", engine, true);
+        tracing::info!(volume = %engine, replica = %replica, restore = r.restore, network = "storage", "adding replica");
+        self.add_replica(engine, replica, r.restore, r.size, r.current_size)
+            .await?;
+        Ok(Response::new(()))
     }
 
     async fn replica_list(
@@ -659,6 +672,197 @@ impl ProxyEngineService for EngineProxy {
 }
 
 impl EngineProxy {
+    /// ReplicaAdd, in the order of longhorn-engine's `sync.Task.AddReplica` (v1.3.3).
+    async fn add_replica(
+        &self,
+        engine: EngineAddr,
+        replica: ReplicaAddr,
+        restore: bool,
+        size: i64,
+        current_size: i64,
+    ) -> Result<(), Status> {
+        let url = replica.url();
+        let volume = call(
+            &format!("get volume {engine}"),
+            self.controller(engine).volume_get(timed(())),
+        )
+        .await?;
+        if volume.replica_count == 0 {
+            let start = ptypes::VolumeStartRequest {
+                replica_addresses: vec![url.clone()],
+                size,
+                current_size,
+            };
+            call(
+                &format!("start volume {engine} with replica {url}"),
+                self.controller(engine).volume_start(timed(start)),
+            )
+            .await?;
+            return Ok(());
+        }
+        let mut target = self.replica(replica)?;
+        let info = call(&format!("get replica {url}"), target.replica_get(timed(())))
+            .await?
+            .replica
+            .unwrap_or_default();
+        let replica_size: i64 = info.size.parse().unwrap_or(0);
+
+        if restore {
+            if replica_size != volume.size {
+                return Err(Status::failed_precondition(format!(
+                    "failed to add restore replica {url}: its size {replica_size} differs from the volume's {}",
+                    volume.size
+                )));
+            }
+            let create = ptypes::ControllerReplicaCreateRequest {
+                address: url.clone(),
+                snapshot_required: false,
+                mode: ReplicaMode::Wo as i32,
+            };
+            let result = call(
+                &format!("create replica {url} for volume {engine}"),
+                self.controller(engine)
+                    .controller_replica_create(timed(create)),
+            )
+            .await;
+            // longhorn-engine closes the restore replica afterwards, whatever happened.
+            let _ = target.replica_close(timed(())).await;
+            result?;
+            return Ok(());
+        }
+
+        if replica_size < volume.size {
+            if info.state == "closed" {
+                call(
+                    &format!("open replica {url}"),
+                    target.replica_open(timed(())),
+                )
+                .await?;
+            }
+            call(
+                &format!("expand replica {url}"),
+                target.replica_expand(timed(ptypes::ReplicaExpandRequest { size: volume.size })),
+            )
+            .await?;
+            call(
+                &format!("close replica {url}"),
+                target.replica_close(timed(())),
+            )
+            .await?;
+        }
+        if info.rebuilding {
+            // A rebuild that failed earlier left the flag set: reset it before starting over.
+            call(
+                &format!("open replica {url}"),
+                target.replica_open(timed(())),
+            )
+            .await?;
+            call(
+                &format!("reset rebuilding flag of replica {url}"),
+                target.rebuilding_set(timed(ptypes::RebuildingSetRequest { rebuilding: false })),
+            )
+            .await?;
+            call(
+                &format!("close replica {url}"),
+                target.replica_close(timed(())),
+            )
+            .await?;
+        }
+
+        let create = ptypes::ControllerReplicaCreateRequest {
+            address: url.clone(),
+            snapshot_required: true,
+            mode: ReplicaMode::Wo as i32,
+        };
+        call(
+            &format!("create replica {url} for volume {engine}"),
+            self.controller(engine)
+                .controller_replica_create(timed(create)),
+        )
+        .await?;
+
+        let replicas = self.replicas(engine).await?;
+        let source = replicas
+            .iter()
+            .find(|(_, _, mode)| *mode == ReplicaMode::Rw)
+            .and_then(|(_, a, _)| *a)
+            .ok_or_else(|| Status::failed_precondition(format!("failed to add replica {url}: volume {engine} has no RW replica to rebuild from")))?;
+        self.allow("source replica", source.0)?;
+        match replicas.iter().find(|(_, a, _)| *a == Some(replica)) {
+            Some((_, _, ReplicaMode::Wo)) => {}
+            Some((_, _, mode)) => {
+                return Err(Status::failed_precondition(format!(
+                    "failed to add replica {url}: it is {mode:?} after creation, not WO"
+                )))
+            }
+            None => {
+                return Err(Status::failed_precondition(format!(
+                    "failed to add replica {url}: the engine does not list it after creation"
+                )))
+            }
+        }
+
+        call(
+            &format!("set rebuilding flag of replica {url}"),
+            target.rebuilding_set(timed(ptypes::RebuildingSetRequest { rebuilding: true })),
+        )
+        .await?;
+        let prepared = call(
+            &format!("prepare rebuild of replica {url}"),
+            self.controller(engine)
+                .replica_prepare_rebuild(timed(ptypes::ReplicaAddress {
+                    address: url.clone(),
+                })),
+        )
+        .await?;
+        let sync = ptypes::FilesSyncRequest {
+            from_address: source.url(),
+            to_host: replica.0.ip().to_string(),
+            sync_file_info_list: prepared.sync_file_info_list,
+        };
+        let mut files_sync = Request::new(sync);
+        files_sync.set_timeout(LONG_CALL_TIMEOUT);
+        let mut agent = self.sync_agent(replica)?;
+        match tokio::time::timeout(LONG_CALL_TIMEOUT, agent.files_sync(files_sync)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                return Err(Status::new(
+                    e.code(),
+                    format!(
+                        "failed to sync files from {} to {url}: {}",
+                        source.url(),
+                        e.message()
+                    ),
+                ))
+            }
+            Err(_) => {
+                return Err(Status::deadline_exceeded(format!(
+                    "failed to sync files from {} to {url}: over 24 h",
+                    source.url()
+                )))
+            }
+        }
+        call(
+            &format!("reload replica {url}"),
+            target.replica_reload(timed(())),
+        )
+        .await?;
+        call(
+            &format!("verify rebuild of replica {url}"),
+            self.controller(engine)
+                .replica_verify_rebuild(timed(ptypes::ReplicaAddress {
+                    address: url.clone(),
+                })),
+        )
+        .await?;
+        call(
+            &format!("clear rebuilding flag of replica {url}"),
+            target.rebuilding_set(timed(ptypes::RebuildingSetRequest { rebuilding: false })),
+        )
+        .await?;
+        Ok(())
+    }
+
     /// One name of SnapshotRemove: no replica may be rebuilding; every RW replica marks the disk.
     async fn remove_one_snapshot(&self, engine: EngineAddr, name: &str) -> Result<(), Status> {
         let replicas = self.replicas(engine).await?;
