@@ -1,13 +1,15 @@
-//! `lhnet-loadtest`: benchmarks (and, later, the demo and the simulator).
+//! `lhnet-loadtest`: benchmarks and the simulated Longhorn engine and replicas (the demo is next).
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use lhnet_loadtest::bench::{self, BenchArgs};
+use lhnet_loadtest::sim;
 
 #[derive(Parser)]
 #[command(
@@ -22,6 +24,24 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Run a simulated Longhorn engine and replicas in the foreground (Ctrl-C stops them).
+    Sim {
+        /// Volume name.
+        #[arg(long)]
+        volume: String,
+        /// Volume size: bytes or 64Ki / 64Mi / 1Gi.
+        #[arg(long, default_value = "64Mi", value_parser = parse_size)]
+        size: i64,
+        /// Engine ControllerService address.
+        #[arg(long)]
+        engine: SocketAddr,
+        /// Replicas attached RW: ReplicaService on P, SyncAgentService on P+2.
+        #[arg(long = "replica")]
+        replicas: Vec<SocketAddr>,
+        /// Replicas that run but are not attached (targets for ReplicaAdd).
+        #[arg(long = "spare")]
+        spares: Vec<SocketAddr>,
+    },
     /// gRPC unary and 1 MiB calls: direct, through lhnet, and through nginx / HAProxy.
     Bench {
         /// Peers to compare with (skipped with a note when not installed).
@@ -55,8 +75,58 @@ enum Cmd {
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+fn parse_size(text: &str) -> Result<i64, String> {
+    let (num, mult) = [("Gi", 1i64 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)]
+        .iter()
+        .find_map(|(suffix, m)| text.strip_suffix(suffix).map(|n| (n, *m)))
+        .unwrap_or((text, 1));
+    num.trim()
+        .parse::<i64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{text:?} is not a size; write bytes or use Ki, Mi, Gi"))
+}
+
+fn run_sim(volume: String, size: i64, engine: SocketAddr, replicas: Vec<SocketAddr>, spares: Vec<SocketAddr>) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("lhnet-loadtest sim: cannot start a runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let mut running = Vec::new();
+        for (addr, attached) in replicas.iter().map(|a| (a, true)).chain(spares.iter().map(|a| (a, false))) {
+            match sim::start_replica(*addr, size).await {
+                Ok(r) => {
+                    println!("replica {} (sync agent {}){}", r.url(), r.sync_agent.addr, if attached { "" } else { " spare" });
+                    running.push(r);
+                }
+                Err(e) => {
+                    eprintln!("lhnet-loadtest sim: replica {addr}: {e} (P and P+2 must both be free)");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        let attached = running.iter().take(replicas.len()).map(|r| r.url()).collect();
+        let engine = match sim::start_engine(engine, &volume, size, attached).await {
+            Ok(e) => e,
+            Err(e) => {
+                eprintln!("lhnet-loadtest sim: engine {engine}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        println!("engine {} volume {volume} size {size}; Ctrl-C stops", engine.served.addr);
+        let _ = tokio::signal::ctrl_c().await;
+        ExitCode::SUCCESS
+    })
+}
+
 fn main() -> ExitCode {
     match Cli::parse().command {
+        Cmd::Sim { volume, size, engine, replicas, spares } => run_sim(volume, size, engine, replicas, spares),
         Cmd::Bench {
             peers,
             threads,
