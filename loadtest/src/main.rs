@@ -88,7 +88,13 @@ fn parse_size(text: &str) -> Result<i64, String> {
         .ok_or_else(|| format!("{text:?} is not a size; write bytes or use Ki, Mi, Gi"))
 }
 
-fn run_sim(volume: String, size: i64, engine: SocketAddr, replicas: Vec<SocketAddr>, spares: Vec<SocketAddr>) -> ExitCode {
+fn run_sim(
+    volume: String,
+    size: i64,
+    engine: SocketAddr,
+    replicas: Vec<SocketAddr>,
+    spares: Vec<SocketAddr>,
+) -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -98,19 +104,34 @@ fn run_sim(volume: String, size: i64, engine: SocketAddr, replicas: Vec<SocketAd
     };
     runtime.block_on(async move {
         let mut running = Vec::new();
-        for (addr, attached) in replicas.iter().map(|a| (a, true)).chain(spares.iter().map(|a| (a, false))) {
+        for (addr, attached) in replicas
+            .iter()
+            .map(|a| (a, true))
+            .chain(spares.iter().map(|a| (a, false)))
+        {
             match sim::start_replica(*addr, size).await {
                 Ok(r) => {
-                    println!("replica {} (sync agent {}){}", r.url(), r.sync_agent.addr, if attached { "" } else { " spare" });
+                    println!(
+                        "replica {} (sync agent {}){}",
+                        r.url(),
+                        r.sync_agent.addr,
+                        if attached { "" } else { " spare" }
+                    );
                     running.push(r);
                 }
                 Err(e) => {
-                    eprintln!("lhnet-loadtest sim: replica {addr}: {e} (P and P+2 must both be free)");
+                    eprintln!(
+                        "lhnet-loadtest sim: replica {addr}: {e} (P and P+2 must both be free)"
+                    );
                     return ExitCode::FAILURE;
                 }
             }
         }
-        let attached = running.iter().take(replicas.len()).map(|r| r.url()).collect();
+        let attached = running
+            .iter()
+            .take(replicas.len())
+            .map(|r| r.url())
+            .collect();
         let engine = match sim::start_engine(engine, &volume, size, attached).await {
             Ok(e) => e,
             Err(e) => {
@@ -118,7 +139,10 @@ fn run_sim(volume: String, size: i64, engine: SocketAddr, replicas: Vec<SocketAd
                 return ExitCode::FAILURE;
             }
         };
-        println!("engine {} volume {volume} size {size}; Ctrl-C stops", engine.served.addr);
+        println!(
+            "engine {} volume {volume} size {size}; Ctrl-C stops",
+            engine.served.addr
+        );
         let _ = tokio::signal::ctrl_c().await;
         ExitCode::SUCCESS
     })
@@ -126,7 +150,13 @@ fn run_sim(volume: String, size: i64, engine: SocketAddr, replicas: Vec<SocketAd
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Cmd::Sim { volume, size, engine, replicas, spares } => run_sim(volume, size, engine, replicas, spares),
+        Cmd::Sim {
+            volume,
+            size,
+            engine,
+            replicas,
+            spares,
+        } => run_sim(volume, size, engine, replicas, spares),
         Cmd::Bench {
             peers,
             threads,

@@ -736,3 +736,94 @@ async fn replica_add_fails_clearly_when_the_target_sync_agent_is_gone() {
         .map(|r| r.mode);
     assert_eq!(mode, Some(ReplicaMode::Wo as i32));
 }
+
+#[tokio::test]
+async fn snapshot_purge_coalesces_removed_snapshots_and_keeps_the_bytes() {
+    let mut s = setup().await;
+    let e = s.engine.served.addr;
+    for (i, name) in ["p1", "p2", "p3"].iter().enumerate() {
+        for r in &s.replicas {
+            r.replica.write(i * 8192, &[i as u8 + 1; 8192]).unwrap();
+        }
+        let snap = EngineVolumeSnapshotRequest {
+            proxy_engine_request: some_req(e),
+            snapshot_volume: Some(ptypes::VolumeSnapshotRequest {
+                name: name.to_string(),
+                labels: Default::default(),
+            }),
+        };
+        s.client.volume_snapshot(snap).await.unwrap();
+    }
+    let before = s.replicas[0].replica.read(0, 3 * 8192);
+    let remove = EngineSnapshotRemoveRequest {
+        proxy_engine_request: some_req(e),
+        names: vec!["p1".into(), "p2".into()],
+    };
+    s.client.snapshot_remove(remove).await.unwrap();
+
+    let purge = |skip| EngineSnapshotPurgeRequest {
+        proxy_engine_request: some_req(e),
+        skip_if_in_progress: skip,
+    };
+    s.client.snapshot_purge(purge(false)).await.unwrap();
+    // While it runs: skipping is fine, insisting is refused.
+    s.client.snapshot_purge(purge(true)).await.unwrap();
+    let err = s.client.snapshot_purge(purge(false)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+
+    let mut saw_progress = false;
+    for _ in 0..100 {
+        let status = s
+            .client
+            .snapshot_purge_status(req(e))
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        if status
+            .values()
+            .all(|p| !p.is_purging && p.state == "complete")
+        {
+            break;
+        }
+        saw_progress |= status
+            .values()
+            .any(|p| p.is_purging && p.state == "in_progress");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(saw_progress, "the purge never showed as in progress");
+    let status = s
+        .client
+        .snapshot_purge_status(req(e))
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert!(
+        status
+            .values()
+            .all(|p| p.state == "complete" && p.progress == 100),
+        "{status:?}"
+    );
+
+    let disks = s
+        .client
+        .snapshot_list(req(e))
+        .await
+        .unwrap()
+        .into_inner()
+        .disks;
+    assert!(
+        !disks.contains_key("p1") && !disks.contains_key("p2"),
+        "{:?}",
+        disks.keys()
+    );
+    assert_eq!(disks["p3"].parent, "");
+    for r in &s.replicas {
+        assert_eq!(
+            r.replica.read(0, 3 * 8192),
+            before,
+            "purge changed what the volume reads"
+        );
+    }
+}

@@ -357,9 +357,72 @@ impl ProxyEngineService for EngineProxy {
 
     async fn snapshot_purge(
         &self,
-        _request: Request<EngineSnapshotPurgeRequest>,
+        request: Request<EngineSnapshotPurgeRequest>,
     ) -> Result<Response<Empty>, Status> {
-        Err(unbuilt("SnapshotPurge"))
+        let r = request.into_inner();
+        let engine = self.engine(r.proxy_engine_request.as_ref())?;
+        logged("SnapshotPurge", engine, true);
+        let mut agents = Vec::new();
+        for (text, addr, mode) in self.replicas(engine).await? {
+            if mode == ReplicaMode::Err {
+                continue;
+            }
+            let addr = addr.ok_or_else(|| {
+                Status::internal(format!(
+                    "engine {engine} reported a bad replica address {text:?}"
+                ))
+            })?;
+            let replica = call(
+                &format!("get replica {addr}"),
+                self.replica(addr)?.replica_get(timed(())),
+            )
+            .await?;
+            if replica.replica.is_some_and(|r| r.rebuilding) {
+                return Err(Status::failed_precondition(format!(
+                    "failed to purge snapshots of volume {engine}: replica {addr} is rebuilding"
+                )));
+            }
+            let mut agent = self.sync_agent(addr)?;
+            let status = call(
+                &format!("get snapshot purge status of {addr}"),
+                agent.snapshot_purge_status(timed(())),
+            )
+            .await?;
+            if status.is_purging {
+                if r.skip_if_in_progress {
+                    tracing::info!(volume = %engine, replica = %addr, "snapshot purge already in progress; skipped as asked");
+                    return Ok(Response::new(()));
+                }
+                return Err(Status::failed_precondition(format!(
+                    "failed to purge snapshots of volume {engine}: replica {addr} is already purging"
+                )));
+            }
+            agents.push((addr, agent));
+        }
+        // The purge runs asynchronously on each replica; start them all at once.
+        let started = futures_util::future::join_all(agents.into_iter().map(
+            |(addr, mut agent)| async move {
+                (
+                    addr,
+                    call(
+                        &format!("start snapshot purge on {addr}"),
+                        agent.snapshot_purge(timed(())),
+                    )
+                    .await,
+                )
+            },
+        ))
+        .await;
+        for (addr, result) in started {
+            match result {
+                Err(e) if r.skip_if_in_progress && e.message().contains("already in progress") => {
+                    tracing::info!(volume = %engine, replica = %addr, "snapshot purge already in progress; skipped as asked");
+                }
+                Err(e) => return Err(e),
+                Ok(()) => {}
+            }
+        }
+        Ok(Response::new(()))
     }
 
     async fn snapshot_purge_status(
