@@ -827,3 +827,88 @@ async fn snapshot_purge_coalesces_removed_snapshots_and_keeps_the_bytes() {
         );
     }
 }
+
+#[tokio::test]
+async fn snapshot_clone_copies_a_snapshot_between_volumes() {
+    let mut s = setup().await;
+    let source = s.engine.served.addr;
+    let data: Vec<u8> = (0..64 * 1024).map(|i| (i % 200) as u8 + 1).collect();
+    for r in &s.replicas {
+        r.replica.write(4096, &data).unwrap();
+    }
+    let snap = EngineVolumeSnapshotRequest {
+        proxy_engine_request: some_req(source),
+        snapshot_volume: Some(ptypes::VolumeSnapshotRequest {
+            name: "golden".into(),
+            labels: Default::default(),
+        }),
+    };
+    s.client.volume_snapshot(snap).await.unwrap();
+    // Written after the snapshot: must not travel.
+    for r in &s.replicas {
+        r.replica.write(0, &[9u8; 4096]).unwrap();
+    }
+
+    let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let t1 = sim::start_replica(local, SIZE).await.unwrap();
+    let t2 = sim::start_replica(local, SIZE).await.unwrap();
+    let target = sim::start_engine(local, "vol-clone", SIZE, vec![t1.url(), t2.url()])
+        .await
+        .unwrap();
+    let t = target.served.addr;
+    let clone = EngineSnapshotCloneRequest {
+        proxy_engine_request: some_req(t),
+        from_controller: source.to_string(),
+        snapshot_name: "golden".into(),
+        export_backing_image_if_exist: false,
+    };
+    s.client.snapshot_clone(clone.clone()).await.unwrap();
+    for r in [&t1, &t2] {
+        assert_eq!(r.replica.read(4096, data.len()), data);
+        assert_eq!(
+            r.replica.read(0, 4096),
+            vec![0u8; 4096],
+            "bytes written after the snapshot were cloned"
+        );
+    }
+    assert!(s
+        .client
+        .snapshot_list(req(t))
+        .await
+        .unwrap()
+        .into_inner()
+        .disks
+        .contains_key("golden"));
+    let status = s
+        .client
+        .snapshot_clone_status(req(t))
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(status.len(), 2);
+    for st in status.values() {
+        assert_eq!(
+            (st.state.as_str(), st.progress, st.snapshot_name.as_str()),
+            ("complete", 100, "golden")
+        );
+        assert_eq!(st.from_replica_address, s.replicas[0].url());
+    }
+
+    // Every target replica must be RW.
+    let t3 = sim::start_replica(local, SIZE).await.unwrap();
+    let mut controller = ControllerServiceClient::connect(format!("http://{t}"))
+        .await
+        .unwrap();
+    controller
+        .controller_replica_create(ptypes::ControllerReplicaCreateRequest {
+            address: t3.url(),
+            snapshot_required: false,
+            mode: ReplicaMode::Wo as i32,
+        })
+        .await
+        .unwrap();
+    let err = s.client.snapshot_clone(clone).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("not RW"), "{err:?}");
+}

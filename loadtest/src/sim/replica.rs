@@ -29,6 +29,7 @@ struct ReplicaState {
     rebuild: (u64, u64),
     rebuild_error: String,
     purge: PurgeStatus,
+    clone: CloneStatus,
     head: String,
     head_index: u32,
     open: bool,
@@ -69,6 +70,16 @@ struct PurgeStatus {
     error: String,
 }
 
+#[derive(Clone, Default)]
+struct CloneStatus {
+    running: bool,
+    progress: i32,
+    state: String,
+    error: String,
+    from: String,
+    snapshot: String,
+}
+
 fn head_file(index: u32) -> String {
     format!("volume-head-{index:03}.img")
 }
@@ -98,6 +109,7 @@ impl SimReplica {
                 rebuild: (0, 0),
                 rebuild_error: String::new(),
                 purge: PurgeStatus::default(),
+                clone: CloneStatus::default(),
                 head,
                 head_index: 0,
                 open: true,
@@ -671,11 +683,130 @@ impl SyncAgentService for SimReplica {
         result?;
         Ok(Response::new(()))
     }
-    async fn snapshot_clone(&self, _r: Request<SnapshotCloneRequest>) -> R<()> {
-        Err(not_yet("SnapshotClone"))
+    /// Pulls the source's volume as of a snapshot and keeps it here as a snapshot of that name.
+    async fn snapshot_clone(&self, r: Request<SnapshotCloneRequest>) -> R<()> {
+        let r = r.into_inner();
+        let source = r
+            .from_address
+            .strip_prefix("tcp://")
+            .unwrap_or(&r.from_address);
+        let source: std::net::SocketAddr = source.parse().map_err(|_| {
+            Status::invalid_argument(format!("bad from_address {}", r.from_address))
+        })?;
+        self.with(|s| {
+            s.clone = CloneStatus {
+                running: true,
+                progress: 0,
+                state: "in_progress".into(),
+                error: String::new(),
+                from: r.from_address.clone(),
+                snapshot: r.snapshot_file_name.clone(),
+            };
+            Ok(())
+        })?;
+        let result = async {
+            let agent = std::net::SocketAddr::new(source.ip(), source.port() + 2);
+            let mut client = SyncAgentServiceClient::connect(format!("http://{agent}"))
+                .await
+                .map_err(|e| {
+                    Status::unavailable(format!("cannot reach source sync agent {agent}: {e}"))
+                })?;
+            let receiver = tokio::net::TcpListener::bind((r.to_host.as_str(), 0))
+                .await
+                .map_err(|e| {
+                    Status::internal(format!("cannot open a receiver on {}: {e}", r.to_host))
+                })?;
+            let port = receiver
+                .local_addr()
+                .map_err(|e| Status::internal(e.to_string()))?
+                .port();
+            let receive = tokio::spawn(super::sync::receive_disk(receiver));
+            client
+                .volume_export(VolumeExportRequest {
+                    snapshot_file_name: r.snapshot_file_name.clone(),
+                    host: r.to_host.clone(),
+                    port: i32::from(port),
+                    export_backing_image_if_exist: r.export_backing_image_if_exist,
+                })
+                .await?;
+            let (_, data) = receive
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| Status::data_loss(format!("receiving the clone: {e}")))?;
+            self.write(0, &data)?;
+            self.with(|s| s.snapshot(&r.snapshot_file_name, true, "", HashMap::new()))
+        }
+        .await;
+        self.with(|s| {
+            s.clone.running = false;
+            s.clone.progress = if result.is_ok() {
+                100
+            } else {
+                s.clone.progress
+            };
+            s.clone.state = if result.is_ok() { "complete" } else { "error" }.into();
+            s.clone.error = result
+                .as_ref()
+                .err()
+                .map(|e| e.message().to_string())
+                .unwrap_or_default();
+            Ok(())
+        })?;
+        result?;
+        Ok(Response::new(()))
     }
-    async fn volume_export(&self, _r: Request<VolumeExportRequest>) -> R<()> {
-        Err(not_yet("VolumeExport"))
+
+    /// Sends the volume as it was at a snapshot (that layer and its ancestors, flattened).
+    async fn volume_export(&self, r: Request<VolumeExportRequest>) -> R<()> {
+        let r = r.into_inner();
+        let file = snap_file(&r.snapshot_file_name);
+        let (meta, data) = self.with(|s| {
+            let meta = s.disks.get(&file).cloned().ok_or_else(|| {
+                Status::not_found(format!(
+                    "cannot find snapshot {} to export",
+                    r.snapshot_file_name
+                ))
+            })?;
+            let mut layers = vec![file.clone()];
+            let mut cur = meta.parent.clone();
+            while !cur.is_empty() {
+                layers.push(cur.clone());
+                cur = s
+                    .disks
+                    .get(&cur)
+                    .map(|d| d.parent.clone())
+                    .unwrap_or_default();
+            }
+            let len = layers
+                .iter()
+                .filter_map(|l| s.data.get(l))
+                .map(Vec::len)
+                .max()
+                .unwrap_or(0);
+            let mut flat = vec![0u8; len];
+            // Oldest first, so newer layers overwrite.
+            for layer in layers.iter().rev() {
+                if let Some(d) = s.data.get(layer) {
+                    for (i, b) in d.iter().enumerate() {
+                        if *b != 0 {
+                            flat[i] = *b;
+                        }
+                    }
+                }
+            }
+            Ok((meta, flat))
+        })?;
+        let port = u16::try_from(r.port)
+            .map_err(|_| Status::invalid_argument(format!("bad port {}", r.port)))?;
+        super::sync::send_disk(&r.host, port, &meta, &data)
+            .await
+            .map_err(|e| {
+                Status::unavailable(format!(
+                    "failed to export {} to {}:{port}: {e}",
+                    r.snapshot_file_name, r.host
+                ))
+            })?;
+        Ok(Response::new(()))
     }
     async fn receiver_launch(
         &self,
@@ -777,7 +908,15 @@ impl SyncAgentService for SimReplica {
         }))
     }
     async fn snapshot_clone_status(&self, _r: Request<()>) -> R<SnapshotCloneStatusResponse> {
-        Ok(Response::new(SnapshotCloneStatusResponse::default()))
+        let c = self.with(|s| Ok(s.clone.clone()))?;
+        Ok(Response::new(SnapshotCloneStatusResponse {
+            is_cloning: c.running,
+            error: c.error,
+            progress: c.progress,
+            state: c.state,
+            from_replica_address: c.from,
+            snapshot_name: c.snapshot,
+        }))
     }
 }
 

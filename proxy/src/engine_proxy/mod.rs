@@ -462,9 +462,76 @@ impl ProxyEngineService for EngineProxy {
 
     async fn snapshot_clone(
         &self,
-        _request: Request<EngineSnapshotCloneRequest>,
+        request: Request<EngineSnapshotCloneRequest>,
     ) -> Result<Response<Empty>, Status> {
-        Err(unbuilt("SnapshotClone"))
+        let r = request.into_inner();
+        let engine = self.engine(r.proxy_engine_request.as_ref())?;
+        let from = EngineAddr::parse("from_controller", &r.from_controller)?;
+        self.allow("from_controller", from.0)?;
+        if r.snapshot_name.is_empty() {
+            return Err(Status::invalid_argument(
+                "missing required snapshot_name parameter",
+            ));
+        }
+        logged("SnapshotClone", engine, true);
+        let source = self
+            .replicas(from)
+            .await?
+            .into_iter()
+            .find(|(_, _, mode)| *mode == ReplicaMode::Rw)
+            .and_then(|(_, a, _)| a)
+            .ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "failed to clone snapshot {}: source volume {from} has no RW replica",
+                    r.snapshot_name
+                ))
+            })?;
+        self.allow("source replica", source.sync_agent()?)?;
+        let mut targets = Vec::new();
+        for (text, addr, mode) in self.replicas(engine).await? {
+            let addr = addr.ok_or_else(|| {
+                Status::internal(format!(
+                    "engine {engine} reported a bad replica address {text:?}"
+                ))
+            })?;
+            if mode != ReplicaMode::Rw {
+                return Err(Status::failed_precondition(format!(
+                    "failed to clone snapshot {} into volume {engine}: replica {text} is {mode:?}, not RW",
+                    r.snapshot_name
+                )));
+            }
+            targets.push(addr);
+        }
+        let clones = targets.into_iter().map(|target| {
+            let request = ptypes::SnapshotCloneRequest {
+                from_address: source.url(),
+                to_host: target.0.ip().to_string(),
+                snapshot_file_name: r.snapshot_name.clone(),
+                export_backing_image_if_exist: r.export_backing_image_if_exist,
+            };
+            async move {
+                let mut agent = self.sync_agent(target)?;
+                let mut req = Request::new(request);
+                req.set_timeout(LONG_CALL_TIMEOUT);
+                match tokio::time::timeout(LONG_CALL_TIMEOUT, agent.snapshot_clone(req)).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(Status::new(
+                        e.code(),
+                        format!(
+                            "failed to clone snapshot into replica {target}: {}",
+                            e.message()
+                        ),
+                    )),
+                    Err(_) => Err(Status::deadline_exceeded(format!(
+                        "failed to clone snapshot into replica {target}: over 24 h"
+                    ))),
+                }
+            }
+        });
+        for result in futures_util::future::join_all(clones).await {
+            result?;
+        }
+        Ok(Response::new(()))
     }
 
     async fn snapshot_clone_status(
