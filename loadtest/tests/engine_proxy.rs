@@ -912,3 +912,242 @@ async fn snapshot_clone_copies_a_snapshot_between_volumes() {
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("not RW"), "{err:?}");
 }
+
+async fn wait_for<F, Fut>(mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..250 {
+        if done().await {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("condition not met within 5 s");
+}
+
+#[tokio::test]
+async fn backup_to_a_vfs_target_and_restore_into_another_volume() {
+    let mut s = setup().await;
+    let e = s.engine.served.addr;
+    let dir =
+        std::env::temp_dir().join(format!("lhnet-backup-{}-{}", std::process::id(), e.port()));
+    let target = format!("vfs://{}", dir.display());
+    let data: Vec<u8> = (0..3 * 1024 * 1024).map(|i| (i % 97) as u8 + 1).collect();
+    for r in &s.replicas {
+        r.replica.write(0, &data).unwrap();
+    }
+    let snap = |name: &str| EngineVolumeSnapshotRequest {
+        proxy_engine_request: some_req(e),
+        snapshot_volume: Some(ptypes::VolumeSnapshotRequest {
+            name: name.into(),
+            labels: Default::default(),
+        }),
+    };
+    s.client.volume_snapshot(snap("bk1")).await.unwrap();
+    let backup = |snapshot: &str, name: &str, envs: Vec<String>| EngineSnapshotBackupRequest {
+        proxy_engine_request: some_req(e),
+        envs,
+        backup_name: name.into(),
+        snapshot_name: snapshot.into(),
+        backup_target: target.clone(),
+        backing_image_name: String::new(),
+        backing_image_checksum: String::new(),
+        labels: [("app".to_string(), "db".to_string())].into(),
+    };
+
+    // Unknown env keys are refused before anything happens, and never reach the environment.
+    let err = s
+        .client
+        .snapshot_backup(backup("bk1", "b0", vec!["LD_PRELOAD=/tmp/evil.so".into()]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(std::env::var_os("LD_PRELOAD").is_none());
+    assert_eq!(
+        s.client
+            .snapshot_backup(backup("volume-head", "b0", vec![]))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
+
+    let creds = vec![
+        "AWS_ACCESS_KEY_ID=k".to_string(),
+        "AWS_SECRET_ACCESS_KEY=s".into(),
+    ];
+    let reply = s
+        .client
+        .snapshot_backup(backup("bk1", "backup-one", creds))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            reply.backup_id.as_str(),
+            reply.replica.as_str(),
+            reply.is_incremental
+        ),
+        ("backup-one", s.replicas[0].url().as_str(), false)
+    );
+
+    let status_req = |name: &str, replica: &str| EngineSnapshotBackupStatusRequest {
+        proxy_engine_request: some_req(e),
+        backup_name: name.into(),
+        replica_address: replica.into(),
+    };
+    let mut client = s.client.clone();
+    wait_for(|| {
+        let mut c = client.clone();
+        let r = status_req("backup-one", "");
+        async move {
+            c.snapshot_backup_status(r)
+                .await
+                .map(|s| s.into_inner().state == "complete")
+                .unwrap_or(false)
+        }
+    })
+    .await;
+    let status = client
+        .snapshot_backup_status(status_req("backup-one", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        status.backup_url,
+        format!("{target}?backup=backup-one&volume=vol-a")
+    );
+    assert_eq!(
+        (status.progress, status.snapshot_name.as_str()),
+        (100, "bk1")
+    );
+    assert_eq!(status.replica_address, s.replicas[0].url());
+    let err = client
+        .snapshot_backup_status(status_req("backup-one", "tcp://127.0.0.1:1"))
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("unknown replica"), "{err:?}");
+
+    // Longhorn's layout and JSON, as the backupstore library reads them.
+    let store = sim::backupstore::Target::parse(&target).unwrap();
+    let vol = store.load_volume("vol-a").unwrap();
+    assert_eq!(
+        (
+            vol.last_backup_name.as_str(),
+            vol.block_count.as_str(),
+            vol.backing_image_name.as_str()
+        ),
+        ("backup-one", "2", "\"\"")
+    );
+    let cfg_text = std::fs::read_to_string(store.volume_dir("vol-a").join("volume.cfg")).unwrap();
+    assert!(
+        cfg_text
+            .starts_with("{\"Name\":\"vol-a\",\"Size\":\"67108864\",\"Labels\":{\"app\":\"db\"}"),
+        "{cfg_text}"
+    );
+
+    // A second backup is incremental.
+    s.client.volume_snapshot(snap("bk2")).await.unwrap();
+    let reply = s
+        .client
+        .snapshot_backup(backup("bk2", "backup-two", vec![]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(reply.is_incremental);
+    wait_for(|| {
+        let mut c = client.clone();
+        let r = status_req("backup-two", "");
+        async move {
+            c.snapshot_backup_status(r)
+                .await
+                .map(|s| s.into_inner().state == "complete")
+                .unwrap_or(false)
+        }
+    })
+    .await;
+
+    // Restore into a fresh volume.
+    let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let r1 = sim::start_replica(local, SIZE).await.unwrap();
+    let r2 = sim::start_replica(local, SIZE).await.unwrap();
+    let fresh = sim::start_engine(local, "vol-restored", SIZE, vec![r1.url(), r2.url()])
+        .await
+        .unwrap();
+    let f = fresh.served.addr;
+    let restore = |url: String| EngineBackupRestoreRequest {
+        proxy_engine_request: some_req(f),
+        envs: vec![],
+        url,
+        target: target.clone(),
+        volume_name: "vol-a".into(),
+    };
+    let reply = client
+        .backup_restore(restore(status.backup_url.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        reply.task_error.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&reply.task_error)
+    );
+    wait_for(|| {
+        let mut c = client.clone();
+        async move {
+            let st = c
+                .backup_restore_status(req(f))
+                .await
+                .unwrap()
+                .into_inner()
+                .status;
+            st.len() == 2 && st.values().all(|v| v.state == "complete")
+        }
+    })
+    .await;
+    let st = client
+        .backup_restore_status(req(f))
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert!(st
+        .values()
+        .all(|v| v.last_restored == "backup-one" && v.progress == 100 && !v.is_restoring));
+    for r in [&r1, &r2] {
+        assert_eq!(r.replica.read(0, data.len()), data);
+    }
+
+    // Errors come back in taskError with status OK: per replica as JSON ...
+    let reply = client
+        .backup_restore(restore(format!("{target}?volume=x")))
+        .await
+        .unwrap()
+        .into_inner();
+    let body: serde_json::Value = serde_json::from_slice(&reply.task_error).unwrap();
+    assert_eq!(body["ReplicaErrors"].as_array().unwrap().len(), 2, "{body}");
+    assert!(
+        body["ReplicaErrors"][0]["Message"]
+            .as_str()
+            .unwrap()
+            .contains("invalid volume name"),
+        "{body}"
+    );
+    // ... or as text when the volume cannot be restored at all.
+    let start = EngineVolumeFrontendStartRequest {
+        proxy_engine_request: some_req(f),
+        frontend_start: Some(ptypes::VolumeFrontendStartRequest {
+            frontend: "tgt-blockdev".into(),
+        }),
+    };
+    client.volume_frontend_start(start).await.unwrap();
+    let reply = client
+        .backup_restore(restore(status.backup_url.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(String::from_utf8_lossy(&reply.task_error).contains("frontend is up"));
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -3,6 +3,7 @@
 //! `SyncAgentService` on P+2), holding real state. They stand in for Longhorn's Go binaries,
 //! which cannot be built here, and are not part of the proxy.
 
+pub mod backupstore;
 mod engine;
 mod replica;
 mod sync;

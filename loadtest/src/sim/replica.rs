@@ -30,6 +30,9 @@ struct ReplicaState {
     rebuild_error: String,
     purge: PurgeStatus,
     clone: CloneStatus,
+    /// Backups this replica made (name → status), as its sync agent reports them.
+    backups: HashMap<String, BackupProgress>,
+    restore: RestoreStatusResponse,
     head: String,
     head_index: u32,
     open: bool,
@@ -68,6 +71,15 @@ struct PurgeStatus {
     progress: i32,
     state: String,
     error: String,
+}
+
+#[derive(Clone, Default)]
+struct BackupProgress {
+    progress: i32,
+    state: String,
+    url: String,
+    error: String,
+    snapshot: String,
 }
 
 #[derive(Clone, Default)]
@@ -110,6 +122,8 @@ impl SimReplica {
                 rebuild_error: String::new(),
                 purge: PurgeStatus::default(),
                 clone: CloneStatus::default(),
+                backups: HashMap::new(),
+                restore: RestoreStatusResponse::default(),
                 head,
                 head_index: 0,
                 open: true,
@@ -246,6 +260,43 @@ impl ReplicaState {
             head_file_size: 0,
             revision_counter_disabled: false,
         }
+    }
+
+    /// The volume as of a snapshot: that layer and its ancestors, flattened (newer bytes win).
+    fn flatten(&self, snapshot: &str) -> Result<(DiskInfo, Vec<u8>), Status> {
+        let file = snap_file(snapshot);
+        let meta = self
+            .disks
+            .get(&file)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("cannot find snapshot {snapshot}")))?;
+        let mut layers = vec![file.clone()];
+        let mut cur = meta.parent.clone();
+        while !cur.is_empty() {
+            layers.push(cur.clone());
+            cur = self
+                .disks
+                .get(&cur)
+                .map(|d| d.parent.clone())
+                .unwrap_or_default();
+        }
+        let len = layers
+            .iter()
+            .filter_map(|l| self.data.get(l))
+            .map(Vec::len)
+            .max()
+            .unwrap_or(0);
+        let mut flat = vec![0u8; len];
+        for layer in layers.iter().rev() {
+            if let Some(d) = self.data.get(layer) {
+                for (i, b) in d.iter().enumerate() {
+                    if *b != 0 {
+                        flat[i] = *b;
+                    }
+                }
+            }
+        }
+        Ok((meta, flat))
     }
 
     /// Removed snapshots whose child is another snapshot, oldest first: what a purge coalesces.
@@ -759,43 +810,7 @@ impl SyncAgentService for SimReplica {
     /// Sends the volume as it was at a snapshot (that layer and its ancestors, flattened).
     async fn volume_export(&self, r: Request<VolumeExportRequest>) -> R<()> {
         let r = r.into_inner();
-        let file = snap_file(&r.snapshot_file_name);
-        let (meta, data) = self.with(|s| {
-            let meta = s.disks.get(&file).cloned().ok_or_else(|| {
-                Status::not_found(format!(
-                    "cannot find snapshot {} to export",
-                    r.snapshot_file_name
-                ))
-            })?;
-            let mut layers = vec![file.clone()];
-            let mut cur = meta.parent.clone();
-            while !cur.is_empty() {
-                layers.push(cur.clone());
-                cur = s
-                    .disks
-                    .get(&cur)
-                    .map(|d| d.parent.clone())
-                    .unwrap_or_default();
-            }
-            let len = layers
-                .iter()
-                .filter_map(|l| s.data.get(l))
-                .map(Vec::len)
-                .max()
-                .unwrap_or(0);
-            let mut flat = vec![0u8; len];
-            // Oldest first, so newer layers overwrite.
-            for layer in layers.iter().rev() {
-                if let Some(d) = s.data.get(layer) {
-                    for (i, b) in d.iter().enumerate() {
-                        if *b != 0 {
-                            flat[i] = *b;
-                        }
-                    }
-                }
-            }
-            Ok((meta, flat))
-        })?;
+        let (meta, data) = self.with(|s| s.flatten(&r.snapshot_file_name))?;
         let port = u16::try_from(r.port)
             .map_err(|_| Status::invalid_argument(format!("bad port {}", r.port)))?;
         super::sync::send_disk(&r.host, port, &meta, &data)
@@ -814,24 +829,185 @@ impl SyncAgentService for SimReplica {
     ) -> R<ReceiverLaunchResponse> {
         Err(not_yet("ReceiverLaunch"))
     }
-    async fn backup_create(&self, _r: Request<BackupCreateRequest>) -> R<BackupCreateResponse> {
-        Err(not_yet("BackupCreate"))
+    /// Starts a backup of a snapshot to a vfs:// target in Longhorn's layout; runs in the background.
+    async fn backup_create(&self, r: Request<BackupCreateRequest>) -> R<BackupCreateResponse> {
+        let r = r.into_inner();
+        let target = super::backupstore::Target::parse(&r.backup_target)
+            .map_err(Status::invalid_argument)?;
+        let (meta, data, size) = self.with(|s| {
+            let (meta, data) = s.flatten(&r.snapshot_file_name)?;
+            Ok((meta, data, s.size))
+        })?;
+        let name = if r.backup_name.is_empty() {
+            super::backupstore::generate_backup_name(&format!(
+                "{}{}",
+                r.snapshot_file_name,
+                now_rfc3339()
+            ))
+        } else {
+            r.backup_name.clone()
+        };
+        let incremental = target.load_volume(&r.volume_name).ok().is_some_and(|v| {
+            !v.last_backup_name.is_empty()
+                && target
+                    .load_backup(&r.volume_name, &v.last_backup_name)
+                    .is_ok()
+        });
+        let url = super::backupstore::encode_backup_url(&target.url, &name, &r.volume_name);
+        self.with(|s| {
+            if s.backups
+                .get(&name)
+                .is_some_and(|b| b.state == "in_progress")
+            {
+                return Err(Status::already_exists(format!(
+                    "backup {name} is already in progress"
+                )));
+            }
+            s.backups.insert(
+                name.clone(),
+                BackupProgress {
+                    progress: 0,
+                    state: "in_progress".into(),
+                    url: url.clone(),
+                    error: String::new(),
+                    snapshot: r.snapshot_file_name.clone(),
+                },
+            );
+            Ok(())
+        })?;
+        let labels = r
+            .labels
+            .iter()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let replica = self.clone();
+        let backup = name.clone();
+        tokio::task::spawn_blocking(move || {
+            let update = |progress: i32| {
+                let _ = replica.with(|s| {
+                    if let Some(b) = s.backups.get_mut(&backup) {
+                        b.progress = progress;
+                    }
+                    Ok(())
+                });
+            };
+            let result = target.write_backup(
+                &r.volume_name,
+                &backup,
+                &r.snapshot_file_name,
+                &meta.created,
+                &now_rfc3339(),
+                size,
+                labels,
+                (&r.backing_image_name, &r.backing_image_checksum),
+                &data,
+                update,
+            );
+            let _ = replica.with(|s| {
+                if let Some(b) = s.backups.get_mut(&backup) {
+                    match &result {
+                        Ok(_) => {
+                            b.progress = 100;
+                            b.state = "complete".into();
+                        }
+                        Err(e) => {
+                            b.state = "error".into();
+                            b.error = format!("failed to write backup {backup}: {e}");
+                        }
+                    }
+                }
+                Ok(())
+            });
+        });
+        Ok(Response::new(BackupCreateResponse {
+            backup: name,
+            is_incremental: incremental,
+        }))
     }
     async fn backup_remove(&self, _r: Request<BackupRemoveRequest>) -> R<()> {
         Err(not_yet("BackupRemove"))
     }
-    async fn backup_restore(&self, _r: Request<BackupRestoreRequest>) -> R<()> {
-        Err(not_yet("BackupRestore"))
+    /// Starts restoring a backup into this replica; runs in the background.
+    async fn backup_restore(&self, r: Request<BackupRestoreRequest>) -> R<()> {
+        let r = r.into_inner();
+        let (target_url, backup, volume) =
+            super::backupstore::decode_backup_url(&r.backup).map_err(Status::invalid_argument)?;
+        let target =
+            super::backupstore::Target::parse(&target_url).map_err(Status::invalid_argument)?;
+        self.with(|s| {
+            if s.restore.is_restoring {
+                return Err(Status::unknown(
+                    "a restore is already in progress on this replica",
+                ));
+            }
+            s.restore = RestoreStatusResponse {
+                is_restoring: true,
+                last_restored: s.restore.last_restored.clone(),
+                progress: 0,
+                error: String::new(),
+                dest_file_name: r.snapshot_disk_name.clone(),
+                state: "in_progress".into(),
+                backup_url: r.backup.clone(),
+                current_restoring_backup: backup.clone(),
+            };
+            Ok(())
+        })?;
+        let replica = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = target
+                .read_backup(&volume, &backup)
+                .map_err(|e| format!("failed to restore {backup}: {e}"));
+            let written = result.and_then(|(_, data)| {
+                for (i, chunk) in data.chunks(super::backupstore::BLOCK_SIZE).enumerate() {
+                    if chunk.iter().any(|b| *b != 0) {
+                        replica
+                            .write(i * super::backupstore::BLOCK_SIZE, chunk)
+                            .map_err(|e| e.message().to_string())?;
+                    }
+                }
+                Ok(())
+            });
+            let _ = replica.with(|s| {
+                s.restore.is_restoring = false;
+                s.restore.current_restoring_backup.clear();
+                match &written {
+                    Ok(()) => {
+                        s.restore.progress = 100;
+                        s.restore.state = "complete".into();
+                        s.restore.last_restored = backup.clone();
+                    }
+                    Err(e) => {
+                        s.restore.state = "error".into();
+                        s.restore.error = e.clone();
+                    }
+                }
+                Ok(())
+            });
+        });
+        Ok(Response::new(()))
     }
-    async fn backup_status(&self, _r: Request<BackupStatusRequest>) -> R<BackupStatusResponse> {
-        Err(not_yet("BackupStatus"))
+
+    async fn backup_status(&self, r: Request<BackupStatusRequest>) -> R<BackupStatusResponse> {
+        let name = r.into_inner().backup;
+        let b = self.with(|s| {
+            s.backups.get(&name).cloned().ok_or_else(|| {
+                Status::not_found(format!("cannot find backup {name} in this replica"))
+            })
+        })?;
+        Ok(Response::new(BackupStatusResponse {
+            progress: b.progress,
+            backup_url: b.url,
+            error: b.error,
+            snapshot_name: b.snapshot,
+            state: b.state,
+        }))
     }
     async fn reset(&self, _r: Request<()>) -> R<()> {
         Ok(Response::new(()))
     }
-    /// No restore has run on this replica.
     async fn restore_status(&self, _r: Request<()>) -> R<RestoreStatusResponse> {
-        Ok(Response::new(RestoreStatusResponse::default()))
+        Ok(Response::new(self.with(|s| Ok(s.restore.clone()))?))
     }
     /// Starts coalescing removed snapshots in the background, one disk at a time.
     async fn snapshot_purge(&self, _r: Request<()>) -> R<()> {

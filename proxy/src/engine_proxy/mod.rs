@@ -5,6 +5,7 @@
 
 mod address;
 mod channel;
+mod envs;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -24,6 +25,7 @@ use tonic::{Request, Response, Status};
 
 pub use address::{parse_address, EngineAddr, ReplicaAddr};
 use channel::EngineChannel;
+pub use envs::{credential_map, CREDENTIAL_KEYS};
 
 use crate::cluster::Cluster;
 
@@ -143,12 +145,6 @@ fn logged(op: &'static str, engine: EngineAddr, mutating: bool) {
     } else {
         tracing::debug!(op, volume = %engine, network = "storage", "engine proxy call");
     }
-}
-
-fn unbuilt(op: &str) -> Status {
-    Status::unimplemented(format!(
-        "{op} is not available in this lhnet-proxy build yet (the rebuild, purge, clone, backup and restore tasks are in progress)"
-    ))
 }
 
 /// Longhorn's disk file names to snapshot names: `volume-snap-X.img` → `X`, the head → `volume-head`.
@@ -588,23 +584,186 @@ impl ProxyEngineService for EngineProxy {
 
     async fn snapshot_backup(
         &self,
-        _request: Request<EngineSnapshotBackupRequest>,
+        request: Request<EngineSnapshotBackupRequest>,
     ) -> Result<Response<EngineSnapshotBackupProxyResponse>, Status> {
-        Err(unbuilt("SnapshotBackup"))
+        let r = request.into_inner();
+        let credential = credential_map(&r.envs)?;
+        let engine = self.engine(r.proxy_engine_request.as_ref())?;
+        if r.snapshot_name.is_empty() || r.snapshot_name == "volume-head" {
+            return Err(Status::invalid_argument(format!(
+                "cannot back up snapshot {:?}: name a snapshot, not the volume head",
+                r.snapshot_name
+            )));
+        }
+        if r.backup_target.is_empty() {
+            return Err(Status::invalid_argument(
+                "missing required backup_target parameter",
+            ));
+        }
+        logged("SnapshotBackup", engine, true);
+        let volume = call(
+            &format!("get volume {engine}"),
+            self.controller(engine).volume_get(timed(())),
+        )
+        .await?;
+        let replica = self
+            .replicas(engine)
+            .await?
+            .into_iter()
+            .find(|(_, _, mode)| *mode == ReplicaMode::Rw)
+            .and_then(|(_, a, _)| a)
+            .ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "failed to back up volume {engine}: no RW replica"
+                ))
+            })?;
+        let info = call(
+            &format!("get replica {replica}"),
+            self.replica(replica)?.replica_get(timed(())),
+        )
+        .await?
+        .replica
+        .unwrap_or_default();
+        let disk = format!("volume-snap-{}.img", r.snapshot_name);
+        if !info.disks.contains_key(&disk) {
+            return Err(Status::not_found(format!(
+                "failed to back up volume {engine}: snapshot {} is not on replica {replica}",
+                r.snapshot_name
+            )));
+        }
+        let mut labels: Vec<String> = r.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        labels.sort();
+        let create = ptypes::BackupCreateRequest {
+            snapshot_file_name: r.snapshot_name.clone(),
+            backup_target: r.backup_target.clone(),
+            volume_name: volume.name,
+            labels,
+            credential,
+            backing_image_name: r.backing_image_name,
+            backing_image_checksum: r.backing_image_checksum,
+            backup_name: r.backup_name,
+        };
+        let reply = call(
+            &format!(
+                "back up snapshot {} of volume {engine} on replica {replica}",
+                r.snapshot_name
+            ),
+            self.sync_agent(replica)?.backup_create(timed(create)),
+        )
+        .await?;
+        Ok(Response::new(EngineSnapshotBackupProxyResponse {
+            backup_id: reply.backup,
+            replica: replica.url(),
+            is_incremental: reply.is_incremental,
+        }))
     }
 
     async fn snapshot_backup_status(
         &self,
-        _request: Request<EngineSnapshotBackupStatusRequest>,
+        request: Request<EngineSnapshotBackupStatusRequest>,
     ) -> Result<Response<EngineSnapshotBackupStatusProxyResponse>, Status> {
-        Err(unbuilt("SnapshotBackupStatus"))
+        let r = request.into_inner();
+        let engine = self.engine(r.proxy_engine_request.as_ref())?;
+        if r.backup_name.is_empty() {
+            return Err(Status::invalid_argument(
+                "missing required backup_name parameter",
+            ));
+        }
+        logged("SnapshotBackupStatus", engine, false);
+        let replicas = self.replicas(engine).await?;
+        let ask = |replica: ReplicaAddr| {
+            let backup = r.backup_name.clone();
+            async move {
+                let mut agent = self.sync_agent(replica)?;
+                call(
+                    &format!("get status of backup {backup} on replica {replica}"),
+                    agent.backup_status(timed(ptypes::BackupStatusRequest { backup })),
+                )
+                .await
+            }
+        };
+        let (replica, status) = if r.replica_address.is_empty() {
+            let mut found = None;
+            let mut last_error = None;
+            for (_, addr, mode) in &replicas {
+                let (Some(addr), ReplicaMode::Rw) = (addr, mode) else {
+                    continue;
+                };
+                match ask(*addr).await {
+                    Ok(s) => {
+                        found = Some((*addr, s));
+                        break;
+                    }
+                    Err(e) => last_error = Some(e),
+                }
+            }
+            found.ok_or_else(|| {
+                last_error.unwrap_or_else(|| {
+                    Status::failed_precondition(format!(
+                        "failed to get {} backup status: volume {engine} has no RW replica",
+                        r.backup_name
+                    ))
+                })
+            })?
+        } else {
+            let wanted = ReplicaAddr::parse("replica_address", &r.replica_address)?;
+            let rw = replicas
+                .iter()
+                .any(|(_, a, m)| *a == Some(wanted) && *m == ReplicaMode::Rw);
+            if !rw {
+                return Err(Status::failed_precondition(format!(
+                    "failed to get {} backup status on unknown replica {}",
+                    r.backup_name, r.replica_address
+                )));
+            }
+            (wanted, ask(wanted).await?)
+        };
+        Ok(Response::new(EngineSnapshotBackupStatusProxyResponse {
+            backup_url: status.backup_url,
+            error: status.error,
+            progress: status.progress,
+            snapshot_name: status.snapshot_name,
+            state: status.state,
+            replica_address: replica.url(),
+        }))
     }
 
+    /// Failures after validation travel in `taskError` with status OK, as Longhorn's proxy does.
     async fn backup_restore(
         &self,
-        _request: Request<EngineBackupRestoreRequest>,
+        request: Request<EngineBackupRestoreRequest>,
     ) -> Result<Response<EngineBackupRestoreProxyResponse>, Status> {
-        Err(unbuilt("BackupRestore"))
+        let r = request.into_inner();
+        let credential = credential_map(&r.envs)?;
+        let engine = self.engine(r.proxy_engine_request.as_ref())?;
+        for (field, value) in [
+            ("url", &r.url),
+            ("target", &r.target),
+            ("volume_name", &r.volume_name),
+        ] {
+            if value.is_empty() {
+                return Err(Status::invalid_argument(format!(
+                    "missing required {field} parameter"
+                )));
+            }
+        }
+        logged("BackupRestore", engine, true);
+        tracing::info!(volume = %engine, backup = %r.url, backup_volume = %r.volume_name, network = "storage", "restoring backup");
+        let task_error = match self.restore(engine, &r.url, credential).await {
+            Ok(()) => Vec::new(),
+            Err(RestoreError::Task(text)) => text.into_bytes(),
+            Err(RestoreError::Replicas(errors)) => {
+                let replica_errors: Vec<serde_json::Value> = errors
+                    .into_iter()
+                    .map(|(address, message)| serde_json::json!({ "Address": address, "Message": message }))
+                    .collect();
+                serde_json::to_vec(&serde_json::json!({ "ReplicaErrors": replica_errors }))
+                    .unwrap_or_default()
+            }
+        };
+        Ok(Response::new(EngineBackupRestoreProxyResponse {
+            task_error,
+        }))
     }
 
     async fn backup_restore_status(
@@ -801,7 +960,106 @@ impl ProxyEngineService for EngineProxy {
     }
 }
 
+/// Why a restore did not start: a plain task error, or per-replica errors (Longhorn's
+/// `TaskError{ReplicaErrors}`).
+enum RestoreError {
+    Task(String),
+    Replicas(Vec<(String, String)>),
+}
+
+impl From<Status> for RestoreError {
+    fn from(s: Status) -> Self {
+        RestoreError::Task(s.message().to_string())
+    }
+}
+
 impl EngineProxy {
+    /// BackupRestore's checks, then the restore started on every non-ERR replica in parallel.
+    async fn restore(
+        &self,
+        engine: EngineAddr,
+        url: &str,
+        credential: HashMap<String, String>,
+    ) -> Result<(), RestoreError> {
+        let volume = call(
+            &format!("get volume {engine}"),
+            self.controller(engine).volume_get(timed(())),
+        )
+        .await?;
+        if volume.frontend_state == "up" {
+            return Err(RestoreError::Task(format!(
+                "cannot restore backup {url} into volume {engine}: its frontend is up"
+            )));
+        }
+        let mut agents = Vec::new();
+        for (text, addr, mode) in self.replicas(engine).await? {
+            if mode == ReplicaMode::Err {
+                continue;
+            }
+            let addr = addr.ok_or_else(|| {
+                RestoreError::Task(format!(
+                    "engine {engine} reported a bad replica address {text:?}"
+                ))
+            })?;
+            let info = call(
+                &format!("get replica {addr}"),
+                self.replica(addr)?.replica_get(timed(())),
+            )
+            .await?;
+            if info.replica.is_some_and(|r| r.rebuilding) {
+                return Err(RestoreError::Task(format!(
+                    "cannot restore backup {url}: replica {addr} is rebuilding"
+                )));
+            }
+            let mut agent = self.sync_agent(addr)?;
+            let purge = call(
+                &format!("get snapshot purge status of {addr}"),
+                agent.snapshot_purge_status(timed(())),
+            )
+            .await?;
+            if purge.is_purging {
+                return Err(RestoreError::Task(format!(
+                    "cannot restore backup {url}: replica {addr} is purging snapshots; retry later"
+                )));
+            }
+            agents.push((text, addr, agent));
+        }
+        let snapshot_disk_name = format!(
+            "volume-snap-restore-{}.img",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0)
+        );
+        let starts = agents.into_iter().map(|(text, addr, mut agent)| {
+            let request = ptypes::BackupRestoreRequest {
+                backup: url.to_string(),
+                snapshot_disk_name: snapshot_disk_name.clone(),
+                credential: credential.clone(),
+            };
+            async move {
+                (
+                    text,
+                    call(
+                        &format!("restore backup {url} on replica {addr}"),
+                        agent.backup_restore(timed(request)),
+                    )
+                    .await,
+                )
+            }
+        });
+        let errors: Vec<(String, String)> = futures_util::future::join_all(starts)
+            .await
+            .into_iter()
+            .filter_map(|(text, result)| result.err().map(|e| (text, e.message().to_string())))
+            .collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(RestoreError::Replicas(errors))
+        }
+    }
+
     /// ReplicaAdd, in the order of longhorn-engine's `sync.Task.AddReplica` (v1.3.3).
     async fn add_replica(
         &self,
