@@ -22,6 +22,7 @@ use crate::config::{
     format_duration, HeaderMatcher, HeaderRule, ListenerConfig, LocalService, PathMatch, RetryOn,
     RetryPolicy, RouteAction, RouteConfig,
 };
+use crate::engine_proxy::version::{VersionPatchBody, VERSION_GET_PATH};
 use crate::engine_proxy::EngineProxy;
 use crate::health::HealthService;
 use crate::metrics::Metrics;
@@ -249,7 +250,16 @@ impl RouteTable {
                     },
                     None => call.await,
                 };
+                let advertise = log.path.path() == VERSION_GET_PATH;
                 match result {
+                    Ok((response, permit)) if advertise => finish(
+                        response.map(VersionPatchBody::new),
+                        &verdict,
+                        deadline_at.map(|at| (at, deadline_reply(deadline.unwrap_or_default()))),
+                        context,
+                        log,
+                        Some(permit),
+                    ),
                     Ok((response, permit)) => finish(
                         response,
                         &verdict,

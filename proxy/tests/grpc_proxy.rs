@@ -683,3 +683,84 @@ async fn idle_connections_close_and_dead_addresses_back_off() {
         "{text}"
     );
 }
+
+/// A stand-in instance-manager answering `/ProcessManagerService/VersionGet` with a fixed
+/// encoded VersionResponse (a real HTTP/2 server; the message is what Longhorn's IM sends).
+async fn fake_instance_manager(message: Vec<u8>) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let message = message.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |_req: http::Request<hyper::body::Incoming>| {
+                        let framed = Bytes::from(grpc_frame(0, &message));
+                        async move {
+                            let mut trailers = http::HeaderMap::new();
+                            trailers.insert("grpc-status", "0".parse().unwrap());
+                            let frames = vec![
+                                Ok::<_, std::convert::Infallible>(http_body::Frame::data(framed)),
+                                Ok(http_body::Frame::trailers(trailers)),
+                            ];
+                            let body = http_body_util::StreamBody::new(tokio_stream::iter(frames));
+                            let mut response = http::Response::new(body);
+                            response
+                                .headers_mut()
+                                .insert("content-type", "application/grpc".parse().unwrap());
+                            Ok::<_, std::convert::Infallible>(response)
+                        }
+                    },
+                );
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+            });
+        }
+    });
+    addr
+}
+
+async fn version_get_through(p: &RunningProxy) -> Vec<u8> {
+    let mut send = raw_h2(p.listener_addr("m").unwrap()).await;
+    let request = http::Request::post("http://proxy/ProcessManagerService/VersionGet")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from(grpc_frame(0, &[]))))
+        .unwrap();
+    send.ready().await.unwrap();
+    let response = send.send_request(request).await.unwrap();
+    let collected = response.into_body().collect().await.unwrap();
+    assert_eq!(collected.trailers().unwrap()["grpc-status"], "0");
+    let bytes = collected.to_bytes();
+    assert_eq!(
+        u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize,
+        bytes.len() - 5
+    );
+    bytes[5..].to_vec()
+}
+
+#[tokio::test]
+async fn process_manager_version_advertises_the_proxy_api() {
+    // An instance-manager without a proxy: {1: "v1", 4: 1, 5: 1}.
+    let old_im = fake_instance_manager(vec![0x0a, 2, b'v', b'1', 0x20, 1, 0x28, 1]).await;
+    let routes = "      - match: { prefix: /ProcessManagerService/ }\n        cluster: im\n";
+    let p = proxy(routes, &static_cluster("im", &[old_im])).await;
+    let message = version_get_through(&p).await;
+    assert_eq!(
+        message,
+        vec![0x0a, 2, b'v', b'1', 0x20, 1, 0x28, 1, 0x30, 2, 0x38, 1]
+    );
+
+    // One that has its own proxy API (6: 3) keeps it; the missing 7 is added.
+    let new_im = fake_instance_manager(vec![0x0a, 2, b'v', b'2', 0x30, 3]).await;
+    let p = proxy(routes, &static_cluster("im", &[new_im])).await;
+    assert_eq!(
+        version_get_through(&p).await,
+        vec![0x0a, 2, b'v', b'2', 0x30, 3, 0x38, 1]
+    );
+}

@@ -6,6 +6,7 @@
 mod address;
 mod channel;
 mod envs;
+pub mod version;
 
 use std::collections::HashMap;
 use std::future::Future;
