@@ -227,7 +227,7 @@ fn workload_name(payload: usize) -> String {
 }
 
 /// Proxy CPUs and load CPUs: the proxy gets the first `threads` CPUs, the rest carry the load.
-fn cpu_split(cpus: usize, threads: usize) -> (Option<Vec<usize>>, Option<Vec<usize>>) {
+pub(crate) fn cpu_split(cpus: usize, threads: usize) -> (Option<Vec<usize>>, Option<Vec<usize>>) {
     if cpus < 2 || threads >= cpus {
         return (None, None);
     }
@@ -244,7 +244,7 @@ fn cpu_list(cpus: &[usize]) -> String {
         .join(",")
 }
 
-fn pin_current_thread(cpus: &[usize]) {
+pub(crate) fn pin_current_thread(cpus: &[usize]) {
     let mut set = nix::sched::CpuSet::new();
     for &c in cpus {
         let _ = set.set(c);
@@ -254,7 +254,7 @@ fn pin_current_thread(cpus: &[usize]) {
 
 /// Starts a multi-thread runtime (pinned when `cpus` is given) on a background thread, runs
 /// `setup` on it, and keeps the runtime alive for the rest of the process.
-fn spawn_runtime_thread<T, F>(
+pub(crate) fn spawn_runtime_thread<T, F>(
     name: &str,
     threads: usize,
     cpus: Option<Vec<usize>>,

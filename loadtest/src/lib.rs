@@ -3,5 +3,6 @@
 #![deny(rust_2018_idioms)]
 
 pub mod bench;
+pub mod engine_bench;
 pub mod peers;
 pub mod sim;

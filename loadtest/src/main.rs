@@ -24,6 +24,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Longhorn VolumeGet through lhnet's engine proxy vs straight to the simulated engine.
+    BenchEngine {
+        /// Concurrent streams.
+        #[arg(long, default_value_t = 64)]
+        streams: usize,
+        /// Seconds per side.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Also write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Run a simulated Longhorn engine and replicas in the foreground (Ctrl-C stops them).
     Sim {
         /// Volume name.
@@ -150,6 +162,32 @@ fn run_sim(
 
 fn main() -> ExitCode {
     match Cli::parse().command {
+        Cmd::BenchEngine {
+            streams,
+            seconds,
+            json,
+        } => match lhnet_loadtest::engine_bench::run(
+            streams.max(1),
+            Duration::from_secs(seconds.max(1)),
+        ) {
+            Ok(report) => {
+                lhnet_loadtest::engine_bench::print(&report);
+                if let Some(path) = json {
+                    if let Err(e) = std::fs::write(
+                        &path,
+                        serde_json::to_string_pretty(&report).unwrap_or_default(),
+                    ) {
+                        eprintln!("lhnet-loadtest: cannot write {}: {e}", path.display());
+                        return ExitCode::FAILURE;
+                    }
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("lhnet-loadtest bench-engine: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::Sim {
             volume,
             size,

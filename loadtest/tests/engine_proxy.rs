@@ -1151,3 +1151,91 @@ async fn backup_to_a_vfs_target_and_restore_into_another_volume() {
     assert!(String::from_utf8_lossy(&reply.task_error).contains("frontend is up"));
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[tokio::test]
+async fn a_replica_in_err_is_left_out_of_reads_and_status_fan_outs() {
+    let mut s = setup().await;
+    let e = s.engine.served.addr;
+    let snap = EngineVolumeSnapshotRequest {
+        proxy_engine_request: some_req(e),
+        snapshot_volume: Some(ptypes::VolumeSnapshotRequest {
+            name: "before-err".into(),
+            labels: Default::default(),
+        }),
+    };
+    s.client.volume_snapshot(snap).await.unwrap();
+    // The engine marks a replica ERR (as after a failed I/O); its process is then gone.
+    let mut controller = ControllerServiceClient::connect(format!("http://{e}"))
+        .await
+        .unwrap();
+    let bad = s.replicas.remove(1);
+    let bad_url = bad.url();
+    controller
+        .replica_update(ptypes::ControllerReplica {
+            address: Some(ptypes::ReplicaAddress {
+                address: bad_url.clone(),
+            }),
+            mode: ReplicaMode::Err as i32,
+        })
+        .await
+        .unwrap();
+    drop(bad);
+
+    let list = s
+        .client
+        .replica_list(req(e))
+        .await
+        .unwrap()
+        .into_inner()
+        .replica_list
+        .unwrap()
+        .replicas;
+    let mode = list
+        .iter()
+        .find(|r| r.address.as_ref().unwrap().address == bad_url)
+        .unwrap()
+        .mode;
+    assert_eq!(mode, ReplicaMode::Err as i32);
+    // SnapshotList reads RW replicas only; purge and restore status skip ERR replicas.
+    assert!(s
+        .client
+        .snapshot_list(req(e))
+        .await
+        .unwrap()
+        .into_inner()
+        .disks
+        .contains_key("before-err"));
+    let purge = s
+        .client
+        .snapshot_purge_status(req(e))
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(purge.keys().collect::<Vec<_>>(), vec![&s.replicas[0].url()]);
+    let restore = s
+        .client
+        .backup_restore_status(req(e))
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert!(!restore.contains_key(&bad_url));
+    // Clone status asks every replica, so the dead one reports its error in its entry.
+    let clone = s
+        .client
+        .snapshot_clone_status(req(e))
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert!(!clone[&bad_url].error.is_empty());
+    // A purge skips the ERR replica and starts on the others.
+    s.client
+        .snapshot_purge(EngineSnapshotPurgeRequest {
+            proxy_engine_request: some_req(e),
+            skip_if_in_progress: false,
+        })
+        .await
+        .unwrap();
+}

@@ -1,0 +1,202 @@
+//! `lhnet-loadtest bench-engine`: Longhorn's VolumeGet through lhnet's engine proxy versus
+//! straight to the simulated engine's ControllerService, in one run, with the same client.
+//!
+//! lhnet gets one thread on CPU 0; the engine and the client share the other CPU.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use lhnet_proto::imrpc::proxy_engine_service_client::ProxyEngineServiceClient;
+use lhnet_proto::imrpc::ProxyEngineRequest;
+use lhnet_proto::ptypes::controller_service_client::ControllerServiceClient;
+use serde::Serialize;
+use tonic::transport::Channel;
+
+use crate::bench::{cpu_split, spawn_runtime_thread};
+
+/// One side of the comparison.
+#[derive(Debug, Clone, Serialize)]
+pub struct EngineSample {
+    pub target: String,
+    pub calls: u64,
+    pub errors: u64,
+    pub calls_per_second: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EngineReport {
+    pub streams: usize,
+    pub seconds: f64,
+    pub direct: EngineSample,
+    pub lhnet: EngineSample,
+    pub ratio: f64,
+    pub added_p99_ms: f64,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+async fn drive<F, Fut>(name: &str, streams: usize, duration: Duration, call: F) -> EngineSample
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    // Warm up connections first.
+    for i in 0..streams {
+        call(i).await;
+    }
+    let deadline = Instant::now() + duration;
+    let tasks: Vec<_> = (0..streams)
+        .map(|i| {
+            let call = call.clone();
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let mut errors = 0u64;
+                while Instant::now() < deadline {
+                    let started = Instant::now();
+                    if !call(i).await {
+                        errors += 1;
+                    }
+                    latencies.push(started.elapsed());
+                }
+                (latencies, errors)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        if let Ok((l, e)) = t.await {
+            all.extend(l);
+            errors += e;
+        }
+    }
+    all.sort();
+    EngineSample {
+        target: name.into(),
+        calls: all.len() as u64,
+        errors,
+        calls_per_second: all.len() as f64 / duration.as_secs_f64(),
+        p50_ms: percentile(&all, 0.50),
+        p99_ms: percentile(&all, 0.99),
+    }
+}
+
+/// Runs the comparison.
+pub fn run(streams: usize, duration: Duration) -> Result<EngineReport, String> {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let (proxy_cpus, load_cpus) = cpu_split(cpus, 1);
+    let engine = spawn_runtime_thread("sim-engine", 1, load_cpus.clone(), |rt| {
+        rt.block_on(async {
+            let e = crate::sim::start_engine(
+                "127.0.0.1:0".parse().unwrap(),
+                "bench-vol",
+                64 << 20,
+                vec!["tcp://127.0.0.1:10000".into()],
+            )
+            .await?;
+            let addr = e.served.addr;
+            std::mem::forget(e); // lives for the rest of the process
+            Ok::<SocketAddr, std::io::Error>(addr)
+        })
+    })?;
+    let yaml = "admin: { address: 127.0.0.1:0 }\nstorage_network: { interface: lo }\n\
+        listeners:\n  - name: m\n    address: 127.0.0.1:0\n    routes:\n\
+        \x20     - match: { prefix: /imrpc.ProxyEngineService/ }\n        local: longhorn_engine_proxy\n\
+        clusters:\n  - name: engines\n    type: original_dst\n    upstream_bind_config: { source_address: storage }\n\
+        \x20   allowed_destinations: [127.0.0.0/8]\n";
+    let config =
+        lhnet_proxy::config::Config::parse(yaml, "bench-engine").map_err(|e| e.to_string())?;
+    let (proxy, proxy_addr) = spawn_runtime_thread("lhnet-proxy", 1, proxy_cpus, move |rt| {
+        let p = rt
+            .block_on(lhnet_proxy::app::start(
+                config,
+                lhnet_proxy::app::Options::default(),
+            ))
+            .map_err(std::io::Error::other)?;
+        let addr = p
+            .listener_addr("m")
+            .ok_or_else(|| std::io::Error::other("no listener"))?;
+        Ok((p, addr))
+    })?;
+
+    let client_rt = {
+        let mut b = tokio::runtime::Builder::new_current_thread();
+        b.enable_all();
+        b.build().map_err(|e| e.to_string())?
+    };
+    if let Some(c) = &load_cpus {
+        crate::bench::pin_current_thread(c);
+    }
+    let report = client_rt.block_on(async move {
+        let channels = |addr: SocketAddr| async move {
+            let mut v = Vec::new();
+            for _ in 0..8 {
+                v.push(
+                    Channel::from_shared(format!("http://{addr}"))
+                        .map_err(|e| e.to_string())?
+                        .connect()
+                        .await
+                        .map_err(|e| e.to_string())?,
+                );
+            }
+            Ok::<_, String>(v)
+        };
+        let direct_channels = channels(engine).await?;
+        let direct = drive("direct", streams, duration, move |i| {
+            let mut c = ControllerServiceClient::new(direct_channels[i % 8].clone());
+            async move { c.volume_get(()).await.is_ok() }
+        })
+        .await;
+        let proxy_channels = channels(proxy_addr).await?;
+        let address = engine.to_string();
+        let lhnet = drive("lhnet", streams, duration, move |i| {
+            let mut c = ProxyEngineServiceClient::new(proxy_channels[i % 8].clone());
+            let req = ProxyEngineRequest {
+                address: address.clone(),
+            };
+            async move { c.volume_get(req).await.is_ok() }
+        })
+        .await;
+        Ok::<_, String>(EngineReport {
+            streams,
+            seconds: duration.as_secs_f64(),
+            ratio: lhnet.calls_per_second / direct.calls_per_second.max(1e-9),
+            added_p99_ms: lhnet.p99_ms - direct.p99_ms,
+            direct,
+            lhnet,
+        })
+    })?;
+    proxy.shutdown_token().cancel();
+    Ok(report)
+}
+
+pub fn print(r: &EngineReport) {
+    println!(
+        "VolumeGet, {} concurrent streams, {} s each, lhnet on 1 thread\n",
+        r.streams, r.seconds
+    );
+    println!(
+        "{:<8} {:>10} {:>12} {:>9} {:>9} {:>7}",
+        "target", "calls", "calls/s", "p50 ms", "p99 ms", "errors"
+    );
+    for s in [&r.direct, &r.lhnet] {
+        println!(
+            "{:<8} {:>10} {:>12.0} {:>9.3} {:>9.3} {:>7}",
+            s.target, s.calls, s.calls_per_second, s.p50_ms, s.p99_ms, s.errors
+        );
+    }
+    println!(
+        "\nlhnet / direct = {:.2}x; p99 added by lhnet = {:.3} ms",
+        r.ratio, r.added_p99_ms
+    );
+}
