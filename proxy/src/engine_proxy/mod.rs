@@ -91,6 +91,20 @@ impl EngineProxy {
         Ok(SyncAgentServiceClient::new(self.channel(agent)))
     }
 
+    /// The sync agent of a replica the engine reported; `text` is its address as reported.
+    fn agent_of(
+        &self,
+        text: &str,
+        addr: Option<ReplicaAddr>,
+    ) -> Result<SyncAgentServiceClient<EngineChannel>, Status> {
+        let addr = addr.ok_or_else(|| {
+            Status::internal(format!(
+                "the engine reported a replica address that is not IP:PORT: {text:?}"
+            ))
+        })?;
+        self.sync_agent(addr)
+    }
+
     /// The engine's replicas, each with its parsed address and mode.
     async fn replicas(
         &self,
@@ -433,16 +447,15 @@ impl ProxyEngineService for EngineProxy {
             if mode == ReplicaMode::Err {
                 continue;
             }
-            let result = match addr.map(|a| self.sync_agent(a)) {
-                Some(Ok(mut agent)) => {
+            let result = match self.agent_of(&text, addr) {
+                Ok(mut agent) => {
                     call(
                         &format!("get snapshot purge status of {text}"),
                         agent.snapshot_purge_status(timed(())),
                     )
                     .await
                 }
-                Some(Err(e)) => Err(e),
-                None => Err(Status::internal(format!("bad replica address {text:?}"))),
+                Err(e) => Err(e),
             };
             status.insert(
                 text,
@@ -539,16 +552,15 @@ impl ProxyEngineService for EngineProxy {
         logged("SnapshotCloneStatus", engine, false);
         let mut status = HashMap::new();
         for (text, addr, _mode) in self.replicas(engine).await? {
-            let result = match addr.map(|a| self.sync_agent(a)) {
-                Some(Ok(mut agent)) => {
+            let result = match self.agent_of(&text, addr) {
+                Ok(mut agent) => {
                     call(
                         &format!("get snapshot clone status of {text}"),
                         agent.snapshot_clone_status(timed(())),
                     )
                     .await
                 }
-                Some(Err(e)) => Err(e),
-                None => Err(Status::internal(format!("bad replica address {text:?}"))),
+                Err(e) => Err(e),
             };
             status.insert(
                 text,
@@ -778,16 +790,15 @@ impl ProxyEngineService for EngineProxy {
             if mode == ReplicaMode::Err {
                 continue;
             }
-            let result = match addr.map(|a| self.sync_agent(a)) {
-                Some(Ok(mut agent)) => {
+            let result = match self.agent_of(&text, addr) {
+                Ok(mut agent) => {
                     call(
                         &format!("get restore status of {text}"),
                         agent.restore_status(timed(())),
                     )
                     .await
                 }
-                Some(Err(e)) => Err(e),
-                None => Err(Status::internal(format!("bad replica address {text:?}"))),
+                Err(e) => Err(e),
             };
             let entry = match result {
                 Ok(s) => EngineBackupRestoreStatus {
