@@ -47,12 +47,17 @@ enum Cmd {
         /// Engine ControllerService address.
         #[arg(long)]
         engine: SocketAddr,
-        /// Replicas attached RW: ReplicaService on P, SyncAgentService on P+2.
+        /// Replicas attached RW: ReplicaService on P, data on P+1, SyncAgentService on P+2,
+        /// file receivers on P+3..=P+12.
         #[arg(long = "replica")]
         replicas: Vec<SocketAddr>,
         /// Replicas that run but are not attached (targets for ReplicaAdd).
         #[arg(long = "spare")]
         spares: Vec<SocketAddr>,
+        /// Also serve the engine's frontend here: block reads and writes in the dataconn
+        /// protocol, while the volume frontend is up (keep it on 127.0.0.1).
+        #[arg(long)]
+        frontend: Option<SocketAddr>,
     },
     /// gRPC unary and 1 MiB calls: direct, through lhnet, and through nginx / HAProxy.
     Bench {
@@ -106,6 +111,7 @@ fn run_sim(
     engine: SocketAddr,
     replicas: Vec<SocketAddr>,
     spares: Vec<SocketAddr>,
+    frontend: Option<SocketAddr>,
 ) -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -124,8 +130,9 @@ fn run_sim(
             match sim::start_replica(*addr, size).await {
                 Ok(r) => {
                     println!(
-                        "replica {} (sync agent {}){}",
+                        "replica {} (data {}, sync agent {}){}",
                         r.url(),
+                        r.data.addr,
                         r.sync_agent.addr,
                         if attached { "" } else { " spare" }
                     );
@@ -133,7 +140,7 @@ fn run_sim(
                 }
                 Err(e) => {
                     eprintln!(
-                        "lhnet-loadtest sim: replica {addr}: {e} (P and P+2 must both be free)"
+                        "lhnet-loadtest sim: replica {addr}: {e} (P, P+1 and P+2 must be free)"
                     );
                     return ExitCode::FAILURE;
                 }
@@ -150,6 +157,22 @@ fn run_sim(
                 eprintln!("lhnet-loadtest sim: engine {engine}: {e}");
                 return ExitCode::FAILURE;
             }
+        };
+        let _frontend = match frontend {
+            Some(addr) => match sim::start_frontend(addr, &engine.engine).await {
+                Ok(f) => {
+                    println!(
+                        "frontend {} (dataconn; VolumeFrontendStart opens it)",
+                        f.addr
+                    );
+                    Some(f)
+                }
+                Err(e) => {
+                    eprintln!("lhnet-loadtest sim: frontend {addr}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            },
+            None => None,
         };
         println!(
             "engine {} volume {volume} size {size}; Ctrl-C stops",
@@ -194,7 +217,8 @@ fn main() -> ExitCode {
             engine,
             replicas,
             spares,
-        } => run_sim(volume, size, engine, replicas, spares),
+            frontend,
+        } => run_sim(volume, size, engine, replicas, spares, frontend),
         Cmd::Bench {
             peers,
             threads,

@@ -710,6 +710,7 @@ async fn replica_add_fails_clearly_when_the_target_sync_agent_is_gone() {
     let RunningReplica {
         replica: _replica,
         service: _service,
+        data: _data,
         sync_agent,
     } = spare;
     drop(sync_agent);
@@ -1238,4 +1239,195 @@ async fn a_replica_in_err_is_left_out_of_reads_and_status_fan_outs() {
         })
         .await
         .unwrap();
+}
+
+/// A replica on its own thread and runtime, so that it can die like a process: dropping the
+/// runtime cancels every task it runs and closes every socket it holds, mid-call included.
+struct ReplicaProcess {
+    replica: sim::SimReplica,
+    url: String,
+    kill: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ReplicaProcess {
+    fn start() -> ReplicaProcess {
+        let (ready, started) = std::sync::mpsc::channel();
+        let (kill, killed) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let r = sim::start_replica("127.0.0.1:0".parse().unwrap(), SIZE)
+                    .await
+                    .unwrap();
+                ready.send((r.replica.clone(), r.url())).unwrap();
+                let _ = killed.await;
+                // Leak the handles: no graceful stop, the runtime's drop below is the death.
+                std::mem::forget(r);
+            });
+        });
+        let (replica, url) = started.recv().unwrap();
+        ReplicaProcess {
+            replica,
+            url,
+            kill: Some(kill),
+            thread: Some(thread),
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(kill) = self.kill.take() {
+            let _ = kill.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            thread.join().unwrap();
+        }
+    }
+}
+
+impl Drop for ReplicaProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn mode_of(
+    client: &mut ProxyEngineServiceClient<Channel>,
+    e: SocketAddr,
+    url: &str,
+) -> Option<i32> {
+    client
+        .replica_list(req(e))
+        .await
+        .unwrap()
+        .into_inner()
+        .replica_list
+        .unwrap()
+        .replicas
+        .iter()
+        .find(|r| r.address.as_ref().unwrap().address == url)
+        .map(|r| r.mode)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_whose_target_dies_mid_sync_fails_and_the_volume_keeps_serving() {
+    let mut s = setup().await;
+    let e = s.engine.served.addr;
+    let block: Vec<u8> = (0..8 << 20).map(|i| (i % 251) as u8 + 1).collect();
+    for r in &s.replicas {
+        r.replica.write(0, &block).unwrap();
+        // A disk-speed sender, so that the sync is long enough to be cut in the middle.
+        r.replica.set_sync_rate(16 << 20);
+    }
+    let mut target = ReplicaProcess::start();
+    let url = target.url.clone();
+    let mut client = s.client.clone();
+    let call = tokio::spawn({
+        let url = url.clone();
+        async move { client.replica_add(add(e, url, false)).await }
+    });
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (got, total) = target.replica.rebuild_progress();
+        if got > 0 && got < total {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rebuild never started moving bytes: {got}/{total}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    target.kill();
+
+    let err = tokio::time::timeout(std::time::Duration::from_secs(15), call)
+        .await
+        .expect("ReplicaAdd returns once its target is gone")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("failed to sync files from") && err.message().contains(&url),
+        "{err:?}"
+    );
+    // The engine's replica monitor notices the dead data connection and marks it ERR.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while mode_of(&mut s.client, e, &url).await != Some(ReplicaMode::Err as i32) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "target still {:?}",
+            mode_of(&mut s.client, e, &url).await
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // The volume still serves from its RW replicas, with their bytes intact.
+    for r in &s.replicas {
+        assert_eq!(
+            mode_of(&mut s.client, e, &r.url()).await,
+            Some(ReplicaMode::Rw as i32)
+        );
+        assert_eq!(r.replica.read(0, block.len()), block);
+    }
+    assert_eq!(
+        s.client
+            .volume_get(req(e))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap()
+            .name,
+        "vol-a"
+    );
+}
+
+#[tokio::test]
+async fn frontend_writes_reach_every_replica_over_its_data_port() {
+    let mut s = setup().await;
+    let e = s.engine.served.addr;
+    let frontend = sim::start_frontend("127.0.0.1:0".parse().unwrap(), &s.engine.engine)
+        .await
+        .unwrap();
+    let mut io = sim::dataconn::DataClient::connect(&frontend.addr.to_string())
+        .await
+        .unwrap();
+    let err = io.write_at(0, &[1; 4096]).await.unwrap_err();
+    assert!(err.to_string().contains("frontend is not up"), "{err}");
+
+    let start = EngineVolumeFrontendStartRequest {
+        proxy_engine_request: some_req(e),
+        frontend_start: Some(ptypes::VolumeFrontendStartRequest {
+            frontend: "tgt-blockdev".into(),
+        }),
+    };
+    s.client.volume_frontend_start(start).await.unwrap();
+    let block: Vec<u8> = (0..1 << 20).map(|i| (i % 253) as u8 + 1).collect();
+    for i in 0..4 {
+        io.write_at(i << 20, &block).await.unwrap();
+    }
+    assert_eq!(io.read_at(3 << 20, 1 << 20).await.unwrap(), block);
+    for r in &s.replicas {
+        assert_eq!(r.replica.read(2 << 20, 1 << 20), block);
+        assert!(r.data.accepted() >= 1, "the engine dialled {}", r.data.addr);
+    }
+    // A bad request is an error on that request; the connection goes on.
+    let err = io.write_at(SIZE - 10, &[1; 4096]).await.unwrap_err();
+    assert!(err.to_string().contains("outside the volume"), "{err}");
+    io.ping().await.unwrap();
+
+    // A replica whose data server dies is marked ERR; writes go on to the other one.
+    let dead = s.replicas.pop().unwrap();
+    let url = dead.url();
+    drop(dead);
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    io.write_at(0, &block[..4096]).await.unwrap();
+    assert_eq!(
+        mode_of(&mut s.client, e, &url).await,
+        Some(ReplicaMode::Err as i32)
+    );
+    assert_eq!(s.replicas[0].replica.read(0, 4096), block[..4096]);
 }

@@ -11,12 +11,18 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
+use super::dataconn::{Block, DataClient};
+
 /// The engine's volume and replica set.
 #[derive(Clone)]
 pub struct SimEngine {
     state: Arc<Mutex<EngineState>>,
     clients: Arc<Mutex<HashMap<String, ReplicaServiceClient<Channel>>>>,
+    /// One data connection (replica port P+1) per replica, opened on first use.
+    data: Arc<Mutex<HashMap<String, DataSlot>>>,
 }
+
+type DataSlot = Arc<tokio::sync::Mutex<Option<DataClient>>>;
 
 struct EngineState {
     volume: Volume,
@@ -44,6 +50,102 @@ impl SimEngine {
                 replicas: replicas.into_iter().map(|r| (r, ReplicaMode::Rw)).collect(),
             })),
             clients: Arc::new(Mutex::new(HashMap::new())),
+            data: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// The replica monitor: pings each replica's data connection every second while anything
+    /// else holds the engine, and marks the ones that stop answering ERR.
+    pub(crate) fn spawn_monitor(&self) {
+        let weak = Arc::downgrade(&self.state);
+        let clients = self.clients.clone();
+        let data = self.data.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                let Some(state) = weak.upgrade() else {
+                    break;
+                };
+                let engine = SimEngine {
+                    state,
+                    clients: clients.clone(),
+                    data: data.clone(),
+                };
+                engine.monitor_once().await;
+            }
+        });
+    }
+
+    /// The data connection slot of a replica (`tcp://IP:P` → IP:P+1).
+    fn data_slot(&self, address: &str) -> Result<DataSlot, String> {
+        let mut data = self
+            .data
+            .lock()
+            .map_err(|_| "engine data lock poisoned".to_string())?;
+        Ok(data.entry(address.to_string()).or_default().clone())
+    }
+
+    /// Runs one call on a replica's data connection, connecting first if needed; a failure
+    /// drops the connection and marks the replica ERR, as the engine's data path does.
+    async fn data_call<T>(
+        &self,
+        address: &str,
+        call: impl AsyncFnOnce(&mut DataClient) -> std::io::Result<T>,
+    ) -> Result<T, String> {
+        let slot = self.data_slot(address)?;
+        let mut conn = slot.lock().await;
+        let result = async {
+            if conn.is_none() {
+                *conn = Some(DataClient::connect(&data_address(address)?).await?);
+            }
+            match conn.as_mut() {
+                Some(c) => call(c).await,
+                None => Err(std::io::Error::other("no data connection")),
+            }
+        }
+        .await;
+        result.map_err(|e| {
+            *conn = None;
+            self.fail_replica(address);
+            format!("replica {address} data connection: {e}")
+        })
+    }
+
+    /// Replicas that take writes: RW and the WO ones being rebuilt.
+    fn writable(&self) -> Result<Vec<String>, String> {
+        self.with(|s| {
+            Ok(s.replicas
+                .iter()
+                .filter(|(_, m)| matches!(m, ReplicaMode::Rw | ReplicaMode::Wo))
+                .map(|(a, _)| a.clone())
+                .collect())
+        })
+        .map_err(|e| e.message().to_string())
+    }
+
+    fn frontend_up(&self) -> Result<(), String> {
+        let up = self
+            .with(|s| Ok(s.volume.frontend_state == "up"))
+            .map_err(|e| e.message().to_string())?;
+        if up {
+            Ok(())
+        } else {
+            Err("volume frontend is not up (VolumeFrontendStart first)".into())
+        }
+    }
+
+    /// Pings every RW and WO replica over its data connection; one that does not answer is
+    /// marked ERR (the engine's replica monitor).
+    pub async fn monitor_once(&self) {
+        let Ok(replicas) = self.writable() else {
+            return;
+        };
+        for address in replicas {
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                self.data_call(&address, async |c| c.ping().await),
+            )
+            .await;
         }
     }
 
@@ -109,6 +211,75 @@ impl SimEngine {
 
     fn reply(v: Volume) -> R<Volume> {
         Ok(Response::new(v))
+    }
+}
+
+/// `tcp://IP:P` → `IP:P+1`.
+fn data_address(address: &str) -> std::io::Result<String> {
+    let host = address.strip_prefix("tcp://").unwrap_or(address);
+    let addr: std::net::SocketAddr = host.parse().map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("bad replica address {address}"),
+        )
+    })?;
+    let port = addr.port().checked_add(1).ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "replica port too high")
+    })?;
+    Ok(std::net::SocketAddr::new(addr.ip(), port).to_string())
+}
+
+/// The engine's frontend: block reads and writes of the volume, spread over the replicas'
+/// data connections. Writes go to every RW and WO replica; reads come from the first RW one.
+impl Block for SimEngine {
+    async fn write_at(&self, offset: i64, data: Vec<u8>) -> Result<(), String> {
+        self.frontend_up()?;
+        let size = self
+            .with(|s| Ok(s.volume.size))
+            .map_err(|e| e.message().to_string())?;
+        if offset < 0 || offset.saturating_add(data.len() as i64) > size {
+            return Err(format!(
+                "write of {} bytes at {offset} is outside the volume (size {size})",
+                data.len()
+            ));
+        }
+        let targets = self.writable()?;
+        let data = Arc::new(data);
+        let writes = targets.iter().map(|address| {
+            let data = data.clone();
+            async move {
+                self.data_call(address, async |c| c.write_at(offset, &data).await)
+                    .await
+            }
+        });
+        let results = futures_util::future::join_all(writes).await;
+        if results.iter().any(|r| r.is_ok()) {
+            return Ok(());
+        }
+        let causes: Vec<String> = results.into_iter().filter_map(|r| r.err()).collect();
+        Err(if causes.is_empty() {
+            "volume has no RW or WO replica".into()
+        } else {
+            format!("no replica took the write: {}", causes.join("; "))
+        })
+    }
+
+    async fn read_at(&self, offset: i64, len: u32) -> Result<Vec<u8>, String> {
+        self.frontend_up()?;
+        let sources = self
+            .replicas_in(ReplicaMode::Rw)
+            .map_err(|e| e.message().to_string())?;
+        let mut last = "volume has no RW replica".to_string();
+        for address in sources {
+            match self
+                .data_call(&address, async |c| c.read_at(offset, len).await)
+                .await
+            {
+                Ok(data) => return Ok(data),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
     }
 }
 

@@ -2,6 +2,7 @@
 //! holding a real snapshot chain (disk files with metadata) in memory.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use lhnet_proto::ptypes::replica_service_server::{ReplicaService, ReplicaServiceServer};
@@ -10,6 +11,8 @@ use lhnet_proto::ptypes::sync_agent_service_server::{SyncAgentService, SyncAgent
 use lhnet_proto::ptypes::*;
 use tonic::{Request, Response, Status};
 
+use super::dataconn::Block;
+
 /// Longhorn refuses a snapshot beyond this many (`types.MaximumTotalSnapshotCount`).
 pub const MAX_SNAPSHOTS: usize = 250;
 
@@ -17,7 +20,14 @@ pub const MAX_SNAPSHOTS: usize = 250;
 #[derive(Clone)]
 pub struct SimReplica {
     state: Arc<Mutex<ReplicaState>>,
+    /// Where ReplicaService listens (P); receivers open on P+3..=P+12 of the same IP.
+    listen: Arc<Mutex<Option<std::net::SocketAddr>>>,
+    /// Bytes per second this replica's sync agent sends at (0: as fast as TCP goes).
+    sync_rate: Arc<AtomicU64>,
 }
+
+/// How many receiver ports follow P+2 (longhorn-engine's `--sync-agent-port-count`).
+const RECEIVER_PORTS: u16 = 10;
 
 struct ReplicaState {
     size: i64,
@@ -130,7 +140,56 @@ impl SimReplica {
                 rebuilding: false,
                 revision_counter: 0,
             })),
+            listen: Arc::new(Mutex::new(None)),
+            sync_rate: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// Records the ReplicaService address, which fixes the receiver port range.
+    pub(crate) fn set_listen(&self, addr: std::net::SocketAddr) {
+        if let Ok(mut l) = self.listen.lock() {
+            *l = Some(addr);
+        }
+    }
+
+    /// Limits how fast this replica's sync agent sends files (0: no limit).
+    pub fn set_sync_rate(&self, bytes_per_sec: u64) {
+        self.sync_rate.store(bytes_per_sec, Ordering::Relaxed);
+    }
+
+    /// Rebuild progress as a target: (bytes received, bytes expected).
+    pub fn rebuild_progress(&self) -> (u64, u64) {
+        self.with(|s| Ok(s.rebuild)).unwrap_or_default()
+    }
+
+    /// A receiver for one incoming file: the first free port of P+3..=P+12 on the replica's IP,
+    /// like longhorn-engine's sync agent; a replica started without a known port uses any.
+    async fn receiver(&self, to_host: &str) -> Result<tokio::net::TcpListener, Status> {
+        let listen = self.listen.lock().ok().and_then(|l| *l);
+        let Some(listen) = listen else {
+            return tokio::net::TcpListener::bind((to_host, 0))
+                .await
+                .map_err(|e| {
+                    Status::internal(format!("cannot open a receiver on {to_host}: {e}"))
+                });
+        };
+        let mut last = None;
+        for offset in 3..3 + RECEIVER_PORTS {
+            let Some(port) = listen.port().checked_add(offset) else {
+                break;
+            };
+            match tokio::net::TcpListener::bind((listen.ip(), port)).await {
+                Ok(l) => return Ok(l),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(Status::resource_exhausted(format!(
+            "no free receiver port in {}+3..={}+12 on {}: {}",
+            listen.port(),
+            listen.port(),
+            listen.ip(),
+            last.map(|e| e.to_string()).unwrap_or_default()
+        )))
     }
 
     pub fn replica_server(&self) -> ReplicaServiceServer<SimReplica> {
@@ -204,6 +263,27 @@ impl SimReplica {
     pub fn snapshots(&self) -> Vec<String> {
         self.with(|s| Ok(s.chain().into_iter().filter(|d| d != &s.head).collect()))
             .unwrap_or_default()
+    }
+}
+
+/// The replica's data server (port P+1): block reads and writes on the live chain.
+impl Block for SimReplica {
+    async fn read_at(&self, offset: i64, len: u32) -> Result<Vec<u8>, String> {
+        let size = self
+            .with(|s| Ok(s.size))
+            .map_err(|e| e.message().to_string())?;
+        if offset < 0 || offset.saturating_add(i64::from(len)) > size {
+            return Err(format!(
+                "read of {len} bytes at {offset} is outside the replica (size {size})"
+            ));
+        }
+        Ok(self.read(offset as usize, len as usize))
+    }
+
+    async fn write_at(&self, offset: i64, data: Vec<u8>) -> Result<(), String> {
+        let offset = usize::try_from(offset).map_err(|_| format!("negative offset {offset}"))?;
+        self.write(offset, &data)
+            .map_err(|e| e.message().to_string())
     }
 }
 
@@ -652,14 +732,20 @@ impl SyncAgentService for SimReplica {
         })?;
         let port = u16::try_from(r.port)
             .map_err(|_| Status::invalid_argument(format!("bad port {}", r.port)))?;
-        super::sync::send_disk(&r.host, port, &meta, &data)
-            .await
-            .map_err(|e| {
-                Status::unavailable(format!(
-                    "failed to send {} to {}:{port}: {e}",
-                    r.from_file_name, r.host
-                ))
-            })?;
+        super::sync::send_disk(
+            &r.host,
+            port,
+            &meta,
+            &data,
+            self.sync_rate.load(Ordering::Relaxed),
+        )
+        .await
+        .map_err(|e| {
+            Status::unavailable(format!(
+                "failed to send {} to {}:{port}: {e}",
+                r.from_file_name, r.host
+            ))
+        })?;
         Ok(Response::new(()))
     }
 
@@ -691,16 +777,19 @@ impl SyncAgentService for SimReplica {
                     Status::unavailable(format!("cannot reach source sync agent {agent}: {e}"))
                 })?;
             for file in &r.sync_file_info_list {
-                let receiver = tokio::net::TcpListener::bind((r.to_host.as_str(), 0))
-                    .await
-                    .map_err(|e| {
-                        Status::internal(format!("cannot open a receiver on {}: {e}", r.to_host))
-                    })?;
+                let receiver = self.receiver(&r.to_host).await?;
                 let port = receiver
                     .local_addr()
                     .map_err(|e| Status::internal(e.to_string()))?
                     .port();
-                let receive = tokio::spawn(super::sync::receive_disk(receiver));
+                let base = self.with(|s| Ok(s.rebuild.0))?;
+                let me = self.clone();
+                let receive = tokio::spawn(super::sync::receive_disk(receiver, move |got, _| {
+                    let _ = me.with(|s| {
+                        s.rebuild.0 = base + got;
+                        Ok(())
+                    });
+                }));
                 client
                     .file_send(FileSendRequest {
                         from_file_name: file.from_file_name.clone(),
@@ -716,7 +805,7 @@ impl SyncAgentService for SimReplica {
                     })?;
                 meta.name = file.to_file_name.clone();
                 self.with(|s| {
-                    s.rebuild.0 += data.len() as u64;
+                    s.rebuild.0 = base + data.len() as u64;
                     s.disks.insert(file.to_file_name.clone(), meta);
                     s.data.insert(file.to_file_name.clone(), data);
                     Ok(())
@@ -762,16 +851,18 @@ impl SyncAgentService for SimReplica {
                 .map_err(|e| {
                     Status::unavailable(format!("cannot reach source sync agent {agent}: {e}"))
                 })?;
-            let receiver = tokio::net::TcpListener::bind((r.to_host.as_str(), 0))
-                .await
-                .map_err(|e| {
-                    Status::internal(format!("cannot open a receiver on {}: {e}", r.to_host))
-                })?;
+            let receiver = self.receiver(&r.to_host).await?;
             let port = receiver
                 .local_addr()
                 .map_err(|e| Status::internal(e.to_string()))?
                 .port();
-            let receive = tokio::spawn(super::sync::receive_disk(receiver));
+            let me = self.clone();
+            let receive = tokio::spawn(super::sync::receive_disk(receiver, move |got, total| {
+                let _ = me.with(|s| {
+                    s.clone.progress = (got * 99 / total.max(1)) as i32;
+                    Ok(())
+                });
+            }));
             client
                 .volume_export(VolumeExportRequest {
                     snapshot_file_name: r.snapshot_file_name.clone(),
@@ -813,14 +904,20 @@ impl SyncAgentService for SimReplica {
         let (meta, data) = self.with(|s| s.flatten(&r.snapshot_file_name))?;
         let port = u16::try_from(r.port)
             .map_err(|_| Status::invalid_argument(format!("bad port {}", r.port)))?;
-        super::sync::send_disk(&r.host, port, &meta, &data)
-            .await
-            .map_err(|e| {
-                Status::unavailable(format!(
-                    "failed to export {} to {}:{port}: {e}",
-                    r.snapshot_file_name, r.host
-                ))
-            })?;
+        super::sync::send_disk(
+            &r.host,
+            port,
+            &meta,
+            &data,
+            self.sync_rate.load(Ordering::Relaxed),
+        )
+        .await
+        .map_err(|e| {
+            Status::unavailable(format!(
+                "failed to export {} to {}:{port}: {e}",
+                r.snapshot_file_name, r.host
+            ))
+        })?;
         Ok(Response::new(()))
     }
     async fn receiver_launch(

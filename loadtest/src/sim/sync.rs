@@ -23,8 +23,18 @@ struct Header {
 
 /// Largest disk the simulator moves in one file.
 const MAX_FILE: u64 = 1 << 34;
+/// Bytes per write and per progress report.
+const CHUNK: usize = 256 << 10;
 
-pub async fn send_disk(host: &str, port: u16, meta: &DiskInfo, data: &[u8]) -> io::Result<()> {
+/// Sends one disk file; with `rate` > 0, no faster than that many bytes per second (a disk's
+/// read speed, so that rebuild progress can be watched).
+pub async fn send_disk(
+    host: &str,
+    port: u16,
+    meta: &DiskInfo,
+    data: &[u8],
+    rate: u64,
+) -> io::Result<()> {
     let mut stream = TcpStream::connect((host, port)).await?;
     stream.set_nodelay(true)?;
     let header = Header {
@@ -39,12 +49,24 @@ pub async fn send_disk(host: &str, port: u16, meta: &DiskInfo, data: &[u8]) -> i
     let mut line = serde_json::to_vec(&header).map_err(io::Error::other)?;
     line.push(b'\n');
     stream.write_all(&line).await?;
-    stream.write_all(data).await?;
+    let started = tokio::time::Instant::now();
+    let mut sent = 0u64;
+    for chunk in data.chunks(CHUNK) {
+        stream.write_all(chunk).await?;
+        sent += chunk.len() as u64;
+        if rate > 0 {
+            let due = started + std::time::Duration::from_secs_f64(sent as f64 / rate as f64);
+            tokio::time::sleep_until(due).await;
+        }
+    }
     stream.shutdown().await
 }
 
-/// Accepts one sender and reads one disk file.
-pub async fn receive_disk(listener: TcpListener) -> io::Result<(DiskInfo, Vec<u8>)> {
+/// Accepts one sender and reads one disk file, reporting (bytes so far, bytes expected).
+pub async fn receive_disk(
+    listener: TcpListener,
+    progress: impl Fn(u64, u64) + Send + 'static,
+) -> io::Result<(DiskInfo, Vec<u8>)> {
     let (stream, _) = tokio::time::timeout(std::time::Duration::from_secs(30), listener.accept())
         .await
         .map_err(|_| {
@@ -62,7 +84,12 @@ pub async fn receive_disk(listener: TcpListener) -> io::Result<(DiskInfo, Vec<u8
         ));
     }
     let mut data = vec![0u8; header.bytes as usize];
-    reader.read_exact(&mut data).await?;
+    let mut received = 0usize;
+    for chunk in data.chunks_mut(CHUNK) {
+        reader.read_exact(chunk).await?;
+        received += chunk.len();
+        progress(received as u64, header.bytes);
+    }
     let meta = DiskInfo {
         name: header.name,
         parent: header.parent,
