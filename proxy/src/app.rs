@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
@@ -12,12 +12,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
 use crate::cluster::Cluster;
-use crate::config::{Config, ListenAddress};
+use crate::config::{Config, ListenAddress, ListenerKind, LOOPBACK_CLUSTER};
 use crate::health::HealthService;
 use crate::listener::GrpcListener;
 use crate::metrics::Metrics;
 use crate::route::{LocalServices, RouteTable};
 use crate::storage::StorageState;
+use crate::tcp::{TcpForwarder, Upstream};
 
 /// What the process supplies that is not in the config file.
 #[derive(Debug, Clone, Default)]
@@ -29,6 +30,8 @@ pub struct Options {
 /// A started proxy.
 pub struct RunningProxy {
     listeners: Vec<(String, SocketAddr)>,
+    /// `kind: tcp` listeners and the addresses they have bound right now.
+    tcp_bound: Vec<(String, Arc<Mutex<Vec<SocketAddr>>>)>,
     admin: SocketAddr,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
@@ -63,9 +66,27 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Str
 
     let mut bound = Vec::new();
     let mut tables = HashMap::new();
+    let mut forwarders = Vec::new();
     for l in &config.listeners {
+        if l.kind == ListenerKind::Tcp {
+            let cluster = l.cluster.as_deref().unwrap_or(LOOPBACK_CLUSTER);
+            let upstream = match clusters.get(cluster) {
+                Some(c) => Upstream::Cluster(c.clone()),
+                None => Upstream::Loopback,
+            };
+            let forwarder = TcpForwarder::new(l, upstream, storage.clone(), metrics.clone());
+            let fixed = forwarder.bind_fixed().await?;
+            forwarders.push((forwarder, fixed));
+            continue;
+        }
         let address = match l.address {
             ListenAddress::Socket(a) => a,
+            ListenAddress::Range { .. } => {
+                return Err(format!(
+                    "listener {}: port ranges are for kind: tcp listeners",
+                    l.name
+                ))
+            }
             ListenAddress::Storage(port) => match storage.current() {
                 Some(s) => SocketAddr::new(s.ip, port),
                 None => {
@@ -108,6 +129,17 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Str
         .map(|l| (l.name.to_string(), l.local_addr))
         .collect();
     let mut tasks = Vec::new();
+    let tcp_bound = forwarders
+        .iter()
+        .map(|(f, _)| (f.name().to_string(), f.bound()))
+        .collect();
+    for (forwarder, fixed) in forwarders {
+        tasks.push(tokio::spawn(forwarder.run(
+            fixed,
+            shutdown.clone(),
+            drain_timeout,
+        )));
+    }
     for l in bound {
         tasks.push(tokio::spawn(l.serve(
             storage.clone(),
@@ -126,6 +158,7 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Str
 
     Ok(RunningProxy {
         listeners,
+        tcp_bound,
         admin,
         shutdown,
         tasks,
@@ -180,11 +213,22 @@ async fn track_readiness(
 // === impl RunningProxy ===
 
 impl RunningProxy {
+    /// A gRPC listener's address, or the first port a tcp listener has bound now.
     pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
         self.listeners
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, a)| *a)
+            .or_else(|| self.tcp_listener_addrs(name).into_iter().next())
+    }
+
+    /// Every address a tcp listener has bound now (none while it waits for a storage address).
+    pub fn tcp_listener_addrs(&self, name: &str) -> Vec<SocketAddr> {
+        self.tcp_bound
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, b)| b.lock().ok().map(|b| b.clone()))
+            .unwrap_or_default()
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
@@ -251,11 +295,16 @@ impl Reloader {
         let shape = |c: &Config| -> Vec<(String, String)> {
             c.listeners
                 .iter()
-                .map(|l| (l.name.clone(), l.address.to_string()))
+                .map(|l| {
+                    (
+                        l.name.clone(),
+                        format!("{} {:?} {:?}", l.address, l.kind, l.cluster),
+                    )
+                })
                 .collect()
         };
         if shape(&old) != shape(&new) || old.admin.address != new.admin.address {
-            return Err("listeners (names or addresses) or the admin address changed; restart lhnet-proxy to apply".into());
+            return Err("listeners (names, kinds, addresses or tcp clusters) or the admin address changed; restart lhnet-proxy to apply".into());
         }
         let clusters = build_clusters(&new, &self.shared.storage, &self.shared.metrics);
         for l in &new.listeners {

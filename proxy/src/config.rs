@@ -48,12 +48,31 @@ pub struct ListenerConfig {
     #[serde(skip)]
     pub path: String,
     pub name: String,
+    pub kind: ListenerKind,
     pub address: ListenAddress,
+    /// `kind: tcp`: where accepted connections go (`loopback` or a static cluster).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
     pub routes: Vec<RouteConfig>,
     /// Largest gRPC message a client may send, in bytes.
     pub max_message_size: usize,
     pub http2: Http2Options,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ListenerKind {
+    /// HTTP/2 gRPC with routes.
+    Grpc,
+    /// L4: each connection forwarded whole to `cluster`.
+    Tcp,
+}
+
+/// The built-in cluster of `kind: tcp` listeners: 127.0.0.1 and the port the connection came in on.
+pub const LOOPBACK_CLUSTER: &str = "loopback";
+
+/// Most ports one `kind: tcp` listener may bind.
+pub const MAX_LISTENER_PORTS: usize = 1024;
 
 /// Where a listener binds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +80,31 @@ pub enum ListenAddress {
     Socket(SocketAddr),
     /// `storage:PORT`: the storage address, whatever it is.
     Storage(u16),
+    /// `IP:FIRST-LAST` or `storage:FIRST-LAST` (`ip: None`), one socket per port (`kind: tcp`).
+    Range {
+        ip: Option<IpAddr>,
+        first: u16,
+        last: u16,
+    },
+}
+
+impl ListenAddress {
+    /// The fixed IP, or `None` when it is the storage address.
+    pub fn fixed_ip(&self) -> Option<IpAddr> {
+        match self {
+            ListenAddress::Socket(a) => Some(a.ip()),
+            ListenAddress::Storage(_) => None,
+            ListenAddress::Range { ip, .. } => *ip,
+        }
+    }
+
+    pub fn ports(&self) -> RangeInclusive<u16> {
+        match self {
+            ListenAddress::Socket(a) => a.port()..=a.port(),
+            ListenAddress::Storage(p) => *p..=*p,
+            ListenAddress::Range { first, last, .. } => *first..=*last,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -311,6 +355,19 @@ impl fmt::Display for ListenAddress {
         match self {
             ListenAddress::Socket(addr) => write!(f, "{addr}"),
             ListenAddress::Storage(port) => write!(f, "storage:{port}"),
+            ListenAddress::Range {
+                ip: None,
+                first,
+                last,
+            } => write!(f, "storage:{first}-{last}"),
+            ListenAddress::Range {
+                ip: Some(ip),
+                first,
+                last,
+            } => match ip {
+                IpAddr::V4(v4) => write!(f, "{v4}:{first}-{last}"),
+                IpAddr::V6(v6) => write!(f, "[{v6}]:{first}-{last}"),
+            },
         }
     }
 }
@@ -707,6 +764,31 @@ fn check_references(listeners: &[ListenerConfig], clusters: &[ClusterConfig], cx
                 format!("duplicate listener name \"{}\"", l.name),
             );
         }
+        if let Some(name) = &l.cluster {
+            let path = format!("{}.cluster", l.path);
+            match clusters.iter().find(|c| &c.name == name) {
+                None if name == LOOPBACK_CLUSTER => {
+                    if l.address.fixed_ip().is_some_and(|ip| ip.is_loopback()) {
+                        cx.err(
+                            &format!("{}.address", l.path),
+                            "a loopback address forwarded to cluster loopback would connect to itself",
+                        );
+                    }
+                }
+                None => {
+                    let known: Vec<&str> = clusters.iter().map(|c| c.name.as_str()).collect();
+                    cx.err(
+                        &path,
+                        format!("no cluster named \"{name}\" (clusters: {known:?}; \"{LOOPBACK_CLUSTER}\" is built in)"),
+                    )
+                }
+                Some(c) if c.kind == ClusterKind::OriginalDst => cx.err(
+                    &path,
+                    format!("cluster \"{name}\" is original_dst; a tcp listener needs loopback or a static cluster"),
+                ),
+                Some(_) => {}
+            }
+        }
         for r in &l.routes {
             if r.action == RouteAction::Local(LocalService::LonghornEngineProxy) {
                 let name = r.upstream_cluster.as_deref().unwrap_or("engines");
@@ -829,31 +911,72 @@ fn parse_storage_network(v: &Value, path: &str, cx: &mut Cx) -> Option<StorageNe
     })
 }
 
-fn parse_listen_address(v: &Value, path: &str, cx: &mut Cx) -> Option<ListenAddress> {
+fn parse_listen_address(v: &Value, path: &str, tcp: bool, cx: &mut Cx) -> Option<ListenAddress> {
     let s = string(v, path, cx)?;
-    if let Some(port) = s.strip_prefix("storage:") {
-        return match port.parse::<u16>() {
-            Ok(p) => Some(ListenAddress::Storage(p)),
-            Err(_) if port.contains('-') => {
-                cx.err(
-                    path,
-                    format!("\"{s}\": port ranges are for kind: tcp listeners"),
-                );
-                None
-            }
-            Err(_) => {
-                cx.err(path, format!("\"{s}\": \"{port}\" is not a port"));
-                None
-            }
-        };
-    }
-    match s.parse::<SocketAddr>() {
-        Ok(a) => Some(ListenAddress::Socket(a)),
-        Err(_) => {
+    let (host, port) = match s.rsplit_once(':') {
+        Some((h, p)) => (h, p),
+        None => {
             cx.err(path, format!("\"{s}\" is not IP:PORT or storage:PORT"));
-            None
+            return None;
         }
+    };
+    let ip = if host == "storage" {
+        None
+    } else {
+        match host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+        {
+            Ok(ip) => Some(ip),
+            Err(_) => {
+                cx.err(path, format!("\"{s}\" is not IP:PORT or storage:PORT"));
+                return None;
+            }
+        }
+    };
+    if let Some((a, b)) = port.split_once('-') {
+        if !tcp {
+            cx.err(
+                path,
+                format!("\"{s}\": port ranges are for kind: tcp listeners"),
+            );
+            return None;
+        }
+        let (Ok(first), Ok(last)) = (a.trim().parse::<u16>(), b.trim().parse::<u16>()) else {
+            cx.err(
+                path,
+                format!("\"{s}\": \"{port}\" is not a port range like 10000-10030"),
+            );
+            return None;
+        };
+        if first == 0 || first > last {
+            cx.err(
+                path,
+                format!("\"{s}\": the range must go up from a port above 0"),
+            );
+            return None;
+        }
+        if usize::from(last - first) >= MAX_LISTENER_PORTS {
+            cx.err(
+                path,
+                format!(
+                    "\"{s}\": {} ports; one listener binds at most {MAX_LISTENER_PORTS}",
+                    last - first + 1
+                ),
+            );
+            return None;
+        }
+        return Some(ListenAddress::Range { ip, first, last });
     }
+    let Ok(port) = port.parse::<u16>() else {
+        cx.err(path, format!("\"{s}\": \"{port}\" is not a port"));
+        return None;
+    };
+    Some(match ip {
+        Some(ip) => ListenAddress::Socket(SocketAddr::new(ip, port)),
+        None => ListenAddress::Storage(port),
+    })
 }
 
 fn parse_listener(v: &Value, path: &str, cx: &mut Cx) -> Option<ListenerConfig> {
@@ -861,26 +984,40 @@ fn parse_listener(v: &Value, path: &str, cx: &mut Cx) -> Option<ListenerConfig> 
     let name = f.required("name", cx).and_then(|(p, v)| string(v, &p, cx));
     let kind = match f.take("kind") {
         Some((p, v)) => match string(v, &p, cx).as_deref() {
-            Some("grpc") => Some(()),
-            Some("tcp") => {
+            Some("grpc") => Some(ListenerKind::Grpc),
+            Some("tcp") => Some(ListenerKind::Tcp),
+            Some(other) => {
                 cx.err(
                     &p,
-                    "kind: tcp (L4 storage forwarding) is not supported by this version of lhnet-proxy; \
-                     remove the listener or use kind: grpc",
+                    format!("\"{other}\" is not a listener kind; use grpc or tcp"),
                 );
-                None
-            }
-            Some(other) => {
-                cx.err(&p, format!("\"{other}\" is not a listener kind; use grpc"));
                 None
             }
             None => None,
         },
-        None => Some(()),
+        None => Some(ListenerKind::Grpc),
     };
+    let tcp = kind == Some(ListenerKind::Tcp);
     let address = f
         .required("address", cx)
-        .and_then(|(p, v)| parse_listen_address(v, &p, cx));
+        .and_then(|(p, v)| parse_listen_address(v, &p, tcp, cx));
+    if tcp {
+        let cluster = f
+            .required("cluster", cx)
+            .and_then(|(p, v)| string(v, &p, cx));
+        let _ = f.take("stat_prefix");
+        f.finish(&["name", "kind", "address", "cluster", "stat_prefix"], cx);
+        return Some(ListenerConfig {
+            path: path.to_string(),
+            name: name?,
+            kind: ListenerKind::Tcp,
+            address: address?,
+            cluster: Some(cluster?),
+            routes: Vec::new(),
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            http2: Http2Options::default(),
+        });
+    }
     let listener_name = name.clone().unwrap_or_else(|| path.to_string());
     let routes = match f.required("routes", cx) {
         Some((p, v)) => list(v, &p, cx)
@@ -912,11 +1049,12 @@ fn parse_listener(v: &Value, path: &str, cx: &mut Cx) -> Option<ListenerConfig> 
         ],
         cx,
     );
-    kind?;
     Some(ListenerConfig {
         path: path.to_string(),
         name: name?,
+        kind: kind?,
         address: address?,
+        cluster: None,
         routes,
         max_message_size: max_message_size?,
         http2: http2?,
@@ -1686,21 +1824,44 @@ clusters:
     }
 
     #[test]
-    fn rejects_tcp_listeners_and_original_dst_routes_clearly() {
+    fn tcp_listeners_parse_and_bad_ones_are_named() {
+        let good = r#"
+listeners:
+  - { name: data, kind: tcp, address: "storage:10000-10030", cluster: loopback }
+  - { name: one, kind: tcp, address: "10.30.0.5:9502", cluster: loopback }
+  - { name: fwd, kind: tcp, address: "127.0.0.1:0", cluster: local }
+clusters: [{ name: local, type: static, endpoints: [127.0.0.1:7000] }]
+"#;
+        let c = Config::parse(good, "x").unwrap();
+        assert_eq!(c.listeners[0].kind, ListenerKind::Tcp);
+        assert_eq!(c.listeners[0].address.to_string(), "storage:10000-10030");
+        assert_eq!(c.listeners[0].address.ports().count(), 31);
+        assert_eq!(c.listeners[0].address.fixed_ip(), None);
+        assert_eq!(c.listeners[1].address.to_string(), "10.30.0.5:9502");
+
         let bad = r#"
 listeners:
-  - { name: data, kind: tcp, address: "storage:10000", routes: [] }
+  - { name: data, kind: tcp, address: "storage:10030-10000", routes: [] }
   - name: m
-    address: 127.0.0.1:0
+    address: 127.0.0.1:9000-9001
     routes: [{ match: { prefix: / }, cluster: engines }]
+  - { name: t, kind: tcp, address: "127.0.0.1:7000", cluster: loopback }
+  - { name: u, kind: tcp, address: "storage:7000", cluster: engines }
+  - { name: v, kind: udp, address: "storage:7000" }
 clusters: [{ name: engines, type: original_dst }]
 "#;
         let text = Config::parse(bad, "x").unwrap_err().to_string();
-        assert!(text.contains("listeners[0].kind: kind: tcp"), "{text}");
-        assert!(
-            text.contains("listeners[1].routes[0].cluster: cluster \"engines\" is original_dst"),
-            "{text}"
-        );
+        for want in [
+            "listeners[0].address: \"storage:10030-10000\": the range must go up",
+            "listeners[0]: missing required key \"cluster\"",
+            "listeners[0]: unknown key \"routes\"",
+            "listeners[1].address: \"127.0.0.1:9000-9001\": port ranges are for kind: tcp",
+            "listeners[2].address: a loopback address forwarded to cluster loopback",
+            "listeners[3].cluster: cluster \"engines\" is original_dst",
+            "listeners[4].kind: \"udp\" is not a listener kind",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
     }
 
     #[test]

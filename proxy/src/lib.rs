@@ -15,3 +15,4 @@ pub mod metrics;
 pub mod reply;
 pub mod route;
 pub mod storage;
+pub mod tcp;

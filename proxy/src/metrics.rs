@@ -388,6 +388,22 @@ impl<T> CountedIo<T> {
     pub fn get_ref(&self) -> &T {
         &self.inner
     }
+
+    /// The socket, its counters and its guard, for code that moves bytes without
+    /// `AsyncRead`/`AsyncWrite` (splice) and counts them itself.
+    pub fn into_parts(self) -> (T, ByteCounters, Option<ConnectionGuard>) {
+        (self.inner, self.counters, self.guard)
+    }
+}
+
+impl ByteCounters {
+    pub fn received(&self, n: u64) {
+        self.received.inc_by(n);
+    }
+
+    pub fn transmitted(&self, n: u64) {
+        self.transmitted.inc_by(n);
+    }
 }
 
 impl<T: AsyncRead> AsyncRead for CountedIo<T> {

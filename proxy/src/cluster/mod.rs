@@ -13,13 +13,14 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
+use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use connect::{ConnectError, Connector};
 use pool::{EndpointPool, PoolLimits};
 
 use crate::config::{ClusterConfig, Destination};
-use crate::metrics::Metrics;
+use crate::metrics::{CountedIo, Metrics};
 use crate::reply::ProxyBody;
 use crate::storage::StorageState;
 
@@ -197,6 +198,31 @@ impl Cluster {
         let pool = Arc::new(EndpointPool::new(destination, self.limits).map_err(fail)?);
         dynamic.insert(destination, pool.clone());
         Ok(pool)
+    }
+
+    /// A raw TCP connection to a static cluster's endpoints for `kind: tcp` listeners: round
+    /// robin, each endpoint tried once; the error names every endpoint that failed.
+    pub async fn connect_tcp(&self) -> Result<CountedIo<TcpStream>, String> {
+        let mut failures = Vec::new();
+        for _ in 0..self.endpoints.len() {
+            let Some(endpoint) = self.pick_endpoint() else {
+                break;
+            };
+            match self.connector.connect(endpoint).await {
+                Ok(io) => return Ok(io),
+                Err(e) => {
+                    self.connector
+                        .metrics
+                        .upstream_connect_error(&self.config.name, e.reason);
+                    failures.push(e.message);
+                }
+            }
+        }
+        Err(if failures.is_empty() {
+            format!("cluster {} has no endpoints", self.config.name)
+        } else {
+            failures.join("; ")
+        })
     }
 
     /// Open upstream connections to `destination` (for tests and status).

@@ -1,0 +1,515 @@
+//! L4 storage listeners (`kind: tcp`): every accepted connection is forwarded whole to a local
+//! process (`loopback`: 127.0.0.1 and the same port) or a static cluster. Bytes move with
+//! `splice(2)` through a pipe, never entering user space; where the kernel refuses, a copy loop
+//! takes over. A half-close on one side is passed on to the other. Listeners on the storage
+//! address follow it: when it changes they rebind on the new one, and connections accepted on
+//! the old one run on until they end (or `drain_timeout` at shutdown).
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::fcntl::{splice, OFlag, SpliceFFlags};
+use socket2::SockRef;
+use tokio::io::Interest;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::cluster::Cluster;
+use crate::config::{format_duration, ListenAddress, ListenerConfig};
+use crate::metrics::{ByteCounters, ConnectionGuard, Metrics, Network};
+use crate::storage::StorageState;
+
+/// How long a `loopback` forward waits for the local process to accept.
+const LOOPBACK_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bytes per splice call (the pipe holds 64 KiB by default).
+const CHUNK: usize = 64 << 10;
+/// How often ports that could not be bound are tried again.
+const REBIND_EVERY: Duration = Duration::from_secs(1);
+
+/// Where a tcp listener's connections go.
+pub enum Upstream {
+    /// 127.0.0.1 (or ::1) and the port the connection arrived on.
+    Loopback,
+    Cluster(Arc<Cluster>),
+}
+
+/// One `kind: tcp` listener: its sockets (one per port) and the connections they accepted.
+pub struct TcpForwarder {
+    name: String,
+    address: ListenAddress,
+    upstream: Upstream,
+    storage: Arc<StorageState>,
+    metrics: Arc<Metrics>,
+    bound: Arc<Mutex<Vec<SocketAddr>>>,
+}
+
+/// The bound sockets of a storage listener at one address.
+struct Generation {
+    ip: Option<IpAddr>,
+    stop: CancellationToken,
+    missing: Vec<u16>,
+}
+
+impl TcpForwarder {
+    pub fn new(
+        config: &ListenerConfig,
+        upstream: Upstream,
+        storage: Arc<StorageState>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<TcpForwarder> {
+        Arc::new(TcpForwarder {
+            name: config.name.clone(),
+            address: config.address,
+            upstream,
+            storage,
+            metrics,
+            bound: Arc::new(Mutex::new(Vec::new())),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The addresses bound right now (they change with the storage address).
+    pub fn bound(&self) -> Arc<Mutex<Vec<SocketAddr>>> {
+        self.bound.clone()
+    }
+
+    /// Binds a fixed-address listener now, so that a port in use fails the start with a
+    /// clear error; storage listeners bind in [`TcpForwarder::run`], when there is an address.
+    pub async fn bind_fixed(&self) -> Result<Vec<TcpListener>, String> {
+        let Some(ip) = self.address.fixed_ip() else {
+            return Ok(Vec::new());
+        };
+        let (listeners, failures) = self.bind_ports(ip, self.address.ports()).await;
+        if let Some((port, e)) = failures.into_iter().next() {
+            return Err(format!(
+                "listener {}: cannot bind {}: {e}",
+                self.name,
+                SocketAddr::new(ip, port)
+            ));
+        }
+        Ok(listeners)
+    }
+
+    async fn bind_ports(
+        &self,
+        ip: IpAddr,
+        ports: impl IntoIterator<Item = u16>,
+    ) -> (Vec<TcpListener>, Vec<(u16, io::Error)>) {
+        let mut listeners = Vec::new();
+        let mut failures = Vec::new();
+        for port in ports {
+            match TcpListener::bind(SocketAddr::new(ip, port)).await {
+                Ok(l) => listeners.push(l),
+                Err(e) => failures.push((port, e)),
+            }
+        }
+        (listeners, failures)
+    }
+
+    /// Serves until `shutdown`; then waits up to `drain_timeout` for open connections.
+    pub async fn run(
+        self: Arc<Self>,
+        fixed: Vec<TcpListener>,
+        shutdown: CancellationToken,
+        drain_timeout: Duration,
+    ) {
+        let connections = TaskTracker::new();
+        let kill = CancellationToken::new();
+        let mut changes = self.storage.subscribe();
+        let mut generation = match self.address.fixed_ip() {
+            Some(ip) => {
+                let stop = CancellationToken::new();
+                self.serve_all(fixed, &stop, &connections, &kill);
+                Generation {
+                    ip: Some(ip),
+                    stop,
+                    missing: Vec::new(),
+                }
+            }
+            None => {
+                let ip = self.storage.current().map(|a| a.ip);
+                self.start_generation(ip, &connections, &kill).await
+            }
+        };
+        loop {
+            let retry = !generation.missing.is_empty();
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                changed = changes.changed(), if self.address.fixed_ip().is_none() => {
+                    if changed.is_err() {
+                        shutdown.cancelled().await;
+                        break;
+                    }
+                    let ip = self.storage.current().map(|a| a.ip);
+                    if ip == generation.ip {
+                        continue;
+                    }
+                    let show = |ip: Option<IpAddr>| ip.map(|i| i.to_string()).unwrap_or_else(|| "none".into());
+                    tracing::info!(
+                        network = "storage", listener = %self.name, old = %show(generation.ip), new = %show(ip),
+                        "storage address changed; rebinding (connections on the old address run on)"
+                    );
+                    generation.stop.cancel();
+                    generation = self.start_generation(ip, &connections, &kill).await;
+                }
+                _ = tokio::time::sleep(REBIND_EVERY), if retry => {
+                    if let Some(ip) = generation.ip {
+                        let (listeners, failures) = self.bind_ports(ip, generation.missing.clone()).await;
+                        generation.missing = failures.into_iter().map(|(p, _)| p).collect();
+                        self.serve_all(listeners, &generation.stop, &connections, &kill);
+                        if generation.missing.is_empty() {
+                            tracing::info!(listener = %self.name, address = %ip, "every port bound");
+                        }
+                    }
+                }
+            }
+        }
+        generation.stop.cancel();
+        self.set_bound(Vec::new());
+        connections.close();
+        if !connections.is_empty() {
+            tracing::info!(listener = %self.name, connections = connections.len(), "draining");
+        }
+        if tokio::time::timeout(drain_timeout, connections.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                listener = %self.name,
+                "connections still open after drain_timeout {}; closing them",
+                format_duration(drain_timeout)
+            );
+            kill.cancel();
+            connections.wait().await;
+        }
+    }
+
+    async fn start_generation(
+        self: &Arc<Self>,
+        ip: Option<IpAddr>,
+        connections: &TaskTracker,
+        kill: &CancellationToken,
+    ) -> Generation {
+        let stop = CancellationToken::new();
+        let Some(ip) = ip else {
+            self.set_bound(Vec::new());
+            tracing::warn!(
+                network = "storage", listener = %self.name,
+                "no storage address yet; the listener binds when {} gets one: {}",
+                self.storage.interface(),
+                self.storage.last_error().unwrap_or_default()
+            );
+            return Generation {
+                ip: None,
+                stop,
+                missing: Vec::new(),
+            };
+        };
+        let (listeners, failures) = self.bind_ports(ip, self.address.ports()).await;
+        for (port, e) in &failures {
+            tracing::warn!(
+                network = "storage", listener = %self.name, address = %SocketAddr::new(ip, *port),
+                error = %e, "cannot bind; trying again every {}s", REBIND_EVERY.as_secs()
+            );
+        }
+        self.set_bound(Vec::new());
+        self.serve_all(listeners, &stop, connections, kill);
+        Generation {
+            ip: Some(ip),
+            stop,
+            missing: failures.into_iter().map(|(p, _)| p).collect(),
+        }
+    }
+
+    fn set_bound(&self, addrs: Vec<SocketAddr>) {
+        if let Ok(mut b) = self.bound.lock() {
+            *b = addrs;
+        }
+    }
+
+    fn serve_all(
+        self: &Arc<Self>,
+        listeners: Vec<TcpListener>,
+        stop: &CancellationToken,
+        connections: &TaskTracker,
+        kill: &CancellationToken,
+    ) {
+        let addrs: Vec<SocketAddr> = listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect();
+        if let Some(first) = addrs.first() {
+            tracing::info!(
+                listener = %self.name, address = %first, ports = addrs.len(),
+                "listening (tcp, forwarding to {})", self.upstream_name()
+            );
+        }
+        if let Ok(mut b) = self.bound.lock() {
+            b.extend(addrs);
+            b.sort();
+        }
+        for listener in listeners {
+            let me = self.clone();
+            tokio::spawn(me.accept_loop(listener, stop.clone(), connections.clone(), kill.clone()));
+        }
+    }
+
+    fn upstream_name(&self) -> &str {
+        match &self.upstream {
+            Upstream::Loopback => "loopback",
+            Upstream::Cluster(c) => c.name(),
+        }
+    }
+
+    async fn accept_loop(
+        self: Arc<Self>,
+        listener: TcpListener,
+        stop: CancellationToken,
+        connections: TaskTracker,
+        kill: CancellationToken,
+    ) {
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = stop.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(listener = %self.name, error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let me = self.clone();
+            let kill = kill.clone();
+            connections.spawn(async move {
+                tokio::select! {
+                    _ = kill.cancelled() => {}
+                    _ = me.handle(stream, peer) => {}
+                }
+            });
+        }
+    }
+
+    async fn handle(&self, down: TcpStream, peer: SocketAddr) {
+        let _ = down.set_nodelay(true);
+        let Ok(local) = down.local_addr() else {
+            return;
+        };
+        let (device, network) = self.storage.classify(local.ip());
+        let down_counters = self.metrics.byte_counters(&device, network);
+        let upstream = match &self.upstream {
+            Upstream::Loopback => self.connect_loopback(local.port()).await,
+            Upstream::Cluster(c) => c.connect_tcp().await.map(|io| io.into_parts()),
+        };
+        let (up, up_counters, _guard) = match upstream {
+            Ok(parts) => parts,
+            Err(e) => {
+                tracing::warn!(
+                    network = network.as_str(), listener = %self.name, local = %local, peer = %peer,
+                    error = %e, "cannot reach the upstream; closing the connection"
+                );
+                return;
+            }
+        };
+        tracing::debug!(
+            network = network.as_str(), listener = %self.name, local = %local, peer = %peer,
+            device = %device, "forwarding"
+        );
+        let (sent, received) = forward(&down, &up, &down_counters, &up_counters).await;
+        match (sent, received) {
+            (Ok(sent), Ok(received)) => tracing::debug!(
+                network = network.as_str(), listener = %self.name, peer = %peer, sent, received,
+                "connection closed"
+            ),
+            (a, b) => tracing::debug!(
+                network = network.as_str(), listener = %self.name, peer = %peer,
+                error = %a.err().or(b.err()).map(|e| e.to_string()).unwrap_or_default(),
+                "connection ended with an error"
+            ),
+        }
+    }
+
+    async fn connect_loopback(
+        &self,
+        port: u16,
+    ) -> Result<(TcpStream, ByteCounters, Option<ConnectionGuard>), String> {
+        let ip = match self.storage.current().map(|a| a.ip) {
+            Some(IpAddr::V6(_)) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            _ => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        };
+        let target = SocketAddr::new(ip, port);
+        let stream = match tokio::time::timeout(
+            LOOPBACK_CONNECT_TIMEOUT,
+            TcpStream::connect(target),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                let reason = if e.kind() == io::ErrorKind::ConnectionRefused {
+                    "refused"
+                } else {
+                    "other"
+                };
+                self.metrics.upstream_connect_error("loopback", reason);
+                return Err(format!("connecting to {target}: {e}"));
+            }
+            Err(_) => {
+                self.metrics.upstream_connect_error("loopback", "timeout");
+                return Err(format!(
+                    "connecting to {target}: no answer within {}",
+                    format_duration(LOOPBACK_CONNECT_TIMEOUT)
+                ));
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let guard = self
+            .metrics
+            .upstream_connection("loopback", Network::Loopback);
+        Ok((
+            stream,
+            self.metrics.byte_counters("lo", Network::Loopback),
+            Some(guard),
+        ))
+    }
+}
+
+/// Moves bytes both ways until each direction has seen its end of stream (and passed it on as
+/// a half-close) or one direction failed (then both sockets are shut down, which ends the
+/// other). Returns the bytes moved downstream→upstream and upstream→downstream.
+pub async fn forward(
+    down: &TcpStream,
+    up: &TcpStream,
+    down_counters: &ByteCounters,
+    up_counters: &ByteCounters,
+) -> (io::Result<u64>, io::Result<u64>) {
+    let abort = || {
+        let _ = SockRef::from(down).shutdown(std::net::Shutdown::Both);
+        let _ = SockRef::from(up).shutdown(std::net::Shutdown::Both);
+    };
+    let to_up = async {
+        let r = one_way(down, up, |n| {
+            down_counters.received(n);
+            up_counters.transmitted(n);
+        })
+        .await;
+        if r.is_err() {
+            abort();
+        }
+        r
+    };
+    let to_down = async {
+        let r = one_way(up, down, |n| {
+            up_counters.received(n);
+            down_counters.transmitted(n);
+        })
+        .await;
+        if r.is_err() {
+            abort();
+        }
+        r
+    };
+    tokio::join!(to_up, to_down)
+}
+
+/// One direction: splice through a pipe; a copy loop when the kernel cannot splice these sockets.
+async fn one_way(from: &TcpStream, to: &TcpStream, count: impl Fn(u64)) -> io::Result<u64> {
+    let moved = match nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC) {
+        Ok(pipe) => splice_loop(from, to, pipe, &count).await?,
+        Err(_) => Spliced::Unsupported,
+    };
+    let total = match moved {
+        Spliced::Done(total) => total,
+        Spliced::Unsupported => copy_loop(from, to, &count).await?,
+    };
+    // Pass the end of stream on: the peer may still be sending the other way.
+    let _ = SockRef::from(to).shutdown(std::net::Shutdown::Write);
+    Ok(total)
+}
+
+enum Spliced {
+    Done(u64),
+    /// The first splice failed with EINVAL (no splice for these files); nothing was moved.
+    Unsupported,
+}
+
+async fn splice_loop(
+    from: &TcpStream,
+    to: &TcpStream,
+    (pipe_out, pipe_in): (OwnedFd, OwnedFd),
+    count: &impl Fn(u64),
+) -> io::Result<Spliced> {
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    let mut total = 0u64;
+    loop {
+        let n = loop {
+            from.readable().await?;
+            match from.try_io(Interest::READABLE, || {
+                splice(from, None, &pipe_in, None, CHUNK, flags).map_err(io::Error::from)
+            }) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if total == 0 && e.raw_os_error() == Some(Errno::EINVAL as i32) => {
+                    return Ok(Spliced::Unsupported)
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        if n == 0 {
+            return Ok(Spliced::Done(total));
+        }
+        let mut in_pipe = n;
+        while in_pipe > 0 {
+            to.writable().await?;
+            match to.try_io(Interest::WRITABLE, || {
+                splice(&pipe_out, None, to, None, in_pipe, flags).map_err(io::Error::from)
+            }) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "the receiving socket took no bytes",
+                    ))
+                }
+                Ok(m) => in_pipe -= m,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        total += n as u64;
+        count(n as u64);
+    }
+}
+
+async fn copy_loop(from: &TcpStream, to: &TcpStream, count: &impl Fn(u64)) -> io::Result<u64> {
+    let mut buf = vec![0u8; CHUNK];
+    let mut total = 0u64;
+    loop {
+        from.readable().await?;
+        let n = match from.try_read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        let mut written = 0;
+        while written < n {
+            to.writable().await?;
+            match to.try_write(&buf[written..n]) {
+                Ok(m) => written += m,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        total += n as u64;
+        count(n as u64);
+    }
+}

@@ -1,0 +1,293 @@
+//! Root only: `kind: tcp` storage listeners in a pod namespace, reached over a real `lhnet1`.
+//!
+//! pod (lhnet1 10.31.0.2) ──storage bridge── client (lhnet1 10.31.0.3). A process in the pod
+//! listens on 127.0.0.1 only; lhnet-proxy exposes it on the pod's storage address.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use lhnet_netns::{run_in, spawn_in, Namespace, Topology};
+use sha2::{Digest, Sha256};
+
+const PORT: u16 = 10000;
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn skip() -> bool {
+    if Topology::can_build() {
+        return false;
+    }
+    eprintln!("skipped: this test builds network namespaces and needs root (CI runs it as root)");
+    true
+}
+
+/// Deterministic bytes: block `i` of 64 KiB is filled from `seed` and `i`.
+fn block(seed: u8, i: usize) -> Vec<u8> {
+    (0..64 << 10)
+        .map(|j| seed.wrapping_add((i * 31 + j * 7) as u8))
+        .collect()
+}
+
+/// The local process: for each connection, sends `blocks` blocks while reading until the
+/// client's end of stream, then sends the SHA-256 of what it read and closes.
+fn loopback_server(ns: &str, blocks: usize) -> std::thread::JoinHandle<std::io::Result<()>> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let handle = spawn_in(ns, move || {
+        let listener = TcpListener::bind(("127.0.0.1", PORT)).unwrap();
+        ready_tx.send(()).unwrap();
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            // Probes connect and leave at once: errors end that connection only.
+            std::thread::spawn(move || -> std::io::Result<()> {
+                let mut writer = stream.try_clone()?;
+                let sender = std::thread::spawn(move || -> std::io::Result<TcpStream> {
+                    for i in 0..blocks {
+                        writer.write_all(&block(2, i))?;
+                    }
+                    Ok(writer)
+                });
+                let mut hash = Sha256::new();
+                let mut buf = vec![0u8; 1 << 16];
+                loop {
+                    let n = stream.read(&mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    hash.update(&buf[..n]);
+                }
+                // The client's half-close arrived through lhnet; answer after it.
+                let mut writer = sender
+                    .join()
+                    .map_err(|_| std::io::Error::other("sender panicked"))??;
+                writer.write_all(&hash.finalize())
+            });
+        }
+    })
+    .unwrap();
+    ready_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    handle
+}
+
+fn start_proxy(topo: &Topology, pod: &Namespace, tag: &str) -> KillOnDrop {
+    let dir = std::env::temp_dir().join(format!("lhnet-tcp-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("pod.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "admin: {{ address: 127.0.0.1:9901 }}\n\
+             storage_network: {{ interface: lhnet1, fallback: wait }}\n\
+             listeners:\n  - {{ name: replica_data, kind: tcp, address: \"storage:{PORT}-{}\", cluster: loopback }}\n",
+            PORT + 2
+        ),
+    )
+    .unwrap();
+    let child = topo
+        .command(pod, env!("CARGO_BIN_EXE_lhnet-proxy"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--threads")
+        .arg("1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let proxy = KillOnDrop(child);
+    let started = Instant::now();
+    while !run_in(&pod.name, || TcpStream::connect("127.0.0.1:9901").is_ok()).unwrap() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "lhnet-proxy did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    proxy
+}
+
+/// `GET path` on the admin server inside `ns`: (status code, body).
+fn admin_get(ns: &str, path: &'static str) -> (u16, String) {
+    run_in(ns, move || {
+        let mut s = TcpStream::connect("127.0.0.1:9901").unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let code = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (code, body)
+    })
+    .unwrap()
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
+/// From the client namespace: sends `blocks` blocks and half-closes, reads everything the
+/// server sends until it closes. Returns (what the client read, without the trailer; the
+/// server's digest of what it read).
+fn exchange(ns: &str, to: SocketAddr, blocks: usize) -> ([u8; 32], Vec<u8>, u64) {
+    run_in(ns, move || {
+        let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(5)).unwrap();
+        let mut writer = stream.try_clone().unwrap();
+        let sender = std::thread::spawn(move || {
+            let mut hash = Sha256::new();
+            for i in 0..blocks {
+                let b = block(1, i);
+                hash.update(&b);
+                writer.write_all(&b).unwrap();
+            }
+            writer.shutdown(Shutdown::Write).unwrap();
+            hash.finalize()
+        });
+        let mut received = Vec::with_capacity(blocks * (64 << 10) + 32);
+        stream.read_to_end(&mut received).unwrap();
+        let sent_digest = sender.join().unwrap();
+        let trailer = received.split_off(received.len().saturating_sub(32));
+        let mut hash = Sha256::new();
+        hash.update(&received);
+        let mut expect = Sha256::new();
+        for i in 0..blocks {
+            expect.update(block(2, i));
+        }
+        assert_eq!(
+            hash.finalize(),
+            expect.finalize(),
+            "bytes from the server arrived changed"
+        );
+        (sent_digest.into(), trailer, received.len() as u64)
+    })
+    .unwrap()
+}
+
+#[test]
+fn a_tcp_listener_moves_256_mib_each_way_across_lhnet1_intact_with_half_close() {
+    if skip() {
+        return;
+    }
+    let mut topo = Topology::new("tcp").unwrap();
+    topo.add_bridge("stor").unwrap();
+    let pod = topo.add_namespace("pod").unwrap();
+    let client = topo.add_namespace("client").unwrap();
+    topo.attach(&pod, "lhnet1", "stor", Some("10.31.0.2/24"))
+        .unwrap();
+    topo.attach(&client, "lhnet1", "stor", Some("10.31.0.3/24"))
+        .unwrap();
+    let blocks = 4096; // 256 MiB
+    let _server = loopback_server(&pod.name, blocks);
+    let _proxy = start_proxy(&topo, &pod, "bulk");
+    let to: SocketAddr = format!("10.31.0.2:{PORT}").parse().unwrap();
+
+    let (sent_digest, server_digest, received) = exchange(&client.name, to, blocks);
+    assert_eq!(received, (blocks as u64) << 16);
+    assert_eq!(
+        server_digest,
+        sent_digest.to_vec(),
+        "the server read other bytes than the client sent"
+    );
+
+    let (_, metrics) = admin_get(&pod.name, "/metrics");
+    let rx = metric(
+        &metrics,
+        "lhnet_interface_receive_bytes_total{device=\"lhnet1\",network=\"storage\"}",
+    );
+    let tx = metric(
+        &metrics,
+        "lhnet_interface_transmit_bytes_total{device=\"lhnet1\",network=\"storage\"}",
+    );
+    let lo_tx = metric(
+        &metrics,
+        "lhnet_interface_transmit_bytes_total{device=\"lo\",network=\"loopback\"}",
+    );
+    let total = (blocks as f64) * 65536.0;
+    assert_eq!(rx, total, "{metrics}");
+    assert_eq!(tx, total + 32.0, "{metrics}");
+    assert_eq!(lo_tx, total, "{metrics}");
+}
+
+#[test]
+fn a_late_lhnet1_makes_the_proxy_ready_and_an_address_change_rebinds() {
+    if skip() {
+        return;
+    }
+    let mut topo = Topology::new("late").unwrap();
+    topo.add_bridge("stor").unwrap();
+    let pod = topo.add_namespace("pod").unwrap();
+    let client = topo.add_namespace("client").unwrap();
+    topo.attach(&client, "lhnet1", "stor", Some("10.31.0.3/24"))
+        .unwrap();
+    let _server = loopback_server(&pod.name, 16);
+    let _proxy = start_proxy(&topo, &pod, "late");
+
+    // No lhnet1 yet: not ready, nothing bound on a storage address.
+    let (code, body) = admin_get(&pod.name, "/ready");
+    assert_eq!(code, 503, "ready without a storage address: {body}");
+    std::thread::sleep(Duration::from_secs(1));
+    topo.attach(&pod, "lhnet1", "stor", Some("10.31.0.2/24"))
+        .unwrap();
+    let attached = Instant::now();
+    let first: SocketAddr = format!("10.31.0.2:{PORT}").parse().unwrap();
+    loop {
+        let ready = admin_get(&pod.name, "/ready").0 == 200;
+        let accepts = run_in(&client.name, move || {
+            TcpStream::connect_timeout(&first, Duration::from_millis(200)).is_ok()
+        })
+        .unwrap();
+        if ready && accepts {
+            break;
+        }
+        assert!(
+            attached.elapsed() < Duration::from_secs(2),
+            "2 s after lhnet1 came up: ready={ready}, listener accepts={accepts}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, _, received) = exchange(&client.name, first, 16);
+    assert_eq!(received, 16 << 16);
+
+    // (Deleting a primary address also deletes the secondaries of its subnet: delete first.)
+    topo.del_address(&pod, "lhnet1", "10.31.0.2/24").unwrap();
+    topo.add_address(&pod, "lhnet1", "10.31.0.9/24").unwrap();
+    let changed = Instant::now();
+    let second: SocketAddr = format!("10.31.0.9:{PORT}").parse().unwrap();
+    loop {
+        let (_, storage) = admin_get(&pod.name, "/storage");
+        let moved = storage.contains("\"10.31.0.9\"");
+        let accepts = moved
+            && run_in(&client.name, move || {
+                TcpStream::connect_timeout(&second, Duration::from_millis(200)).is_ok()
+            })
+            .unwrap();
+        if accepts {
+            break;
+        }
+        assert!(
+            changed.elapsed() < Duration::from_secs(5),
+            "5 s after the address change: storage={storage}, new address accepts={accepts}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, _, received) = exchange(&client.name, second, 16);
+    assert_eq!(received, 16 << 16);
+}
