@@ -10,6 +10,7 @@ const PROTOS: &[&str] = &[
     "imrpc/proxy.proto",
     "grpc/health/v1/health.proto",
     "lhnet/echo.proto",
+    "lhnet/peer.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -189,21 +189,70 @@ pub fn device_for_ip(ip: IpAddr) -> Option<String> {
 
 /// Whether `ip` is inside one of the subnets configured on `interface`.
 pub fn on_interface_subnet(interface: &str, ip: IpAddr) -> bool {
+    interface_subnets(interface).iter().any(|s| s.contains(ip))
+}
+
+/// One address of an interface with its netmask: the subnet it is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subnet {
+    pub addr: IpAddr,
+    pub mask: IpAddr,
+}
+
+impl Subnet {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, self.mask, ip) {
+            (IpAddr::V4(a), IpAddr::V4(m), IpAddr::V4(x)) => {
+                u32::from(x) & u32::from(m) == u32::from(a) & u32::from(m)
+            }
+            (IpAddr::V6(a), IpAddr::V6(m), IpAddr::V6(x)) => {
+                u128::from(x) & u128::from(m) == u128::from(a) & u128::from(m)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The subnets of every address `interface` has now.
+pub fn interface_subnets(interface: &str) -> Vec<Subnet> {
     if_addrs::get_if_addrs()
         .unwrap_or_default()
         .into_iter()
         .filter(|i| i.name == interface)
-        .any(|i| match (i.addr, ip) {
-            (if_addrs::IfAddr::V4(v4), IpAddr::V4(a)) => {
-                let mask = u32::from(v4.netmask);
-                u32::from(a) & mask == u32::from(v4.ip) & mask
-            }
-            (if_addrs::IfAddr::V6(v6), IpAddr::V6(a)) => {
-                let mask = u128::from(v6.netmask);
-                u128::from(a) & mask == u128::from(v6.ip) & mask
-            }
-            _ => false,
+        .map(|i| match i.addr {
+            if_addrs::IfAddr::V4(v4) => Subnet {
+                addr: IpAddr::V4(v4.ip),
+                mask: IpAddr::V4(v4.netmask),
+            },
+            if_addrs::IfAddr::V6(v6) => Subnet {
+                addr: IpAddr::V6(v6.ip),
+                mask: IpAddr::V6(v6.netmask),
+            },
         })
+        .collect()
+}
+
+/// Names of every interface except loopback and `except` (the storage interface).
+pub fn other_interfaces(except: &str) -> Vec<String> {
+    let mut names: Vec<String> = if_addrs::get_if_addrs()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|i| i.name != except && !i.is_loopback())
+        .map(|i| i.name)
+        .collect();
+    names.dedup();
+    names
+}
+
+/// Addresses of every interface except loopback and `except` (the storage interface): the
+/// pod's management addresses.
+pub fn other_addresses(except: &str) -> Vec<IpAddr> {
+    if_addrs::get_if_addrs()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|i| i.name != except && !i.is_loopback())
+        .map(|i| i.ip())
+        .collect()
 }
 
 /// IPv4 before IPv6; IPv6 link-local addresses cannot be bound without a scope, so skip them.

@@ -23,6 +23,11 @@ pub mod echo {
     tonic::include_proto!("lhnet.echo.v1");
 }
 
+/// lhnet-to-lhnet lookups (`lhnet.v1.Peer`): a pod's storage address by its management IP.
+pub mod peer {
+    tonic::include_proto!("lhnet.v1");
+}
+
 #[cfg(feature = "echo-server")]
 pub mod echo_server;
 

@@ -10,12 +10,14 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::address_map::AddressMap;
 use crate::admin::{self, AdminState};
 use crate::cluster::Cluster;
 use crate::config::{Config, ListenAddress, ListenerKind, LOOPBACK_CLUSTER};
 use crate::health::HealthService;
 use crate::listener::GrpcListener;
 use crate::metrics::Metrics;
+use crate::peer::PeerService;
 use crate::route::{LocalServices, RouteTable};
 use crate::storage::StorageState;
 use crate::tcp::{TcpForwarder, Upstream};
@@ -61,6 +63,8 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Str
     let (ready_tx, ready_rx) = watch::channel(false);
     let locals = LocalServices {
         health: HealthService::server(ready_rx.clone()),
+        peer: PeerService::server(storage.clone()),
+        address_map: AddressMap::new(storage.clone(), &config),
     };
     let clusters = build_clusters(&config, &storage, &metrics);
 
@@ -307,6 +311,7 @@ impl Reloader {
             return Err("listeners (names, kinds, addresses or tcp clusters) or the admin address changed; restart lhnet-proxy to apply".into());
         }
         let clusters = build_clusters(&new, &self.shared.storage, &self.shared.metrics);
+        self.shared.locals.address_map.update(&new);
         for l in &new.listeners {
             if let Some(table) = self.shared.tables.get(&l.name) {
                 table.store(Arc::new(RouteTable::new(

@@ -23,9 +23,49 @@ pub struct Config {
     pub storage_network: StorageNetworkConfig,
     pub listeners: Vec<ListenerConfig>,
     pub clusters: Vec<ClusterConfig>,
+    /// `peers`: management IP → storage IP of other pods, known without asking them.
+    #[serde(serialize_with = "ser_peers")]
+    pub peers: Vec<(IpAddr, IpAddr)>,
+    pub peer_lookup: PeerLookupConfig,
     /// How long shutdown waits for in-flight streams after GOAWAY.
     #[serde(serialize_with = "ser_duration")]
     pub drain_timeout: Duration,
+}
+
+/// How lhnet asks a peer pod's lhnet for its storage address (`lhnet.v1.Peer`).
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerLookupConfig {
+    pub enabled: bool,
+    /// Management networks lhnet may ask; empty: the subnets of this pod's own
+    /// management interfaces.
+    pub networks: Vec<Destination>,
+    /// The port of the peers' management listener (the one with `local: peer`).
+    pub port: u16,
+    #[serde(serialize_with = "ser_duration")]
+    pub timeout: Duration,
+    #[serde(serialize_with = "ser_duration")]
+    pub cache_ttl: Duration,
+}
+
+impl Default for PeerLookupConfig {
+    fn default() -> Self {
+        PeerLookupConfig {
+            enabled: true,
+            networks: Vec::new(),
+            port: 8501,
+            timeout: Duration::from_secs(1),
+            cache_ttl: Duration::from_secs(30),
+        }
+    }
+}
+
+fn ser_peers<S: Serializer>(peers: &[(IpAddr, IpAddr)], s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut map = s.serialize_map(Some(peers.len()))?;
+    for (m, st) in peers {
+        map.serialize_entry(&m.to_string(), &st.to_string())?;
+    }
+    map.end()
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -179,6 +219,8 @@ pub enum RouteAction {
 pub enum LocalService {
     Health,
     LonghornEngineProxy,
+    /// `lhnet.v1.Peer`: this pod's storage and management addresses, for other lhnets.
+    Peer,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -725,6 +767,14 @@ fn parse_config(root: &Value, cx: &mut Cx) -> Option<Config> {
             .collect(),
         None => Vec::new(),
     };
+    let peers = match f.take("peers") {
+        Some((p, v)) => parse_peers(v, &p, cx),
+        None => Some(Vec::new()),
+    };
+    let peer_lookup = match f.take("peer_lookup") {
+        Some((p, v)) => parse_peer_lookup(v, &p, cx),
+        None => Some(PeerLookupConfig::default()),
+    };
     f.finish(
         &[
             "admin",
@@ -732,6 +782,8 @@ fn parse_config(root: &Value, cx: &mut Cx) -> Option<Config> {
             "drain_timeout",
             "listeners",
             "clusters",
+            "peers",
+            "peer_lookup",
         ],
         cx,
     );
@@ -742,7 +794,94 @@ fn parse_config(root: &Value, cx: &mut Cx) -> Option<Config> {
         storage_network: storage_network?,
         listeners,
         clusters,
+        peers: peers?,
+        peer_lookup: peer_lookup?,
         drain_timeout: drain_timeout?,
+    })
+}
+
+fn ip_addr(v: &Value, path: &str, cx: &mut Cx) -> Option<IpAddr> {
+    let s = string(v, path, cx)?;
+    s.parse()
+        .map_err(|_| cx.err(path, format!("\"{s}\" is not an IP address")))
+        .ok()
+}
+
+/// `peers: { MANAGEMENT_IP: STORAGE_IP, ... }`.
+fn parse_peers(v: &Value, path: &str, cx: &mut Cx) -> Option<Vec<(IpAddr, IpAddr)>> {
+    let Value::Mapping(map) = v else {
+        cx.err(
+            path,
+            format!(
+                "expected a mapping of management IP to storage IP, got {}",
+                kind(v)
+            ),
+        );
+        return None;
+    };
+    let mut peers = Vec::new();
+    let mut ok = true;
+    for (k, val) in map {
+        let key_path = format!("{path}.{}", k.as_str().unwrap_or("?"));
+        match (ip_addr(k, path, cx), ip_addr(val, &key_path, cx)) {
+            (Some(m), Some(st)) if m.is_ipv4() == st.is_ipv4() => peers.push((m, st)),
+            (Some(_), Some(_)) => {
+                cx.err(
+                    &key_path,
+                    "management and storage addresses must be the same IP family",
+                );
+                ok = false;
+            }
+            _ => ok = false,
+        }
+    }
+    ok.then_some(peers)
+}
+
+fn parse_peer_lookup(v: &Value, path: &str, cx: &mut Cx) -> Option<PeerLookupConfig> {
+    let mut f = Fields::new(v, path, cx)?;
+    let d = PeerLookupConfig::default();
+    let enabled = match f.take("enabled") {
+        Some((p, v)) => boolean(v, &p, cx),
+        None => Some(d.enabled),
+    };
+    let port = match f.take("port") {
+        Some((p, v)) => unsigned(v, &p, u64::from(u16::MAX), cx).map(|n| n as u16),
+        None => Some(d.port),
+    };
+    let timeout = match f.take("timeout") {
+        Some((p, v)) => duration(v, &p, cx),
+        None => Some(d.timeout),
+    };
+    let cache_ttl = match f.take("cache_ttl") {
+        Some((p, v)) => duration(v, &p, cx),
+        None => Some(d.cache_ttl),
+    };
+    let networks = match f.take("networks") {
+        Some((p, v)) => {
+            let mut ok = true;
+            let mut out = Vec::new();
+            for (ip, item) in list(v, &p, cx) {
+                match parse_destination(item, &ip, cx) {
+                    Some(d @ Destination::Cidr { .. }) => out.push(d),
+                    Some(Destination::Storage) => {
+                        cx.err(&ip, "peer lookups go to management networks; name a CIDR");
+                        ok = false;
+                    }
+                    None => ok = false,
+                }
+            }
+            ok.then_some(out)
+        }
+        None => Some(d.networks.clone()),
+    };
+    f.finish(&["enabled", "networks", "port", "timeout", "cache_ttl"], cx);
+    Some(PeerLookupConfig {
+        enabled: enabled?,
+        networks: networks?,
+        port: port?,
+        timeout: timeout?,
+        cache_ttl: cache_ttl?,
     })
 }
 
@@ -1121,22 +1260,21 @@ fn parse_route(
         .and_then(|(p, v)| parse_match(v, &p, cx));
     let action = match (f.take("cluster"), f.take("local")) {
         (Some((p, v)), None) => string(v, &p, cx).map(RouteAction::Cluster),
-        (None, Some((p, v))) => {
-            match string(v, &p, cx).as_deref() {
-                Some("health") => Some(RouteAction::Local(LocalService::Health)),
-                Some("longhorn_engine_proxy") => {
-                    Some(RouteAction::Local(LocalService::LonghornEngineProxy))
-                }
-                Some(other) => {
-                    cx.err(
-                    &p,
-                    format!("\"{other}\" is not a local service; use health or longhorn_engine_proxy"),
-                );
-                    None
-                }
-                None => None,
+        (None, Some((p, v))) => match string(v, &p, cx).as_deref() {
+            Some("health") => Some(RouteAction::Local(LocalService::Health)),
+            Some("peer") => Some(RouteAction::Local(LocalService::Peer)),
+            Some("longhorn_engine_proxy") => {
+                Some(RouteAction::Local(LocalService::LonghornEngineProxy))
             }
-        }
+            Some(other) => {
+                cx.err(
+                    &p,
+                    format!("\"{other}\" is not a local service; use health, longhorn_engine_proxy or peer"),
+                );
+                None
+            }
+            None => None,
+        },
         (Some(_), Some(_)) => {
             cx.err(
                 path,

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod address_map;
 pub mod admin;
 pub mod app;
 pub mod body;
@@ -12,6 +13,7 @@ pub mod engine_proxy;
 pub mod health;
 pub mod listener;
 pub mod metrics;
+pub mod peer;
 pub mod reply;
 pub mod route;
 pub mod storage;

@@ -32,6 +32,9 @@ use crate::reply::{
 };
 use lhnet_proto::imrpc::proxy_engine_service_server::ProxyEngineServiceServer;
 
+use crate::address_map::{AddressMap, MappedEngineProxy};
+use crate::peer::PeerService;
+
 /// One listener's routes, built from config; replaced whole on reload.
 pub struct RouteTable {
     listener: Arc<str>,
@@ -51,13 +54,16 @@ struct Route {
 enum Target {
     Cluster(Arc<Cluster>),
     Health,
-    EngineProxy(ProxyEngineServiceServer<EngineProxy>),
+    EngineProxy(ProxyEngineServiceServer<MappedEngineProxy>),
+    Peer,
 }
 
 /// The tonic services answered inside the proxy.
 #[derive(Clone)]
 pub struct LocalServices {
     pub health: lhnet_proto::health::health_server::HealthServer<HealthService>,
+    pub peer: lhnet_proto::peer::peer_server::PeerServer<PeerService>,
+    pub address_map: Arc<AddressMap>,
 }
 
 /// The cluster `local: longhorn_engine_proxy` dials through unless the route names another.
@@ -83,11 +89,15 @@ impl RouteTable {
             .filter_map(|r| {
                 let target = match &r.action {
                     RouteAction::Local(LocalService::Health) => Target::Health,
+                    RouteAction::Local(LocalService::Peer) => Target::Peer,
                     RouteAction::Local(LocalService::LonghornEngineProxy) => {
                         let name = r.upstream_cluster.as_deref().unwrap_or(DEFAULT_ENGINE_CLUSTER);
                         match clusters.get(name) {
                             Some(c) => Target::EngineProxy(
-                                EngineProxy::server(c.clone())
+                                MappedEngineProxy::server(
+                                    EngineProxy::new(c.clone()),
+                                    locals.address_map.clone(),
+                                )
                                     .max_decoding_message_size(listener.max_message_size)
                                     .max_encoding_message_size(usize::MAX),
                             ),
@@ -109,6 +119,7 @@ impl RouteTable {
                 let target_text = match &target {
                     Target::Cluster(c) => format!("cluster {}", c.name()),
                     Target::Health => "local health".to_string(),
+                    Target::Peer => "local peer".to_string(),
                     Target::EngineProxy(_) => format!(
                         "local longhorn_engine_proxy (cluster {})",
                         r.upstream_cluster.as_deref().unwrap_or(DEFAULT_ENGINE_CLUSTER)
@@ -211,7 +222,7 @@ impl RouteTable {
         };
 
         match &route.target {
-            Target::Health | Target::EngineProxy(_) => {
+            Target::Health | Target::Peer | Target::EngineProxy(_) => {
                 let call = self.call_local(&route.target, parts, body);
                 let response = match deadline_at {
                     Some(at) => match tokio::time::timeout_at(at, call).await {
@@ -284,6 +295,9 @@ impl RouteTable {
         let response = match target {
             Target::Health => {
                 tonic::codegen::Service::call(&mut self.locals.health.clone(), request).await
+            }
+            Target::Peer => {
+                tonic::codegen::Service::call(&mut self.locals.peer.clone(), request).await
             }
             Target::EngineProxy(server) => {
                 tonic::codegen::Service::call(&mut server.clone(), request).await

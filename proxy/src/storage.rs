@@ -6,6 +6,9 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use lhnet_netns::discovery::{
+    interface_subnets, other_addresses, other_interfaces as if_names_except, Subnet,
+};
 use lhnet_netns::{discover, AddressWatcher, Fallback, StorageAddress, StorageNetworkSpec};
 use tokio::sync::watch;
 
@@ -21,6 +24,8 @@ pub struct StorageState {
     current: watch::Sender<Option<StorageAddress>>,
     last_error: Mutex<Option<String>>,
     device_cache: Mutex<HashMap<IpAddr, (String, Network)>>,
+    /// The subnets of the storage address's device, re-read on every refresh.
+    subnets: Mutex<Vec<Subnet>>,
     metrics: Arc<Metrics>,
 }
 
@@ -43,6 +48,7 @@ impl StorageState {
             current: watch::channel(None).0,
             last_error: Mutex::new(None),
             device_cache: Mutex::new(HashMap::new()),
+            subnets: Mutex::new(Vec::new()),
             metrics,
         });
         state.refresh();
@@ -89,6 +95,14 @@ impl StorageState {
                 tracing::warn!(interface = %self.spec.interface, "{}", err.as_deref().unwrap_or_default());
             }
             *last = err;
+        }
+        let subnets = next
+            .as_ref()
+            .and_then(|a| a.device.as_deref())
+            .map(interface_subnets)
+            .unwrap_or_default();
+        if let Ok(mut cached) = self.subnets.lock() {
+            *cached = subnets;
         }
         let changed = self.current.send_if_modified(|cur| {
             if *cur == next {
@@ -151,6 +165,45 @@ impl StorageState {
             }
             self.refresh();
         }
+    }
+
+    /// Whether `ip` is the storage address or on one of its device's subnets (a peer on the
+    /// storage network). Cached: no system call per check.
+    pub fn on_storage_network(&self, ip: IpAddr) -> bool {
+        if self.current.borrow().as_ref().is_some_and(|a| a.ip == ip) {
+            return true;
+        }
+        self.subnets
+            .lock()
+            .map(|s| s.iter().any(|s| s.contains(ip)))
+            .unwrap_or(false)
+    }
+
+    /// The pod's management address: `POD_IP`, else the first address of an interface other
+    /// than loopback and the storage interface (IPv4 first).
+    pub fn own_management_address(&self) -> Option<IpAddr> {
+        if let Some(ip) = self.spec.pod_ip {
+            return Some(ip);
+        }
+        let others = other_addresses(&self.spec.interface);
+        others
+            .iter()
+            .copied()
+            .find(IpAddr::is_ipv4)
+            .or_else(|| others.first().copied())
+    }
+
+    /// Whether `ip` is on a subnet of one of this pod's management interfaces (any interface
+    /// but loopback and the storage one).
+    pub fn on_management_network(&self, ip: IpAddr) -> bool {
+        if_names_except(&self.spec.interface)
+            .iter()
+            .any(|name| interface_subnets(name).iter().any(|s| s.contains(ip)))
+    }
+
+    /// Whether `ip` is one of this pod's own management addresses.
+    pub fn is_own_management_address(&self, ip: IpAddr) -> bool {
+        self.spec.pod_ip == Some(ip) || other_addresses(&self.spec.interface).contains(&ip)
     }
 
     /// The device and network of a local address, for byte metrics and connection logs.

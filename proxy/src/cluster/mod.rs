@@ -151,17 +151,7 @@ impl Cluster {
     }
 
     fn is_on_storage_network(&self, ip: IpAddr) -> bool {
-        let Some(storage) = self.storage.current() else {
-            return false;
-        };
-        if storage.ip == ip {
-            return true;
-        }
-        // Peers on the storage interface's subnets.
-        storage
-            .device
-            .as_deref()
-            .is_some_and(|device| lhnet_netns::discovery::on_interface_subnet(device, ip))
+        self.storage.on_storage_network(ip)
     }
 
     /// Sends `request` (whose URI holds only the path) to `destination` over its pool.

@@ -44,6 +44,10 @@ pub struct EngineProxy {
 }
 
 impl EngineProxy {
+    pub fn new(engines: Arc<Cluster>) -> EngineProxy {
+        EngineProxy { engines }
+    }
+
     pub fn server(engines: Arc<Cluster>) -> ProxyEngineServiceServer<EngineProxy> {
         ProxyEngineServiceServer::new(EngineProxy { engines })
     }

@@ -1,0 +1,542 @@
+//! Management-only addressing: a manager may name engines and replicas by management IPs;
+//! the engine and replicas only ever see storage IPs. Each address in an
+//! `imrpc.ProxyEngineService` request is mapped to the storage IP of the same pod (this pod from
+//! its own interfaces, a peer from the `peers:` map or by asking the peer's lhnet over
+//! `lhnet.v1.Peer`, with a short-lived cache), and when the request used management addresses the
+//! replies are mapped back. An address that maps to nothing is an error that says so; there is
+//! never a silent fallback to the management network.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use lhnet_proto::imrpc::proxy_engine_service_server::{
+    ProxyEngineService, ProxyEngineServiceServer,
+};
+use lhnet_proto::imrpc::*;
+use tonic::{Request, Response, Status};
+
+use crate::config::{Config, PeerLookupConfig};
+use crate::engine_proxy::EngineProxy;
+use crate::peer;
+use crate::storage::StorageState;
+
+/// Maps between this and other pods' management and storage addresses.
+pub struct AddressMap {
+    storage: Arc<StorageState>,
+    settings: ArcSwap<Settings>,
+    /// Learned pairs, both ways: management → storage and storage → management.
+    cache: Mutex<HashMap<(Direction, IpAddr), (IpAddr, Instant)>>,
+}
+
+struct Settings {
+    peers: Vec<(IpAddr, IpAddr)>,
+    lookup: PeerLookupConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Direction {
+    ToStorage,
+    ToManagement,
+}
+
+impl AddressMap {
+    pub fn new(storage: Arc<StorageState>, config: &Config) -> Arc<AddressMap> {
+        Arc::new(AddressMap {
+            storage,
+            settings: ArcSwap::from_pointee(Settings::from(config)),
+            cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Takes a reloaded config's `peers` and `peer_lookup`; forgets what was learned.
+    pub fn update(&self, config: &Config) {
+        self.settings.store(Arc::new(Settings::from(config)));
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.clear();
+        }
+    }
+
+    fn cached(&self, direction: Direction, ip: IpAddr) -> Option<IpAddr> {
+        let ttl = self.settings.load().lookup.cache_ttl;
+        let cache = self.cache.lock().ok()?;
+        cache
+            .get(&(direction, ip))
+            .filter(|(_, at)| at.elapsed() < ttl)
+            .map(|(to, _)| *to)
+    }
+
+    fn learn(&self, management: IpAddr, storage: IpAddr) {
+        if let Ok(mut cache) = self.cache.lock() {
+            let now = Instant::now();
+            cache.insert((Direction::ToStorage, management), (storage, now));
+            cache.insert((Direction::ToManagement, storage), (management, now));
+        }
+    }
+
+    /// The storage IP for `ip`; `Ok(None)` when it needs no mapping (loopback, or already on
+    /// the storage network).
+    pub async fn to_storage(&self, ip: IpAddr) -> Result<Option<IpAddr>, String> {
+        if ip.is_loopback() || ip.is_unspecified() || self.storage.on_storage_network(ip) {
+            return Ok(None);
+        }
+        let settings = self.settings.load_full();
+        if let Some((_, s)) = settings.peers.iter().find(|(m, _)| *m == ip) {
+            return Ok(Some(*s));
+        }
+        if let Some(s) = self.cached(Direction::ToStorage, ip) {
+            return Ok(Some(s));
+        }
+        if self.storage.is_own_management_address(ip) {
+            let current = self.storage.current().ok_or_else(|| {
+                format!(
+                    "no storage address known for {ip} (this pod): {}",
+                    self.storage.last_error().unwrap_or_default()
+                )
+            })?;
+            self.learn(ip, current.ip);
+            return Ok(Some(current.ip));
+        }
+        if !settings.lookup.enabled {
+            return Err(format!(
+                "no storage address known for {ip}; it is not in peers and peer_lookup is disabled"
+            ));
+        }
+        if !self.may_ask(&settings, ip) {
+            return Err(format!(
+                "no storage address known for {ip}; it is not in peers and outside peer_lookup.networks ({})",
+                if settings.lookup.networks.is_empty() {
+                    "default: this pod's management subnets".to_string()
+                } else {
+                    settings
+                        .lookup
+                        .networks
+                        .iter()
+                        .map(|n| n.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            ));
+        }
+        let at = SocketAddr::new(ip, settings.lookup.port);
+        match peer::ask(at, settings.lookup.timeout).await {
+            Ok(answer) => {
+                tracing::debug!(management = %ip, storage = %answer.storage, "peer storage address learned");
+                self.learn(ip, answer.storage);
+                Ok(Some(answer.storage))
+            }
+            Err(e) => Err(format!(
+                "no storage address known for {ip}; peer lhnet did not answer: {e}"
+            )),
+        }
+    }
+
+    /// Whether `ip` is on a management network lhnet may send peer lookups to.
+    fn may_ask(&self, settings: &Settings, ip: IpAddr) -> bool {
+        if settings.lookup.networks.is_empty() {
+            return self.storage.on_management_network(ip);
+        }
+        settings.lookup.networks.iter().any(|n| n.cidr_contains(ip))
+    }
+
+    /// The management IP of the pod that holds storage IP `ip`, when it can be known.
+    pub async fn to_management(&self, ip: IpAddr) -> Option<IpAddr> {
+        if !self.storage.on_storage_network(ip) {
+            return None;
+        }
+        if self.storage.current().is_some_and(|a| a.ip == ip) {
+            return self.storage.own_management_address();
+        }
+        let settings = self.settings.load_full();
+        if let Some((m, _)) = settings.peers.iter().find(|(_, s)| *s == ip) {
+            return Some(*m);
+        }
+        if let Some(m) = self.cached(Direction::ToManagement, ip) {
+            return Some(m);
+        }
+        if !settings.lookup.enabled {
+            return None;
+        }
+        // The peer's management listener binds every address, its storage one included.
+        let at = SocketAddr::new(ip, settings.lookup.port);
+        match peer::ask(at, settings.lookup.timeout).await {
+            Ok(peer::PeerAddresses {
+                management: Some(m),
+                ..
+            }) => {
+                self.learn(m, ip);
+                Some(m)
+            }
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(storage = %ip, error = %e, "cannot learn the management address of a peer; its storage address is shown");
+                None
+            }
+        }
+    }
+}
+
+impl From<&Config> for Settings {
+    fn from(config: &Config) -> Settings {
+        Settings {
+            peers: config.peers.clone(),
+            lookup: config.peer_lookup.clone(),
+        }
+    }
+}
+
+/// Where the IP sits in an address as Longhorn writes it (`IP:PORT`, `tcp://IP:PORT`,
+/// `http://IP:PORT/v1`, `[V6]:PORT`): the byte range of the IP and the IP. Host names: `None`.
+fn ip_span(text: &str) -> Option<(usize, usize, IpAddr)> {
+    let start = ["tcp://", "http://", "https://"]
+        .iter()
+        .find(|p| text.starts_with(*p))
+        .map_or(0, |p| p.len());
+    let rest = &text[start..];
+    let (from, to) = if let Some(v6) = rest.strip_prefix('[') {
+        (start + 1, start + 1 + v6.find(']')?)
+    } else {
+        (start, start + rest.find([':', '/']).unwrap_or(rest.len()))
+    };
+    let ip = text[from..to].parse().ok()?;
+    // Only whole addresses (a port follows): anything else is for the engine proxy to refuse.
+    let after = text[to..].strip_prefix(']').unwrap_or(&text[to..]);
+    let port = after.strip_prefix(':')?;
+    let digits = port.find('/').map_or(port, |i| &port[..i]);
+    digits.parse::<u16>().ok()?;
+    Some((from, to, ip))
+}
+
+/// Replaces the IP of an address by its entry in `table`, keeping the form.
+fn rewrite_one(text: &mut String, table: &HashMap<IpAddr, IpAddr>) {
+    if let Some((from, to, ip)) = ip_span(text) {
+        if let Some(new) = table.get(&ip) {
+            text.replace_range(from..to, &new.to_string());
+        }
+    }
+}
+
+/// Replaces whole-IP occurrences in free text (error messages).
+fn rewrite_text(text: &str, table: &HashMap<IpAddr, IpAddr>) -> String {
+    let mut out = text.to_string();
+    for (from, to) in table {
+        let from = from.to_string();
+        let to = to.to_string();
+        let mut result = String::with_capacity(out.len());
+        let mut rest = out.as_str();
+        while let Some(i) = rest.find(&from) {
+            let before = rest[..i].chars().last();
+            let after = rest[i + from.len()..].chars().next();
+            let boundary = |c: Option<char>| c.is_none_or(|c| !(c.is_ascii_hexdigit() || c == '.'));
+            result.push_str(&rest[..i]);
+            result.push_str(if boundary(before) && boundary(after) {
+                &to
+            } else {
+                &from
+            });
+            rest = &rest[i + from.len()..];
+        }
+        result.push_str(rest);
+        out = result;
+    }
+    out
+}
+
+/// The address fields of a message, by field name.
+pub trait Addresses {
+    fn each(&mut self, f: &mut dyn FnMut(&'static str, &mut String));
+}
+
+macro_rules! no_addresses {
+    ($($t:ty),* $(,)?) => {
+        $(impl Addresses for $t {
+            fn each(&mut self, _f: &mut dyn FnMut(&'static str, &mut String)) {}
+        })*
+    };
+}
+
+no_addresses!(
+    (),
+    EngineVersionProxyResponse,
+    EngineVolumeGetProxyResponse,
+    EngineVolumeSnapshotProxyResponse,
+    EngineSnapshotListProxyResponse,
+    EngineBackupRestoreProxyResponse,
+);
+
+impl Addresses for ProxyEngineRequest {
+    fn each(&mut self, f: &mut dyn FnMut(&'static str, &mut String)) {
+        f("address", &mut self.address);
+    }
+}
+
+impl Addresses for Option<ProxyEngineRequest> {
+    fn each(&mut self, f: &mut dyn FnMut(&'static str, &mut String)) {
+        if let Some(r) = self {
+            r.each(f);
+        }
+    }
+}
+
+macro_rules! engine_request {
+    ($($t:ty $(=> $($field:ident),+)?);* $(;)?) => {
+        $(impl Addresses for $t {
+            fn each(&mut self, f: &mut dyn FnMut(&'static str, &mut String)) {
+                self.proxy_engine_request.each(f);
+                $($(f(stringify!($field), &mut self.$field);)+)?
+            }
+        })*
+    };
+}
+
+engine_request!(
+    EngineVolumeExpandRequest;
+    EngineVolumeFrontendStartRequest;
+    EngineVolumeSnapshotRequest;
+    EngineSnapshotRevertRequest;
+    EngineSnapshotPurgeRequest;
+    EngineSnapshotCloneRequest => from_controller;
+    EngineSnapshotRemoveRequest;
+    EngineSnapshotBackupRequest;
+    EngineSnapshotBackupStatusRequest => replica_address;
+    EngineBackupRestoreRequest;
+    EngineReplicaAddRequest => replica_address;
+    EngineReplicaVerifyRebuildRequest => replica_address;
+    EngineReplicaRemoveRequest => replica_address;
+);
+
+/// Map keys are addresses; values may hold one more.
+fn each_key<V>(
+    map: &mut HashMap<String, V>,
+    f: &mut dyn FnMut(&'static str, &mut String),
+    mut value: impl FnMut(&mut V, &mut dyn FnMut(&'static str, &mut String)),
+) {
+    let old = std::mem::take(map);
+    for (mut k, mut v) in old {
+        f("status key", &mut k);
+        value(&mut v, f);
+        map.insert(k, v);
+    }
+}
+
+impl Addresses for EngineSnapshotPurgeStatusProxyResponse {
+    fn each(&mut self, f: &mut dyn FnMut(&'static str, &mut String)) {
+        each_key(&mut self.status, f, |_, _| {});
+    }
+}
+
+impl Addresses for EngineSnapshotCloneStatusProxyResponse {
+    fn each(&mut self, f: &mut dyn FnMut(&'static str, &mut String)) {
+        each_key(&mut self.status, f, |v, f| {
+            f("from_replica_address", &mut v.from_replica_address)
+        });
+    }
+}
+
+impl Addresses for EngineReplicaRebuildStatusProxyResponse {
+    fn each(&mut self, f: &mut dyn FnMut(&'static str, &mut String)) {
+        each_key(&mut self.status, f, |v, f| {
+            f("from_replica_address", &mut v.from_replica_address)
+        });
+    }
+}
+
+impl Addresses for EngineBackupRestoreStatusProxyResponse {
+    fn each(&mut self, f: &mut dyn FnMut(&'static str, &mut String)) {
+        each_key(&mut self.status, f, |_, _| {});
+    }
+}
+
+impl Addresses for EngineSnapshotBackupProxyResponse {
+    fn each(&mut self, f: &mut dyn FnMut(&'static str, &mut String)) {
+        f("replica", &mut self.replica);
+    }
+}
+
+impl Addresses for EngineSnapshotBackupStatusProxyResponse {
+    fn each(&mut self, f: &mut dyn FnMut(&'static str, &mut String)) {
+        f("replica_address", &mut self.replica_address);
+    }
+}
+
+impl Addresses for EngineReplicaListProxyResponse {
+    fn each(&mut self, f: &mut dyn FnMut(&'static str, &mut String)) {
+        for r in self
+            .replica_list
+            .iter_mut()
+            .flat_map(|l| l.replicas.iter_mut())
+        {
+            if let Some(a) = r.address.as_mut() {
+                f("replica address", &mut a.address);
+            }
+        }
+    }
+}
+
+/// `imrpc.ProxyEngineService` with management-only addressing in front of [`EngineProxy`].
+#[derive(Clone)]
+pub struct MappedEngineProxy {
+    inner: EngineProxy,
+    map: Arc<AddressMap>,
+}
+
+impl MappedEngineProxy {
+    pub fn server(
+        inner: EngineProxy,
+        map: Arc<AddressMap>,
+    ) -> ProxyEngineServiceServer<MappedEngineProxy> {
+        ProxyEngineServiceServer::new(MappedEngineProxy { inner, map })
+    }
+
+    /// Maps the request's addresses to storage ones, runs `call`, and, when anything was
+    /// mapped, maps the reply (or the error text) back to management addresses.
+    async fn run<Req, Resp, Fut>(
+        &self,
+        request: Request<Req>,
+        call: impl FnOnce(Request<Req>) -> Fut,
+    ) -> Result<Response<Resp>, Status>
+    where
+        Req: Addresses,
+        Resp: Addresses,
+        Fut: Future<Output = Result<Response<Resp>, Status>>,
+    {
+        let (meta, extensions, mut message) = request.into_parts();
+        let mut named = Vec::new();
+        message.each(&mut |field, text| {
+            if let Some((_, _, ip)) = ip_span(text) {
+                named.push((field, ip));
+            }
+        });
+        let mut forward = HashMap::new();
+        for (field, ip) in named {
+            if forward.contains_key(&ip) {
+                continue;
+            }
+            match self.map.to_storage(ip).await {
+                Ok(Some(storage)) => {
+                    forward.insert(ip, storage);
+                }
+                Ok(None) => {}
+                Err(e) => return Err(Status::unavailable(format!("{field}: {e}"))),
+            }
+        }
+        if forward.is_empty() {
+            return call(Request::from_parts(meta, extensions, message)).await;
+        }
+        message.each(&mut |_, text| rewrite_one(text, &forward));
+        let result = call(Request::from_parts(meta, extensions, message)).await;
+        let mut back: HashMap<IpAddr, IpAddr> = forward.iter().map(|(m, s)| (*s, *m)).collect();
+        let mut response = match result {
+            Ok(r) => r,
+            Err(status) => {
+                return Err(Status::new(
+                    status.code(),
+                    rewrite_text(status.message(), &back),
+                ))
+            }
+        };
+        let mut shown = Vec::new();
+        response.get_mut().each(&mut |_, text| {
+            if let Some((_, _, ip)) = ip_span(text) {
+                shown.push(ip);
+            }
+        });
+        for ip in shown {
+            if back.contains_key(&ip) {
+                continue;
+            }
+            if let Some(m) = self.map.to_management(ip).await {
+                back.insert(ip, m);
+            }
+        }
+        response
+            .get_mut()
+            .each(&mut |_, text| rewrite_one(text, &back));
+        Ok(response)
+    }
+}
+
+macro_rules! mapped {
+    ($($method:ident($req:ty) -> $resp:ty;)*) => {
+        #[tonic::async_trait]
+        impl ProxyEngineService for MappedEngineProxy {
+            $(async fn $method(&self, request: Request<$req>) -> Result<Response<$resp>, Status> {
+                self.run(request, |r| self.inner.$method(r)).await
+            })*
+
+            async fn ping(&self, request: Request<()>) -> Result<Response<()>, Status> {
+                self.inner.ping(request).await
+            }
+        }
+    };
+}
+
+mapped! {
+    server_version_get(ProxyEngineRequest) -> EngineVersionProxyResponse;
+    volume_get(ProxyEngineRequest) -> EngineVolumeGetProxyResponse;
+    volume_expand(EngineVolumeExpandRequest) -> ();
+    volume_frontend_start(EngineVolumeFrontendStartRequest) -> ();
+    volume_frontend_shutdown(ProxyEngineRequest) -> ();
+    volume_snapshot(EngineVolumeSnapshotRequest) -> EngineVolumeSnapshotProxyResponse;
+    snapshot_list(ProxyEngineRequest) -> EngineSnapshotListProxyResponse;
+    snapshot_revert(EngineSnapshotRevertRequest) -> ();
+    snapshot_purge(EngineSnapshotPurgeRequest) -> ();
+    snapshot_purge_status(ProxyEngineRequest) -> EngineSnapshotPurgeStatusProxyResponse;
+    snapshot_clone(EngineSnapshotCloneRequest) -> ();
+    snapshot_clone_status(ProxyEngineRequest) -> EngineSnapshotCloneStatusProxyResponse;
+    snapshot_remove(EngineSnapshotRemoveRequest) -> ();
+    snapshot_backup(EngineSnapshotBackupRequest) -> EngineSnapshotBackupProxyResponse;
+    snapshot_backup_status(EngineSnapshotBackupStatusRequest) -> EngineSnapshotBackupStatusProxyResponse;
+    backup_restore(EngineBackupRestoreRequest) -> EngineBackupRestoreProxyResponse;
+    backup_restore_status(ProxyEngineRequest) -> EngineBackupRestoreStatusProxyResponse;
+    replica_add(EngineReplicaAddRequest) -> ();
+    replica_list(ProxyEngineRequest) -> EngineReplicaListProxyResponse;
+    replica_rebuilding_status(ProxyEngineRequest) -> EngineReplicaRebuildStatusProxyResponse;
+    replica_verify_rebuild(EngineReplicaVerifyRebuildRequest) -> ();
+    replica_remove(EngineReplicaRemoveRequest) -> ();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_keep_their_form() {
+        let table: HashMap<IpAddr, IpAddr> =
+            [("10.42.0.12".parse().unwrap(), "10.30.0.12".parse().unwrap())].into();
+        for (before, after) in [
+            ("10.42.0.12:10000", "10.30.0.12:10000"),
+            ("tcp://10.42.0.12:10000", "tcp://10.30.0.12:10000"),
+            ("http://10.42.0.12:9501/v1", "http://10.30.0.12:9501/v1"),
+            ("10.42.0.1:10000", "10.42.0.1:10000"),
+            ("replica-a:10000", "replica-a:10000"),
+            ("tcp://10.42.0.12", "tcp://10.42.0.12"),
+            ("10.42.0.12:x", "10.42.0.12:x"),
+        ] {
+            let mut text = before.to_string();
+            rewrite_one(&mut text, &table);
+            assert_eq!(text, after);
+        }
+        let v6: HashMap<IpAddr, IpAddr> =
+            [("fd00::1".parse().unwrap(), "fd30::1".parse().unwrap())].into();
+        let mut text = "tcp://[fd00::1]:10000".to_string();
+        rewrite_one(&mut text, &v6);
+        assert_eq!(text, "tcp://[fd30::1]:10000");
+    }
+
+    #[test]
+    fn error_text_maps_whole_addresses_only() {
+        let back: HashMap<IpAddr, IpAddr> =
+            [("10.30.0.1".parse().unwrap(), "10.42.0.1".parse().unwrap())].into();
+        assert_eq!(
+            rewrite_text(
+                "failed to get volume 10.30.0.1:10000 (not 10.30.0.12 or 110.30.0.1)",
+                &back
+            ),
+            "failed to get volume 10.42.0.1:10000 (not 10.30.0.12 or 110.30.0.1)"
+        );
+    }
+}

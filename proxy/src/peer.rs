@@ -1,0 +1,92 @@
+//! `lhnet.v1.Peer` (`local: peer`): tells other lhnets this pod's storage and management
+//! addresses, and asks theirs. This is how a manager that knows only management IPs gets its
+//! calls to the right storage address (see `address_map`).
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lhnet_proto::peer::peer_client::PeerClient;
+use lhnet_proto::peer::peer_server::{Peer, PeerServer};
+use lhnet_proto::peer::{StorageAddressRequest, StorageAddressResponse};
+use tonic::transport::Endpoint;
+use tonic::{Request, Response, Status};
+
+use crate::storage::StorageState;
+
+#[derive(Clone)]
+pub struct PeerService {
+    storage: Arc<StorageState>,
+}
+
+impl PeerService {
+    pub fn server(storage: Arc<StorageState>) -> PeerServer<PeerService> {
+        PeerServer::new(PeerService { storage })
+    }
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn storage_address(
+        &self,
+        _request: Request<StorageAddressRequest>,
+    ) -> Result<Response<StorageAddressResponse>, Status> {
+        let current = self.storage.current().ok_or_else(|| {
+            Status::unavailable(format!(
+                "this pod has no storage address yet: {}",
+                self.storage.last_error().unwrap_or_default()
+            ))
+        })?;
+        Ok(Response::new(StorageAddressResponse {
+            storage_address: current.ip.to_string(),
+            management_address: self
+                .storage
+                .own_management_address()
+                .map(|ip| ip.to_string())
+                .unwrap_or_default(),
+            source: current.source.as_str().to_string(),
+        }))
+    }
+}
+
+/// A peer's answer, parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerAddresses {
+    pub storage: IpAddr,
+    pub management: Option<IpAddr>,
+}
+
+/// Asks the lhnet at `addr` for its pod's addresses; the whole exchange (connect included)
+/// gets `timeout`.
+pub async fn ask(addr: SocketAddr, timeout: Duration) -> Result<PeerAddresses, String> {
+    let exchange = async {
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| e.to_string())?
+            .connect_timeout(timeout)
+            .connect()
+            .await
+            .map_err(|e| format!("connecting to {addr}: {}", crate::cluster::error_chain(&e)))?;
+        let reply = PeerClient::new(channel)
+            .storage_address(StorageAddressRequest {})
+            .await
+            .map_err(|s| format!("{addr} answered {:?}: {}", s.code(), s.message()))?
+            .into_inner();
+        let storage = reply.storage_address.parse().map_err(|_| {
+            format!(
+                "{addr} answered a storage address that is not an IP: {:?}",
+                reply.storage_address
+            )
+        })?;
+        Ok(PeerAddresses {
+            storage,
+            management: reply.management_address.parse().ok(),
+        })
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(result) => result,
+        Err(_) => Err(format!(
+            "no answer from {addr} within {}",
+            crate::config::format_duration(timeout)
+        )),
+    }
+}
