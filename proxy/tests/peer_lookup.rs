@@ -1,0 +1,143 @@
+//! Root only: management-only addressing when the peer lhnet never answers.
+//!
+//! manager (10.42.0.1) ──mgmt bridge── pod (eth0 10.42.0.2, lhnet1 10.30.0.2)
+//!                                  └── silent (10.42.0.9: accepts on 8501, never answers)
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use lhnet_netns::{run_in, spawn_in, Topology};
+use lhnet_proto::imrpc::proxy_engine_service_client::ProxyEngineServiceClient;
+use lhnet_proto::imrpc::ProxyEngineRequest;
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_peer_that_never_answers_is_a_clear_error_within_the_lookup_timeout() {
+    if !Topology::can_build() {
+        eprintln!(
+            "skipped: this test builds network namespaces and needs root (CI runs it as root)"
+        );
+        return;
+    }
+    let mut topo = Topology::new("peer").unwrap();
+    topo.add_bridge("mgmt").unwrap();
+    topo.add_bridge("stor").unwrap();
+    let manager = topo.add_namespace("manager").unwrap();
+    let pod = topo.add_namespace("pod").unwrap();
+    let silent = topo.add_namespace("silent").unwrap();
+    topo.attach(&manager, "eth0", "mgmt", Some("10.42.0.1/24"))
+        .unwrap();
+    topo.attach(&pod, "eth0", "mgmt", Some("10.42.0.2/24"))
+        .unwrap();
+    topo.attach(&pod, "lhnet1", "stor", Some("10.30.0.2/24"))
+        .unwrap();
+    topo.attach(&silent, "eth0", "mgmt", Some("10.42.0.9/24"))
+        .unwrap();
+
+    // A peer that takes the connection and then says nothing, ever.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let _silent = spawn_in(&silent.name, move || {
+        let listener = TcpListener::bind("10.42.0.9:8501").unwrap();
+        ready_tx.send(()).unwrap();
+        let mut held = Vec::new();
+        for s in listener.incoming().flatten() {
+            let mut s2 = s;
+            let mut buf = [0u8; 1024];
+            let _ = s2.set_read_timeout(Some(Duration::from_millis(10)));
+            let _ = s2.read(&mut buf);
+            held.push(s2);
+        }
+    })
+    .unwrap();
+    ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+
+    let dir = std::env::temp_dir().join(format!("lhnet-peer-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("pod.yaml");
+    std::fs::write(
+        &config,
+        "admin: { address: 127.0.0.1:9901 }\n\
+         storage_network: { interface: lhnet1, fallback: wait }\n\
+         peer_lookup: { timeout: 500ms }\n\
+         listeners:\n  - name: management\n    address: 0.0.0.0:8501\n    routes:\n\
+         \x20     - { match: { prefix: /imrpc.ProxyEngineService/ }, local: longhorn_engine_proxy }\n\
+         \x20     - { match: { prefix: /lhnet.v1.Peer/ }, local: peer }\n\
+         clusters:\n  - name: engines\n    type: original_dst\n    upstream_bind_config: { source_address: storage }\n\
+         \x20   allowed_destinations: [storage]\n",
+    )
+    .unwrap();
+    let child = topo
+        .command(&pod, env!("CARGO_BIN_EXE_lhnet-proxy"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--threads")
+        .arg("1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let _proxy = KillOnDrop(child);
+
+    let (elapsed, status, own) = run_in(&manager.name, || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async {
+                let started = Instant::now();
+                let mut client = loop {
+                    match ProxyEngineServiceClient::connect("http://10.42.0.2:8501").await {
+                        Ok(c) => break c,
+                        Err(_) if started.elapsed() < Duration::from_secs(10) => {
+                            tokio::time::sleep(Duration::from_millis(50)).await
+                        }
+                        Err(e) => panic!("lhnet-proxy did not start: {e}"),
+                    }
+                };
+                let asked = Instant::now();
+                let status = client
+                    .volume_get(ProxyEngineRequest {
+                        address: "10.42.0.9:10000".into(),
+                    })
+                    .await
+                    .unwrap_err();
+                let elapsed = asked.elapsed();
+                // The pod's own management IP maps to its own storage IP (nothing listens
+                // there, so the engine is unavailable — and the error names the management IP).
+                let own = client
+                    .volume_get(ProxyEngineRequest {
+                        address: "10.42.0.2:10000".into(),
+                    })
+                    .await
+                    .unwrap_err();
+                (elapsed, status, own)
+            })
+    })
+    .unwrap();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains(
+            "no storage address known for 10.42.0.9; peer lhnet did not answer: no answer from 10.42.0.9:8501 within 500ms"
+        ),
+        "{status:?}"
+    );
+    assert!(
+        elapsed < Duration::from_millis(1500),
+        "the lookup took {elapsed:?} with a 500ms timeout"
+    );
+    assert_eq!(own.code(), tonic::Code::Unavailable, "{own:?}");
+    assert!(
+        own.message().contains("10.42.0.2:10000") && !own.message().contains("10.30.0.2"),
+        "the manager sees only management addresses: {own:?}"
+    );
+}
