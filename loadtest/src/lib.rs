@@ -3,6 +3,7 @@
 #![deny(rust_2018_idioms)]
 
 pub mod bench;
+pub mod demo;
 pub mod engine_bench;
 pub mod peers;
 pub mod sim;

@@ -1,4 +1,5 @@
-//! `lhnet-loadtest`: benchmarks and the simulated Longhorn engine and replicas (the demo is next).
+//! `lhnet-loadtest`: the two-network demo, benchmarks, and the simulated Longhorn engine and
+//! replicas.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
@@ -24,6 +25,30 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// The two-network demo (root): namespaces, lhnet in every pod, a Longhorn-shaped load.
+    Demo {
+        /// How long the load runs (e.g. 20s, 1m).
+        #[arg(long, default_value = "20s", value_parser = parse_duration)]
+        duration: Duration,
+        /// Volumes the manager monitors (one engine and two replicas each).
+        #[arg(long, default_value_t = 24)]
+        volumes: usize,
+        /// Volumes that also take block writes (volume 0 is rebuilt onto the spare).
+        #[arg(long, default_value_t = 2)]
+        data_volumes: usize,
+        /// Size of each volume: bytes or 16Mi / 1Gi.
+        #[arg(long, default_value = "32Mi", value_parser = parse_size)]
+        volume_size: i64,
+        /// Block writes per second over all data volumes (64Mi; 0 = unpaced).
+        #[arg(long, default_value = "64Mi", value_parser = parse_rate)]
+        data_rate: u64,
+        /// Also write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Draw latency over time and bytes per network per pod as SVG here.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+    },
     /// Longhorn VolumeGet through lhnet's engine proxy vs straight to the simulated engine.
     BenchEngine {
         /// Concurrent streams.
@@ -103,6 +128,75 @@ fn parse_size(text: &str) -> Result<i64, String> {
         .and_then(|n| n.checked_mul(mult))
         .filter(|n| *n > 0)
         .ok_or_else(|| format!("{text:?} is not a size; write bytes or use Ki, Mi, Gi"))
+}
+
+fn parse_rate(text: &str) -> Result<u64, String> {
+    if text.trim() == "0" {
+        return Ok(0);
+    }
+    parse_size(text).map(|n| n as u64)
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    lhnet_proxy::config::parse_duration(text).and_then(|d| {
+        if d.is_zero() {
+            Err("the duration must be above zero".into())
+        } else {
+            Ok(d)
+        }
+    })
+}
+
+fn run_demo(args: lhnet_loadtest::demo::DemoArgs) -> ExitCode {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let cancel = Arc::new(AtomicBool::new(false));
+    // Ctrl-C stops the load early; the run then tears the topology down as usual.
+    {
+        let cancel = cancel.clone();
+        std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                rt.block_on(async {
+                    if tokio::signal::ctrl_c().await.is_ok() {
+                        eprintln!("\ninterrupted: stopping the load and tearing the topology down");
+                        cancel.store(true, Ordering::SeqCst);
+                    }
+                });
+            }
+        });
+    }
+    let report = match lhnet_loadtest::demo::run(&args, cancel.clone()) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("lhnet-loadtest demo: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    lhnet_loadtest::demo::print(&report);
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&report).unwrap_or_default();
+        if let Err(e) = std::fs::write(path, text) {
+            eprintln!("lhnet-loadtest: cannot write {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    if let Some(path) = &args.plot {
+        if let Err(e) = lhnet_loadtest::demo::plot(&report, path) {
+            eprintln!("lhnet-loadtest: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    if cancel.load(Ordering::SeqCst) {
+        return ExitCode::from(130);
+    }
+    if !report.segregation.ok || report.control.errors > 0 || !report.rebuild.ok {
+        eprintln!("lhnet-loadtest demo: the run did not pass (segregation, control errors or rebuild above)");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
 }
 
 fn run_sim(
@@ -185,6 +279,23 @@ fn run_sim(
 
 fn main() -> ExitCode {
     match Cli::parse().command {
+        Cmd::Demo {
+            duration,
+            volumes,
+            data_volumes,
+            volume_size,
+            data_rate,
+            json,
+            plot,
+        } => run_demo(lhnet_loadtest::demo::DemoArgs {
+            duration,
+            volumes,
+            data_volumes,
+            volume_size,
+            data_rate,
+            json,
+            plot,
+        }),
         Cmd::BenchEngine {
             streams,
             seconds,

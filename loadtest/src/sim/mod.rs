@@ -58,6 +58,11 @@ fn serve(
     let counter = accepts.clone();
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(move |s| {
         counter.fetch_add(1, Ordering::SeqCst);
+        // Go sets TCP_NODELAY on every connection; without it a reply written as several
+        // HTTP/2 frames waits out the peer's delayed ACK (~40 ms).
+        if let Ok(stream) = &s {
+            let _ = stream.set_nodelay(true);
+        }
         s
     });
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -1,0 +1,78 @@
+//! Root only: a short run of `lhnet-loadtest demo` (the README's main job).
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lhnet_loadtest::demo::{self, DemoArgs};
+
+#[test]
+fn a_short_demo_keeps_storage_bytes_off_eth0_with_no_control_errors() {
+    if !lhnet_netns::Topology::can_build() {
+        eprintln!(
+            "skipped: the demo builds network namespaces and needs root (CI runs it as root)"
+        );
+        let err = demo::run(&DemoArgs::default(), Arc::new(AtomicBool::new(false))).unwrap_err();
+        assert!(err.contains("needs root"), "{err}");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("lhnet-demo-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let args = DemoArgs {
+        duration: Duration::from_secs(5),
+        volumes: 6,
+        data_volumes: 1,
+        volume_size: 8 << 20,
+        data_rate: 32 << 20,
+        json: None,
+        plot: None,
+    };
+    let report = demo::run(&args, Arc::new(AtomicBool::new(false))).unwrap();
+    demo::print(&report);
+
+    assert_eq!(
+        report.control.errors, 0,
+        "{:?}",
+        report.control.error_samples
+    );
+    assert!(
+        report.control.requests >= 6 * 7,
+        "{} control calls",
+        report.control.requests
+    );
+    assert!(report.segregation.ok, "{:?}", report.segregation);
+    assert!(report.rebuild.ok, "{:?}", report.rebuild);
+    assert!(report.rebuild.bytes > 0, "{:?}", report.rebuild);
+    assert!(
+        report.data.bytes >= 16 << 20,
+        "{} data bytes",
+        report.data.bytes
+    );
+    assert_eq!(report.pods.len(), 4);
+    for pod in &report.pods {
+        let lhnet1 = pod.devices["lhnet1"];
+        assert!(lhnet1.rx_bytes + lhnet1.tx_bytes > 0, "{pod:?}");
+        if pod.name.starts_with("replica") {
+            // Every written byte reached both replicas over lhnet1, through lhnet.
+            assert!(lhnet1.rx_bytes >= report.data.bytes, "{pod:?}");
+            assert!(
+                pod.lhnet["storage"].rx_bytes >= report.data.bytes,
+                "{pod:?}"
+            );
+        }
+    }
+
+    let plot = dir.join("demo.svg");
+    demo::plot(&report, &plot).unwrap();
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("replica-a"),
+        "{}",
+        &svg[..200.min(svg.len())]
+    );
+    let json = serde_json::to_value(&report).unwrap();
+    for key in ["control", "data", "rebuild", "pods", "segregation"] {
+        assert!(json.get(key).is_some(), "no {key} in the JSON report");
+    }
+    assert!(json["pods"][0]["devices"]["eth0"]["rx_bytes"].is_u64());
+}
