@@ -748,10 +748,9 @@ fn delta(
 
 fn progress(live: &Live, started: Instant, total: Duration, spare: Option<&SimReplica>, tty: bool) {
     let (got, expected) = spare.map(|s| s.rebuild_progress()).unwrap_or_default();
-    let rebuild = if expected > 0 {
-        format!("{}%", got * 100 / expected)
-    } else {
-        "waiting".into()
+    let rebuild = match (got * 100).checked_div(expected) {
+        Some(percent) => format!("{percent}%"),
+        None => "waiting".into(),
     };
     let line = format!(
         "[{:>3.0}/{:.0} s] control {} calls ({} errors), data {} MiB, rebuild {rebuild}",
@@ -790,7 +789,8 @@ pub fn run(args: &DemoArgs, cancel: Arc<AtomicBool>) -> Result<DemoReport, Strin
     }
     eprintln!("building the topology: manager, engine, replica-a, replica-b, spare (namespaces, veth, two bridges)");
     let mut topo = Topology::new("demo").map_err(|e| format!("topology: {e}"))?;
-    let built = (|| -> std::io::Result<(Namespace, Vec<(&'static str, Namespace, u8)>)> {
+    type Built = (Namespace, Vec<(&'static str, Namespace, u8)>);
+    let built = (|| -> std::io::Result<Built> {
         topo.add_bridge("mgmt")?;
         topo.add_bridge("stor")?;
         let manager = topo.add_namespace("manager")?;
