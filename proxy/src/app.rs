@@ -79,8 +79,8 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Str
                 None => Upstream::Loopback,
             };
             let forwarder = TcpForwarder::new(l, upstream, storage.clone(), metrics.clone());
-            let fixed = forwarder.bind_fixed().await?;
-            forwarders.push((forwarder, fixed));
+            let initial = forwarder.bind_initial().await?;
+            forwarders.push((forwarder, initial));
             continue;
         }
         let address = match l.address {
@@ -137,9 +137,9 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Str
         .iter()
         .map(|(f, _)| (f.name().to_string(), f.bound()))
         .collect();
-    for (forwarder, fixed) in forwarders {
+    for (forwarder, initial) in forwarders {
         tasks.push(tokio::spawn(forwarder.run(
-            fixed,
+            initial,
             shutdown.clone(),
             drain_timeout,
         )));

@@ -48,6 +48,13 @@ pub struct TcpForwarder {
     bound: Arc<Mutex<Vec<SocketAddr>>>,
 }
 
+/// What [`TcpForwarder::bind_initial`] bound.
+pub struct Initial {
+    ip: Option<IpAddr>,
+    listeners: Vec<TcpListener>,
+    missing: Vec<u16>,
+}
+
 /// The bound sockets of a storage listener at one address.
 struct Generation {
     ip: Option<IpAddr>,
@@ -81,21 +88,65 @@ impl TcpForwarder {
         self.bound.clone()
     }
 
-    /// Binds a fixed-address listener now, so that a port in use fails the start with a
-    /// clear error; storage listeners bind in [`TcpForwarder::run`], when there is an address.
-    pub async fn bind_fixed(&self) -> Result<Vec<TcpListener>, String> {
-        let Some(ip) = self.address.fixed_ip() else {
-            return Ok(Vec::new());
-        };
-        let (listeners, failures) = self.bind_ports(ip, self.address.ports()).await;
-        if let Some((port, e)) = failures.into_iter().next() {
-            return Err(format!(
-                "listener {}: cannot bind {}: {e}",
-                self.name,
-                SocketAddr::new(ip, port)
-            ));
+    /// Binds what can be bound now, so that the listener accepts as soon as `app::start`
+    /// returns: a fixed address (a port in use fails the start with a clear error), or the
+    /// storage address when there is one (ports that fail are retried by [`TcpForwarder::run`]).
+    pub async fn bind_initial(&self) -> Result<Initial, String> {
+        let initial = self.bind_initial_inner().await?;
+        self.add_bound(
+            initial
+                .listeners
+                .iter()
+                .filter_map(|l| l.local_addr().ok())
+                .collect(),
+        );
+        Ok(initial)
+    }
+
+    async fn bind_initial_inner(&self) -> Result<Initial, String> {
+        match self.address.fixed_ip() {
+            Some(ip) => {
+                let (listeners, failures) = self.bind_ports(ip, self.address.ports()).await;
+                if let Some((port, e)) = failures.into_iter().next() {
+                    return Err(format!(
+                        "listener {}: cannot bind {}: {e}",
+                        self.name,
+                        SocketAddr::new(ip, port)
+                    ));
+                }
+                Ok(Initial {
+                    ip: Some(ip),
+                    listeners,
+                    missing: Vec::new(),
+                })
+            }
+            None => {
+                let ip = self.storage.current().map(|a| a.ip);
+                let Some(ip) = ip else {
+                    return Ok(Initial {
+                        ip: None,
+                        listeners: Vec::new(),
+                        missing: Vec::new(),
+                    });
+                };
+                let (listeners, failures) = self.bind_ports(ip, self.address.ports()).await;
+                self.log_failures(ip, &failures);
+                Ok(Initial {
+                    ip: Some(ip),
+                    listeners,
+                    missing: failures.into_iter().map(|(p, _)| p).collect(),
+                })
+            }
         }
-        Ok(listeners)
+    }
+
+    fn log_failures(&self, ip: IpAddr, failures: &[(u16, io::Error)]) {
+        for (port, e) in failures {
+            tracing::warn!(
+                network = "storage", listener = %self.name, address = %SocketAddr::new(ip, *port),
+                error = %e, "cannot bind; trying again every {}s", REBIND_EVERY.as_secs()
+            );
+        }
     }
 
     async fn bind_ports(
@@ -117,27 +168,23 @@ impl TcpForwarder {
     /// Serves until `shutdown`; then waits up to `drain_timeout` for open connections.
     pub async fn run(
         self: Arc<Self>,
-        fixed: Vec<TcpListener>,
+        initial: Initial,
         shutdown: CancellationToken,
         drain_timeout: Duration,
     ) {
         let connections = TaskTracker::new();
         let kill = CancellationToken::new();
         let mut changes = self.storage.subscribe();
-        let mut generation = match self.address.fixed_ip() {
-            Some(ip) => {
-                let stop = CancellationToken::new();
-                self.serve_all(fixed, &stop, &connections, &kill);
-                Generation {
-                    ip: Some(ip),
-                    stop,
-                    missing: Vec::new(),
-                }
+        let mut generation = if initial.ip.is_some() {
+            let stop = CancellationToken::new();
+            self.serve_all(initial.listeners, &stop, &connections, &kill);
+            Generation {
+                ip: initial.ip,
+                stop,
+                missing: initial.missing,
             }
-            None => {
-                let ip = self.storage.current().map(|a| a.ip);
-                self.start_generation(ip, &connections, &kill).await
-            }
+        } else {
+            self.start_generation(None, &connections, &kill).await
         };
         loop {
             let retry = !generation.missing.is_empty();
@@ -214,18 +261,21 @@ impl TcpForwarder {
             };
         };
         let (listeners, failures) = self.bind_ports(ip, self.address.ports()).await;
-        for (port, e) in &failures {
-            tracing::warn!(
-                network = "storage", listener = %self.name, address = %SocketAddr::new(ip, *port),
-                error = %e, "cannot bind; trying again every {}s", REBIND_EVERY.as_secs()
-            );
-        }
+        self.log_failures(ip, &failures);
         self.set_bound(Vec::new());
         self.serve_all(listeners, &stop, connections, kill);
         Generation {
             ip: Some(ip),
             stop,
             missing: failures.into_iter().map(|(p, _)| p).collect(),
+        }
+    }
+
+    fn add_bound(&self, addrs: Vec<SocketAddr>) {
+        if let Ok(mut b) = self.bound.lock() {
+            b.extend(addrs);
+            b.sort();
+            b.dedup();
         }
     }
 
@@ -252,10 +302,7 @@ impl TcpForwarder {
                 "listening (tcp, forwarding to {})", self.upstream_name()
             );
         }
-        if let Ok(mut b) = self.bound.lock() {
-            b.extend(addrs);
-            b.sort();
-        }
+        self.add_bound(addrs);
         for listener in listeners {
             let me = self.clone();
             tokio::spawn(me.accept_loop(listener, stop.clone(), connections.clone(), kill.clone()));

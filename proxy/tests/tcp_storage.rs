@@ -291,3 +291,141 @@ fn a_late_lhnet1_makes_the_proxy_ready_and_an_address_change_rebinds() {
     let (_, _, received) = exchange(&client.name, second, 16);
     assert_eq!(received, 16 << 16);
 }
+
+/// A one-line TCP echo server on 127.0.0.1:`port` inside `ns` (a BIM socket stand-in).
+fn loopback_echo(ns: &str, port: u16) {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    spawn_in(ns, move || {
+        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+        ready_tx.send(()).unwrap();
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || -> std::io::Result<()> {
+                let mut stream = stream;
+                let mut line = Vec::new();
+                stream.read_to_end(&mut line)?;
+                stream.write_all(&line)
+            });
+        }
+    })
+    .unwrap();
+    ready_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+}
+
+fn tcp_echo_from(ns: &str, to: SocketAddr) -> std::io::Result<Vec<u8>> {
+    run_in(ns, move || {
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
+        s.write_all(b"sync")?;
+        s.shutdown(Shutdown::Write)?;
+        let mut back = Vec::new();
+        s.read_to_end(&mut back)?;
+        Ok(back)
+    })
+    .unwrap()
+}
+
+#[test]
+fn the_bim_example_serves_grpc_on_both_networks_and_sync_ports_on_lhnet1_only() {
+    if skip() {
+        return;
+    }
+    let mut topo = Topology::new("bim").unwrap();
+    topo.add_bridge("mgmt").unwrap();
+    topo.add_bridge("stor").unwrap();
+    let manager = topo.add_namespace("manager").unwrap();
+    let bim = topo.add_namespace("bim").unwrap();
+    let peer = topo.add_namespace("peer").unwrap();
+    topo.attach(&manager, "eth0", "mgmt", Some("10.42.0.1/24"))
+        .unwrap();
+    topo.attach(&bim, "eth0", "mgmt", Some("10.42.0.2/24"))
+        .unwrap();
+    topo.attach(&bim, "lhnet1", "stor", Some("10.30.0.2/24"))
+        .unwrap();
+    topo.attach(&peer, "lhnet1", "stor", Some("10.30.0.3/24"))
+        .unwrap();
+
+    // The BIM stand-ins, bound to loopback as the example says: gRPC on 18000, the sync
+    // service on 8001 and one Sync receiver on 30001.
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    spawn_in(&bim.name, move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async move {
+                let _grpc =
+                    lhnet_proto::echo_server::spawn("127.0.0.1:18000".parse().unwrap(), "bim")
+                        .await
+                        .unwrap();
+                ready_tx.send(()).unwrap();
+                let _ = stop_rx.await;
+            })
+    })
+    .unwrap();
+    ready_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    loopback_echo(&bim.name, 8001);
+    loopback_echo(&bim.name, 30001);
+
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/bim.yaml");
+    let child = topo
+        .command(&bim, env!("CARGO_BIN_EXE_lhnet-proxy"))
+        .arg("--config")
+        .arg(example)
+        .arg("--threads")
+        .arg("1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let _proxy = KillOnDrop(child);
+    let started = Instant::now();
+    while !run_in(&bim.name, || TcpStream::connect("127.0.0.1:9901").is_ok()).unwrap() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "lhnet-proxy did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // BIM gRPC through lhnet from the manager (pod IP) and from a peer BIM (storage IP).
+    for (ns, target) in [
+        (&manager.name, "10.42.0.2:8000"),
+        (&peer.name, "10.30.0.2:8000"),
+    ] {
+        let server = run_in(ns, move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(async move {
+                    let mut c = lhnet_proto::echo::echo_client::EchoClient::connect(format!(
+                        "http://{target}"
+                    ))
+                    .await
+                    .unwrap();
+                    c.unary(lhnet_proto::echo::EchoRequest {
+                        payload: b"x".to_vec(),
+                        count: 0,
+                        delay_ms: 0,
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .server
+                })
+        })
+        .unwrap();
+        assert_eq!(server, "bim", "gRPC to {target}");
+    }
+    // The sync service and receivers: reachable on lhnet1, not on the management network.
+    for port in [8001, 30001] {
+        let storage: SocketAddr = format!("10.30.0.2:{port}").parse().unwrap();
+        assert_eq!(tcp_echo_from(&peer.name, storage).unwrap(), b"sync");
+        let management: SocketAddr = format!("10.42.0.2:{port}").parse().unwrap();
+        assert!(
+            tcp_echo_from(&manager.name, management).is_err(),
+            "port {port} must not be open on the management network"
+        );
+    }
+    let _ = stop_tx.send(());
+}
