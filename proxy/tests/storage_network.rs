@@ -220,6 +220,38 @@ fn storage_traffic_leaves_on_lhnet1_from_the_lhnet1_address() {
     assert!(metrics_after
         .contains("lhnet_interface_receive_bytes_total{device=\"eth0\",network=\"management\"}"));
 
+    // lhnet1 changes address: new upstream connections leave from the new one, and the pooled
+    // connection from the old address takes no more requests.
+    topo.del_address(&pod, "lhnet1", "10.30.0.2/24").unwrap();
+    topo.add_address(&pod, "lhnet1", "10.30.0.7/24").unwrap();
+    let changed = Instant::now();
+    let peer = loop {
+        let peer = run_in(&manager.name, || {
+            runtime().block_on(async {
+                let mut c = EchoClient::connect("http://10.42.0.2:8501").await.ok()?;
+                let r = c
+                    .unary(EchoRequest {
+                        payload: b"after".to_vec(),
+                        count: 0,
+                        delay_ms: 0,
+                    })
+                    .await
+                    .ok()?;
+                Some(r.into_inner().peer)
+            })
+        })
+        .unwrap();
+        if let Some(p) = peer.clone().filter(|p| p.starts_with("10.30.0.7:")) {
+            break p;
+        }
+        assert!(
+            changed.elapsed() < Duration::from_secs(5),
+            "5 s after the change the replica still sees {peer:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(peer.starts_with("10.30.0.7:"), "{peer}");
+
     let _ = stop_tx.send(());
     replica_thread.join().unwrap().unwrap();
     let _ = std::fs::remove_dir_all(&dir);

@@ -36,6 +36,15 @@ pub struct ConnectError {
 // === impl Connector ===
 
 impl Connector {
+    /// The source new connections would bind when it follows the storage address: pooled
+    /// connections from another one are drained.
+    pub(super) fn wanted_source(&self) -> Option<IpAddr> {
+        match self.source {
+            SourceAddress::Storage => self.storage.current().map(|a| a.ip),
+            _ => None,
+        }
+    }
+
     fn source_ip(&self) -> Result<Option<IpAddr>, ConnectError> {
         match self.source {
             SourceAddress::None => Ok(None),

@@ -1,7 +1,7 @@
 //! The connections to one upstream address: HTTP/2, multiplexed, reused, bounded in number,
 //! closed when idle, and dialled again only after a back-off when dialling fails.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -56,6 +56,9 @@ struct Backoff {
 
 struct Conn {
     send: SendRequest<ProxyBody>,
+    /// The local address it was bound to; when the storage address moves, connections from
+    /// the old one take no new requests and close once their streams end.
+    source: Option<IpAddr>,
     in_flight: AtomicUsize,
     idle_since_ms: AtomicU64,
 }
@@ -148,10 +151,11 @@ impl EndpointPool {
     }
 
     async fn checkout(&self, connector: &Connector) -> Result<Arc<Conn>, UpstreamError> {
+        let wanted = connector.wanted_source();
         loop {
             // Register for the dial notification before looking, so none is missed.
             let dialled = self.dialled.notified();
-            match self.pick() {
+            match self.pick(wanted) {
                 Pick::Use(conn) => return Ok(conn),
                 Pick::Fail(cause) => {
                     return Err(UpstreamError::Connect {
@@ -165,11 +169,21 @@ impl EndpointPool {
         }
     }
 
-    fn pick(&self) -> Pick {
+    fn pick(&self, wanted: Option<IpAddr>) -> Pick {
         let Ok(mut state) = self.state.lock() else {
             return Pick::Fail("connection pool lock poisoned".into());
         };
-        state.conns.retain(|c| !c.send.is_closed());
+        let addr = self.addr;
+        state.conns.retain(|c| {
+            let moved = matches!((wanted, c.source), (Some(w), Some(s)) if w != s);
+            if moved {
+                tracing::info!(
+                    network = "storage", peer = %addr, old_source = ?c.source, new_source = ?wanted,
+                    "storage address changed: draining an upstream connection from the old one"
+                );
+            }
+            !c.send.is_closed() && !moved
+        });
         let soft = self.limits.streams_per_connection;
         if let Some(c) = state
             .conns
@@ -217,10 +231,11 @@ impl EndpointPool {
         };
         state.dialling -= 1;
         let outcome = match result {
-            Ok(send) => {
+            Ok((send, source)) => {
                 state.backoff = None;
                 let conn = Arc::new(Conn {
                     send,
+                    source,
                     in_flight: AtomicUsize::new(0),
                     idle_since_ms: AtomicU64::new(self.now_ms()),
                 });
@@ -251,8 +266,12 @@ impl EndpointPool {
         outcome
     }
 
-    async fn open(&self, connector: &Connector) -> Result<SendRequest<ProxyBody>, ConnectError> {
+    async fn open(
+        &self,
+        connector: &Connector,
+    ) -> Result<(SendRequest<ProxyBody>, Option<IpAddr>), ConnectError> {
         let io = connector.connect(self.addr).await?;
+        let source = io.get_ref().local_addr().ok().map(|a| a.ip());
         let (send, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_stream_window_size(2 << 20)
@@ -271,7 +290,7 @@ impl EndpointPool {
                 tracing::debug!(peer = %addr, error = %error_chain(&e), "upstream connection ended with an error");
             }
         });
-        Ok(send)
+        Ok((send, source))
     }
 
     /// Drops connections idle for longer than the idle timeout; their tasks then close them.
