@@ -40,6 +40,14 @@ pub struct Sample {
     pub ratio_to_direct: f64,
 }
 
+/// One TCP forwarding measurement: bulk bytes over `connections` connections.
+#[derive(Debug, Clone, Serialize)]
+pub struct TcpSample {
+    pub target: String,
+    pub mib_per_second: f64,
+    pub ratio_to_direct: f64,
+}
+
 /// The whole run.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -48,6 +56,8 @@ pub struct Report {
     pub streams_per_connection: u32,
     pub seconds_per_run: f64,
     pub samples: Vec<Sample>,
+    /// TCP forwarding (storage listeners): direct, lhnet (`kind: tcp`), HAProxy (`mode tcp`).
+    pub tcp: Vec<TcpSample>,
     pub skipped: Vec<String>,
 }
 
@@ -160,12 +170,20 @@ pub fn run(args: &BenchArgs) -> Result<Report, String> {
     let _ = std::fs::remove_dir_all(&dir);
     drop(running_peers);
     proxy.0.shutdown_token().cancel();
+    let tcp = tcp_bench(
+        args,
+        &proxy_cpus,
+        &load_cpus,
+        templates.as_deref(),
+        &mut skipped,
+    )?;
     Ok(Report {
         threads: args.threads,
         connections: args.connections,
         streams_per_connection: args.streams,
         seconds_per_run: args.duration.as_secs_f64(),
         samples,
+        tcp,
         skipped,
     })
 }
@@ -196,6 +214,19 @@ pub fn print(report: &Report) {
         w.dedup();
         w
     };
+    if !report.tcp.is_empty() {
+        println!(
+            "\nTCP forwarding (storage listeners), {} connections, {} s per run\n",
+            report.connections, report.seconds_per_run
+        );
+        println!("{:<8} {:>12} {:>10}", "target", "MiB/s", "vs direct");
+        for t in &report.tcp {
+            println!(
+                "{:<8} {:>12.0} {:>9.2}x",
+                t.target, t.mib_per_second, t.ratio_to_direct
+            );
+        }
+    }
     for w in workloads {
         let of = |t: &str| {
             report
@@ -216,6 +247,167 @@ pub fn print(report: &Report) {
             );
         }
     }
+}
+
+/// Bulk TCP through each forwarder: `connections` clients push bytes for `duration` into a
+/// sink that counts what arrives. The sink and the clients share the load CPUs.
+fn tcp_bench(
+    args: &BenchArgs,
+    proxy_cpus: &Option<Vec<usize>>,
+    load_cpus: &Option<Vec<usize>>,
+    templates: Option<&std::path::Path>,
+    skipped: &mut Vec<String>,
+) -> Result<Vec<TcpSample>, String> {
+    let sink = TcpSink::start(load_cpus.clone()).map_err(|e| format!("tcp sink: {e}"))?;
+    let mut targets = vec![("direct".to_string(), sink.addr)];
+    let lhnet = start_lhnet_tcp(sink.addr, args.threads, proxy_cpus.clone())?;
+    targets.push(("lhnet".into(), lhnet.1));
+    let mut haproxy = None;
+    if args.peers.iter().any(|p| p == "haproxy") {
+        match templates {
+            Some(dir) => {
+                let listen = peers::free_port().map_err(|e| e.to_string())?;
+                let pin = proxy_cpus.as_ref().map(|c| cpu_list(c));
+                match peers::start_tcp_peer(dir, listen, sink.addr, args.threads, pin.as_deref()) {
+                    Ok(p) => {
+                        targets.push(("haproxy".into(), p.addr));
+                        haproxy = Some(p);
+                    }
+                    Err(e) => skipped.push(format!("haproxy (tcp): {e}")),
+                }
+            }
+            None => skipped.push("haproxy (tcp): peer config templates not found".into()),
+        }
+    }
+    let mut samples = Vec::new();
+    let mut direct = None;
+    for (name, addr) in targets {
+        eprintln!("bench: tcp stream via {name} ...");
+        let mib = tcp_push(
+            addr,
+            &sink,
+            args.connections.max(1) as usize,
+            args.duration,
+            load_cpus,
+        )?;
+        let base = *direct.get_or_insert(mib);
+        samples.push(TcpSample {
+            target: name,
+            mib_per_second: mib,
+            ratio_to_direct: if base > 0.0 { mib / base } else { 0.0 },
+        });
+    }
+    drop(haproxy);
+    lhnet.0.shutdown_token().cancel();
+    Ok(samples)
+}
+
+/// Accepts connections and counts the bytes that arrive, closing each at its end of stream.
+struct TcpSink {
+    addr: SocketAddr,
+    received: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl TcpSink {
+    fn start(cpus: Option<Vec<usize>>) -> std::io::Result<TcpSink> {
+        use std::io::Read;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = received.clone();
+        std::thread::Builder::new()
+            .name("bench-tcp-sink".into())
+            .spawn(move || {
+                for stream in listener.incoming().flatten() {
+                    let counter = counter.clone();
+                    let cpus = cpus.clone();
+                    std::thread::spawn(move || {
+                        if let Some(c) = &cpus {
+                            pin_current_thread(c);
+                        }
+                        let mut stream = stream;
+                        let mut buf = vec![0u8; 1 << 20];
+                        while let Ok(n) = stream.read(&mut buf) {
+                            if n == 0 {
+                                break;
+                            }
+                            counter.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    });
+                }
+            })?;
+        Ok(TcpSink { addr, received })
+    }
+}
+
+/// Pushes bytes to `addr` from `connections` clients for `duration`; MiB/s the sink got.
+fn tcp_push(
+    addr: SocketAddr,
+    sink: &TcpSink,
+    connections: usize,
+    duration: Duration,
+    cpus: &Option<Vec<usize>>,
+) -> Result<f64, String> {
+    use std::io::Write;
+    use std::sync::atomic::Ordering;
+    // Warm up: one connection, a few MiB.
+    {
+        let mut s = std::net::TcpStream::connect(addr).map_err(|e| format!("{addr}: {e}"))?;
+        s.write_all(&vec![1u8; 4 << 20])
+            .map_err(|e| format!("{addr}: {e}"))?;
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let before = sink.received.load(Ordering::Relaxed);
+    let started = std::time::Instant::now();
+    let deadline = started + duration;
+    let clients: Vec<_> = (0..connections)
+        .map(|_| {
+            let cpus = cpus.clone();
+            std::thread::spawn(move || -> std::io::Result<()> {
+                if let Some(c) = &cpus {
+                    pin_current_thread(c);
+                }
+                let mut s = std::net::TcpStream::connect(addr)?;
+                let chunk = vec![7u8; 256 << 10];
+                while std::time::Instant::now() < deadline {
+                    s.write_all(&chunk)?;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join()
+            .map_err(|_| "a tcp client panicked".to_string())?
+            .map_err(|e| format!("tcp client to {addr}: {e}"))?;
+    }
+    let got = sink.received.load(Ordering::Relaxed) - before;
+    Ok(got as f64 / (1 << 20) as f64 / started.elapsed().as_secs_f64())
+}
+
+fn start_lhnet_tcp(
+    upstream: SocketAddr,
+    threads: usize,
+    cpus: Option<Vec<usize>>,
+) -> Result<(lhnet_proxy::app::RunningProxy, SocketAddr), String> {
+    let yaml = format!(
+        "admin: {{ address: 127.0.0.1:0 }}\nstorage_network: {{ interface: lo }}\n\
+         listeners:\n  - {{ name: tcp, kind: tcp, address: \"127.0.0.1:0\", cluster: up }}\n\
+         clusters:\n  - name: up\n    endpoints: [{upstream}]\n    upstream_bind_config: {{ source_address: 127.0.0.1 }}\n"
+    );
+    let config = lhnet_proxy::config::Config::parse(&yaml, "bench").map_err(|e| e.to_string())?;
+    spawn_runtime_thread("lhnet-proxy-tcp", threads, cpus, move |rt| {
+        let proxy = rt
+            .block_on(lhnet_proxy::app::start(
+                config,
+                lhnet_proxy::app::Options::default(),
+            ))
+            .map_err(std::io::Error::other)?;
+        let addr = proxy
+            .listener_addr("tcp")
+            .ok_or_else(|| std::io::Error::other("no tcp listener"))?;
+        Ok((proxy, addr))
+    })
 }
 
 fn workload_name(payload: usize) -> String {

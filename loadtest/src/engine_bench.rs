@@ -33,6 +33,12 @@ pub struct EngineReport {
     pub lhnet: EngineSample,
     pub ratio: f64,
     pub added_p99_ms: f64,
+    /// The paced (open-loop) phase: both targets at the same offered rate, half of what lhnet
+    /// sustained closed-loop.
+    pub paced_calls_per_second: f64,
+    pub paced_direct: EngineSample,
+    pub paced_lhnet: EngineSample,
+    pub paced_added_p99_ms: f64,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -43,7 +49,13 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1000.0
 }
 
-async fn drive<F, Fut>(name: &str, streams: usize, duration: Duration, call: F) -> EngineSample
+async fn drive<F, Fut>(
+    name: &str,
+    streams: usize,
+    duration: Duration,
+    rate: Option<f64>,
+    call: F,
+) -> EngineSample
 where
     F: Fn(usize) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = bool> + Send,
@@ -59,12 +71,25 @@ where
             tokio::spawn(async move {
                 let mut latencies = Vec::new();
                 let mut errors = 0u64;
+                // Paced: stream i calls at its slots of a fixed schedule. Latency counts from
+                // the send, not the slot: tokio's timer is millisecond-grained, and each
+                // stream's slots are ~7 ms apart, far longer than a call, so no call waits for
+                // the one before it (no coordinated omission to correct).
+                let every = rate.map(|r| Duration::from_secs_f64(streams as f64 / r));
+                let mut slot = Instant::now()
+                    + every.map_or(Duration::ZERO, |e| e.mul_f64(i as f64 / streams as f64));
                 while Instant::now() < deadline {
+                    if every.is_some() {
+                        tokio::time::sleep_until(slot.into()).await;
+                    }
                     let started = Instant::now();
                     if !call(i).await {
                         errors += 1;
                     }
                     latencies.push(started.elapsed());
+                    if let Some(every) = every {
+                        slot += every;
+                    }
                 }
                 (latencies, errors)
             })
@@ -152,21 +177,24 @@ pub fn run(streams: usize, duration: Duration) -> Result<EngineReport, String> {
             Ok::<_, String>(v)
         };
         let direct_channels = channels(engine).await?;
-        let direct = drive("direct", streams, duration, move |i| {
+        let direct_call = move |i: usize| {
             let mut c = ControllerServiceClient::new(direct_channels[i % 8].clone());
             async move { c.volume_get(()).await.is_ok() }
-        })
-        .await;
+        };
         let proxy_channels = channels(proxy_addr).await?;
         let address = engine.to_string();
-        let lhnet = drive("lhnet", streams, duration, move |i| {
+        let lhnet_call = move |i: usize| {
             let mut c = ProxyEngineServiceClient::new(proxy_channels[i % 8].clone());
             let req = ProxyEngineRequest {
                 address: address.clone(),
             };
             async move { c.volume_get(req).await.is_ok() }
-        })
-        .await;
+        };
+        let direct = drive("direct", streams, duration, None, direct_call.clone()).await;
+        let lhnet = drive("lhnet", streams, duration, None, lhnet_call.clone()).await;
+        let rate = (lhnet.calls_per_second / 2.0).max(1.0);
+        let paced_direct = drive("direct", streams, duration, Some(rate), direct_call).await;
+        let paced_lhnet = drive("lhnet", streams, duration, Some(rate), lhnet_call).await;
         Ok::<_, String>(EngineReport {
             streams,
             seconds: duration.as_secs_f64(),
@@ -174,6 +202,10 @@ pub fn run(streams: usize, duration: Duration) -> Result<EngineReport, String> {
             added_p99_ms: lhnet.p99_ms - direct.p99_ms,
             direct,
             lhnet,
+            paced_calls_per_second: rate,
+            paced_added_p99_ms: paced_lhnet.p99_ms - paced_direct.p99_ms,
+            paced_direct,
+            paced_lhnet,
         })
     })?;
     proxy.shutdown_token().cancel();
@@ -196,7 +228,18 @@ pub fn print(r: &EngineReport) {
         );
     }
     println!(
-        "\nlhnet / direct = {:.2}x; p99 added by lhnet = {:.3} ms",
+        "\nlhnet / direct = {:.2}x; p99 added by lhnet = {:.3} ms (saturated, closed loop)",
         r.ratio, r.added_p99_ms
     );
+    println!(
+        "\npaced at {:.0} calls/s on both (half of lhnet's closed-loop rate), latency from each send:",
+        r.paced_calls_per_second
+    );
+    for s in [&r.paced_direct, &r.paced_lhnet] {
+        println!(
+            "{:<8} {:>10} {:>12.0} {:>9.3} {:>9.3} {:>7}",
+            s.target, s.calls, s.calls_per_second, s.p50_ms, s.p99_ms, s.errors
+        );
+    }
+    println!("p99 added by lhnet = {:.3} ms (paced)", r.paced_added_p99_ms);
 }

@@ -131,6 +131,57 @@ pub fn start_grpc_peer(
     Ok(peer)
 }
 
+/// Starts HAProxy as an L4 forwarder (`haproxy-tcp.cfg.tmpl`) from `listen` to `upstream`.
+pub fn start_tcp_peer(
+    templates: &Path,
+    listen: SocketAddr,
+    upstream: SocketAddr,
+    threads: usize,
+    cpus: Option<&str>,
+) -> Result<Peer, String> {
+    if which("haproxy").is_none() {
+        return Err("haproxy is not installed (apt-get install haproxy)".into());
+    }
+    let template = templates.join("haproxy-tcp.cfg.tmpl");
+    let text =
+        std::fs::read_to_string(&template).map_err(|e| format!("{}: {e}", template.display()))?;
+    let rundir =
+        std::env::temp_dir().join(format!("lhnet-bench-haproxy-tcp-{}", std::process::id()));
+    std::fs::create_dir_all(&rundir).map_err(|e| format!("{}: {e}", rundir.display()))?;
+    let rundir = TempDir(rundir);
+    let conf = text
+        .replace("@LISTEN@", &listen.to_string())
+        .replace("@UPSTREAM@", &upstream.to_string())
+        .replace("@THREADS@", &threads.to_string());
+    let conf_path = rundir.0.join("haproxy-tcp.cfg");
+    std::fs::write(&conf_path, conf).map_err(|e| format!("{}: {e}", conf_path.display()))?;
+    let mut cmd = match cpus {
+        Some(c) => {
+            let mut cmd = Command::new("taskset");
+            cmd.args(["-c", c, "haproxy"]);
+            cmd
+        }
+        None => Command::new("haproxy"),
+    };
+    let child = cmd
+        .arg("-db")
+        .arg("-f")
+        .arg(&conf_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("starting haproxy: {e}"))?;
+    let mut peer = Peer {
+        name: "haproxy".into(),
+        addr: listen,
+        child,
+        _rundir: rundir,
+    };
+    wait_for_port(listen, &mut peer.child, "haproxy")?;
+    Ok(peer)
+}
+
 fn wait_for_port(addr: SocketAddr, child: &mut Child, program: &str) -> Result<(), String> {
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(5) {
