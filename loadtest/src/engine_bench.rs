@@ -241,5 +241,8 @@ pub fn print(r: &EngineReport) {
             s.target, s.calls, s.calls_per_second, s.p50_ms, s.p99_ms, s.errors
         );
     }
-    println!("p99 added by lhnet = {:.3} ms (paced)", r.paced_added_p99_ms);
+    println!(
+        "p99 added by lhnet = {:.3} ms (paced)",
+        r.paced_added_p99_ms
+    );
 }

@@ -48,6 +48,12 @@ struct LogArgs {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum InjectMode {
+    Sidecar,
+    Capture,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
@@ -57,6 +63,50 @@ enum LogFormat {
 enum Command {
     /// Validate a config file; prints every error with its path and exits non-zero.
     CheckConfig { file: PathBuf },
+    /// Add lhnet to instance-manager and backing-image-manager pods in YAML (stdin or -f),
+    /// like `linkerd inject`; every other document is written back unchanged.
+    Inject {
+        /// The NetworkAttachmentDefinition of the storage network, NAMESPACE/NAME: adds the
+        /// Multus annotation exactly as Longhorn writes it.
+        #[arg(long)]
+        storage_network: Option<String>,
+        /// sidecar: lhnet on its own ports (8510/8511); capture: also redirect 8500/8501 to it.
+        #[arg(long, value_enum, default_value_t = InjectMode::Sidecar)]
+        mode: InjectMode,
+        /// The lhnet-proxy image.
+        #[arg(long)]
+        image: Option<String>,
+        /// The ConfigMap with lhnet's config.yaml.
+        #[arg(long, default_value = "lhnet-sidecar")]
+        config_map: String,
+        /// Read this file instead of stdin.
+        #[arg(short = 'f', long = "filename")]
+        file: Option<PathBuf>,
+    },
+    /// Mutating admission webhook (AdmissionReview v1, HTTPS) doing what `inject` does, at pod
+    /// CREATE. Reloads a renewed certificate without a restart.
+    Webhook {
+        /// Where to listen (HTTPS).
+        #[arg(long, default_value = "0.0.0.0:8443")]
+        listen: std::net::SocketAddr,
+        #[arg(long)]
+        tls_cert: PathBuf,
+        #[arg(long)]
+        tls_key: PathBuf,
+        /// Injection settings (YAML: image, mode, storage_network, config_map, cpu, memory).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Make a CA and a serving certificate for the webhook's Service (no cert-manager needed).
+    WebhookCert {
+        #[arg(long, default_value = "lhnet-injector")]
+        service: String,
+        #[arg(long, default_value = "longhorn-system")]
+        namespace: String,
+        /// Folder for ca.crt, tls.crt and tls.key.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Print the storage address and where it came from (for scripts).
     StorageAddress {
         /// Read storage_network from this config (default: interface lhnet1, fallback pod_ip).
@@ -79,8 +129,160 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::CheckConfig { file }) => check_config(&file),
         Some(Command::StorageAddress { config, json }) => storage_address(config.as_deref(), json),
+        Some(Command::Inject {
+            storage_network,
+            mode,
+            image,
+            config_map,
+            file,
+        }) => inject(storage_network, mode, image, config_map, file),
+        Some(Command::Webhook {
+            listen,
+            tls_cert,
+            tls_key,
+            config,
+        }) => webhook(listen, tls_cert, tls_key, config),
+        Some(Command::WebhookCert {
+            service,
+            namespace,
+            out,
+        }) => match lhnet_proxy::webhook::make_certs(&service, &namespace, &out) {
+            Ok(files) => {
+                println!(
+                    "wrote {}, {}, {}\ncaBundle: {}",
+                    files.ca.display(),
+                    files.cert.display(),
+                    files.key.display(),
+                    files.ca_bundle
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("lhnet-proxy webhook-cert: {e}");
+                ExitCode::FAILURE
+            }
+        },
         None => run(cli.run),
     }
+}
+
+fn webhook(
+    listen: std::net::SocketAddr,
+    cert: PathBuf,
+    key: PathBuf,
+    config: Option<PathBuf>,
+) -> ExitCode {
+    let opts = match config {
+        Some(path) => match lhnet_proxy::inject::InjectSettings::load(&path) {
+            Ok(o) => o,
+            Err(e) => {
+                eprintln!("lhnet-proxy webhook: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => lhnet_proxy::inject::InjectOptions::default(),
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("lhnet-proxy webhook: cannot start a runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let result = runtime.block_on(async {
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            }
+            stop.cancel();
+        });
+        lhnet_proxy::webhook::run(listen, cert, key, opts, shutdown).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lhnet-proxy webhook: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn inject(
+    storage_network: Option<String>,
+    mode: InjectMode,
+    image: Option<String>,
+    config_map: String,
+    file: Option<PathBuf>,
+) -> ExitCode {
+    use lhnet_proxy::inject::{self, InjectOptions, Mode};
+    let mut opts = InjectOptions {
+        mode: match mode {
+            InjectMode::Sidecar => Mode::Sidecar,
+            InjectMode::Capture => Mode::Capture,
+        },
+        config_map,
+        ..Default::default()
+    };
+    if let Some(image) = image {
+        opts.image = image;
+    }
+    if let Some(text) = storage_network {
+        match inject::parse_storage_network(&text) {
+            Ok(nad) => opts.storage_network = Some(nad),
+            Err(e) => {
+                eprintln!("lhnet-proxy inject: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let read = match &file {
+        Some(path) => std::fs::File::open(path)
+            .map_err(|e| format!("{}: {e}", path.display()))
+            .and_then(|f| read_limited(f, &path.display().to_string())),
+        None => read_limited(std::io::stdin(), "stdin"),
+    };
+    let input = match read {
+        Ok(text) => text,
+        Err(e) => {
+            eprintln!("lhnet-proxy inject: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match inject::transform(&input, &opts) {
+        Ok(out) => {
+            for note in &out.notes {
+                eprintln!("{note}");
+            }
+            print!("{}", out.output);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("lhnet-proxy inject: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Reads UTF-8 text, refusing more than `inject::MAX_INPUT` bytes.
+fn read_limited(source: impl std::io::Read, name: &str) -> Result<String, String> {
+    use std::io::Read;
+    let limit = lhnet_proxy::inject::MAX_INPUT;
+    let mut buf = Vec::new();
+    source
+        .take(limit as u64 + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| format!("{name}: {e}"))?;
+    if buf.len() > limit {
+        return Err(format!(
+            "{name}: more than {limit} bytes; inject reads at most that"
+        ));
+    }
+    String::from_utf8(buf).map_err(|_| format!("{name}: not UTF-8 text"))
 }
 
 fn init_logging(args: &LogArgs) {
