@@ -233,13 +233,8 @@ fn capture_mode_adds_the_capture_init_container_with_net_admin_only() {
     validate(&pod, "im-capture");
 }
 
-
 /// POSTs `body` to the webhook over TLS, trusting only `ca`.
-async fn post_https(
-    addr: std::net::SocketAddr,
-    ca: &Path,
-    body: Vec<u8>,
-) -> Result<Value, String> {
+async fn post_https(addr: std::net::SocketAddr, ca: &Path, body: Vec<u8>) -> Result<Value, String> {
     use http_body_util::{BodyExt, Full};
     use std::sync::Arc;
     use tokio_rustls::rustls::pki_types::ServerName;
@@ -264,17 +259,19 @@ async fn post_https(
         .connect(name, tcp)
         .await
         .map_err(|e| format!("TLS: {e}"))?;
-    let (mut send, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-            .await
-            .map_err(|e| e.to_string())?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
     let request = http::Request::post("/mutate")
         .header("host", "lhnet-injector.longhorn-system.svc")
         .header("content-type", "application/json")
         .body(Full::new(bytes::Bytes::from(body)))
         .unwrap();
-    let response = send.send_request(request).await.map_err(|e| e.to_string())?;
+    let response = send
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
     assert_eq!(response.status(), 200);
     let bytes = response
         .into_body()
@@ -319,4 +316,47 @@ async fn the_webhook_answers_over_https_and_picks_up_a_renewed_certificate() {
     );
     shutdown.cancel();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_shipped_configmaps_hold_configs_lhnet_accepts() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sidecar-manifests/base");
+    let sidecar: Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(dir.join("configmap-sidecar.yaml")).unwrap(),
+    )
+    .unwrap();
+    let text = sidecar["data"]["config.yaml"].as_str().unwrap();
+    let config = lhnet_proxy::config::Config::parse(text, "configmap-sidecar.yaml").unwrap();
+    let names: Vec<&str> = config.listeners.iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(names, ["management", "process_manager"]);
+    // The ports the injected container declares are the ones the config listens on.
+    let opts = InjectOptions::default();
+    assert_eq!(
+        config.listeners[0].address.to_string(),
+        format!("0.0.0.0:{}", opts.proxy_port)
+    );
+    assert_eq!(
+        config.listeners[1].address.to_string(),
+        format!("0.0.0.0:{}", opts.process_manager_port)
+    );
+    assert_eq!(config.admin.address.port(), opts.admin_port);
+
+    let injector: Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(dir.join("configmap-injector.yaml")).unwrap(),
+    )
+    .unwrap();
+    let file =
+        std::env::temp_dir().join(format!("lhnet-inject-settings-{}.yaml", std::process::id()));
+    std::fs::write(&file, injector["data"]["inject.yaml"].as_str().unwrap()).unwrap();
+    let settings = inject::InjectSettings::load(&file).unwrap();
+    assert_eq!(settings.config_map, "lhnet-sidecar");
+    std::fs::write(&file, "mode: tap\n").unwrap();
+    assert!(inject::InjectSettings::load(&file)
+        .unwrap_err()
+        .contains("sidecar or capture"));
+    std::fs::write(&file, "imag: x\n").unwrap();
+    assert!(inject::InjectSettings::load(&file)
+        .unwrap_err()
+        .contains("unknown field"));
+    let _ = std::fs::remove_file(&file);
 }
