@@ -7,6 +7,7 @@ pub mod address_map;
 pub mod admin;
 pub mod app;
 pub mod body;
+pub mod capture;
 pub mod cluster;
 pub mod config;
 pub mod engine_proxy;

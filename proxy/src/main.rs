@@ -97,6 +97,16 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Capture-mode init container: redirect connections from outside the pod on FROM to lhnet
+    /// on TO (nftables, in the pod's network namespace; needs NET_ADMIN). Idempotent.
+    Capture {
+        /// FROM:TO, e.g. 8500:8510 (repeat for each port).
+        #[arg(long = "redirect")]
+        redirects: Vec<String>,
+        /// Remove the rules instead.
+        #[arg(long)]
+        remove: bool,
+    },
     /// Make a CA and a serving certificate for the webhook's Service (no cert-manager needed).
     WebhookCert {
         #[arg(long, default_value = "lhnet-injector")]
@@ -142,6 +152,7 @@ fn main() -> ExitCode {
             tls_key,
             config,
         }) => webhook(listen, tls_cert, tls_key, config),
+        Some(Command::Capture { redirects, remove }) => capture(&redirects, remove),
         Some(Command::WebhookCert {
             service,
             namespace,
@@ -163,6 +174,31 @@ fn main() -> ExitCode {
             }
         },
         None => run(cli.run),
+    }
+}
+
+fn capture(redirects: &[String], remove: bool) -> ExitCode {
+    use lhnet_proxy::capture;
+    let result = if remove {
+        capture::remove()
+    } else {
+        redirects
+            .iter()
+            .map(|r| capture::parse_redirect(r))
+            .collect::<Result<Vec<_>, _>>()
+            .and_then(|rs| capture::install(&rs).map(|()| rs))
+            .map(|rs| {
+                for r in rs {
+                    println!("capturing: tcp {} from outside the pod -> {}", r.from, r.to);
+                }
+            })
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lhnet-proxy capture: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
