@@ -470,6 +470,42 @@ macro_rules! mapped {
             async fn ping(&self, request: Request<()>) -> Result<Response<()>, Status> {
                 self.inner.ping(request).await
             }
+
+            // Backup-target calls name no engine or replica: nothing to map.
+            async fn backup_volume_list(
+                &self,
+                request: Request<EngineBackupVolumeListRequest>,
+            ) -> Result<Response<EngineBackupVolumeListProxyResponse>, Status> {
+                self.inner.backup_volume_list(request).await
+            }
+
+            async fn backup_volume_get(
+                &self,
+                request: Request<EngineBackupVolumeGetRequest>,
+            ) -> Result<Response<EngineBackupVolumeGetProxyResponse>, Status> {
+                self.inner.backup_volume_get(request).await
+            }
+
+            async fn backup_get(
+                &self,
+                request: Request<EngineBackupGetRequest>,
+            ) -> Result<Response<EngineBackupGetProxyResponse>, Status> {
+                self.inner.backup_get(request).await
+            }
+
+            async fn backup_config_meta_get(
+                &self,
+                request: Request<EngineBackupConfigMetaGetRequest>,
+            ) -> Result<Response<EngineBackupConfigMetaGetProxyResponse>, Status> {
+                self.inner.backup_config_meta_get(request).await
+            }
+
+            async fn backup_remove(
+                &self,
+                request: Request<EngineBackupRemoveRequest>,
+            ) -> Result<Response<()>, Status> {
+                self.inner.backup_remove(request).await
+            }
         }
     };
 }

@@ -6,6 +6,7 @@
 pub mod address_map;
 pub mod admin;
 pub mod app;
+pub mod backupstore;
 pub mod body;
 pub mod capture;
 pub mod cluster;

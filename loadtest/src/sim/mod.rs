@@ -4,7 +4,9 @@
 //! holding real state. They stand in for Longhorn's Go binaries,
 //! which cannot be built here, and are not part of the proxy.
 
-pub mod backupstore;
+/// The backupstore format lives in lhnet-proxy (it serves the backup-target RPCs from it); the
+/// simulator writes its backups with it.
+pub use lhnet_proxy::backupstore;
 pub mod dataconn;
 mod engine;
 mod replica;

@@ -4,6 +4,7 @@
 //! bound to the storage address.
 
 mod address;
+mod backup_target;
 mod channel;
 mod envs;
 pub mod version;
@@ -973,6 +974,51 @@ impl ProxyEngineService for EngineProxy {
 
     async fn ping(&self, _request: Request<()>) -> Result<Response<()>, Status> {
         Ok(Response::new(()))
+    }
+
+    async fn backup_volume_list(
+        &self,
+        request: Request<EngineBackupVolumeListRequest>,
+    ) -> Result<Response<EngineBackupVolumeListProxyResponse>, Status> {
+        backup_target::volume_list(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn backup_volume_get(
+        &self,
+        request: Request<EngineBackupVolumeGetRequest>,
+    ) -> Result<Response<EngineBackupVolumeGetProxyResponse>, Status> {
+        backup_target::volume_get(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn backup_get(
+        &self,
+        request: Request<EngineBackupGetRequest>,
+    ) -> Result<Response<EngineBackupGetProxyResponse>, Status> {
+        backup_target::backup_get(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn backup_config_meta_get(
+        &self,
+        request: Request<EngineBackupConfigMetaGetRequest>,
+    ) -> Result<Response<EngineBackupConfigMetaGetProxyResponse>, Status> {
+        backup_target::config_meta_get(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn backup_remove(
+        &self,
+        request: Request<EngineBackupRemoveRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        backup_target::remove(request.into_inner())
+            .await
+            .map(Response::new)
     }
 }
 

@@ -1,0 +1,437 @@
+//! The original design's backup-target RPCs through lhnet-proxy, over a backupstore tree
+//! written by the simulator's backup code and over hand-written cfgs with Longhorn's JSON
+//! quirks (`spec/longhorn-backupstore-bim.md` §2).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use lhnet_loadtest::sim::backupstore::{self, Target, BLOCK_SIZE};
+use lhnet_proto::imrpc::proxy_engine_service_client::ProxyEngineServiceClient;
+use lhnet_proto::imrpc::*;
+use lhnet_proxy::app::{self, Options, RunningProxy};
+use lhnet_proxy::config::Config;
+use tonic::transport::Channel;
+use tonic::Code;
+
+async fn start_proxy() -> (RunningProxy, ProxyEngineServiceClient<Channel>) {
+    let yaml = "admin: { address: 127.0.0.1:0 }\nstorage_network: { interface: lo }\n\
+        listeners:\n  - name: m\n    address: 127.0.0.1:0\n    routes:\n\
+        \x20     - match: { prefix: /imrpc.ProxyEngineService/ }\n        local: longhorn_engine_proxy\n\
+        clusters:\n  - name: engines\n    type: original_dst\n    allowed_destinations: [127.0.0.1]\n";
+    let proxy = app::start(Config::parse(yaml, "test").unwrap(), Options::default())
+        .await
+        .unwrap();
+    let addr = proxy.listener_addr("m").unwrap();
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    (proxy, ProxyEngineServiceClient::new(channel))
+}
+
+fn scratch(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("lhnet-bt-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Writes a backup of `data` as the simulator's SnapshotBackup does.
+fn backup(t: &Target, volume: &str, name: &str, at: &str, data: &[u8]) {
+    t.write_backup(
+        volume,
+        name,
+        &format!("snap-{name}"),
+        at,
+        at,
+        data.len() as i64,
+        BTreeMap::from([("app".to_string(), "db".to_string())]),
+        ("", ""),
+        data,
+        |_| {},
+    )
+    .unwrap();
+}
+
+fn list_req(target: &str, volume: &str, volume_only: bool) -> EngineBackupVolumeListRequest {
+    EngineBackupVolumeListRequest {
+        envs: vec![],
+        dest_url: target.into(),
+        volume_name: volume.into(),
+        volume_only,
+    }
+}
+
+fn blocks_of(dir: &Path) -> usize {
+    walk(dir)
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "blk"))
+        .count()
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn list_inspect_metadata_and_remove_over_the_simulators_backups() {
+    let (_proxy, mut c) = start_proxy().await;
+    let dir = scratch("sim");
+    let url = format!("vfs://{}", dir.display());
+    let t = Target::parse(&url).unwrap();
+    let mut data = vec![0u8; 3 * BLOCK_SIZE];
+    data[7] = 1;
+    data[BLOCK_SIZE + 9] = 2;
+    backup(&t, "vol1", "backup-a", "2022-06-01T00:00:00Z", &data);
+    data[2 * BLOCK_SIZE + 1] = 3;
+    backup(&t, "vol1", "backup-b", "2022-06-01T01:00:00Z", &data);
+    backup(
+        &t,
+        "vol2",
+        "backup-c",
+        "2022-06-01T02:00:00Z",
+        &data[..BLOCK_SIZE],
+    );
+
+    let all = c
+        .backup_volume_list(list_req(&url, "", false))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut names: Vec<_> = all.volumes.keys().cloned().collect();
+    names.sort();
+    assert_eq!(names, ["vol1", "vol2"]);
+    let mut backups: Vec<_> = all.volumes["vol1"].backups.keys().cloned().collect();
+    backups.sort();
+    assert_eq!(backups, ["backup-a", "backup-b"]);
+    // As Longhorn: list entries carry only names.
+    assert_eq!(all.volumes["vol1"].name, "");
+    assert_eq!(
+        all.volumes["vol1"].backups["backup-a"],
+        EngineBackupInfo::default()
+    );
+    let only = c
+        .backup_volume_list(list_req(&url, "", true))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(only.volumes["vol1"].backups.is_empty());
+    let one = c
+        .backup_volume_list(list_req(&url, "vol2", false))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(one.volumes.keys().collect::<Vec<_>>(), ["vol2"]);
+
+    let vol = c
+        .backup_volume_get(EngineBackupVolumeGetRequest {
+            proxy_engine_request: None,
+            envs: vec![],
+            dest_url: format!("{url}?volume=vol1"),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(
+        (
+            vol.name.as_str(),
+            vol.last_backup_name.as_str(),
+            vol.data_stored,
+            vol.size
+        ),
+        ("vol1", "backup-b", 3 * BLOCK_SIZE as i64, data.len() as i64)
+    );
+    assert_eq!(vol.backing_image_name, "", "double-quoted \"\" decoded");
+
+    let get = |backup: &str, volume: &str| EngineBackupGetRequest {
+        proxy_engine_request: None,
+        envs: vec![],
+        dest_url: backupstore::encode_backup_url(&url, backup, volume),
+    };
+    let b = c
+        .backup_get(get("backup-b", "vol1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .backup
+        .unwrap();
+    assert_eq!(
+        (
+            b.name.as_str(),
+            b.snapshot_name.as_str(),
+            b.is_incremental,
+            b.volume_name.as_str()
+        ),
+        ("backup-b", "snap-backup-b", true, "vol1")
+    );
+    assert_eq!(b.url, format!("{url}?backup=backup-b&volume=vol1"));
+    assert_eq!(b.labels["app"], "db");
+    let missing = c.backup_get(get("backup-x", "vol1")).await.unwrap_err();
+    assert_eq!(missing.code(), Code::Unknown);
+    assert!(missing.message().contains("cannot find"), "{missing:?}");
+
+    let meta = c
+        .backup_config_meta_get(EngineBackupConfigMetaGetRequest {
+            proxy_engine_request: None,
+            envs: vec![],
+            dest_url: backupstore::encode_backup_url(&url, "backup-a", "vol1"),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .modification_time
+        .unwrap();
+    let file = t.volume_dir("vol1").join("backups/backup_backup-a.cfg");
+    let mtime = std::fs::metadata(&file).unwrap().modified().unwrap();
+    let since = mtime.duration_since(std::time::UNIX_EPOCH).unwrap();
+    assert_eq!(
+        (meta.seconds, meta.nanos),
+        (since.as_secs() as i64, since.subsec_nanos() as i32)
+    );
+
+    // Remove backup-a: backup-b's blocks all stay and it reads back whole.
+    c.backup_remove(EngineBackupRemoveRequest {
+        envs: vec![],
+        dest_url: backupstore::encode_backup_url(&url, "backup-a", "vol1"),
+        volume_name: String::new(),
+    })
+    .await
+    .unwrap();
+    let (_, back) = t.read_backup("vol1", "backup-b").unwrap();
+    assert_eq!(&back[..data.len()], &data[..]);
+    assert_eq!(t.load_volume("vol1").unwrap().block_count, "3");
+    // Removing the last backup keeps volume.cfg with no last backup and no blocks.
+    c.backup_remove(EngineBackupRemoveRequest {
+        envs: vec![],
+        dest_url: backupstore::encode_backup_url(&url, "backup-b", "vol1"),
+        volume_name: String::new(),
+    })
+    .await
+    .unwrap();
+    let cfg = t.load_volume("vol1").unwrap();
+    assert_eq!(
+        (cfg.last_backup_name.as_str(), cfg.block_count.as_str()),
+        ("", "0")
+    );
+    assert_eq!(blocks_of(&t.volume_dir("vol1")), 0);
+    // The whole volume.
+    c.backup_remove(EngineBackupRemoveRequest {
+        envs: vec![],
+        dest_url: url.clone(),
+        volume_name: "vol2".into(),
+    })
+    .await
+    .unwrap();
+    let all = c
+        .backup_volume_list(list_req(&url, "", true))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(all.volumes.keys().collect::<Vec<_>>(), ["vol1"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn longhorns_json_quirks_in_progress_and_corrupt_cfgs() {
+    let (_proxy, mut c) = start_proxy().await;
+    let dir = scratch("quirks");
+    let url = format!("vfs://{}", dir.display());
+    let t = Target::parse(&url).unwrap();
+    let write = |volume: &str, rel: &str, text: &str| {
+        let p = t.volume_dir(volume).join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    };
+    // As the Go library writes them: string sizes, double-quoted backing image, no newline.
+    write(
+        "vol-q",
+        "volume.cfg",
+        r#"{"Name":"vol-q","Size":"6291456","Labels":{"tier":"gold"},"CreatedTime":"2022-06-01T00:00:00Z","LastBackupName":"backup-done","LastBackupAt":"2022-06-01T02:00:00Z","BlockCount":"3","BackingImageName":"\"bi1\"","BackingImageChecksum":"\"abc\""}"#,
+    );
+    write(
+        "vol-q",
+        "backups/backup_backup-done.cfg",
+        r#"{"Name":"backup-done","VolumeName":"vol-q","SnapshotName":"snap2","SnapshotCreatedAt":"2022-06-01T02:00:00Z","CreatedTime":"2022-06-01T02:00:05Z","Size":"6291456","Labels":null,"IsIncremental":true,"SingleFile":{"FilePath":""}}"#,
+    );
+    write(
+        "vol-q",
+        "backups/backup_backup-wip.cfg",
+        r#"{"Name":"backup-wip","VolumeName":"vol-q","SnapshotName":"","SnapshotCreatedAt":"","CreatedTime":"","Size":"0","Labels":null,"IsIncremental":false,"SingleFile":{"FilePath":""}}"#,
+    );
+    write(
+        "vol-bad",
+        "volume.cfg",
+        "{\"Name\": \"vol-bad\", \"Size\": 12",
+    );
+
+    let vol = c
+        .backup_volume_get(EngineBackupVolumeGetRequest {
+            proxy_engine_request: None,
+            envs: vec![],
+            dest_url: format!("{url}?volume=vol-q"),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(vol.size, 6291456);
+    assert_eq!(vol.data_stored, 3 * BLOCK_SIZE as i64);
+    assert_eq!(
+        (
+            vol.backing_image_name.as_str(),
+            vol.backing_image_checksum.as_str()
+        ),
+        ("bi1", "abc")
+    );
+    assert_eq!(vol.labels["tier"], "gold");
+
+    let b = c
+        .backup_get(EngineBackupGetRequest {
+            proxy_engine_request: None,
+            envs: vec![],
+            dest_url: backupstore::encode_backup_url(&url, "backup-done", "vol-q"),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .backup
+        .unwrap();
+    assert_eq!(
+        (b.size, b.volume_backing_image_name.as_str()),
+        (6291456, "bi1")
+    );
+    let wip = c
+        .backup_get(EngineBackupGetRequest {
+            proxy_engine_request: None,
+            envs: vec![],
+            dest_url: backupstore::encode_backup_url(&url, "backup-wip", "vol-q"),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        wip.message()
+            .contains("backup backup-wip is still in progress"),
+        "{wip:?}"
+    );
+
+    // A corrupt volume.cfg: named in that volume's messages; the others still listed.
+    let all = c
+        .backup_volume_list(list_req(&url, "", false))
+        .await
+        .unwrap()
+        .into_inner();
+    let bad = &all.volumes["vol-bad"].messages["error"];
+    assert!(
+        bad.contains("vol-bad/volume.cfg") && bad.contains("not a valid cfg"),
+        "{bad}"
+    );
+    assert_eq!(
+        all.volumes["vol-q"].backups.len(),
+        2,
+        "in-progress backups are listed too"
+    );
+    let err = c
+        .backup_volume_get(EngineBackupVolumeGetRequest {
+            proxy_engine_request: None,
+            envs: vec![],
+            dest_url: format!("{url}?volume=vol-bad"),
+        })
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("vol-bad/volume.cfg"), "{err:?}");
+    // A volume that is not there.
+    let none = c
+        .backup_volume_list(list_req(&url, "vol-none", false))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(none.volumes["vol-none"].messages["error"].contains("cannot find"));
+
+    // Removing a completed backup while another is in progress: its cfg goes, blocks stay.
+    let blk = t.volume_dir("vol-q").join("blocks/aa/bb/aabb.blk");
+    std::fs::create_dir_all(blk.parent().unwrap()).unwrap();
+    std::fs::write(&blk, b"x").unwrap();
+    c.backup_remove(EngineBackupRemoveRequest {
+        envs: vec![],
+        dest_url: backupstore::encode_backup_url(&url, "backup-done", "vol-q"),
+        volume_name: String::new(),
+    })
+    .await
+    .unwrap();
+    assert!(blk.exists(), "GC ran while a backup was in progress");
+
+    // envs: unknown keys refused; s3 said plainly to be unsupported.
+    let err = c
+        .backup_volume_list(EngineBackupVolumeListRequest {
+            envs: vec!["LD_PRELOAD=/x".into()],
+            ..list_req(&url, "", true)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = c
+        .backup_volume_list(list_req("s3://bucket@us-east-1/path", "", true))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
+    let err = c
+        .backup_volume_list(list_req("ftp://x/y", "", true))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("Driver ftp is not supported!"),
+        "{err:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_removes_of_backups_sharing_blocks_lose_no_shared_block() {
+    let (_proxy, c) = start_proxy().await;
+    let dir = scratch("race");
+    let url = format!("vfs://{}", dir.display());
+    let t = Target::parse(&url).unwrap();
+    let mut data = vec![0u8; 4 * BLOCK_SIZE];
+    for (i, name) in ["backup-1", "backup-2", "backup-3"].iter().enumerate() {
+        data[i * BLOCK_SIZE + 3] = i as u8 + 1; // each adds one block; all share the first ones
+        data[3 * BLOCK_SIZE] = 9;
+        backup(&t, "vol1", name, &format!("2022-06-01T0{i}:00:00Z"), &data);
+    }
+    let remove = |name: &'static str| {
+        let mut c = c.clone();
+        let url = url.clone();
+        tokio::spawn(async move {
+            c.backup_remove(EngineBackupRemoveRequest {
+                envs: vec![],
+                dest_url: backupstore::encode_backup_url(&url, name, "vol1"),
+                volume_name: String::new(),
+            })
+            .await
+        })
+    };
+    let (a, b) = tokio::join!(remove("backup-1"), remove("backup-2"));
+    a.unwrap().unwrap();
+    b.unwrap().unwrap();
+    let (_, back) = t.read_backup("vol1", "backup-3").unwrap();
+    assert_eq!(
+        &back[..data.len()],
+        &data[..],
+        "a block of backup-3 was lost"
+    );
+    assert_eq!(t.load_volume("vol1").unwrap().block_count, "4");
+    assert_eq!(blocks_of(&t.volume_dir("vol1")), 4);
+    let _ = std::fs::remove_dir_all(&dir);
+}
