@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod backup_bench;
 pub mod bench;
 pub mod demo;
 pub mod engine_bench;

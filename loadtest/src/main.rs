@@ -49,6 +49,18 @@ enum Cmd {
         #[arg(long)]
         plot: Option<PathBuf>,
     },
+    /// BackupVolumeList over a large vfs target through lhnet vs a plain directory walk; Ping.
+    BenchBackups {
+        #[arg(long, default_value_t = 1000)]
+        volumes: usize,
+        #[arg(long, default_value_t = 10)]
+        backups: usize,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Also write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Longhorn VolumeGet through lhnet's engine proxy vs straight to the simulated engine.
     BenchEngine {
         /// Concurrent streams.
@@ -279,6 +291,28 @@ fn run_sim(
 
 fn main() -> ExitCode {
     match Cli::parse().command {
+        Cmd::BenchBackups {
+            volumes,
+            backups,
+            runs,
+            json,
+        } => match lhnet_loadtest::backup_bench::run(volumes.max(1), backups, runs) {
+            Ok(report) => {
+                lhnet_loadtest::backup_bench::print(&report);
+                if let Some(path) = json {
+                    let text = serde_json::to_string_pretty(&report).unwrap_or_default();
+                    if let Err(e) = std::fs::write(&path, text) {
+                        eprintln!("lhnet-loadtest: cannot write {}: {e}", path.display());
+                        return ExitCode::FAILURE;
+                    }
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("lhnet-loadtest bench-backups: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::Demo {
             duration,
             volumes,
