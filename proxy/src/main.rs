@@ -157,7 +157,7 @@ fn main() -> ExitCode {
             service,
             namespace,
             out,
-        }) => match lhnet_proxy::webhook::make_certs(&service, &namespace, &out) {
+        }) => match lhnet_proxy::inject::webhook::make_certs(&service, &namespace, &out) {
             Ok(files) => {
                 println!(
                     "wrote {}, {}, {}\ncaBundle: {}",
@@ -178,7 +178,7 @@ fn main() -> ExitCode {
 }
 
 fn capture(redirects: &[String], remove: bool) -> ExitCode {
-    use lhnet_proxy::capture;
+    use lhnet_proxy::inject::capture;
     let result = if remove {
         capture::remove()
     } else {
@@ -237,7 +237,7 @@ fn webhook(
             }
             stop.cancel();
         });
-        lhnet_proxy::webhook::run(listen, cert, key, opts, shutdown).await
+        lhnet_proxy::inject::webhook::run(listen, cert, key, opts, shutdown).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

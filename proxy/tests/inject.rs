@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use base64::Engine;
+use lhnet_proxy::inject::webhook;
 use lhnet_proxy::inject::{self, InjectOptions, Mode};
-use lhnet_proxy::webhook;
 use serde_json::{json, Value};
 
 fn fixtures() -> PathBuf {

@@ -6,6 +6,9 @@
 //! an instance-manager is out of sync (`spec/kubernetes.md` §2.4): lhnet goes into
 //! `initContainers` as a native sidecar (`restartPolicy: Always`).
 
+pub mod capture;
+pub mod webhook;
+
 use serde_json::{json, Map, Value};
 
 /// The sidecar's container name; its presence means "already injected".
