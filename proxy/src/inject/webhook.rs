@@ -40,23 +40,8 @@ pub fn review(body: &[u8], opts: &InjectOptions) -> Value {
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_string();
-    let answer = |patch: Option<&[Value]>, warnings: Vec<String>| {
-        let mut response = json!({"uid": uid, "allowed": true});
-        if let Some(patch) = patch {
-            let encoded = base64::engine::general_purpose::STANDARD
-                .encode(serde_json::to_vec(patch).unwrap_or_default());
-            response["patchType"] = json!("JSONPatch");
-            response["patch"] = json!(encoded);
-        }
-        if !warnings.is_empty() {
-            response["warnings"] = json!(warnings);
-        }
-        json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response})
-    };
-    let warn = |text: String| {
-        tracing::warn!("admission review not handled: {text}");
-        answer(None, vec![format!("lhnet: not injected: {text}")])
-    };
+    let answer = |patch: Option<&[Value]>, warnings: Vec<String>| allowed(&uid, patch, warnings);
+    let warn = |text: String| not_handled(&uid, &text);
     if body.len() > MAX_BODY {
         return warn(format!(
             "request body of {} bytes is over {MAX_BODY}",
@@ -104,6 +89,27 @@ pub fn review(body: &[u8], opts: &InjectOptions) -> Value {
         }
         Err(e) => warn(e),
     }
+}
+
+/// An AdmissionReview answer that allows the pod, with a patch or not.
+fn allowed(uid: &str, patch: Option<&[Value]>, warnings: Vec<String>) -> Value {
+    let mut response = json!({"uid": uid, "allowed": true});
+    if let Some(patch) = patch {
+        let encoded = base64::engine::general_purpose::STANDARD
+            .encode(serde_json::to_vec(patch).unwrap_or_default());
+        response["patchType"] = json!("JSONPatch");
+        response["patch"] = json!(encoded);
+    }
+    if !warnings.is_empty() {
+        response["warnings"] = json!(warnings);
+    }
+    json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response})
+}
+
+/// Allowed without a patch, with a warning that says why lhnet did nothing.
+fn not_handled(uid: &str, text: &str) -> Value {
+    tracing::warn!("admission review not handled: {text}");
+    allowed(uid, None, vec![format!("lhnet: not injected: {text}")])
 }
 
 /// The serving certificate, reloaded when its files change.
@@ -192,9 +198,10 @@ async fn handle(request: Request<Incoming>, opts: Arc<InjectOptions>) -> Respons
                 Ok(b) => b.to_bytes(),
                 Err(e) => {
                     // Too large or broken: allowed, with a warning (failurePolicy is Ignore).
-                    let v = review(&vec![b' '; MAX_BODY + 1], &opts);
-                    tracing::warn!(error = %e, "admission request body not read");
-                    return json_response(&v);
+                    let text = format!(
+                        "the request body was not read (over {MAX_BODY} bytes or broken): {e}"
+                    );
+                    return json_response(&not_handled("", &text));
                 }
             };
             json_response(&review(&body, &opts))
