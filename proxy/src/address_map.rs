@@ -30,6 +30,9 @@ pub struct AddressMap {
     settings: ArcSwap<Settings>,
     /// Learned pairs, both ways: management → storage and storage → management.
     cache: Mutex<HashMap<(Direction, IpAddr), (IpAddr, Instant)>>,
+    /// Storage addresses whose lhnet did not answer a reverse lookup, and when: not asked
+    /// again (nor warned about) within `cache_ttl`.
+    unanswered: Mutex<HashMap<IpAddr, Instant>>,
 }
 
 struct Settings {
@@ -49,6 +52,7 @@ impl AddressMap {
             storage,
             settings: ArcSwap::from_pointee(Settings::from(config)),
             cache: Mutex::new(HashMap::new()),
+            unanswered: Mutex::new(HashMap::new()),
         })
     }
 
@@ -57,6 +61,9 @@ impl AddressMap {
         self.settings.store(Arc::new(Settings::from(config)));
         if let Ok(mut cache) = self.cache.lock() {
             cache.clear();
+        }
+        if let Ok(mut u) = self.unanswered.lock() {
+            u.clear();
         }
     }
 
@@ -160,6 +167,14 @@ impl AddressMap {
         if !settings.lookup.enabled {
             return None;
         }
+        let recently_failed = self
+            .unanswered
+            .lock()
+            .ok()
+            .and_then(|u| u.get(&ip).copied());
+        if recently_failed.is_some_and(|at| at.elapsed() < settings.lookup.cache_ttl) {
+            return None;
+        }
         // The peer's management listener binds every address, its storage one included.
         let at = SocketAddr::new(ip, settings.lookup.port);
         match peer::ask(at, settings.lookup.timeout).await {
@@ -173,6 +188,9 @@ impl AddressMap {
             Ok(_) => None,
             Err(e) => {
                 tracing::warn!(storage = %ip, error = %e, "cannot learn the management address of a peer; its storage address is shown");
+                if let Ok(mut u) = self.unanswered.lock() {
+                    u.insert(ip, Instant::now());
+                }
                 None
             }
         }
