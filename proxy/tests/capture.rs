@@ -2,48 +2,35 @@
 //! the instance-manager; after `lhnet-proxy capture`, calls from the manager namespace to the
 //! pod's eth0 address on 8501 reach lhnet, and calls inside the pod still reach the server.
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
+mod common;
+
+use common::{admin_get, runtime, spawn_proxy};
 use lhnet_netns::{run_in, spawn_in, Topology};
 use lhnet_proto::echo::echo_client::EchoClient;
 use lhnet_proto::echo::EchoRequest;
 
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn unary(target: &'static str) -> Result<String, String> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(async move {
-            let mut c = EchoClient::connect(format!("http://{target}"))
-                .await
-                .map_err(|e| e.to_string())?;
-            c.unary(EchoRequest {
-                payload: b"who".to_vec(),
-                count: 0,
-                delay_ms: 0,
-            })
+    runtime().block_on(async move {
+        let mut c = EchoClient::connect(format!("http://{target}"))
             .await
-            .map(|r| r.into_inner().server)
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        c.unary(EchoRequest {
+            payload: b"who".to_vec(),
+            count: 0,
+            delay_ms: 0,
         })
+        .await
+        .map(|r| r.into_inner().server)
+        .map_err(|e| e.to_string())
+    })
 }
 
 #[test]
 fn capture_sends_outside_connections_to_lhnet_and_leaves_in_pod_ones() {
-    if !Topology::can_build() {
-        eprintln!(
-            "skipped: this test builds network namespaces and needs root (CI runs it as root)"
-        );
+    if !common::root() {
         return;
     }
     if Command::new("nft").arg("--version").output().is_err() {
@@ -96,30 +83,7 @@ fn capture_sends_outside_connections_to_lhnet_and_leaves_in_pod_ones() {
     )
     .unwrap();
     let bin = env!("CARGO_BIN_EXE_lhnet-proxy");
-    let proxy = topo
-        .command(&pod, bin)
-        .arg("--config")
-        .arg(&config)
-        .arg("--threads")
-        .arg("1")
-        .env("POD_IP", "10.42.0.2")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let _proxy = KillOnDrop(proxy);
-    let started = Instant::now();
-    while !run_in(&pod.name, || {
-        std::net::TcpStream::connect("127.0.0.1:8511").is_ok()
-    })
-    .unwrap()
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "lhnet-proxy did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let _proxy = spawn_proxy(&topo, &pod, &config, &[("POD_IP", "10.42.0.2")]);
 
     // Before capture, the manager reaches the instance-manager itself.
     assert_eq!(
@@ -167,19 +131,7 @@ fn capture_sends_outside_connections_to_lhnet_and_leaves_in_pod_ones() {
             .unwrap(),
         "behind-lhnet"
     );
-    let metrics = run_in(&pod.name, || {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect("127.0.0.1:9901").unwrap();
-        write!(
-            s,
-            "GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    })
-    .unwrap();
+    let (_, metrics) = admin_get(&pod.name, "/metrics");
     assert!(
         metrics
             .lines()

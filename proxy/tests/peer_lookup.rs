@@ -5,28 +5,18 @@
 
 use std::io::Read;
 use std::net::TcpListener;
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{runtime, spawn_proxy};
 use lhnet_netns::{run_in, spawn_in, Topology};
 use lhnet_proto::imrpc::proxy_engine_service_client::ProxyEngineServiceClient;
 use lhnet_proto::imrpc::ProxyEngineRequest;
 
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn a_peer_that_never_answers_is_a_clear_error_within_the_lookup_timeout() {
-    if !Topology::can_build() {
-        eprintln!(
-            "skipped: this test builds network namespaces and needs root (CI runs it as root)"
-        );
+    if !common::root() {
         return;
     }
     let mut topo = Topology::new("peer").unwrap();
@@ -76,52 +66,31 @@ fn a_peer_that_never_answers_is_a_clear_error_within_the_lookup_timeout() {
          \x20   allowed_destinations: [storage]\n",
     )
     .unwrap();
-    let child = topo
-        .command(&pod, env!("CARGO_BIN_EXE_lhnet-proxy"))
-        .arg("--config")
-        .arg(&config)
-        .arg("--threads")
-        .arg("1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let _proxy = KillOnDrop(child);
+    let _proxy = spawn_proxy(&topo, &pod, &config, &[]);
 
     let (elapsed, status, own) = run_in(&manager.name, || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(async {
-                let started = Instant::now();
-                let mut client = loop {
-                    match ProxyEngineServiceClient::connect("http://10.42.0.2:8501").await {
-                        Ok(c) => break c,
-                        Err(_) if started.elapsed() < Duration::from_secs(10) => {
-                            tokio::time::sleep(Duration::from_millis(50)).await
-                        }
-                        Err(e) => panic!("lhnet-proxy did not start: {e}"),
-                    }
-                };
-                let asked = Instant::now();
-                let status = client
-                    .volume_get(ProxyEngineRequest {
-                        address: "10.42.0.9:10000".into(),
-                    })
-                    .await
-                    .unwrap_err();
-                let elapsed = asked.elapsed();
-                // The pod's own management IP maps to its own storage IP (nothing listens
-                // there, so the engine is unavailable — and the error names the management IP).
-                let own = client
-                    .volume_get(ProxyEngineRequest {
-                        address: "10.42.0.2:10000".into(),
-                    })
-                    .await
-                    .unwrap_err();
-                (elapsed, status, own)
-            })
+        runtime().block_on(async {
+            let mut client = ProxyEngineServiceClient::connect("http://10.42.0.2:8501")
+                .await
+                .unwrap();
+            let asked = Instant::now();
+            let status = client
+                .volume_get(ProxyEngineRequest {
+                    address: "10.42.0.9:10000".into(),
+                })
+                .await
+                .unwrap_err();
+            let elapsed = asked.elapsed();
+            // The pod's own management IP maps to its own storage IP (nothing listens
+            // there, so the engine is unavailable — and the error names the management IP).
+            let own = client
+                .volume_get(ProxyEngineRequest {
+                    address: "10.42.0.2:10000".into(),
+                })
+                .await
+                .unwrap_err();
+            (elapsed, status, own)
+        })
     })
     .unwrap();
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");

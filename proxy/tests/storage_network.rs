@@ -5,60 +5,18 @@
 //! the pod's eth0, and the replica only the storage bridge.
 
 use std::net::SocketAddr;
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{admin_get, metric, runtime, spawn_proxy};
 use lhnet_netns::{read_device_counters, run_in, spawn_in, Topology};
 use lhnet_proto::echo::echo_client::EchoClient;
 use lhnet_proto::echo::EchoRequest;
 
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// Fetches an admin path from inside the pod namespace.
-fn admin_get(ns: &str, path: &'static str) -> String {
-    run_in(ns, move || {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect("127.0.0.1:9901").unwrap();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out.split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default()
-    })
-    .unwrap()
-}
-
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
-}
-
 #[test]
 fn storage_traffic_leaves_on_lhnet1_from_the_lhnet1_address() {
-    if !Topology::can_build() {
-        eprintln!(
-            "skipped: this test builds network namespaces and needs root (CI runs it as root)"
-        );
+    if !common::root() {
         return;
     }
     let mut topo = Topology::new("core").unwrap();
@@ -116,51 +74,18 @@ fn storage_traffic_leaves_on_lhnet1_from_the_lhnet1_address() {
         ),
     )
     .unwrap();
-    let child = topo
-        .command(&pod, env!("CARGO_BIN_EXE_lhnet-proxy"))
-        .arg("--config")
-        .arg(&config)
-        .arg("--threads")
-        .arg("1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let _proxy = KillOnDrop(child);
-
-    // Wait for readiness (it needs lhnet1's address, found on its own).
-    let started = Instant::now();
-    loop {
-        let ready = run_in(&pod.name, || {
-            std::net::TcpStream::connect("127.0.0.1:9901").is_ok()
-                && std::net::TcpStream::connect("127.0.0.1:8501").is_ok()
-        })
-        .unwrap();
-        if ready {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "lhnet-proxy did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // Ready once the admin server answers (it needs lhnet1's address, found on its own).
+    let _proxy = spawn_proxy(&topo, &pod, &config, &[]);
     let storage: serde_json::Value =
-        serde_json::from_str(&admin_get(&pod.name, "/storage")).unwrap();
+        serde_json::from_str(&admin_get(&pod.name, "/storage").1).unwrap();
     assert_eq!(storage["address"], "10.30.0.2");
     assert_eq!(storage["source"], "interface");
     assert_eq!(storage["device"], "lhnet1");
 
     let before = run_in(&pod.name, read_device_counters).unwrap().unwrap()["lhnet1"];
-    let metrics_before = admin_get(&pod.name, "/metrics");
+    let metrics_before = admin_get(&pod.name, "/metrics").1;
     let tx_series = "lhnet_interface_transmit_bytes_total{device=\"lhnet1\",network=\"storage\"}";
-    let proxy_tx_before = metrics_before
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(tx_series)
-                .and_then(|v| v.trim().parse::<f64>().ok())
-        })
-        .unwrap_or(0.0);
+    let proxy_tx_before = metric(&metrics_before, tx_series).unwrap_or(0.0);
 
     // From the manager, through the pod's management address: 32 MiB upstream in 64 KiB messages.
     let (peer, server, bytes) = run_in(&manager.name, || {
@@ -204,8 +129,10 @@ fn storage_traffic_leaves_on_lhnet1_from_the_lhnet1_address() {
         "lhnet1 carried only {kernel_tx} bytes of {sent}"
     );
 
-    let metrics_after = admin_get(&pod.name, "/metrics");
-    let proxy_tx = metric(&metrics_after, tx_series) - proxy_tx_before;
+    let metrics_after = admin_get(&pod.name, "/metrics").1;
+    let proxy_tx = metric(&metrics_after, tx_series)
+        .unwrap_or_else(|| panic!("no {tx_series} in\n{metrics_after}"))
+        - proxy_tx_before;
     let ratio = proxy_tx / kernel_tx;
     assert!(
         (0.9..=1.1).contains(&ratio),

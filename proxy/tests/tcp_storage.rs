@@ -5,30 +5,16 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{admin_get, metric, spawn_proxy, KillOnDrop};
 use lhnet_netns::{run_in, spawn_in, Namespace, Topology};
 use sha2::{Digest, Sha256};
 
 const PORT: u16 = 10000;
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn skip() -> bool {
-    if Topology::can_build() {
-        return false;
-    }
-    eprintln!("skipped: this test builds network namespaces and needs root (CI runs it as root)");
-    true
-}
 
 /// Deterministic bytes: block `i` of 64 KiB is filled from `seed` and `i`.
 fn block(seed: u8, i: usize) -> Vec<u8> {
@@ -91,57 +77,7 @@ fn start_proxy(topo: &Topology, pod: &Namespace, tag: &str) -> KillOnDrop {
         ),
     )
     .unwrap();
-    let child = topo
-        .command(pod, env!("CARGO_BIN_EXE_lhnet-proxy"))
-        .arg("--config")
-        .arg(&config)
-        .arg("--threads")
-        .arg("1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let proxy = KillOnDrop(child);
-    let started = Instant::now();
-    while !run_in(&pod.name, || TcpStream::connect("127.0.0.1:9901").is_ok()).unwrap() {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "lhnet-proxy did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    proxy
-}
-
-/// `GET path` on the admin server inside `ns`: (status code, body).
-fn admin_get(ns: &str, path: &'static str) -> (u16, String) {
-    run_in(ns, move || {
-        let mut s = TcpStream::connect("127.0.0.1:9901").unwrap();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        let code = out
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = out
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        (code, body)
-    })
-    .unwrap()
-}
-
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0.0)
+    spawn_proxy(topo, pod, &config, &[])
 }
 
 /// From the client namespace: sends `blocks` blocks and half-closes, reads everything the
@@ -183,7 +119,7 @@ fn exchange(ns: &str, to: SocketAddr, blocks: usize) -> ([u8; 32], Vec<u8>, u64)
 
 #[test]
 fn a_tcp_listener_moves_256_mib_each_way_across_lhnet1_intact_with_half_close() {
-    if skip() {
+    if !common::root() {
         return;
     }
     let mut topo = Topology::new("tcp").unwrap();
@@ -208,18 +144,10 @@ fn a_tcp_listener_moves_256_mib_each_way_across_lhnet1_intact_with_half_close() 
     );
 
     let (_, metrics) = admin_get(&pod.name, "/metrics");
-    let rx = metric(
-        &metrics,
-        "lhnet_interface_receive_bytes_total{device=\"lhnet1\",network=\"storage\"}",
-    );
-    let tx = metric(
-        &metrics,
-        "lhnet_interface_transmit_bytes_total{device=\"lhnet1\",network=\"storage\"}",
-    );
-    let lo_tx = metric(
-        &metrics,
-        "lhnet_interface_transmit_bytes_total{device=\"lo\",network=\"loopback\"}",
-    );
+    let series = |name: &str| metric(&metrics, name).unwrap_or(0.0);
+    let rx = series("lhnet_interface_receive_bytes_total{device=\"lhnet1\",network=\"storage\"}");
+    let tx = series("lhnet_interface_transmit_bytes_total{device=\"lhnet1\",network=\"storage\"}");
+    let lo_tx = series("lhnet_interface_transmit_bytes_total{device=\"lo\",network=\"loopback\"}");
     let total = (blocks as f64) * 65536.0;
     assert_eq!(rx, total, "{metrics}");
     assert_eq!(tx, total + 32.0, "{metrics}");
@@ -228,7 +156,7 @@ fn a_tcp_listener_moves_256_mib_each_way_across_lhnet1_intact_with_half_close() 
 
 #[test]
 fn a_late_lhnet1_makes_the_proxy_ready_and_an_address_change_rebinds() {
-    if skip() {
+    if !common::root() {
         return;
     }
     let mut topo = Topology::new("late").unwrap();
@@ -325,7 +253,7 @@ fn tcp_echo_from(ns: &str, to: SocketAddr) -> std::io::Result<Vec<u8>> {
 
 #[test]
 fn the_bim_example_serves_grpc_on_both_networks_and_sync_ports_on_lhnet1_only() {
-    if skip() {
+    if !common::root() {
         return;
     }
     let mut topo = Topology::new("bim").unwrap();
@@ -367,25 +295,7 @@ fn the_bim_example_serves_grpc_on_both_networks_and_sync_ports_on_lhnet1_only() 
     loopback_echo(&bim.name, 30001);
 
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/bim.yaml");
-    let child = topo
-        .command(&bim, env!("CARGO_BIN_EXE_lhnet-proxy"))
-        .arg("--config")
-        .arg(example)
-        .arg("--threads")
-        .arg("1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let _proxy = KillOnDrop(child);
-    let started = Instant::now();
-    while !run_in(&bim.name, || TcpStream::connect("127.0.0.1:9901").is_ok()).unwrap() {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "lhnet-proxy did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let _proxy = spawn_proxy(&topo, &bim, Path::new(example), &[]);
 
     // BIM gRPC through lhnet from the manager (pod IP) and from a peer BIM (storage IP).
     for (ns, target) in [

@@ -1,0 +1,98 @@
+//! What the root-only tests share: the lhnet-proxy binary in a namespace, its admin server,
+//! and the skip line when not root.
+#![allow(dead_code)] // each test file uses its own share
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use lhnet_netns::{run_in, Namespace, Topology};
+
+/// A child process killed (and reaped) when the test ends, also by panic.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// True when the test can build namespaces; otherwise says it skipped.
+pub fn root() -> bool {
+    if Topology::can_build() {
+        return true;
+    }
+    eprintln!("skipped: this test builds network namespaces and needs root (CI runs it as root)");
+    false
+}
+
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Starts the lhnet-proxy binary in `ns` with `--threads 1` and waits until its admin server
+/// (127.0.0.1:9901 in the config) answers; listeners bind before the admin server does.
+pub fn spawn_proxy(
+    topo: &Topology,
+    ns: &Namespace,
+    config: &Path,
+    env: &[(&str, &str)],
+) -> KillOnDrop {
+    let mut cmd = topo.command(ns, env!("CARGO_BIN_EXE_lhnet-proxy"));
+    cmd.arg("--config")
+        .arg(config)
+        .arg("--threads")
+        .arg("1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let proxy = KillOnDrop(cmd.spawn().unwrap());
+    let started = Instant::now();
+    while !run_in(&ns.name, || TcpStream::connect("127.0.0.1:9901").is_ok()).unwrap() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "lhnet-proxy did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    proxy
+}
+
+/// `GET path` on the admin server inside `ns`: (status code, body).
+pub fn admin_get(ns: &str, path: &'static str) -> (u16, String) {
+    run_in(ns, move || {
+        let mut s = TcpStream::connect("127.0.0.1:9901").unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let code = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (code, body)
+    })
+    .unwrap()
+}
+
+/// The value of one series in Prometheus text.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+}
