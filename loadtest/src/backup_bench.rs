@@ -10,7 +10,6 @@ use lhnet_proto::imrpc::EngineBackupVolumeListRequest;
 use serde::Serialize;
 use tonic::transport::Channel;
 
-use crate::bench::spawn_runtime_thread;
 use crate::sim::backupstore::Target;
 
 #[derive(Debug, Clone, Serialize)]
@@ -82,20 +81,7 @@ pub fn run(volumes: usize, backups: usize, runs: usize) -> Result<BackupBenchRep
         listeners:\n  - name: m\n    address: 127.0.0.1:0\n    routes:\n\
         \x20     - match: { prefix: /imrpc.ProxyEngineService/ }\n        local: longhorn_engine_proxy\n\
         clusters:\n  - name: engines\n    type: original_dst\n";
-    let config =
-        lhnet_proxy::config::Config::parse(yaml, "bench-backups").map_err(|e| e.to_string())?;
-    let (proxy, addr) = spawn_runtime_thread("lhnet-proxy", 1, None, move |rt| {
-        let p = rt
-            .block_on(lhnet_proxy::app::start(
-                config,
-                lhnet_proxy::app::Options::default(),
-            ))
-            .map_err(std::io::Error::other)?;
-        let addr = p
-            .listener_addr("m")
-            .ok_or_else(|| std::io::Error::other("no listener"))?;
-        Ok((p, addr))
-    })?;
+    let (proxy, addr) = crate::bench::start_lhnet_thread(yaml, "m", 1, None)?;
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

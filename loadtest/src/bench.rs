@@ -395,19 +395,7 @@ fn start_lhnet_tcp(
          listeners:\n  - {{ name: tcp, kind: tcp, address: \"127.0.0.1:0\", cluster: up }}\n\
          clusters:\n  - name: up\n    endpoints: [{upstream}]\n    upstream_bind_config: {{ source_address: 127.0.0.1 }}\n"
     );
-    let config = lhnet_proxy::config::Config::parse(&yaml, "bench").map_err(|e| e.to_string())?;
-    spawn_runtime_thread("lhnet-proxy-tcp", threads, cpus, move |rt| {
-        let proxy = rt
-            .block_on(lhnet_proxy::app::start(
-                config,
-                lhnet_proxy::app::Options::default(),
-            ))
-            .map_err(std::io::Error::other)?;
-        let addr = proxy
-            .listener_addr("tcp")
-            .ok_or_else(|| std::io::Error::other("no tcp listener"))?;
-        Ok((proxy, addr))
-    })
+    start_lhnet_thread(&yaml, "tcp", threads, cpus)
 }
 
 fn workload_name(payload: usize) -> String {
@@ -502,7 +490,18 @@ fn start_lhnet(
          \x20     - match: {{ prefix: / }}\n        cluster: up\n\
          clusters:\n  - name: up\n    endpoints: [{upstream}]\n    upstream_bind_config: {{ source_address: 127.0.0.1 }}\n"
     );
-    let config = lhnet_proxy::config::Config::parse(&yaml, "bench").map_err(|e| e.to_string())?;
+    start_lhnet_thread(&yaml, "bench", threads, cpus)
+}
+
+/// Starts lhnet-proxy from `yaml` on its own runtime thread(s) (pinned when `cpus` is given)
+/// and returns it with the address of its listener `listener`.
+pub(crate) fn start_lhnet_thread(
+    yaml: &str,
+    listener: &'static str,
+    threads: usize,
+    cpus: Option<Vec<usize>>,
+) -> Result<(lhnet_proxy::app::RunningProxy, SocketAddr), String> {
+    let config = lhnet_proxy::config::Config::parse(yaml, "bench").map_err(|e| e.to_string())?;
     spawn_runtime_thread("lhnet-proxy", threads, cpus, move |rt| {
         let proxy = rt
             .block_on(lhnet_proxy::app::start(
@@ -511,8 +510,8 @@ fn start_lhnet(
             ))
             .map_err(std::io::Error::other)?;
         let addr = proxy
-            .listener_addr("bench")
-            .ok_or_else(|| std::io::Error::other("no listener"))?;
+            .listener_addr(listener)
+            .ok_or_else(|| std::io::Error::other(format!("no listener {listener}")))?;
         Ok((proxy, addr))
     })
 }

@@ -139,20 +139,7 @@ pub fn run(streams: usize, duration: Duration) -> Result<EngineReport, String> {
         \x20     - match: { prefix: /imrpc.ProxyEngineService/ }\n        local: longhorn_engine_proxy\n\
         clusters:\n  - name: engines\n    type: original_dst\n    upstream_bind_config: { source_address: storage }\n\
         \x20   allowed_destinations: [127.0.0.0/8]\n";
-    let config =
-        lhnet_proxy::config::Config::parse(yaml, "bench-engine").map_err(|e| e.to_string())?;
-    let (proxy, proxy_addr) = spawn_runtime_thread("lhnet-proxy", 1, proxy_cpus, move |rt| {
-        let p = rt
-            .block_on(lhnet_proxy::app::start(
-                config,
-                lhnet_proxy::app::Options::default(),
-            ))
-            .map_err(std::io::Error::other)?;
-        let addr = p
-            .listener_addr("m")
-            .ok_or_else(|| std::io::Error::other("no listener"))?;
-        Ok((p, addr))
-    })?;
+    let (proxy, proxy_addr) = crate::bench::start_lhnet_thread(yaml, "m", 1, proxy_cpus)?;
 
     let client_rt = {
         let mut b = tokio::runtime::Builder::new_current_thread();
