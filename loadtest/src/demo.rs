@@ -380,7 +380,6 @@ struct Live {
     control_errors: AtomicU64,
     data_bytes: AtomicU64,
     data_errors: AtomicU64,
-    done: AtomicBool,
 }
 
 struct ManagerResult {
@@ -904,7 +903,6 @@ pub fn run(args: &DemoArgs, cancel: Arc<AtomicBool>) -> Result<DemoReport, Strin
             last_line = Instant::now();
         }
     }
-    live.done.store(true, Ordering::SeqCst);
     progress(&live, started, args.duration, spare.as_ref(), tty);
     if tty {
         eprintln!();
