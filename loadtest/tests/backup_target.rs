@@ -63,6 +63,30 @@ fn list_req(target: &str, volume: &str, volume_only: bool) -> EngineBackupVolume
     }
 }
 
+fn volume_get(target: &str, volume: &str) -> EngineBackupVolumeGetRequest {
+    EngineBackupVolumeGetRequest {
+        proxy_engine_request: None,
+        envs: vec![],
+        dest_url: format!("{target}?volume={volume}"),
+    }
+}
+
+fn backup_get(target: &str, backup: &str, volume: &str) -> EngineBackupGetRequest {
+    EngineBackupGetRequest {
+        proxy_engine_request: None,
+        envs: vec![],
+        dest_url: backupstore::encode_backup_url(target, backup, volume),
+    }
+}
+
+fn remove_backup(target: &str, backup: &str, volume: &str) -> EngineBackupRemoveRequest {
+    EngineBackupRemoveRequest {
+        envs: vec![],
+        dest_url: backupstore::encode_backup_url(target, backup, volume),
+        volume_name: String::new(),
+    }
+}
+
 fn blocks_of(dir: &Path) -> usize {
     walk(dir)
         .iter()
@@ -134,11 +158,7 @@ async fn list_inspect_metadata_and_remove_over_the_simulators_backups() {
     assert_eq!(one.volumes.keys().collect::<Vec<_>>(), ["vol2"]);
 
     let vol = c
-        .backup_volume_get(EngineBackupVolumeGetRequest {
-            proxy_engine_request: None,
-            envs: vec![],
-            dest_url: format!("{url}?volume=vol1"),
-        })
+        .backup_volume_get(volume_get(&url, "vol1"))
         .await
         .unwrap()
         .into_inner()
@@ -155,11 +175,7 @@ async fn list_inspect_metadata_and_remove_over_the_simulators_backups() {
     );
     assert_eq!(vol.backing_image_name, "", "double-quoted \"\" decoded");
 
-    let get = |backup: &str, volume: &str| EngineBackupGetRequest {
-        proxy_engine_request: None,
-        envs: vec![],
-        dest_url: backupstore::encode_backup_url(&url, backup, volume),
-    };
+    let get = |backup: &str, volume: &str| backup_get(&url, backup, volume);
     let b = c
         .backup_get(get("backup-b", "vol1"))
         .await
@@ -202,24 +218,16 @@ async fn list_inspect_metadata_and_remove_over_the_simulators_backups() {
     );
 
     // Remove backup-a: backup-b's blocks all stay and it reads back whole.
-    c.backup_remove(EngineBackupRemoveRequest {
-        envs: vec![],
-        dest_url: backupstore::encode_backup_url(&url, "backup-a", "vol1"),
-        volume_name: String::new(),
-    })
-    .await
-    .unwrap();
+    c.backup_remove(remove_backup(&url, "backup-a", "vol1"))
+        .await
+        .unwrap();
     let (_, back) = t.read_backup("vol1", "backup-b").unwrap();
     assert_eq!(&back[..data.len()], &data[..]);
     assert_eq!(t.load_volume("vol1").unwrap().block_count, "3");
     // Removing the last backup keeps volume.cfg with no last backup and no blocks.
-    c.backup_remove(EngineBackupRemoveRequest {
-        envs: vec![],
-        dest_url: backupstore::encode_backup_url(&url, "backup-b", "vol1"),
-        volume_name: String::new(),
-    })
-    .await
-    .unwrap();
+    c.backup_remove(remove_backup(&url, "backup-b", "vol1"))
+        .await
+        .unwrap();
     let cfg = t.load_volume("vol1").unwrap();
     assert_eq!(
         (cfg.last_backup_name.as_str(), cfg.block_count.as_str()),
@@ -277,11 +285,7 @@ async fn longhorns_json_quirks_in_progress_and_corrupt_cfgs() {
     );
 
     let vol = c
-        .backup_volume_get(EngineBackupVolumeGetRequest {
-            proxy_engine_request: None,
-            envs: vec![],
-            dest_url: format!("{url}?volume=vol-q"),
-        })
+        .backup_volume_get(volume_get(&url, "vol-q"))
         .await
         .unwrap()
         .into_inner()
@@ -299,11 +303,7 @@ async fn longhorns_json_quirks_in_progress_and_corrupt_cfgs() {
     assert_eq!(vol.labels["tier"], "gold");
 
     let b = c
-        .backup_get(EngineBackupGetRequest {
-            proxy_engine_request: None,
-            envs: vec![],
-            dest_url: backupstore::encode_backup_url(&url, "backup-done", "vol-q"),
-        })
+        .backup_get(backup_get(&url, "backup-done", "vol-q"))
         .await
         .unwrap()
         .into_inner()
@@ -314,11 +314,7 @@ async fn longhorns_json_quirks_in_progress_and_corrupt_cfgs() {
         (6291456, "bi1")
     );
     let wip = c
-        .backup_get(EngineBackupGetRequest {
-            proxy_engine_request: None,
-            envs: vec![],
-            dest_url: backupstore::encode_backup_url(&url, "backup-wip", "vol-q"),
-        })
+        .backup_get(backup_get(&url, "backup-wip", "vol-q"))
         .await
         .unwrap_err();
     assert!(
@@ -344,11 +340,7 @@ async fn longhorns_json_quirks_in_progress_and_corrupt_cfgs() {
         "in-progress backups are listed too"
     );
     let err = c
-        .backup_volume_get(EngineBackupVolumeGetRequest {
-            proxy_engine_request: None,
-            envs: vec![],
-            dest_url: format!("{url}?volume=vol-bad"),
-        })
+        .backup_volume_get(volume_get(&url, "vol-bad"))
         .await
         .unwrap_err();
     assert!(err.message().contains("vol-bad/volume.cfg"), "{err:?}");
@@ -364,13 +356,9 @@ async fn longhorns_json_quirks_in_progress_and_corrupt_cfgs() {
     let blk = t.volume_dir("vol-q").join("blocks/aa/bb/aabb.blk");
     std::fs::create_dir_all(blk.parent().unwrap()).unwrap();
     std::fs::write(&blk, b"x").unwrap();
-    c.backup_remove(EngineBackupRemoveRequest {
-        envs: vec![],
-        dest_url: backupstore::encode_backup_url(&url, "backup-done", "vol-q"),
-        volume_name: String::new(),
-    })
-    .await
-    .unwrap();
+    c.backup_remove(remove_backup(&url, "backup-done", "vol-q"))
+        .await
+        .unwrap();
     assert!(blk.exists(), "GC ran while a backup was in progress");
 
     // envs: unknown keys refused; s3 said plainly to be unsupported.
@@ -413,14 +401,7 @@ async fn concurrent_removes_of_backups_sharing_blocks_lose_no_shared_block() {
     let remove = |name: &'static str| {
         let mut c = c.clone();
         let url = url.clone();
-        tokio::spawn(async move {
-            c.backup_remove(EngineBackupRemoveRequest {
-                envs: vec![],
-                dest_url: backupstore::encode_backup_url(&url, name, "vol1"),
-                volume_name: String::new(),
-            })
-            .await
-        })
+        tokio::spawn(async move { c.backup_remove(remove_backup(&url, name, "vol1")).await })
     };
     let (a, b) = tokio::join!(remove("backup-1"), remove("backup-2"));
     a.unwrap().unwrap();
