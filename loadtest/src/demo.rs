@@ -335,7 +335,8 @@ fn start_pod(
                 while tcp_ports.is_some() && proxy.tcp_listener_addrs("replica_data").is_empty() {
                     if Instant::now() > deadline {
                         return Err(format!(
-                            "{name}: lhnet's storage listeners did not bind in 10 s"
+                            "{name}: lhnet's storage listeners did not bind in 10 s \
+                             (see lhnet's bind warnings above: a port in use, or no lhnet1 address)"
                         ));
                     }
                     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -360,7 +361,7 @@ fn start_pod(
     .map_err(|e| format!("{name}: cannot start its thread: {e}"))?;
     let (metrics, replicas) = ready_rx
         .recv_timeout(Duration::from_secs(30))
-        .map_err(|_| format!("{name}: did not start within 30 s"))??;
+        .map_err(|_| format!("{name}: did not start within 30 s (its lhnet and simulator errors are in the log lines above)"))??;
     Ok(Pod {
         name,
         ns,

@@ -109,12 +109,12 @@ impl AddressMap {
         }
         if !settings.lookup.enabled {
             return Err(format!(
-                "no storage address known for {ip}; it is not in peers and peer_lookup is disabled"
+                "no storage address known for {ip}; it is not in peers and peer_lookup is disabled (add it to peers: or enable peer_lookup)"
             ));
         }
         if !self.may_ask(&settings, ip) {
             return Err(format!(
-                "no storage address known for {ip}; it is not in peers and outside peer_lookup.networks ({})",
+                "no storage address known for {ip}; it is not in peers and outside peer_lookup.networks ({}); add it to peers: or widen peer_lookup.networks",
                 if settings.lookup.networks.is_empty() {
                     "default: this pod's management subnets".to_string()
                 } else {

@@ -247,7 +247,9 @@ impl Target {
             });
         }
         let scheme = url.split("://").next().unwrap_or(url);
-        Err(format!("Driver {scheme} is not supported!"))
+        Err(format!(
+            "Driver {scheme} is not supported! (lhnet reads vfs:///DIR and mounted nfs://HOST:/PATH targets)"
+        ))
     }
 
     fn store(&self) -> PathBuf {
