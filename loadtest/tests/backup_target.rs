@@ -14,11 +14,18 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 async fn start_proxy() -> (RunningProxy, ProxyEngineServiceClient<Channel>) {
-    let yaml = "admin: { address: 127.0.0.1:0 }\nstorage_network: { interface: lo }\n\
+    start_proxy_with("").await
+}
+
+/// lhnet with the engine proxy on loopback; `extra` is appended to its config.
+async fn start_proxy_with(extra: &str) -> (RunningProxy, ProxyEngineServiceClient<Channel>) {
+    let yaml = format!(
+        "admin: {{ address: 127.0.0.1:0 }}\nstorage_network: {{ interface: lo }}\n\
         listeners:\n  - name: m\n    address: 127.0.0.1:0\n    routes:\n\
-        \x20     - match: { prefix: /imrpc.ProxyEngineService/ }\n        local: longhorn_engine_proxy\n\
-        clusters:\n  - name: engines\n    type: original_dst\n    allowed_destinations: [127.0.0.1]\n";
-    let proxy = app::start(Config::parse(yaml, "test").unwrap(), Options::default())
+        \x20     - match: {{ prefix: /imrpc.ProxyEngineService/ }}\n        local: longhorn_engine_proxy\n\
+        clusters:\n  - name: engines\n    type: original_dst\n    allowed_destinations: [127.0.0.1]\n{extra}"
+    );
+    let proxy = app::start(Config::parse(&yaml, "test").unwrap(), Options::default())
         .await
         .unwrap();
     let addr = proxy.listener_addr("m").unwrap();
@@ -361,7 +368,7 @@ async fn longhorns_json_quirks_in_progress_and_corrupt_cfgs() {
         .unwrap();
     assert!(blk.exists(), "GC ran while a backup was in progress");
 
-    // envs: unknown keys refused; s3 said plainly to be unsupported.
+    // envs: unknown keys refused; an unknown scheme named.
     let err = c
         .backup_volume_list(EngineBackupVolumeListRequest {
             envs: vec!["LD_PRELOAD=/x".into()],
@@ -370,11 +377,6 @@ async fn longhorns_json_quirks_in_progress_and_corrupt_cfgs() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    let err = c
-        .backup_volume_list(list_req("s3://bucket@us-east-1/path", "", true))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
     let err = c
         .backup_volume_list(list_req("ftp://x/y", "", true))
         .await
@@ -414,5 +416,366 @@ async fn concurrent_removes_of_backups_sharing_blocks_lose_no_shared_block() {
     );
     assert_eq!(t.load_volume("vol1").unwrap().block_count, "4");
     assert_eq!(blocks_of(&t.volume_dir("vol1")), 4);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// moto's S3 server (PyPI `moto[server]`, see docs/engine-proxy.md) on 127.0.0.1 at a port it
+/// picks itself, with one empty bucket. `None` (after saying why) when moto is not installed.
+struct Moto {
+    child: std::process::Child,
+    endpoint: String,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const MOTO: &str = r#"
+import logging, sys, urllib.request
+logging.getLogger("werkzeug").setLevel(logging.ERROR)
+try:
+    from moto.server import ThreadedMotoServer
+except ImportError as e:
+    print("missing", e, flush=True)
+    sys.exit(3)
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+server.start()
+port = server.get_host_and_port()[1]
+urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/{sys.argv[1]}", method="PUT"))
+print(port, flush=True)
+sys.stdin.read()
+"#;
+
+fn start_moto(bucket: &str) -> Option<Moto> {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let mut child = match Command::new("python3")
+        .args(["-c", MOTO, bucket])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("SKIP: cannot run python3 for moto's S3 server: {e}");
+            return None;
+        }
+    };
+    let mut line = String::new();
+    let stdout = child.stdout.take().unwrap();
+    let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+    let mut moto = Moto {
+        child,
+        endpoint: String::new(),
+    };
+    match line.trim().parse::<u16>() {
+        Ok(port) => {
+            moto.endpoint = format!("http://127.0.0.1:{port}");
+            Some(moto)
+        }
+        Err(_) => {
+            eprintln!(
+                "SKIP: moto's S3 server is not available ({}); `pip install 'moto[server]'` (.ci/run does)",
+                line.trim()
+            );
+            None
+        }
+    }
+}
+
+/// `envs` exactly as longhorn-manager sends them for S3: every key, some empty.
+fn s3_envs(endpoint: &str) -> Vec<String> {
+    [
+        ("AWS_ACCESS_KEY_ID", "test-access-key"),
+        ("AWS_SECRET_ACCESS_KEY", "test-secret-key"),
+        ("AWS_ENDPOINTS", endpoint),
+        ("AWS_CERT", ""),
+        ("HTTPS_PROXY", ""),
+        ("HTTP_PROXY", ""),
+        ("NO_PROXY", ""),
+        ("VIRTUAL_HOSTED_STYLE", ""),
+    ]
+    .iter()
+    .map(|(k, v)| format!("{k}={v}"))
+    .collect()
+}
+
+/// Keys under `prefix` and the bytes of `key`, read with AWS's own Python SDK (boto3, which
+/// moto brings): the objects as stored, not as our S3 driver reads them.
+fn boto3_look(endpoint: &str, bucket: &str, prefix: &str, key: &str) -> (Vec<String>, String) {
+    const LOOK: &str = r#"
+import sys, json, boto3
+endpoint, bucket, prefix, key = sys.argv[1:5]
+s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                  aws_access_key_id="test-access-key", aws_secret_access_key="test-secret-key")
+keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        for o in page.get("Contents", [])]
+body = s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode() if key in keys else ""
+print(json.dumps({"keys": keys, "body": body}))
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", LOOK, endpoint, bucket, prefix, key])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "boto3: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let keys = v["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap().to_string())
+        .collect();
+    (keys, v["body"].as_str().unwrap().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_target_on_a_real_s3_server() {
+    let Some(moto) = start_moto("backupbucket") else {
+        return;
+    };
+    let (_proxy, mut c) = start_proxy().await;
+    let url = "s3://backupbucket@us-east-1/s3-test";
+    let envs = s3_envs(&moto.endpoint);
+    let options = backupstore::TargetOptions {
+        credentials: envs
+            .iter()
+            .filter_map(|e| e.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
+    };
+
+    // Backups written through the S3 driver, as the simulator writes them to a directory.
+    let mut data = vec![0u8; 3 * BLOCK_SIZE];
+    data[7] = 1;
+    data[BLOCK_SIZE + 9] = 2;
+    let written = data.clone();
+    let t = tokio::task::spawn_blocking(move || {
+        let t = Target::open(url, &options).unwrap();
+        assert_eq!(t.kind(), "s3");
+        backup(&t, "vol1", "backup-a", "2022-06-01T00:00:00Z", &data);
+        data[2 * BLOCK_SIZE + 1] = 3;
+        backup(&t, "vol1", "backup-b", "2022-06-01T01:00:00Z", &data);
+        backup(
+            &t,
+            "vol2",
+            "backup-c",
+            "2022-06-01T02:00:00Z",
+            &data[..BLOCK_SIZE],
+        );
+        t
+    })
+    .await
+    .unwrap();
+
+    // Longhorn's keys under the URL's path, cfgs byte for byte as Go writes them.
+    let vol1_cfg = "s3-test/backupstore/volumes/01/9c/vol1/volume.cfg";
+    let (keys, cfg) = boto3_look(&moto.endpoint, "backupbucket", "s3-test/", vol1_cfg);
+    assert_eq!(
+        keys.iter().filter(|k| k.ends_with(".blk")).count(),
+        3 + 1,
+        "{keys:?}"
+    );
+    assert!(
+        keys.iter().all(|k| !k.contains("/locks/")),
+        "lock left behind: {keys:?}"
+    );
+    assert!(
+        cfg.starts_with(r#"{"Name":"vol1","Size":"6291456","Labels":{"app":"db"},"#)
+            && cfg.contains(r#""LastBackupName":"backup-b","#)
+            && cfg.contains(r#""BlockCount":"3","BackingImageName":"\"\"""#),
+        "{cfg}"
+    );
+
+    let with_envs = |mut r: EngineBackupVolumeListRequest| {
+        r.envs = envs.clone();
+        r
+    };
+    let all = c
+        .backup_volume_list(with_envs(list_req(url, "", false)))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut names: Vec<_> = all.volumes.keys().cloned().collect();
+    names.sort();
+    assert_eq!(names, ["vol1", "vol2"]);
+    let mut backups: Vec<_> = all.volumes["vol1"].backups.keys().cloned().collect();
+    backups.sort();
+    assert_eq!(backups, ["backup-a", "backup-b"]);
+
+    let vol = c
+        .backup_volume_get(EngineBackupVolumeGetRequest {
+            envs: envs.clone(),
+            ..volume_get(url, "vol1")
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(
+        (vol.size, vol.data_stored, vol.last_backup_name.as_str()),
+        (6291456, 3 * BLOCK_SIZE as i64, "backup-b")
+    );
+    let b = c
+        .backup_get(EngineBackupGetRequest {
+            envs: envs.clone(),
+            ..backup_get(url, "backup-a", "vol1")
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .backup
+        .unwrap();
+    assert_eq!(b.url, format!("{url}?backup=backup-a&volume=vol1"));
+    assert_eq!((b.size, b.is_incremental), (2 * BLOCK_SIZE as i64, false));
+    let meta = c
+        .backup_config_meta_get(EngineBackupConfigMetaGetRequest {
+            proxy_engine_request: None,
+            envs: envs.clone(),
+            dest_url: backupstore::encode_backup_url(url, "backup-b", "vol1"),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .modification_time
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!((now - meta.seconds).abs() < 300, "{meta:?} vs {now}");
+    let missing = c
+        .backup_get(EngineBackupGetRequest {
+            envs: envs.clone(),
+            ..backup_get(url, "backup-zz", "vol1")
+        })
+        .await
+        .unwrap_err();
+    assert!(missing.message().contains("cannot find"), "{missing:?}");
+
+    // Remove backup-a: its one block of its own goes, the two shared with backup-b stay.
+    c.backup_remove(EngineBackupRemoveRequest {
+        envs: envs.clone(),
+        ..remove_backup(url, "backup-a", "vol1")
+    })
+    .await
+    .unwrap();
+    let (t, read) = tokio::task::spawn_blocking(move || {
+        let read = t.read_backup("vol1", "backup-b").map(|(_, d)| d);
+        (t, read)
+    })
+    .await
+    .unwrap();
+    let mut expected = written.clone();
+    expected[2 * BLOCK_SIZE + 1] = 3;
+    assert_eq!(read.unwrap(), expected, "backup-b lost a shared block");
+    let (_, cfg) = boto3_look(&moto.endpoint, "backupbucket", "s3-test/", vol1_cfg);
+    assert!(cfg.contains(r#""BlockCount":"3""#), "{cfg}");
+    let left = tokio::task::spawn_blocking(move || t.list(Some("vol1"), false))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(left["vol1"].backups, ["backup-b"]);
+
+    // Remove the whole vol2; nothing of it is left in the bucket.
+    c.backup_remove(EngineBackupRemoveRequest {
+        envs: envs.clone(),
+        dest_url: url.into(),
+        volume_name: "vol2".into(),
+    })
+    .await
+    .unwrap();
+    let all = c
+        .backup_volume_list(with_envs(list_req(url, "", true)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(all.volumes.keys().collect::<Vec<_>>(), ["vol1"]);
+    let (keys, _) = boto3_look(&moto.endpoint, "backupbucket", "s3-test/", "");
+    assert!(keys.iter().any(|k| k == vol1_cfg), "{keys:?}");
+    assert!(
+        keys.iter().all(|k| !k.contains("/vol2/")),
+        "vol2 left behind: {keys:?}"
+    );
+
+    // A bucket that is not there: a clear error naming it, code UNKNOWN like grpc-go.
+    let err = c
+        .backup_volume_list(with_envs(list_req("s3://nobucket@us-east-1/x", "", true)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unknown, "{err:?}");
+    assert!(err.message().contains("nobucket"), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_s3_target_times_out_without_holding_up_others() {
+    // An "S3 server" that accepts and never answers.
+    let stall = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", stall.local_addr().unwrap());
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let held = std::thread::spawn(move || {
+        let mut conns = Vec::new();
+        stall.set_nonblocking(true).unwrap();
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::time::Instant::now() < until && stopped.try_recv().is_err() {
+            match stall.accept() {
+                Ok((c, _)) => conns.push(c),
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            }
+        }
+    });
+    let (_proxy, c) =
+        start_proxy_with("backup_target: { timeout: 1500ms, max_concurrent: 2 }\n").await;
+    let dir = scratch("stall");
+    let vfs = format!("vfs://{}", dir.display());
+    let t = Target::parse(&vfs).unwrap();
+    backup(&t, "vol1", "backup-a", "2022-06-01T00:00:00Z", &[1u8; 16]);
+
+    let started = std::time::Instant::now();
+    let stalled: Vec<_> = (0..3)
+        .map(|_| {
+            let mut c = c.clone();
+            let r = EngineBackupVolumeListRequest {
+                envs: s3_envs(&endpoint),
+                ..list_req("s3://stuck@us-east-1/p", "", true)
+            };
+            tokio::spawn(async move { c.backup_volume_list(r).await })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // While they hang: Ping and another target answer.
+    let mut c2 = c.clone();
+    c2.ping(()).await.unwrap();
+    let listed = c2
+        .backup_volume_list(list_req(&vfs, "", true))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.volumes.contains_key("vol1"));
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(1200),
+        "other calls waited for the stalled target ({:?})",
+        started.elapsed()
+    );
+    for call in stalled {
+        let err = call.await.unwrap().unwrap_err();
+        assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+        assert!(
+            err.message().contains("s3://stuck@us-east-1/p")
+                && err.message().contains("did not answer within 1.5 s"),
+            "{err:?}"
+        );
+    }
+    stop.send(()).unwrap();
+    held.join().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }

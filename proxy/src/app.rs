@@ -14,6 +14,7 @@ use crate::address_map::AddressMap;
 use crate::admin::{self, AdminState};
 use crate::cluster::Cluster;
 use crate::config::{Config, ListenAddress, ListenerKind, LOOPBACK_CLUSTER};
+use crate::engine_proxy::BackupTargets;
 use crate::health::HealthService;
 use crate::listener::GrpcListener;
 use crate::metrics::Metrics;
@@ -65,6 +66,7 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Str
         health: HealthService::server(ready_rx.clone()),
         peer: PeerService::server(storage.clone()),
         address_map: AddressMap::new(storage.clone(), &config),
+        backup_targets: BackupTargets::new(&config.backup_target),
     };
     let clusters = build_clusters(&config, &storage, &metrics);
 
@@ -312,6 +314,10 @@ impl Reloader {
         }
         let clusters = build_clusters(&new, &self.shared.storage, &self.shared.metrics);
         self.shared.locals.address_map.update(&new);
+        self.shared
+            .locals
+            .backup_targets
+            .reconfigure(&new.backup_target);
         for l in &new.listeners {
             if let Some(table) = self.shared.tables.get(&l.name) {
                 table.store(Arc::new(RouteTable::new(

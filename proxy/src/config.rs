@@ -27,6 +27,8 @@ pub struct Config {
     #[serde(serialize_with = "ser_peers")]
     pub peers: Vec<(IpAddr, IpAddr)>,
     pub peer_lookup: PeerLookupConfig,
+    /// How the backup-target RPCs reach backup targets.
+    pub backup_target: BackupTargetConfig,
     /// How long shutdown waits for in-flight streams after GOAWAY.
     #[serde(serialize_with = "ser_duration")]
     pub drain_timeout: Duration,
@@ -55,6 +57,32 @@ impl Default for PeerLookupConfig {
             port: 8501,
             timeout: Duration::from_secs(1),
             cache_ttl: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `backup_target`: how the backup-target RPCs (BackupVolumeList …) reach targets.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BackupTargetConfig {
+    /// Where `nfs://HOST:/PATH` targets are found or mounted (`<root>/<host>/<path>`).
+    pub nfs_mount_root: std::path::PathBuf,
+    /// `auto`: mount the export when nothing is mounted there; `existing`: use the directory
+    /// as it is.
+    pub nfs_mount: crate::backupstore::NfsMount,
+    /// Calls running at once against one target; more wait for a slot within their timeout.
+    pub max_concurrent: usize,
+    /// The longest one call may take, waiting for a slot included.
+    #[serde(serialize_with = "ser_duration")]
+    pub timeout: Duration,
+}
+
+impl Default for BackupTargetConfig {
+    fn default() -> Self {
+        BackupTargetConfig {
+            nfs_mount_root: crate::backupstore::NFS_MOUNT_ROOT.into(),
+            nfs_mount: crate::backupstore::NfsMount::Auto,
+            max_concurrent: 8,
+            timeout: Duration::from_secs(60),
         }
     }
 }
@@ -775,6 +803,10 @@ fn parse_config(root: &Value, cx: &mut Cx) -> Option<Config> {
         Some((p, v)) => parse_peer_lookup(v, &p, cx),
         None => Some(PeerLookupConfig::default()),
     };
+    let backup_target = match f.take("backup_target") {
+        Some((p, v)) => parse_backup_target(v, &p, cx),
+        None => Some(BackupTargetConfig::default()),
+    };
     f.finish(
         &[
             "admin",
@@ -784,6 +816,7 @@ fn parse_config(root: &Value, cx: &mut Cx) -> Option<Config> {
             "clusters",
             "peers",
             "peer_lookup",
+            "backup_target",
         ],
         cx,
     );
@@ -796,6 +829,7 @@ fn parse_config(root: &Value, cx: &mut Cx) -> Option<Config> {
         clusters,
         peers: peers?,
         peer_lookup: peer_lookup?,
+        backup_target: backup_target?,
         drain_timeout: drain_timeout?,
     })
 }
@@ -882,6 +916,60 @@ fn parse_peer_lookup(v: &Value, path: &str, cx: &mut Cx) -> Option<PeerLookupCon
         port: port?,
         timeout: timeout?,
         cache_ttl: cache_ttl?,
+    })
+}
+
+fn parse_backup_target(v: &Value, path: &str, cx: &mut Cx) -> Option<BackupTargetConfig> {
+    use crate::backupstore::NfsMount;
+    let mut f = Fields::new(v, path, cx)?;
+    let d = BackupTargetConfig::default();
+    let nfs_mount_root = match f.take("nfs_mount_root") {
+        Some((p, v)) => string(v, &p, cx).and_then(|s| {
+            if s.starts_with('/') {
+                Some(std::path::PathBuf::from(s))
+            } else {
+                cx.err(&p, format!("\"{s}\" is not an absolute directory"));
+                None
+            }
+        }),
+        None => Some(d.nfs_mount_root.clone()),
+    };
+    let nfs_mount = match f.take("nfs_mount") {
+        Some((p, v)) => match string(v, &p, cx).as_deref() {
+            Some("auto") => Some(NfsMount::Auto),
+            Some("existing") => Some(NfsMount::Existing),
+            Some(other) => {
+                cx.err(&p, format!("\"{other}\" is not auto or existing"));
+                None
+            }
+            None => None,
+        },
+        None => Some(d.nfs_mount),
+    };
+    let max_concurrent = match f.take("max_concurrent") {
+        Some((p, v)) => unsigned(v, &p, 1024, cx).and_then(|n| {
+            if n == 0 {
+                cx.err(&p, "must be at least 1");
+                None
+            } else {
+                Some(n as usize)
+            }
+        }),
+        None => Some(d.max_concurrent),
+    };
+    let timeout = match f.take("timeout") {
+        Some((p, v)) => duration(v, &p, cx),
+        None => Some(d.timeout),
+    };
+    f.finish(
+        &["nfs_mount_root", "nfs_mount", "max_concurrent", "timeout"],
+        cx,
+    );
+    Some(BackupTargetConfig {
+        nfs_mount_root: nfs_mount_root?,
+        nfs_mount: nfs_mount?,
+        max_concurrent: max_concurrent?,
+        timeout: timeout?,
     })
 }
 
@@ -1997,6 +2085,42 @@ clusters: [{ name: engines, type: original_dst }]
             "listeners[2].address: a loopback address forwarded to cluster loopback",
             "listeners[3].cluster: cluster \"engines\" is original_dst",
             "listeners[4].kind: \"udp\" is not a listener kind",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn backup_target_settings_and_mistakes() {
+        let listeners = "listeners: [{ name: h, address: 127.0.0.1:0, routes: [{ match: { prefix: / }, local: health }] }]\n";
+        let c = Config::parse(listeners, "x").unwrap();
+        assert_eq!(c.backup_target, BackupTargetConfig::default());
+        let good = format!(
+            "{listeners}backup_target: {{ nfs_mount_root: /mnt/bs, nfs_mount: existing, max_concurrent: 2, timeout: 5s }}\n"
+        );
+        let c = Config::parse(&good, "x").unwrap();
+        assert_eq!(
+            c.backup_target.nfs_mount_root,
+            std::path::Path::new("/mnt/bs")
+        );
+        assert_eq!(
+            c.backup_target.nfs_mount,
+            crate::backupstore::NfsMount::Existing
+        );
+        assert_eq!(
+            (c.backup_target.max_concurrent, c.backup_target.timeout),
+            (2, Duration::from_secs(5))
+        );
+        let bad = format!(
+            "{listeners}backup_target: {{ nfs_mount_root: mnt, nfs_mount: maybe, max_concurrent: 0, timeout: 5, s3: x }}\n"
+        );
+        let text = Config::parse(&bad, "x").unwrap_err().to_string();
+        for want in [
+            "backup_target.nfs_mount_root: \"mnt\" is not an absolute directory",
+            "backup_target.nfs_mount: \"maybe\" is not auto or existing",
+            "backup_target.max_concurrent: must be at least 1",
+            "backup_target.timeout",
+            "backup_target: unknown key \"s3\"",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }

@@ -23,7 +23,7 @@ use crate::config::{
     RetryPolicy, RouteAction, RouteConfig,
 };
 use crate::engine_proxy::version::{VersionPatchBody, VERSION_GET_PATH};
-use crate::engine_proxy::EngineProxy;
+use crate::engine_proxy::{BackupTargets, EngineProxy};
 use crate::health::HealthService;
 use crate::metrics::Metrics;
 use crate::reply::{
@@ -64,6 +64,7 @@ pub struct LocalServices {
     pub health: lhnet_proto::health::health_server::HealthServer<HealthService>,
     pub peer: lhnet_proto::peer::peer_server::PeerServer<PeerService>,
     pub address_map: Arc<AddressMap>,
+    pub backup_targets: Arc<BackupTargets>,
 }
 
 /// The cluster `local: longhorn_engine_proxy` dials through unless the route names another.
@@ -95,7 +96,7 @@ impl RouteTable {
                         match clusters.get(name) {
                             Some(c) => Target::EngineProxy(
                                 MappedEngineProxy::server(
-                                    EngineProxy::new(c.clone()),
+                                    EngineProxy::new(c.clone(), locals.backup_targets.clone()),
                                     locals.address_map.clone(),
                                 )
                                     .max_decoding_message_size(listener.max_message_size)

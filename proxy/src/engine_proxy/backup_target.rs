@@ -5,73 +5,108 @@
 //! library's errors; "not found" texts contain `cannot find`, which managers match.
 //!
 //! `envs` become the credential map of the one call (unknown keys refused) and never touch the
-//! process environment. Filesystem work runs on the blocking pool, at most
-//! [`MAX_CONCURRENT`] at once, each under [`REQUEST_TIMEOUT`], so a slow target never blocks
-//! other RPCs.
+//! process environment. Driver work runs on the blocking pool, at most
+//! `backup_target.max_concurrent` at once per target (the slot is held until the work really
+//! ends, also after a timeout), each call under `backup_target.timeout`, so a slow target never
+//! blocks other RPCs or other targets.
 
 use std::collections::HashMap;
-use std::sync::OnceLock;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
 
+use arc_swap::ArcSwap;
 use lhnet_proto::imrpc::*;
 use tokio::sync::Semaphore;
 use tonic::Status;
 
-use super::credential_map;
-use crate::backupstore::{self, BackupInfo, Target, VolumeInfo};
+use super::target_credentials;
+use crate::backupstore::{self, BackupInfo, NfsOptions, Target, TargetOptions, VolumeInfo};
+use crate::config::BackupTargetConfig;
 
-/// Backup-target calls running at once; more wait for a slot (within their timeout).
-pub const MAX_CONCURRENT: usize = 8;
-/// The longest one call may take (the `longhorn backup` CLI's list/inspect limit).
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Targets whose slots are kept; beyond this, idle ones are forgotten.
+const KEPT_TARGETS: usize = 64;
 
-fn slots() -> &'static Semaphore {
-    static SLOTS: OnceLock<Semaphore> = OnceLock::new();
-    SLOTS.get_or_init(|| Semaphore::new(MAX_CONCURRENT))
+/// The backup-target side of the engine proxy: settings and per-target slots.
+#[derive(Debug)]
+pub struct BackupTargets {
+    config: ArcSwap<BackupTargetConfig>,
+    slots: Mutex<HashMap<String, Arc<Semaphore>>>,
 }
 
-/// Runs backupstore work off the async threads, bounded and timed.
-async fn blocking<T: Send + 'static>(
-    what: String,
-    work: impl FnOnce() -> Result<T, String> + Send + 'static,
-) -> Result<T, Status> {
-    let run = async {
-        let _slot = slots()
-            .acquire()
-            .await
-            .map_err(|_| Status::internal("backup-target slots closed"))?;
-        tokio::task::spawn_blocking(work)
+impl BackupTargets {
+    pub fn new(config: &BackupTargetConfig) -> Arc<BackupTargets> {
+        Arc::new(BackupTargets {
+            config: ArcSwap::from_pointee(config.clone()),
+            slots: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Takes a reloaded config; calls already running keep their slots.
+    pub fn reconfigure(&self, config: &BackupTargetConfig) {
+        if **self.config.load() != *config {
+            self.config.store(Arc::new(config.clone()));
+            self.slots.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        }
+    }
+
+    fn slots_of(&self, target: &str, size: usize) -> Arc<Semaphore> {
+        let mut map = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= KEPT_TARGETS {
+            map.retain(|_, s| s.available_permits() < size);
+        }
+        map.entry(target.to_string())
+            .or_insert_with(|| Arc::new(Semaphore::new(size)))
+            .clone()
+    }
+
+    /// Checks `envs`, opens the target named by `url` (its query is ignored) and runs `work`
+    /// on it off the async threads, bounded and timed.
+    async fn run<T: Send + 'static>(
+        &self,
+        envs: &[String],
+        url: &str,
+        what: String,
+        work: impl FnOnce(Target) -> Result<T, String> + Send + 'static,
+    ) -> Result<T, Status> {
+        let credentials = target_credentials(envs)?;
+        if url.is_empty() {
+            return Err(Status::invalid_argument(
+                "missing required dest_url parameter",
+            ));
+        }
+        let config = self.config.load_full();
+        let target_url = url.split('?').next().unwrap_or(url).to_string();
+        let slots = self.slots_of(&target_url, config.max_concurrent);
+        let options = TargetOptions {
+            credentials,
+            nfs: NfsOptions {
+                mount_root: config.nfs_mount_root.clone(),
+                mount: config.nfs_mount,
+            },
+        };
+        let run = async move {
+            let slot = slots
+                .acquire_owned()
+                .await
+                .map_err(|_| Status::internal("backup-target slots closed"))?;
+            tokio::task::spawn_blocking(move || {
+                let _slot = slot;
+                // Opening may mount NFS or build an S3 client: also off the async threads.
+                work(Target::open(&target_url, &options)?)
+            })
             .await
             .map_err(|e| Status::internal(format!("{what}: {e}")))?
             .map_err(Status::unknown)
-    };
-    tokio::time::timeout(REQUEST_TIMEOUT, run)
-        .await
-        .unwrap_or_else(|_| {
-            Err(Status::deadline_exceeded(format!(
-                "{what}: the backup target did not answer within {} s",
-                REQUEST_TIMEOUT.as_secs()
-            )))
-        })
-}
-
-/// Checks `envs` and opens the target named by `url` (its query is ignored).
-fn open(envs: &[String], url: &str) -> Result<Target, Status> {
-    let credentials = credential_map(envs)?;
-    if url.is_empty() {
-        return Err(Status::invalid_argument(
-            "missing required dest_url parameter",
-        ));
+        };
+        tokio::time::timeout(config.timeout, run)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Status::deadline_exceeded(format!(
+                    "{}: the backup target did not answer within {} s",
+                    url.split('?').next().unwrap_or(url),
+                    config.timeout.as_secs_f64()
+                )))
+            })
     }
-    if url.starts_with("s3://") {
-        // The credentials would be used here, per call; the S3 driver is not built yet.
-        let _ = credentials;
-        return Err(Status::unimplemented(format!(
-            "backup target {}: s3:// is not supported by this lhnet yet (vfs:// and mounted nfs:// are)",
-            url.split('?').next().unwrap_or(url)
-        )));
-    }
-    Target::parse(url).map_err(Status::unknown)
 }
 
 fn volume_info(v: VolumeInfo) -> EngineBackupVolumeInfo {
@@ -112,94 +147,101 @@ fn backup_info(b: BackupInfo) -> EngineBackupInfo {
     }
 }
 
-pub async fn volume_list(
-    r: EngineBackupVolumeListRequest,
-) -> Result<EngineBackupVolumeListProxyResponse, Status> {
-    let target = open(&r.envs, &r.dest_url)?;
-    tracing::debug!(dest_url = %target.url, "backup volume list");
-    let volume = (!r.volume_name.is_empty()).then_some(r.volume_name);
-    let only = r.volume_only;
-    let volumes = blocking(format!("list {}", target.url), move || {
-        target.list(volume.as_deref(), only)
-    })
-    .await?;
-    Ok(EngineBackupVolumeListProxyResponse {
-        volumes: volumes
-            .into_iter()
-            .map(|(name, v)| (name, volume_info(v)))
-            .collect(),
-    })
-}
-
-pub async fn volume_get(
-    r: EngineBackupVolumeGetRequest,
-) -> Result<EngineBackupVolumeGetProxyResponse, Status> {
-    let target = open(&r.envs, &r.dest_url)?;
-    let (_, _, volume) = backupstore::decode_backup_url(&r.dest_url).map_err(Status::unknown)?;
-    let volume = blocking(format!("inspect volume {volume}"), move || {
-        target.inspect_volume(&volume)
-    })
-    .await?;
-    Ok(EngineBackupVolumeGetProxyResponse {
-        volume: Some(volume_info(volume)),
-    })
-}
-
-pub async fn backup_get(r: EngineBackupGetRequest) -> Result<EngineBackupGetProxyResponse, Status> {
-    let target = open(&r.envs, &r.dest_url)?;
-    let (_, backup, volume) =
-        backupstore::decode_backup_url(&r.dest_url).map_err(Status::unknown)?;
-    if backup.is_empty() {
-        return Err(Status::unknown(format!(
-            "backup URL {} names no backup (?backup=NAME&volume=VOL)",
-            r.dest_url
-        )));
-    }
-    let backup = blocking(format!("inspect backup {backup}"), move || {
-        target.inspect_backup(&volume, &backup)
-    })
-    .await?;
-    Ok(EngineBackupGetProxyResponse {
-        backup: Some(backup_info(backup)),
-    })
-}
-
-pub async fn config_meta_get(
-    r: EngineBackupConfigMetaGetRequest,
-) -> Result<EngineBackupConfigMetaGetProxyResponse, Status> {
-    let target = open(&r.envs, &r.dest_url)?;
-    let (_, backup, volume) =
-        backupstore::decode_backup_url(&r.dest_url).map_err(Status::unknown)?;
-    let mtime = blocking(format!("config metadata of {volume}"), move || {
-        target.config_mtime(&volume, (!backup.is_empty()).then_some(backup.as_str()))
-    })
-    .await?;
-    Ok(EngineBackupConfigMetaGetProxyResponse {
-        modification_time: Some(prost_types::Timestamp::from(mtime)),
-    })
-}
-
-pub async fn remove(r: EngineBackupRemoveRequest) -> Result<(), Status> {
-    let target = open(&r.envs, &r.dest_url)?;
-    if r.volume_name.is_empty() {
-        let (_, backup, volume) =
-            backupstore::decode_backup_url(&r.dest_url).map_err(Status::unknown)?;
-        if backup.is_empty() {
-            return Err(Status::unknown(format!(
-                "backup URL {} names no backup; to remove a backup volume, set volume_name",
-                r.dest_url
-            )));
-        }
-        tracing::info!(volume = %volume, backup = %backup, "removing backup");
-        blocking(format!("remove backup {backup}"), move || {
-            target.remove_backup(&volume, &backup)
+impl BackupTargets {
+    pub async fn volume_list(
+        &self,
+        r: EngineBackupVolumeListRequest,
+    ) -> Result<EngineBackupVolumeListProxyResponse, Status> {
+        tracing::debug!(dest_url = %r.dest_url, "backup volume list");
+        let volume = (!r.volume_name.is_empty()).then_some(r.volume_name);
+        let only = r.volume_only;
+        let what = format!("list {}", r.dest_url);
+        let volumes = self
+            .run(&r.envs, &r.dest_url, what, move |target| {
+                target.list(volume.as_deref(), only)
+            })
+            .await?;
+        Ok(EngineBackupVolumeListProxyResponse {
+            volumes: volumes
+                .into_iter()
+                .map(|(name, v)| (name, volume_info(v)))
+                .collect(),
         })
-        .await
-    } else {
-        let volume = r.volume_name;
-        tracing::info!(volume = %volume, "removing backup volume");
-        blocking(format!("remove backup volume {volume}"), move || {
-            target.remove_volume(&volume)
+    }
+
+    pub async fn volume_get(
+        &self,
+        r: EngineBackupVolumeGetRequest,
+    ) -> Result<EngineBackupVolumeGetProxyResponse, Status> {
+        let url = r.dest_url.clone();
+        let what = format!("inspect volume {url}");
+        let volume = self
+            .run(&r.envs, &r.dest_url, what, move |target| {
+                let (_, _, volume) = backupstore::decode_backup_url(&url)?;
+                target.inspect_volume(&volume)
+            })
+            .await?;
+        Ok(EngineBackupVolumeGetProxyResponse {
+            volume: Some(volume_info(volume)),
+        })
+    }
+
+    pub async fn backup_get(
+        &self,
+        r: EngineBackupGetRequest,
+    ) -> Result<EngineBackupGetProxyResponse, Status> {
+        let url = r.dest_url.clone();
+        let what = format!("inspect backup {url}");
+        let backup = self
+            .run(&r.envs, &r.dest_url, what, move |target| {
+                let (_, backup, volume) = backupstore::decode_backup_url(&url)?;
+                if backup.is_empty() {
+                    return Err(format!(
+                        "backup URL {url} names no backup (?backup=NAME&volume=VOL)"
+                    ));
+                }
+                target.inspect_backup(&volume, &backup)
+            })
+            .await?;
+        Ok(EngineBackupGetProxyResponse {
+            backup: Some(backup_info(backup)),
+        })
+    }
+
+    pub async fn config_meta_get(
+        &self,
+        r: EngineBackupConfigMetaGetRequest,
+    ) -> Result<EngineBackupConfigMetaGetProxyResponse, Status> {
+        let url = r.dest_url.clone();
+        let what = format!("config metadata of {url}");
+        let mtime = self
+            .run(&r.envs, &r.dest_url, what, move |target| {
+                let (_, backup, volume) = backupstore::decode_backup_url(&url)?;
+                target.config_mtime(&volume, (!backup.is_empty()).then_some(backup.as_str()))
+            })
+            .await?;
+        Ok(EngineBackupConfigMetaGetProxyResponse {
+            modification_time: Some(prost_types::Timestamp::from(mtime)),
+        })
+    }
+
+    pub async fn remove(&self, r: EngineBackupRemoveRequest) -> Result<(), Status> {
+        let url = r.dest_url.clone();
+        let what = format!("remove {url}");
+        let volume_name = r.volume_name;
+        self.run(&r.envs, &r.dest_url, what, move |target| {
+            if !volume_name.is_empty() {
+                tracing::info!(volume = %volume_name, target = %target.url, "removing backup volume");
+                return target.remove_volume(&volume_name);
+            }
+            let (_, backup, volume) = backupstore::decode_backup_url(&url)?;
+            if backup.is_empty() {
+                return Err(format!(
+                    "backup URL {url} names no backup; to remove a backup volume, set volume_name"
+                ));
+            }
+            tracing::info!(%volume, %backup, target = %target.url, "removing backup");
+            target.remove_backup(&volume, &backup)
         })
         .await
     }

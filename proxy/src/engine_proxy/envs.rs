@@ -21,8 +21,23 @@ pub const CREDENTIAL_KEYS: [&str; 8] = [
 /// Known to longhorn-manager (IAM role via pod annotation); accepted, not passed on.
 const MANAGER_ONLY_KEYS: [&str; 1] = ["AWS_IAM_ROLE_ARN"];
 
-/// Parses `envs` into the credential map, refusing malformed entries and unknown keys.
+/// Read by the AWS SDK itself (spec §2.5); the backup-target RPCs, which talk to S3 from lhnet,
+/// take them from `envs` too. Not passed on to engines, whose credential map has no place
+/// for them.
+pub const TARGET_ONLY_KEYS: [&str; 2] = ["AWS_SESSION_TOKEN", "AWS_REGION"];
+
+/// Parses `envs` into the credential map passed on to an engine, refusing malformed entries
+/// and unknown keys.
 pub fn credential_map(envs: &[String]) -> Result<HashMap<String, String>, Status> {
+    parse(envs, &[])
+}
+
+/// As [`credential_map`], for the backup-target RPCs: also [`TARGET_ONLY_KEYS`].
+pub fn target_credentials(envs: &[String]) -> Result<HashMap<String, String>, Status> {
+    parse(envs, &TARGET_ONLY_KEYS)
+}
+
+fn parse(envs: &[String], extra: &[&str]) -> Result<HashMap<String, String>, Status> {
     let mut map = HashMap::new();
     for (i, entry) in envs.iter().enumerate() {
         let Some((key, value)) = entry.split_once('=') else {
@@ -33,11 +48,12 @@ pub fn credential_map(envs: &[String]) -> Result<HashMap<String, String>, Status
         if MANAGER_ONLY_KEYS.contains(&key) {
             continue;
         }
-        if !CREDENTIAL_KEYS.contains(&key) {
+        if !CREDENTIAL_KEYS.contains(&key) && !extra.contains(&key) {
             return Err(Status::invalid_argument(format!(
                 "envs[{i}]: key {key:?} is not accepted; allowed keys: {}",
                 CREDENTIAL_KEYS
                     .iter()
+                    .chain(extra)
                     .chain(MANAGER_ONLY_KEYS.iter())
                     .copied()
                     .collect::<Vec<_>>()
@@ -84,5 +100,14 @@ mod tests {
             .contains("envs[0]"));
         assert!(credential_map(&["AWS_ACCESS_KEY_ID=a".into()]).is_err());
         assert!(std::env::var_os("LD_PRELOAD").is_none());
+        let region = ["AWS_REGION=eu-west-1".to_string()];
+        assert!(
+            credential_map(&region).is_err(),
+            "engines get no AWS_REGION"
+        );
+        assert_eq!(
+            target_credentials(&region).unwrap()["AWS_REGION"],
+            "eu-west-1"
+        );
     }
 }

@@ -15,9 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lhnet_proto::imrpc::proxy_engine_service_server::{
-    ProxyEngineService, ProxyEngineServiceServer,
-};
+use lhnet_proto::imrpc::proxy_engine_service_server::ProxyEngineService;
 use lhnet_proto::imrpc::*;
 use lhnet_proto::ptypes::controller_service_client::ControllerServiceClient;
 use lhnet_proto::ptypes::replica_service_client::ReplicaServiceClient;
@@ -26,8 +24,9 @@ use lhnet_proto::ptypes::{self, ControllerReplica, ReplicaMode};
 use tonic::{Request, Response, Status};
 
 pub use address::{parse_address, EngineAddr, ReplicaAddr};
+pub use backup_target::BackupTargets;
 use channel::EngineChannel;
-pub use envs::{credential_map, CREDENTIAL_KEYS};
+pub use envs::{credential_map, target_credentials, CREDENTIAL_KEYS};
 
 use crate::cluster::Cluster;
 
@@ -42,15 +41,12 @@ const LONG_CALL_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 #[derive(Clone)]
 pub struct EngineProxy {
     engines: Arc<Cluster>,
+    backups: Arc<BackupTargets>,
 }
 
 impl EngineProxy {
-    pub fn new(engines: Arc<Cluster>) -> EngineProxy {
-        EngineProxy { engines }
-    }
-
-    pub fn server(engines: Arc<Cluster>) -> ProxyEngineServiceServer<EngineProxy> {
-        ProxyEngineServiceServer::new(EngineProxy { engines })
+    pub fn new(engines: Arc<Cluster>, backups: Arc<BackupTargets>) -> EngineProxy {
+        EngineProxy { engines, backups }
     }
 
     /// Refuses an address outside the cluster's allowed destinations, before any dial.
@@ -980,7 +976,8 @@ impl ProxyEngineService for EngineProxy {
         &self,
         request: Request<EngineBackupVolumeListRequest>,
     ) -> Result<Response<EngineBackupVolumeListProxyResponse>, Status> {
-        backup_target::volume_list(request.into_inner())
+        self.backups
+            .volume_list(request.into_inner())
             .await
             .map(Response::new)
     }
@@ -989,7 +986,8 @@ impl ProxyEngineService for EngineProxy {
         &self,
         request: Request<EngineBackupVolumeGetRequest>,
     ) -> Result<Response<EngineBackupVolumeGetProxyResponse>, Status> {
-        backup_target::volume_get(request.into_inner())
+        self.backups
+            .volume_get(request.into_inner())
             .await
             .map(Response::new)
     }
@@ -998,7 +996,8 @@ impl ProxyEngineService for EngineProxy {
         &self,
         request: Request<EngineBackupGetRequest>,
     ) -> Result<Response<EngineBackupGetProxyResponse>, Status> {
-        backup_target::backup_get(request.into_inner())
+        self.backups
+            .backup_get(request.into_inner())
             .await
             .map(Response::new)
     }
@@ -1007,7 +1006,8 @@ impl ProxyEngineService for EngineProxy {
         &self,
         request: Request<EngineBackupConfigMetaGetRequest>,
     ) -> Result<Response<EngineBackupConfigMetaGetProxyResponse>, Status> {
-        backup_target::config_meta_get(request.into_inner())
+        self.backups
+            .config_meta_get(request.into_inner())
             .await
             .map(Response::new)
     }
@@ -1016,7 +1016,8 @@ impl ProxyEngineService for EngineProxy {
         &self,
         request: Request<EngineBackupRemoveRequest>,
     ) -> Result<Response<Empty>, Status> {
-        backup_target::remove(request.into_inner())
+        self.backups
+            .remove(request.into_inner())
             .await
             .map(Response::new)
     }

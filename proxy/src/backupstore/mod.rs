@@ -4,14 +4,22 @@
 //! (`spec/longhorn-backupstore-bim.md` §2). lhnet reads it to serve the backup-target RPCs
 //! (list, inspect, config metadata, remove); the simulator writes its backups with it.
 //!
-//! Drivers: `vfs:///DIR` (a local directory) and `nfs://HOST:/PATH` as an already mounted
-//! directory under the mount root (`/var/lib/longhorn-backupstore-mounts/<host>/<path>`, as
-//! Longhorn mounts it). `s3://` is not built yet.
+//! Drivers ([`driver::Driver`]): `vfs:///DIR` (a local directory), `nfs://HOST:/PATH` (mounted
+//! at `/var/lib/longhorn-backupstore-mounts/<host>/<path>` as Longhorn mounts it, or found
+//! there already) and `s3://BUCKET@REGION/PATH` (through `object_store`, credentials per call).
 
-use std::collections::{BTreeMap, HashSet};
-use std::fs;
+pub mod driver;
+pub mod s3;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use driver::FsDriver;
+pub use driver::{Driver, NfsMount, NfsOptions, NFS_MOUNT_ROOT};
+use s3::S3Driver;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha512};
@@ -66,16 +74,24 @@ pub struct BackupCfg {
     pub single_file: SingleFile,
 }
 
-/// A backup target on a directory: `vfs:///DIR`, or `nfs://HOST:/PATH` mounted under
-/// [`NFS_MOUNT_ROOT`].
+/// An open backup target: its normalised URL and the driver behind it.
 #[derive(Debug, Clone)]
 pub struct Target {
     pub url: String,
-    root: PathBuf,
+    driver: Arc<dyn Driver>,
 }
 
-/// Where Longhorn mounts NFS targets (`<root>/<host with '.'→'_', no ':'>/<path>`).
-pub const NFS_MOUNT_ROOT: &str = "/var/lib/longhorn-backupstore-mounts";
+/// How targets are opened: the call's credentials (S3) and where NFS targets live.
+#[derive(Debug, Clone, Default)]
+pub struct TargetOptions {
+    pub credentials: HashMap<String, String>,
+    pub nfs: NfsOptions,
+}
+
+/// A lock file older than this no longer holds (Longhorn's expiry).
+const LOCK_EXPIRY: Duration = Duration::from_secs(150);
+/// The largest backup [`Target::read_backup`] restores into memory.
+const MAX_RESTORE_BYTES: i64 = 16 << 30;
 
 /// What a backup volume holds (`InspectVolume`, `List`).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -119,13 +135,20 @@ pub fn unquote(value: &str) -> String {
 
 /// Per-volume serialisation of removals inside this process (the lock files order them
 /// against other processes).
-fn volume_guard(dir: &Path) -> std::sync::Arc<std::sync::Mutex<()>> {
-    use std::collections::HashMap;
-    use std::sync::{Arc, Mutex, OnceLock};
-    static GUARDS: OnceLock<Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>> = OnceLock::new();
+fn volume_guard(volume: &str) -> Arc<Mutex<()>> {
+    static GUARDS: OnceLock<Mutex<HashMap<String, Arc<Mutex<()>>>>> = OnceLock::new();
     let guards = GUARDS.get_or_init(|| Mutex::new(HashMap::new()));
     let mut map = guards.lock().unwrap_or_else(|p| p.into_inner());
-    map.entry(dir.to_path_buf()).or_default().clone()
+    // Guards nobody holds are dropped, so the map stays as small as the volumes in use.
+    map.retain(|_, g| Arc::strong_count(g) > 1);
+    map.entry(volume.to_string()).or_default().clone()
+}
+
+fn unix_nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -144,10 +167,7 @@ fn valid_name(name: &str) -> bool {
 
 /// `backup-<16 hex>`, the form the backupstore library generates when no name is given.
 pub fn generate_backup_name(seed: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
+    let nanos = unix_nanos();
     format!(
         "backup-{}",
         &sha512_hex(format!("{seed}{nanos}").as_bytes())[..16]
@@ -191,30 +211,32 @@ pub fn decode_backup_url(url: &str) -> Result<(String, String, String), String> 
     Ok((target.to_string(), backup, volume))
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir)?;
-    }
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let tmp = PathBuf::from(format!("{}.tmp.{nanos}", path.display()));
-    fs::write(&tmp, bytes)?;
-    fs::rename(tmp, path)
-}
-
 fn to_json<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
     serde_json::to_vec(value).map_err(io::Error::other)
 }
 
 impl Target {
+    /// A directory target: `vfs:///DIR`, or `nfs://HOST:/PATH` whose directory under
+    /// [`NFS_MOUNT_ROOT`] is used as it is. The simulator and tests open targets this way.
     pub fn parse(url: &str) -> Result<Target, String> {
         Target::parse_with(url, Path::new(NFS_MOUNT_ROOT))
     }
 
     /// As [`Target::parse`], with NFS targets looked up under `nfs_root`.
     pub fn parse_with(url: &str, nfs_root: &Path) -> Result<Target, String> {
+        let options = TargetOptions {
+            nfs: NfsOptions {
+                mount_root: nfs_root.to_path_buf(),
+                mount: NfsMount::Existing,
+            },
+            ..TargetOptions::default()
+        };
+        Target::open(url, &options)
+    }
+
+    /// Opens any target: vfs, nfs (mounted as `options.nfs` says) or s3 (with the call's
+    /// credentials). The URL's query is ignored.
+    pub fn open(url: &str, options: &TargetOptions) -> Result<Target, String> {
         let url = url.split('?').next().unwrap_or(url);
         if let Some(dir) = url.strip_prefix("vfs://") {
             if !dir.starts_with('/') {
@@ -224,79 +246,67 @@ impl Target {
             }
             return Ok(Target {
                 url: url.trim_end_matches('/').to_string(),
-                root: PathBuf::from(dir),
+                driver: Arc::new(FsDriver::new("vfs", PathBuf::from(dir))),
             });
         }
-        if let Some(rest) = url.strip_prefix("nfs://") {
-            let (host, path) = rest
-                .split_once(":/")
-                .ok_or_else(|| format!("backup target {url}: write nfs://HOST:/PATH"))?;
-            if host.is_empty() || path.trim_matches('/').is_empty() {
-                return Err(format!("backup target {url}: write nfs://HOST:/PATH"));
-            }
-            let mount = nfs_root.join(host.replace('.', "_")).join(path);
-            if !mount.is_dir() {
-                return Err(format!(
-                    "backup target {url}: cannot find its mount at {} (mount the export there)",
-                    mount.display()
-                ));
-            }
+        if url.starts_with("nfs://") {
+            let dir = driver::nfs_directory(url, &options.nfs)?;
             return Ok(Target {
                 url: url.trim_end_matches('/').to_string(),
-                root: mount,
+                driver: Arc::new(FsDriver::new("nfs", dir)),
+            });
+        }
+        if url.starts_with("s3://") {
+            let driver = S3Driver::open(url, &options.credentials)?;
+            return Ok(Target {
+                url: s3::S3Url::parse(url)?.normalised(),
+                driver: Arc::new(driver),
             });
         }
         let scheme = url.split("://").next().unwrap_or(url);
         Err(format!(
-            "Driver {scheme} is not supported! (lhnet reads vfs:///DIR and mounted nfs://HOST:/PATH targets)"
+            "Driver {scheme} is not supported! (lhnet reads vfs:///DIR, nfs://HOST:/PATH and s3://BUCKET@REGION/PATH targets)"
         ))
     }
 
-    fn store(&self) -> PathBuf {
-        self.root.join("backupstore")
+    /// `vfs`, `nfs` or `s3`.
+    pub fn kind(&self) -> &'static str {
+        self.driver.kind()
     }
 
-    fn display(&self, path: &Path) -> String {
-        path.strip_prefix(&self.root)
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|_| path.display().to_string())
+    fn not_found(&self, path: &str) -> String {
+        format!("cannot find {path} in backupstore")
     }
 
-    fn not_found(&self, path: &Path) -> String {
-        format!("cannot find {} in backupstore", self.display(path))
-    }
-
-    fn read_cfg<T: serde::de::DeserializeOwned>(&self, path: &Path) -> Result<T, String> {
-        let bytes = match fs::read(path) {
+    fn read_cfg<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, String> {
+        let bytes = match self.driver.read(path) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(self.not_found(path)),
-            Err(e) => return Err(format!("reading {}: {e}", self.display(path))),
+            Err(e) => return Err(format!("reading {path}: {e}")),
         };
-        serde_json::from_slice(&bytes)
-            .map_err(|e| format!("{} is not a valid cfg: {e}", self.display(path)))
+        serde_json::from_slice(&bytes).map_err(|e| format!("{path} is not a valid cfg: {e}"))
+    }
+
+    fn list_dir(&self, dir: &str) -> Result<Vec<String>, String> {
+        self.driver
+            .list(dir)
+            .map_err(|e| format!("listing {dir}: {e}"))
+    }
+
+    fn write(&self, path: &str, bytes: &[u8]) -> io::Result<()> {
+        self.driver
+            .write(path, bytes)
+            .map_err(|e| io::Error::new(e.kind(), format!("writing {path}: {e}")))
     }
 
     /// Every backup volume name (`volumes/*/*/*`); a bad name fails the list, as in Longhorn.
     pub fn volume_names(&self) -> Result<Vec<String>, String> {
         let mut names = Vec::new();
-        let dirs = |p: &Path| -> Result<Vec<PathBuf>, String> {
-            match fs::read_dir(p) {
-                Ok(entries) => Ok(entries
-                    .filter_map(Result::ok)
-                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                    .map(|e| e.path())
-                    .collect()),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
-                Err(e) => Err(format!("listing {}: {e}", self.display(p))),
-            }
-        };
-        for h1 in dirs(&self.store().join("volumes"))? {
-            for h2 in dirs(&h1)? {
-                for v in dirs(&h2)? {
-                    let name = v
-                        .file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default();
+        let volumes = "backupstore/volumes";
+        for h1 in self.list_dir(volumes)? {
+            let h1 = driver::join(volumes, &h1);
+            for h2 in self.list_dir(&h1)? {
+                for name in self.list_dir(&driver::join(&h1, &h2))? {
                     if !valid_name(&name) {
                         return Err(format!("invalid volume name {name} in backupstore"));
                     }
@@ -310,16 +320,10 @@ impl Target {
 
     /// Backup names of a volume, from `backups/backup_<name>.cfg` (cfgs not read).
     pub fn backup_names(&self, volume: &str) -> Result<Vec<String>, String> {
-        let dir = self.volume_dir(volume).join("backups");
-        let entries = match fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(format!("listing {}: {e}", self.display(&dir))),
-        };
-        let mut names: Vec<String> = entries
-            .filter_map(Result::ok)
-            .filter_map(|e| {
-                let file = e.file_name().to_string_lossy().into_owned();
+        let mut names: Vec<String> = self
+            .list_dir(&format!("{}/backups", self.volume_key(volume)))?
+            .into_iter()
+            .filter_map(|file| {
                 file.strip_prefix("backup_")
                     .and_then(|f| f.strip_suffix(".cfg"))
                     .map(str::to_string)
@@ -348,8 +352,7 @@ impl Target {
         let mut out = BTreeMap::new();
         for name in names {
             let mut info = VolumeInfo::default();
-            let cfg_path = self.volume_dir(&name).join("volume.cfg");
-            if let Err(e) = self.read_cfg::<VolumeCfg>(&cfg_path) {
+            if let Err(e) = self.read_cfg::<VolumeCfg>(&self.volume_cfg_key(&name)) {
                 info.messages.insert("error".into(), e);
             } else if !volume_only {
                 info.backups = self.backup_names(&name)?;
@@ -361,7 +364,7 @@ impl Target {
 
     /// `InspectVolume`.
     pub fn inspect_volume(&self, volume: &str) -> Result<VolumeInfo, String> {
-        let cfg: VolumeCfg = self.read_cfg(&self.volume_dir(volume).join("volume.cfg"))?;
+        let cfg: VolumeCfg = self.read_cfg(&self.volume_cfg_key(volume))?;
         Ok(VolumeInfo {
             name: cfg.name,
             size: cfg.size.parse().unwrap_or(0),
@@ -379,8 +382,8 @@ impl Target {
 
     /// `InspectBackup`: a backup still in progress is an error that says so.
     pub fn inspect_backup(&self, volume: &str, backup: &str) -> Result<BackupInfo, String> {
-        let v: VolumeCfg = self.read_cfg(&self.volume_dir(volume).join("volume.cfg"))?;
-        let b: BackupCfg = self.read_cfg(&self.backup_cfg_path(volume, backup))?;
+        let v: VolumeCfg = self.read_cfg(&self.volume_cfg_key(volume))?;
+        let b: BackupCfg = self.read_cfg(&self.backup_cfg_key(volume, backup))?;
         if b.created_time.is_empty() {
             return Err(format!("backup {backup} is still in progress"));
         }
@@ -401,65 +404,63 @@ impl Target {
     }
 
     /// `GetConfigMetadata`: the mtime of the backup cfg (with a backup) or of volume.cfg.
-    pub fn config_mtime(
-        &self,
-        volume: &str,
-        backup: Option<&str>,
-    ) -> Result<std::time::SystemTime, String> {
+    pub fn config_mtime(&self, volume: &str, backup: Option<&str>) -> Result<SystemTime, String> {
         let path = match backup {
-            Some(b) => self.backup_cfg_path(volume, b),
-            None => self.volume_dir(volume).join("volume.cfg"),
+            Some(b) => self.backup_cfg_key(volume, b),
+            None => self.volume_cfg_key(volume),
         };
-        fs::metadata(&path)
-            .and_then(|m| m.modified())
-            .map_err(|_| self.not_found(&path))
+        self.driver.modified(&path).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                self.not_found(&path)
+            } else {
+                format!("reading the time of {path}: {e}")
+            }
+        })
     }
 
-    fn lock(&self, volume: &str, kind: u8) -> io::Result<PathBuf> {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
+    /// Writes `locks/lock-<16 hex>.lck` of `kind` (1 backup/restore, 2 deletion).
+    fn lock(&self, volume: &str, kind: u8) -> io::Result<String> {
         let name = format!(
             "lock-{}",
-            &sha512_hex(format!("{volume}{nanos}").as_bytes())[..16]
+            &sha512_hex(format!("{volume}{}", unix_nanos()).as_bytes())[..16]
         );
-        let path = self
-            .volume_dir(volume)
-            .join("locks")
-            .join(format!("{name}.lck"));
-        write_atomic(
+        let path = format!("{}/locks/{name}.lck", self.volume_key(volume));
+        self.write(
             &path,
             format!("{{\"Name\":\"{name}\",\"Type\":{kind},\"Acquired\":true}}").as_bytes(),
         )?;
         Ok(path)
     }
 
+    fn unlock(&self, lock: &str) {
+        if let Err(e) = self.driver.remove(lock) {
+            tracing::warn!(%lock, error = %e, "cannot remove a backupstore lock; it expires in 150 s");
+        }
+    }
+
     /// Fails when another process holds a backup or restore lock (type 1) on the volume.
-    fn no_backup_locks(&self, volume: &str, own: &Path) -> Result<(), String> {
-        let dir = self.volume_dir(volume).join("locks");
-        let Ok(entries) = fs::read_dir(&dir) else {
-            return Ok(());
-        };
-        for e in entries.filter_map(Result::ok) {
-            let path = e.path();
-            if path == own || path.extension().is_none_or(|x| x != "lck") {
+    fn no_backup_locks(&self, volume: &str, own: &str) -> Result<(), String> {
+        let dir = format!("{}/locks", self.volume_key(volume));
+        for file in self.list_dir(&dir)? {
+            let path = driver::join(&dir, &file);
+            if path == own || !file.ends_with(".lck") {
                 continue;
             }
-            let fresh = e
-                .metadata()
-                .and_then(|m| m.modified())
+            let fresh = self
+                .driver
+                .modified(&path)
                 .ok()
                 .and_then(|t| t.elapsed().ok())
-                .is_some_and(|age| age < std::time::Duration::from_secs(150));
-            let kind = fs::read(&path)
+                .is_some_and(|age| age < LOCK_EXPIRY);
+            let kind = self
+                .driver
+                .read(&path)
                 .ok()
                 .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
                 .and_then(|v| v.get("Type").and_then(serde_json::Value::as_u64));
             if fresh && kind == Some(1) {
                 return Err(format!(
-                    "failed lock {} type 2 acquisition: a backup or restore holds the volume",
-                    self.display(&path)
+                    "failed lock {path} type 2 acquisition: a backup or restore holds the volume"
                 ));
             }
         }
@@ -469,7 +470,7 @@ impl Target {
     /// `DeleteDeltaBlockBackup`: the cfg first, then blocks no remaining backup references
     /// (skipped while a remaining backup is in progress or unreadable), under a deletion lock.
     pub fn remove_backup(&self, volume: &str, backup: &str) -> Result<(), String> {
-        let guard = volume_guard(&self.volume_dir(volume));
+        let guard = volume_guard(&format!("{}/{}", self.url, self.volume_key(volume)));
         let _held = guard.lock().unwrap_or_else(|p| p.into_inner());
         let lock = self
             .lock(volume, 2)
@@ -477,18 +478,16 @@ impl Target {
         let result = self
             .no_backup_locks(volume, &lock)
             .and_then(|()| self.remove_backup_locked(volume, backup));
-        let _ = fs::remove_file(&lock);
+        self.unlock(&lock);
         result
     }
 
     fn remove_backup_locked(&self, volume: &str, backup: &str) -> Result<(), String> {
-        let cfg_path = self.backup_cfg_path(volume, backup);
-        match fs::remove_file(&cfg_path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(format!("removing {}: {e}", self.display(&cfg_path))),
-        }
-        let vol_path = self.volume_dir(volume).join("volume.cfg");
+        let cfg_path = self.backup_cfg_key(volume, backup);
+        self.driver
+            .remove(&cfg_path)
+            .map_err(|e| format!("removing {cfg_path}: {e}"))?;
+        let vol_path = self.volume_cfg_key(volume);
         let mut vcfg: VolumeCfg = self
             .read_cfg(&vol_path)
             .map_err(|e| format!("Cannot find volume in backupstore due to: {e}"))?;
@@ -502,7 +501,7 @@ impl Target {
         let mut safe = true;
         let mut newest: Option<(String, String)> = None;
         for name in &remaining {
-            match self.read_cfg::<BackupCfg>(&self.backup_cfg_path(volume, name)) {
+            match self.read_cfg::<BackupCfg>(&self.backup_cfg_key(volume, name)) {
                 Ok(b) if !b.created_time.is_empty() => {
                     if newest
                         .as_ref()
@@ -521,33 +520,36 @@ impl Target {
                 vcfg.last_backup_at = at;
             }
         }
-        write_atomic(&vol_path, &to_json(&vcfg).map_err(|e| e.to_string())?)
-            .map_err(|e| format!("saving {}: {e}", self.display(&vol_path)))?;
+        let save = |cfg: &VolumeCfg| {
+            to_json(cfg)
+                .and_then(|json| self.write(&vol_path, &json))
+                .map_err(|e| format!("saving {vol_path}: {e}"))
+        };
+        save(&vcfg)?;
         if !safe || self.backup_names(volume)? != remaining {
             return Ok(());
         }
-        let blocks_dir = self.volume_dir(volume).join("blocks");
+        let blocks_dir = format!("{}/blocks", self.volume_key(volume));
         let mut present = 0i64;
-        for c1 in fs::read_dir(&blocks_dir).into_iter().flatten().flatten() {
-            for c2 in fs::read_dir(c1.path()).into_iter().flatten().flatten() {
-                for blk in fs::read_dir(c2.path()).into_iter().flatten().flatten() {
-                    let file = blk.file_name().to_string_lossy().into_owned();
-                    let Some(sum) = file.strip_suffix(".blk") else {
-                        continue;
-                    };
-                    if referenced.contains(sum) {
-                        present += 1;
-                    } else {
-                        fs::remove_file(blk.path()).map_err(|e| {
-                            format!("removing block {}: {e}", self.display(&blk.path()))
-                        })?;
-                    }
-                }
+        let files = self
+            .driver
+            .walk(&blocks_dir)
+            .map_err(|e| format!("listing {blocks_dir}: {e}"))?;
+        for file in files {
+            let Some(sum) = file.rsplit('/').next().and_then(|f| f.strip_suffix(".blk")) else {
+                continue;
+            };
+            if referenced.contains(sum) {
+                present += 1;
+            } else {
+                let path = driver::join(&blocks_dir, &file);
+                self.driver
+                    .remove(&path)
+                    .map_err(|e| format!("removing block {path}: {e}"))?;
             }
         }
         vcfg.block_count = present.to_string();
-        write_atomic(&vol_path, &to_json(&vcfg).map_err(|e| e.to_string())?)
-            .map_err(|e| format!("saving {}: {e}", self.display(&vol_path)))
+        save(&vcfg)
     }
 
     /// `DeleteBackupVolume`: everything of the volume, then its empty parent directories.
@@ -555,69 +557,66 @@ impl Target {
         if !valid_name(volume) {
             return Err(format!("invalid backup volume name {volume}"));
         }
-        let dir = self.volume_dir(volume);
-        let guard = volume_guard(&dir);
+        let dir = self.volume_key(volume);
+        let guard = volume_guard(&format!("{}/{dir}", self.url));
         let _held = guard.lock().unwrap_or_else(|p| p.into_inner());
-        if !dir.exists() {
+        if self.list_dir(&dir)?.is_empty() {
             return Ok(());
         }
         let lock = self
             .lock(volume, 2)
             .map_err(|e| format!("taking the deletion lock of {volume}: {e}"))?;
         if let Err(e) = self.no_backup_locks(volume, &lock) {
-            let _ = fs::remove_file(&lock);
+            self.unlock(&lock);
             return Err(e);
         }
-        for sub in ["backups", "blocks", "locks"] {
-            let p = dir.join(sub);
-            if p.exists() {
-                fs::remove_dir_all(&p)
-                    .map_err(|e| format!("removing {}: {e}", self.display(&p)))?;
-            }
-        }
-        fs::remove_dir_all(&dir).map_err(|e| format!("removing {}: {e}", self.display(&dir)))?;
-        let mut parent = dir.parent();
-        for _ in 0..2 {
-            let Some(p) = parent else { break };
-            if fs::remove_dir(p).is_err() {
-                break;
-            }
-            parent = p.parent();
-        }
-        Ok(())
+        self.driver
+            .remove(&dir)
+            .map_err(|e| format!("removing {dir}: {e}"))
     }
 
-    pub fn volume_dir(&self, volume: &str) -> PathBuf {
+    /// `backupstore/volumes/<h1>/<h2>/<volume>`, relative to the target's root.
+    pub fn volume_key(&self, volume: &str) -> String {
         let h = sha512_hex(volume.as_bytes());
-        self.root
-            .join("backupstore/volumes")
-            .join(&h[0..2])
-            .join(&h[2..4])
-            .join(volume)
+        format!("backupstore/volumes/{}/{}/{volume}", &h[0..2], &h[2..4])
     }
 
-    fn backup_cfg_path(&self, volume: &str, backup: &str) -> PathBuf {
-        self.volume_dir(volume)
-            .join("backups")
-            .join(format!("backup_{backup}.cfg"))
+    /// The volume's directory on a vfs or nfs target (on S3: its key as a relative path).
+    pub fn volume_dir(&self, volume: &str) -> PathBuf {
+        self.driver
+            .local_root()
+            .unwrap_or(Path::new(""))
+            .join(self.volume_key(volume))
     }
 
-    fn block_path(&self, volume: &str, checksum: &str) -> PathBuf {
-        self.volume_dir(volume)
-            .join("blocks")
-            .join(&checksum[0..2])
-            .join(&checksum[2..4])
-            .join(format!("{checksum}.blk"))
+    fn volume_cfg_key(&self, volume: &str) -> String {
+        format!("{}/volume.cfg", self.volume_key(volume))
+    }
+
+    fn backup_cfg_key(&self, volume: &str, backup: &str) -> String {
+        format!("{}/backups/backup_{backup}.cfg", self.volume_key(volume))
+    }
+
+    fn block_key(&self, volume: &str, checksum: &str) -> String {
+        format!(
+            "{}/blocks/{}/{}/{checksum}.blk",
+            self.volume_key(volume),
+            &checksum[0..2],
+            &checksum[2..4]
+        )
+    }
+
+    fn load<T: serde::de::DeserializeOwned>(&self, path: &str) -> io::Result<T> {
+        let text = self.driver.read(path)?;
+        serde_json::from_slice(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
 
     pub fn load_volume(&self, volume: &str) -> io::Result<VolumeCfg> {
-        let text = fs::read(self.volume_dir(volume).join("volume.cfg"))?;
-        serde_json::from_slice(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+        self.load(&self.volume_cfg_key(volume))
     }
 
     pub fn load_backup(&self, volume: &str, backup: &str) -> io::Result<BackupCfg> {
-        let text = fs::read(self.backup_cfg_path(volume, backup))?;
-        serde_json::from_slice(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+        self.load(&self.backup_cfg_key(volume, backup))
     }
 
     /// Writes one backup of `data` (the volume as of the snapshot) with a lock held, a
@@ -643,16 +642,7 @@ impl Target {
                 format!("invalid volume {volume:?} or backup {backup:?} name"),
             ));
         }
-        let dir = self.volume_dir(volume);
-        let lock_name = format!(
-            "lock-{}",
-            &sha512_hex(format!("{backup}{now}").as_bytes())[..16]
-        );
-        let lock = dir.join("locks").join(format!("{lock_name}.lck"));
-        write_atomic(
-            &lock,
-            format!("{{\"Name\":\"{lock_name}\",\"Type\":1,\"Acquired\":true}}").as_bytes(),
-        )?;
+        let lock = self.lock(volume, 1)?;
         let result = (|| {
             let placeholder = BackupCfg {
                 name: backup.into(),
@@ -666,8 +656,8 @@ impl Target {
                 blocks: vec![],
                 single_file: SingleFile::default(),
             };
-            write_atomic(
-                &self.backup_cfg_path(volume, backup),
+            self.write(
+                &self.backup_cfg_key(volume, backup),
                 &to_json(&placeholder)?,
             )?;
             let mut cfg = self.load_volume(volume).unwrap_or_else(|_| VolumeCfg {
@@ -692,12 +682,12 @@ impl Target {
                 let mut block = chunk.to_vec();
                 block.resize(BLOCK_SIZE, 0);
                 let checksum = sha512_hex(&block)[..64].to_string();
-                let path = self.block_path(volume, &checksum);
-                if !path.exists() {
+                let path = self.block_key(volume, &checksum);
+                if !self.driver.exists(&path)? {
                     let mut gz =
                         flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
                     gz.write_all(&block)?;
-                    write_atomic(&path, &gz.finish()?)?;
+                    self.write(&path, &gz.finish()?)?;
                     new_blocks += 1;
                 }
                 blocks.push(BlockRef {
@@ -723,7 +713,7 @@ impl Target {
                 blocks,
                 single_file: SingleFile::default(),
             };
-            write_atomic(&self.backup_cfg_path(volume, backup), &to_json(&full)?)?;
+            self.write(&self.backup_cfg_key(volume, backup), &to_json(&full)?)?;
             cfg.size = size.to_string();
             cfg.labels = labels;
             cfg.last_backup_name = backup.into();
@@ -732,11 +722,11 @@ impl Target {
                 (cfg.block_count.parse::<i64>().unwrap_or(0) + new_blocks).to_string();
             cfg.backing_image_name = double_quoted(backing_image.0);
             cfg.backing_image_checksum = double_quoted(backing_image.1);
-            write_atomic(&dir.join("volume.cfg"), &to_json(&cfg)?)?;
+            self.write(&self.volume_cfg_key(volume), &to_json(&cfg)?)?;
             progress(100);
             Ok(incremental)
         })();
-        let _ = fs::remove_file(&lock);
+        self.unlock(&lock);
         result
     }
 
@@ -748,21 +738,30 @@ impl Target {
                 "backup {backup} of {volume} is still in progress"
             )));
         }
-        let end = cfg
-            .blocks
-            .iter()
-            .map(|b| b.offset as usize + BLOCK_SIZE)
-            .max()
-            .unwrap_or(0);
-        let mut data = vec![0u8; end];
-        let mut seen = HashSet::new();
+        let mut end = 0usize;
         for b in &cfg.blocks {
-            let mut raw = Vec::new();
-            flate2::read::GzDecoder::new(fs::File::open(
-                self.block_path(volume, &b.block_checksum),
-            )?)
-            .read_to_end(&mut raw)?;
-            if sha512_hex(&raw)[..64] != b.block_checksum {
+            let aligned = b.offset >= 0 && b.offset % BLOCK_SIZE as i64 == 0;
+            if !aligned || b.offset >= MAX_RESTORE_BYTES || b.block_checksum.len() < 4 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "backup {backup} of {volume}: block at offset {} ({:?}) is not a 2 MiB block below {MAX_RESTORE_BYTES}",
+                        b.offset, b.block_checksum
+                    ),
+                ));
+            }
+            end = end.max(b.offset as usize + BLOCK_SIZE);
+        }
+        let mut data = vec![0u8; end];
+        for b in &cfg.blocks {
+            let packed = self
+                .driver
+                .read(&self.block_key(volume, &b.block_checksum))?;
+            let mut raw = Vec::with_capacity(BLOCK_SIZE);
+            flate2::read::GzDecoder::new(&packed[..])
+                .take(BLOCK_SIZE as u64 + 1)
+                .read_to_end(&mut raw)?;
+            if raw.len() > BLOCK_SIZE || sha512_hex(&raw)[..64] != b.block_checksum {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!(
@@ -771,10 +770,8 @@ impl Target {
                     ),
                 ));
             }
-            seen.insert(b.block_checksum.clone());
             let at = b.offset as usize;
-            data[at..at + raw.len().min(BLOCK_SIZE)]
-                .copy_from_slice(&raw[..raw.len().min(BLOCK_SIZE)]);
+            data[at..at + raw.len()].copy_from_slice(&raw);
         }
         Ok((cfg, data))
     }
@@ -868,14 +865,11 @@ mod tests {
         let (b, read) = t.read_backup("vol1", "backup-b").unwrap();
         assert_eq!(b.blocks.len(), 2);
         assert_eq!(&read[..data.len()], &data[..]);
+        // The lock is gone, and with it the locks directory (empty parents are removed).
         assert!(
-            !t.volume_dir("vol1")
-                .join("locks")
-                .read_dir()
-                .unwrap()
-                .any(|_| true),
+            !t.volume_dir("vol1").join("locks").exists(),
             "lock left behind"
         );
-        fs::remove_dir_all(dir).unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

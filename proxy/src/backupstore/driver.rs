@@ -1,0 +1,419 @@
+//! Backupstore drivers: where the `backupstore/…` tree lives. Every path handed to a driver is
+//! relative to the target's root and `/`-separated (`backupstore/volumes/01/9c/vol1/volume.cfg`),
+//! the same on a directory and on S3, as in Longhorn's `BackupStoreDriver`.
+//!
+//! Drivers are synchronous: the backup-target RPCs call them on the blocking pool, and the S3
+//! driver runs its requests on its own runtime (see `s3.rs`).
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+/// What the backupstore needs from storage (Longhorn's `BackupStoreDriver`, without the
+/// single-file upload and download lhnet does not serve).
+pub trait Driver: Send + Sync + std::fmt::Debug {
+    /// `vfs`, `nfs` or `s3`.
+    fn kind(&self) -> &'static str;
+    /// Names directly under `dir` (files and sub-directories alike); a missing `dir` is empty.
+    fn list(&self, dir: &str) -> io::Result<Vec<String>>;
+    /// Every file below `dir`, as paths relative to `dir`; a missing `dir` is empty.
+    fn walk(&self, dir: &str) -> io::Result<Vec<String>>;
+    /// The whole file; `ErrorKind::NotFound` when it is missing.
+    fn read(&self, path: &str) -> io::Result<Vec<u8>>;
+    /// Replaces the file as a whole: readers see the old or the new bytes, never a part.
+    fn write(&self, path: &str, data: &[u8]) -> io::Result<()>;
+    fn exists(&self, path: &str) -> io::Result<bool>;
+    fn modified(&self, path: &str) -> io::Result<SystemTime>;
+    /// Removes a file or a whole tree; missing is fine.
+    fn remove(&self, path: &str) -> io::Result<()>;
+    /// The local directory behind the target, for drivers that have one.
+    fn local_root(&self) -> Option<&Path> {
+        None
+    }
+}
+
+/// `a` + `/` + `b`, either may be empty.
+pub fn join(a: &str, b: &str) -> String {
+    match (a.is_empty(), b.is_empty()) {
+        (true, _) => b.to_string(),
+        (_, true) => a.to_string(),
+        _ => format!("{a}/{b}"),
+    }
+}
+
+/// `vfs:///DIR`, or an NFS export mounted on a local directory.
+#[derive(Debug)]
+pub struct FsDriver {
+    kind: &'static str,
+    root: PathBuf,
+}
+
+impl FsDriver {
+    pub fn new(kind: &'static str, root: PathBuf) -> FsDriver {
+        FsDriver { kind, root }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
+    }
+}
+
+fn create_dirs(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+impl Driver for FsDriver {
+    fn kind(&self) -> &'static str {
+        self.kind
+    }
+
+    fn list(&self, dir: &str) -> io::Result<Vec<String>> {
+        match fs::read_dir(self.path(dir)) {
+            Ok(entries) => entries
+                .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+                .collect(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn walk(&self, dir: &str) -> io::Result<Vec<String>> {
+        fn visit(base: &Path, at: &Path, out: &mut Vec<String>) -> io::Result<()> {
+            let entries = match fs::read_dir(at) {
+                Ok(e) => e,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            for entry in entries {
+                let entry = entry?;
+                if entry.file_type()?.is_dir() {
+                    visit(base, &entry.path(), out)?;
+                } else if let Ok(rel) = entry.path().strip_prefix(base) {
+                    out.push(rel.to_string_lossy().into_owned());
+                }
+            }
+            Ok(())
+        }
+        let base = self.path(dir);
+        let mut out = Vec::new();
+        visit(&base, &base, &mut out)?;
+        Ok(out)
+    }
+
+    fn read(&self, path: &str) -> io::Result<Vec<u8>> {
+        fs::read(self.path(path))
+    }
+
+    /// Longhorn's way: `<dst>.tmp.<unix-nanos>`, then a rename; directories made 0700.
+    fn write(&self, path: &str, data: &[u8]) -> io::Result<()> {
+        let path = self.path(path);
+        if let Some(dir) = path.parent() {
+            create_dirs(dir)?;
+        }
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let tmp = PathBuf::from(format!("{}.tmp.{nanos}", path.display()));
+        fs::write(&tmp, data)?;
+        fs::rename(&tmp, &path).inspect_err(|_| {
+            let _ = fs::remove_file(&tmp);
+        })
+    }
+
+    fn exists(&self, path: &str) -> io::Result<bool> {
+        self.path(path).try_exists()
+    }
+
+    fn modified(&self, path: &str) -> io::Result<SystemTime> {
+        fs::metadata(self.path(path))?.modified()
+    }
+
+    /// `rm -rf`, then the parents left empty, up to 10 levels, stopping at `…/backupstore`.
+    fn remove(&self, path: &str) -> io::Result<()> {
+        let full = self.path(path);
+        let gone = match fs::symlink_metadata(&full) {
+            Ok(m) if m.is_dir() => fs::remove_dir_all(&full),
+            Ok(_) => fs::remove_file(&full),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => Err(e),
+        };
+        match gone {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let mut parent = full.parent();
+        for _ in 0..10 {
+            let Some(dir) = parent else { break };
+            if dir.ends_with("backupstore") || !dir.starts_with(&self.root) || dir == self.root {
+                break;
+            }
+            if fs::remove_dir(dir).is_err() {
+                break;
+            }
+            parent = dir.parent();
+        }
+        Ok(())
+    }
+
+    fn local_root(&self) -> Option<&Path> {
+        Some(&self.root)
+    }
+}
+
+/// How lhnet finds the directory of an `nfs://` target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NfsMount {
+    /// Use a mount found at the target's directory; otherwise mount the export there with the
+    /// system's `mount -t nfs4`, as Longhorn's instance-manager does.
+    Auto,
+    /// Use the target's directory as it is (a volume mounted into the pod, or a test directory);
+    /// never mount.
+    Existing,
+}
+
+/// Where NFS targets live and whether lhnet mounts them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NfsOptions {
+    pub mount_root: PathBuf,
+    pub mount: NfsMount,
+}
+
+/// Longhorn's mount root: `<root>/<host with '.'→'_'>/<export path>`.
+pub const NFS_MOUNT_ROOT: &str = "/var/lib/longhorn-backupstore-mounts";
+/// NFS versions tried in order, as Longhorn does.
+const NFS_VERSIONS: [&str; 3] = ["4.2", "4.1", "4.0"];
+/// The longest one `mount` attempt may take.
+const MOUNT_TIMEOUT: Duration = Duration::from_secs(15);
+
+impl Default for NfsOptions {
+    fn default() -> Self {
+        NfsOptions {
+            mount_root: PathBuf::from(NFS_MOUNT_ROOT),
+            mount: NfsMount::Auto,
+        }
+    }
+}
+
+/// `nfs://HOST:/PATH` → (`HOST:`, `/PATH`).
+pub fn parse_nfs(url: &str) -> Result<(String, String), String> {
+    let rest = url
+        .strip_prefix("nfs://")
+        .ok_or_else(|| format!("backup target {url} is not nfs://"))?;
+    let (host, path) = rest
+        .split_once(":/")
+        .ok_or_else(|| format!("backup target {url}: write nfs://HOST:/PATH"))?;
+    if host.is_empty() || path.trim_matches('/').is_empty() {
+        return Err(format!("backup target {url}: write nfs://HOST:/PATH"));
+    }
+    Ok((
+        format!("{host}:"),
+        format!("/{}", path.trim_end_matches('/')),
+    ))
+}
+
+/// The local directory of an NFS target, mounting it first when `options` say so.
+pub fn nfs_directory(url: &str, options: &NfsOptions) -> Result<PathBuf, String> {
+    let (host, path) = parse_nfs(url)?;
+    let dir = options
+        .mount_root
+        .join(host.trim_end_matches(':').replace('.', "_"))
+        .join(path.trim_start_matches('/'));
+    if is_mount_point(&dir) {
+        return Ok(dir);
+    }
+    match options.mount {
+        NfsMount::Existing if dir.is_dir() => Ok(dir),
+        NfsMount::Existing => Err(format!(
+            "backup target {url}: cannot find its mount at {} (mount the export there, or set backup_target.nfs_mount: auto)",
+            dir.display()
+        )),
+        NfsMount::Auto => mount_nfs(url, &format!("{host}{path}"), &dir).map(|()| dir),
+    }
+}
+
+/// Whether `dir` is a mount point of this process's mount namespace.
+fn is_mount_point(dir: &Path) -> bool {
+    let Ok(table) = fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let wanted = dir.to_string_lossy();
+    table.lines().any(|line| {
+        line.split(' ')
+            .nth(4)
+            .is_some_and(|point| unescape_mountinfo(point) == wanted)
+    })
+}
+
+/// mountinfo writes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
+            if let Some(n) = std::str::from_utf8(&bytes[i + 1..i + 4])
+                .ok()
+                .and_then(|o| u8::from_str_radix(o, 8).ok())
+            {
+                out.push(n);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `mount -t nfs4 -o nfsvers=V -o actimeo=1 -o retry=0 SOURCE DIR` for V = 4.2, 4.1, 4.0 (as
+/// Longhorn, plus `retry=0`: one try each instead of mount.nfs's two minutes of retries); one
+/// mount at a time in this process, so two calls never stack mounts on one directory.
+fn mount_nfs(url: &str, source: &str, dir: &Path) -> Result<(), String> {
+    static MOUNTING: Mutex<()> = Mutex::new(());
+    let _one = MOUNTING.lock().unwrap_or_else(|p| p.into_inner());
+    if is_mount_point(dir) {
+        return Ok(());
+    }
+    create_dirs(dir)
+        .map_err(|e| format!("backup target {url}: creating {}: {e}", dir.display()))?;
+    let mut failures = Vec::new();
+    for version in NFS_VERSIONS {
+        let mut cmd = Command::new("mount");
+        cmd.args(["-t", "nfs4", "-o"])
+            .arg(format!("nfsvers={version}"))
+            .args(["-o", "actimeo=1", "-o", "retry=0", source])
+            .arg(dir);
+        match run_bounded(cmd, MOUNT_TIMEOUT) {
+            Ok(()) => {
+                tracing::info!(%url, %version, dir = %dir.display(), "mounted NFS backup target");
+                return Ok(());
+            }
+            Err(e) => failures.push(format!("nfsvers={version}: {e}")),
+        }
+    }
+    let _ = fs::remove_dir(dir);
+    Err(format!(
+        "backup target {url}: cannot mount {source} at {} ({}); lhnet needs CAP_SYS_ADMIN and the NFS client to mount, or mount the export there yourself",
+        dir.display(),
+        failures.join("; ")
+    ))
+}
+
+/// Runs a command to its end or kills it after `limit`; the error holds its stderr.
+fn run_bounded(mut cmd: Command, limit: Duration) -> Result<(), String> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run mount: {e}"))?;
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("no answer within {} s", limit.as_secs()));
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    };
+    if status.success() {
+        return Ok(());
+    }
+    let mut stderr = String::new();
+    if let Some(mut err) = child.stderr.take() {
+        let _ = io::Read::read_to_string(&mut err, &mut stderr);
+    }
+    Err(format!("{status}: {}", stderr.trim()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nfs_urls_and_directories() {
+        assert_eq!(
+            parse_nfs("nfs://longhorn-test-nfs-svc.default:/opt/backupstore").unwrap(),
+            (
+                "longhorn-test-nfs-svc.default:".to_string(),
+                "/opt/backupstore".to_string()
+            )
+        );
+        assert!(parse_nfs("nfs://host/opt").is_err());
+        assert!(parse_nfs("nfs://:/opt").is_err());
+        let root = std::env::temp_dir().join(format!("lhnet-nfs-{}", std::process::id()));
+        let options = NfsOptions {
+            mount_root: root.clone(),
+            mount: NfsMount::Existing,
+        };
+        let err = nfs_directory("nfs://nfs.example:/exports/b", &options).unwrap_err();
+        assert!(err.contains("cannot find its mount at"), "{err}");
+        let dir = root.join("nfs_example/exports/b");
+        fs::create_dir_all(&dir).unwrap();
+        assert_eq!(
+            nfs_directory("nfs://nfs.example:/exports/b", &options).unwrap(),
+            dir
+        );
+        // Nothing serves NFS on loopback here: the mount fails, fast and named.
+        let auto = NfsOptions {
+            mount_root: root.clone(),
+            mount: NfsMount::Auto,
+        };
+        let err = nfs_directory("nfs://127.0.0.1:/lhnet-test-export", &auto).unwrap_err();
+        assert!(
+            err.contains("cannot mount 127.0.0.1:/lhnet-test-export at")
+                && err.contains("nfsvers=4.2")
+                && err.contains("nfsvers=4.0"),
+            "{err}"
+        );
+        assert!(!root.join("127_0_0_1/lhnet-test-export").exists());
+        fs::remove_dir_all(root).unwrap();
+        assert_eq!(unescape_mountinfo(r"/mnt/a\040b"), "/mnt/a b");
+        assert!(is_mount_point(Path::new("/")));
+        assert!(!is_mount_point(
+            &std::env::temp_dir().join("lhnet-not-a-mount")
+        ));
+    }
+
+    #[test]
+    fn fs_driver_removes_empty_parents_up_to_backupstore() {
+        let root = std::env::temp_dir().join(format!("lhnet-fsd-{}", std::process::id()));
+        let d = FsDriver::new("vfs", root.clone());
+        d.write("backupstore/volumes/01/9c/vol1/volume.cfg", b"{}")
+            .unwrap();
+        d.write("backupstore/volumes/01/9c/vol1/blocks/aa/bb/x.blk", b"x")
+            .unwrap();
+        assert_eq!(
+            d.walk("backupstore/volumes/01/9c/vol1").unwrap().len(),
+            2,
+            "walk sees both files"
+        );
+        d.remove("backupstore/volumes/01/9c/vol1/blocks/aa/bb/x.blk")
+            .unwrap();
+        assert!(!root.join("backupstore/volumes/01/9c/vol1/blocks").exists());
+        assert!(root
+            .join("backupstore/volumes/01/9c/vol1/volume.cfg")
+            .exists());
+        d.remove("backupstore/volumes/01/9c/vol1").unwrap();
+        assert!(!root.join("backupstore/volumes").exists());
+        assert!(root.join("backupstore").is_dir());
+        d.remove("backupstore/volumes/01/9c/vol1").unwrap();
+        assert!(d.list("backupstore/nothing").unwrap().is_empty());
+        fs::remove_dir_all(root).unwrap();
+    }
+}

@@ -1,0 +1,450 @@
+//! `s3://BUCKET@REGION/PATH` (or `s3://BUCKET/PATH`) through Apache Arrow's `object_store`.
+//!
+//! Credentials and settings come from the call's `envs` (spec §2.5), never from the process
+//! environment: `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/`AWS_SESSION_TOKEN`, `AWS_REGION`
+//! (when the URL has no `@REGION`; default `us-east-1`), `AWS_ENDPOINTS` (MinIO and friends;
+//! path-style unless `VIRTUAL_HOSTED_STYLE=true`), `AWS_CERT` (PEM added to the system roots),
+//! `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY`. Empty values count as unset, as the manager sends every
+//! key. Without keys the store falls back to the instance metadata service (IAM roles), as the
+//! AWS SDK in Longhorn does.
+//!
+//! Requests run on one small runtime of their own, so the synchronous [`Driver`] calls can
+//! block on them from any thread. Each request has a 30 s timeout and up to 3 retries
+//! (Longhorn's `MaxRetries`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::io;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use futures_util::StreamExt;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::client::{HttpClient, HttpConnector};
+use object_store::path::Path;
+use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
+
+use super::driver::Driver;
+
+/// One S3 request's limit (each retry gets its own).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Stores kept for reuse (their connection pools), keyed by target and settings.
+const CACHED_STORES: usize = 16;
+
+/// An S3 backup target.
+#[derive(Debug)]
+pub struct S3Driver {
+    store: Arc<AmazonS3>,
+    /// `PATH/` (or empty for `s3://bucket/`), before `backupstore/…`.
+    prefix: String,
+}
+
+/// The parts of an `s3://` URL.
+#[derive(Debug, PartialEq, Eq)]
+pub struct S3Url {
+    pub bucket: String,
+    pub region: Option<String>,
+    /// Without leading or trailing `/`; empty for the bucket's root.
+    pub path: String,
+}
+
+impl S3Url {
+    pub fn parse(url: &str) -> Result<S3Url, String> {
+        let rest = url
+            .strip_prefix("s3://")
+            .ok_or_else(|| format!("backup target {url} is not s3://"))?;
+        let (authority, path) = rest.split_once('/').ok_or_else(|| {
+            format!("backup target {url}: write s3://BUCKET@REGION/PATH (the path may be /)")
+        })?;
+        let (bucket, region) = match authority.split_once('@') {
+            Some((b, r)) => (b, (!r.is_empty()).then(|| r.to_string())),
+            None => (authority, None),
+        };
+        if bucket.is_empty() {
+            return Err(format!("backup target {url}: no bucket name"));
+        }
+        Ok(S3Url {
+            bucket: bucket.to_string(),
+            region,
+            path: path.trim_matches('/').to_string(),
+        })
+    }
+
+    /// Longhorn's `GetURL()`: `s3://bucket[@region]/<trimmed path>`.
+    pub fn normalised(&self) -> String {
+        match &self.region {
+            Some(r) => format!("s3://{}@{}/{}", self.bucket, r, self.path),
+            None => format!("s3://{}/{}", self.bucket, self.path),
+        }
+    }
+}
+
+/// The settings of one call, from its `envs`; empty values are unset.
+fn setting<'a>(credentials: &'a HashMap<String, String>, key: &str) -> Option<&'a str> {
+    credentials
+        .get(key)
+        .map(String::as_str)
+        .filter(|v| !v.is_empty())
+}
+
+impl S3Driver {
+    pub fn open(url: &str, credentials: &HashMap<String, String>) -> Result<S3Driver, String> {
+        let parsed = S3Url::parse(url)?;
+        let key = {
+            let sorted: BTreeMap<_, _> = credentials.iter().collect();
+            format!("{}|{sorted:?}", parsed.normalised())
+        };
+        static STORES: OnceLock<Mutex<HashMap<String, Arc<AmazonS3>>>> = OnceLock::new();
+        let stores = STORES.get_or_init(Default::default);
+        let cached = stores
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .cloned();
+        let store = match cached {
+            Some(s) => s,
+            None => {
+                let store = Arc::new(build_store(url, &parsed, credentials)?);
+                let mut map = stores.lock().unwrap_or_else(|p| p.into_inner());
+                if map.len() >= CACHED_STORES {
+                    map.clear();
+                }
+                map.insert(key, store.clone());
+                store
+            }
+        };
+        let prefix = if parsed.path.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", parsed.path)
+        };
+        Ok(S3Driver { store, prefix })
+    }
+
+    fn key(&self, path: &str) -> Path {
+        Path::from(format!("{}{}", self.prefix, path.trim_matches('/')))
+    }
+}
+
+fn build_store(
+    url: &str,
+    parsed: &S3Url,
+    credentials: &HashMap<String, String>,
+) -> Result<AmazonS3, String> {
+    let region = parsed
+        .region
+        .as_deref()
+        .or(setting(credentials, "AWS_REGION"))
+        .unwrap_or("us-east-1");
+    let endpoint = setting(credentials, "AWS_ENDPOINTS").map(|e| e.trim_end_matches('/'));
+    let virtual_hosted = match setting(credentials, "VIRTUAL_HOSTED_STYLE") {
+        Some("true") => true,
+        Some("false") => false,
+        Some(other) => {
+            return Err(format!(
+                "backup target {url}: VIRTUAL_HOSTED_STYLE is {other:?}; write true or false"
+            ))
+        }
+        None => endpoint.is_none(),
+    };
+    let mut builder = AmazonS3Builder::new()
+        .with_bucket_name(&parsed.bucket)
+        .with_region(region)
+        .with_virtual_hosted_style_request(virtual_hosted)
+        .with_retry(RetryConfig {
+            max_retries: 3,
+            retry_timeout: Duration::from_secs(45),
+            ..Default::default()
+        })
+        .with_client_options(
+            ClientOptions::new()
+                .with_allow_http(true)
+                .with_timeout(REQUEST_TIMEOUT)
+                .with_connect_timeout(CONNECT_TIMEOUT),
+        )
+        .with_http_connector(Connector::new(url, credentials)?);
+    if let Some(endpoint) = endpoint {
+        // object_store wants the bucket in a virtual-hosted endpoint; the Go SDK adds it.
+        let endpoint = match (virtual_hosted, endpoint.split_once("://")) {
+            (true, Some((scheme, host))) => format!("{scheme}://{}.{host}", parsed.bucket),
+            _ => endpoint.to_string(),
+        };
+        builder = builder.with_endpoint(endpoint);
+    }
+    match (
+        setting(credentials, "AWS_ACCESS_KEY_ID"),
+        setting(credentials, "AWS_SECRET_ACCESS_KEY"),
+    ) {
+        (Some(id), Some(secret)) => {
+            builder = builder
+                .with_access_key_id(id)
+                .with_secret_access_key(secret);
+            if let Some(token) = setting(credentials, "AWS_SESSION_TOKEN") {
+                builder = builder.with_token(token);
+            }
+        }
+        (None, None) => {}
+        _ => {
+            return Err(format!(
+                "backup target {url}: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be given together"
+            ))
+        }
+    }
+    builder
+        .build()
+        .map_err(|e| format!("backup target {url}: {e}"))
+}
+
+/// Builds the HTTP client from the call's settings only: its proxies (none from the process
+/// environment) and its extra CA.
+#[derive(Debug)]
+struct Connector {
+    https_proxy: Option<String>,
+    http_proxy: Option<String>,
+    no_proxy: Option<String>,
+    roots: Vec<reqwest::Certificate>,
+}
+
+impl Connector {
+    fn new(url: &str, credentials: &HashMap<String, String>) -> Result<Connector, String> {
+        let roots = match setting(credentials, "AWS_CERT") {
+            Some(pem) => {
+                let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes()).map_err(|e| {
+                    format!("backup target {url}: AWS_CERT is not a PEM bundle: {e}")
+                })?;
+                if certs.is_empty() {
+                    return Err(format!(
+                        "backup target {url}: AWS_CERT holds no PEM certificate"
+                    ));
+                }
+                certs
+            }
+            None => Vec::new(),
+        };
+        let owned = |k: &str| setting(credentials, k).map(str::to_string);
+        Ok(Connector {
+            https_proxy: owned("HTTPS_PROXY"),
+            http_proxy: owned("HTTP_PROXY"),
+            no_proxy: owned("NO_PROXY"),
+            roots,
+        })
+    }
+
+    fn client(&self) -> Result<reqwest::Client, reqwest::Error> {
+        // reqwest is built without a crypto provider: lhnet's is ring, as for its webhook.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let no_proxy = || {
+            self.no_proxy
+                .as_deref()
+                .and_then(reqwest::NoProxy::from_string)
+        };
+        let mut builder = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(REQUEST_TIMEOUT)
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tls_certs_merge(self.roots.iter().cloned());
+        if let Some(p) = &self.https_proxy {
+            builder = builder.proxy(reqwest::Proxy::https(p)?.no_proxy(no_proxy()));
+        }
+        if let Some(p) = &self.http_proxy {
+            builder = builder.proxy(reqwest::Proxy::http(p)?.no_proxy(no_proxy()));
+        }
+        builder.build()
+    }
+}
+
+impl HttpConnector for Connector {
+    fn connect(&self, _: &ClientOptions) -> object_store::Result<HttpClient> {
+        self.client()
+            .map(HttpClient::new)
+            .map_err(|e| object_store::Error::Generic {
+                store: "S3",
+                source: Box::new(e),
+            })
+    }
+}
+
+/// Runs `work` on the S3 runtime and waits for it, from any thread.
+fn run<T: Send + 'static>(work: impl Future<Output = T> + Send + 'static) -> io::Result<T> {
+    static RUNTIME: OnceLock<Result<tokio::runtime::Runtime, String>> = OnceLock::new();
+    let runtime = RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("lhnet-s3")
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|e| io::Error::other(format!("cannot start the S3 runtime: {e}")))?;
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    runtime.spawn(async move {
+        let _ = tx.send(work.await);
+    });
+    rx.recv()
+        .map_err(|_| io::Error::other("the S3 request ended without an answer"))
+}
+
+fn io_error(what: &str, path: &Path, e: object_store::Error) -> io::Error {
+    match e {
+        object_store::Error::NotFound { .. } => {
+            io::Error::new(io::ErrorKind::NotFound, format!("{path} not found"))
+        }
+        e => io::Error::other(format!("S3 {what} {path}: {e}")),
+    }
+}
+
+/// The last segment of an object path.
+fn name_of(path: &Path) -> String {
+    path.filename().unwrap_or_default().to_string()
+}
+
+impl Driver for S3Driver {
+    fn kind(&self) -> &'static str {
+        "s3"
+    }
+
+    /// `ListObjects` with delimiter `/`: objects and common prefixes alike.
+    fn list(&self, dir: &str) -> io::Result<Vec<String>> {
+        let (store, key) = (self.store.clone(), self.key(dir));
+        let result = run(async move { store.list_with_delimiter(Some(&key)).await })?
+            .map_err(|e| io_error("list", &self.key(dir), e))?;
+        let mut names: Vec<String> = result.common_prefixes.iter().map(name_of).collect();
+        names.extend(result.objects.iter().map(|o| name_of(&o.location)));
+        Ok(names)
+    }
+
+    fn walk(&self, dir: &str) -> io::Result<Vec<String>> {
+        let (store, key) = (self.store.clone(), self.key(dir));
+        let base = key.clone();
+        let metas = run(async move {
+            store
+                .list(Some(&key))
+                .collect::<Vec<_>>()
+                .await
+                .into_iter()
+                .collect::<object_store::Result<Vec<_>>>()
+        })?
+        .map_err(|e| io_error("list", &base, e))?;
+        Ok(metas
+            .iter()
+            .filter_map(|m| {
+                m.location
+                    .prefix_match(&base)
+                    .map(|parts| parts.map(|p| p.as_ref().to_string()).collect::<Vec<_>>())
+            })
+            .map(|parts| parts.join("/"))
+            .collect())
+    }
+
+    fn read(&self, path: &str) -> io::Result<Vec<u8>> {
+        let (store, key) = (self.store.clone(), self.key(path));
+        run(async move {
+            match store.get(&key).await {
+                Ok(got) => got.bytes().await.map(|b| b.to_vec()),
+                Err(e) => Err(e),
+            }
+        })?
+        .map_err(|e| io_error("get", &self.key(path), e))
+    }
+
+    /// A PUT replaces the object as a whole.
+    fn write(&self, path: &str, data: &[u8]) -> io::Result<()> {
+        let (store, key) = (self.store.clone(), self.key(path));
+        let payload = PutPayload::from(data.to_vec());
+        run(async move { store.put(&key, payload).await.map(|_| ()) })?
+            .map_err(|e| io_error("put", &self.key(path), e))
+    }
+
+    fn exists(&self, path: &str) -> io::Result<bool> {
+        match self.modified(path) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn modified(&self, path: &str) -> io::Result<SystemTime> {
+        let (store, key) = (self.store.clone(), self.key(path));
+        run(async move { store.head(&key).await })?
+            .map(|meta| SystemTime::from(meta.last_modified))
+            .map_err(|e| io_error("head", &self.key(path), e))
+    }
+
+    /// The object itself, then every key under `path/`, one DELETE each (as Longhorn does).
+    fn remove(&self, path: &str) -> io::Result<()> {
+        let (store, key) = (self.store.clone(), self.key(path));
+        let shown = key.clone();
+        run(async move {
+            match store.delete(&key).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+            let mut under = store.list(Some(&key));
+            let mut keys = Vec::new();
+            while let Some(meta) = under.next().await {
+                keys.push(meta?.location);
+            }
+            for k in keys {
+                match store.delete(&k).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        })?
+        .map_err(|e| io_error("delete", &shown, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_as_longhorn_parses_them() {
+        let u = S3Url::parse("s3://backupbucket@us-east-1/s3-test").unwrap();
+        assert_eq!(
+            u,
+            S3Url {
+                bucket: "backupbucket".into(),
+                region: Some("us-east-1".into()),
+                path: "s3-test".into()
+            }
+        );
+        assert_eq!(u.normalised(), "s3://backupbucket@us-east-1/s3-test");
+        let root = S3Url::parse("s3://b/").unwrap();
+        assert_eq!((root.region, root.path.as_str()), (None, ""));
+        assert!(S3Url::parse("s3://bucket").unwrap_err().contains("PATH"));
+        assert!(S3Url::parse("s3://@r/p").unwrap_err().contains("no bucket"));
+    }
+
+    #[test]
+    fn settings_are_checked_before_any_request() {
+        let creds = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let err = S3Driver::open(
+            "s3://b@r/p",
+            &creds(&[("AWS_CERT", "-----BEGIN CERTIFICATE-----\nnot base64\n")]),
+        )
+        .unwrap_err();
+        assert!(err.contains("AWS_CERT"), "{err}");
+        let err =
+            S3Driver::open("s3://b@r/p", &creds(&[("VIRTUAL_HOSTED_STYLE", "maybe")])).unwrap_err();
+        assert!(err.contains("VIRTUAL_HOSTED_STYLE"), "{err}");
+        let err = S3Driver::open("s3://b@r/p", &creds(&[("AWS_ACCESS_KEY_ID", "a")])).unwrap_err();
+        assert!(err.contains("together"), "{err}");
+        // Empty values are unset: the manager sends every key.
+        S3Driver::open(
+            "s3://b@r/p",
+            &creds(&[("AWS_ENDPOINTS", ""), ("AWS_CERT", ""), ("HTTPS_PROXY", "")]),
+        )
+        .unwrap();
+    }
+}
