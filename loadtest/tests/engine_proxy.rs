@@ -13,6 +13,8 @@ use lhnet_proxy::config::Config;
 use tonic::transport::Channel;
 use tonic::Code;
 
+mod common;
+
 const SIZE: i64 = 64 << 20;
 
 struct Setup {
@@ -1151,6 +1153,136 @@ async fn backup_to_a_vfs_target_and_restore_into_another_volume() {
         .into_inner();
     assert!(String::from_utf8_lossy(&reply.task_error).contains("frontend is up"));
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_to_s3_lists_through_the_backup_target_calls_and_restores() {
+    let Some(moto) = common::start_moto("longhorn") else {
+        return;
+    };
+    let mut s = setup().await;
+    let e = s.engine.served.addr;
+    let target = "s3://longhorn@us-east-1/cluster-a".to_string();
+    let envs = common::s3_envs(&moto.endpoint);
+    let data: Vec<u8> = (0..5 * 1024 * 1024).map(|i| (i % 251) as u8 + 1).collect();
+    for r in &s.replicas {
+        r.replica.write(0, &data).unwrap();
+    }
+    s.client
+        .volume_snapshot(EngineVolumeSnapshotRequest {
+            proxy_engine_request: some_req(e),
+            snapshot_volume: Some(ptypes::VolumeSnapshotRequest {
+                name: "s3snap".into(),
+                labels: Default::default(),
+            }),
+        })
+        .await
+        .unwrap();
+    s.client
+        .snapshot_backup(EngineSnapshotBackupRequest {
+            proxy_engine_request: some_req(e),
+            envs: envs.clone(),
+            backup_name: "backup-s3".into(),
+            snapshot_name: "s3snap".into(),
+            backup_target: target.clone(),
+            backing_image_name: String::new(),
+            backing_image_checksum: String::new(),
+            labels: Default::default(),
+        })
+        .await
+        .unwrap();
+    let client = s.client.clone();
+    let status = |c: ProxyEngineServiceClient<Channel>| async move {
+        let mut c = c;
+        c.snapshot_backup_status(EngineSnapshotBackupStatusRequest {
+            proxy_engine_request: some_req(e),
+            backup_name: "backup-s3".into(),
+            replica_address: String::new(),
+        })
+        .await
+        .map(|r| r.into_inner())
+    };
+    wait_for(|| {
+        let c = client.clone();
+        async move { status(c).await.is_ok_and(|s| s.state != "in_progress") }
+    })
+    .await;
+    let done = status(client.clone()).await.unwrap();
+    assert_eq!(done.state, "complete", "{done:?}");
+
+    // The sidecar's backup-target calls see it, without an engine.
+    let mut c = client.clone();
+    let list = c
+        .backup_volume_list(EngineBackupVolumeListRequest {
+            envs: envs.clone(),
+            dest_url: target.clone(),
+            volume_name: String::new(),
+            volume_only: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        list.volumes["vol-a"].backups.contains_key("backup-s3"),
+        "{list:?}"
+    );
+    let got = c
+        .backup_get(EngineBackupGetRequest {
+            proxy_engine_request: None,
+            envs: envs.clone(),
+            dest_url: done.backup_url.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .backup
+        .unwrap();
+    assert_eq!(
+        (got.snapshot_name.as_str(), got.size),
+        ("s3snap", 3 * 2 * 1024 * 1024)
+    );
+
+    // Restored from S3 into a fresh volume, byte for byte.
+    let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let r1 = sim::start_replica(local, SIZE).await.unwrap();
+    let fresh = sim::start_engine(local, "vol-from-s3", SIZE, vec![r1.url()])
+        .await
+        .unwrap();
+    let f = fresh.served.addr;
+    let reply = c
+        .backup_restore(EngineBackupRestoreRequest {
+            proxy_engine_request: some_req(f),
+            envs: envs.clone(),
+            url: done.backup_url.clone(),
+            target: target.clone(),
+            volume_name: "vol-a".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(reply.task_error.is_empty(), "{reply:?}");
+    wait_for(|| {
+        let mut c = client.clone();
+        async move {
+            let st = c.backup_restore_status(req(f)).await.unwrap().into_inner();
+            st.status
+                .values()
+                .all(|v| !v.is_restoring && v.progress == 100)
+        }
+    })
+    .await;
+    assert_eq!(r1.replica.read(0, data.len()), data);
+
+    // Removed through the sidecar: gone from the bucket as boto3 sees it.
+    c.backup_remove(EngineBackupRemoveRequest {
+        envs: envs.clone(),
+        dest_url: target.clone(),
+        volume_name: "vol-a".into(),
+    })
+    .await
+    .unwrap();
+    let (keys, _) = common::boto3_look(&moto.endpoint, "longhorn", "cluster-a/", "");
+    assert!(keys.is_empty(), "left in the bucket: {keys:?}");
 }
 
 #[tokio::test]

@@ -926,11 +926,10 @@ impl SyncAgentService for SimReplica {
     ) -> R<ReceiverLaunchResponse> {
         Err(not_yet("ReceiverLaunch"))
     }
-    /// Starts a backup of a snapshot to a vfs:// target in Longhorn's layout; runs in the background.
+    /// Starts a backup of a snapshot to a vfs://, nfs:// or s3:// target (with the request's
+    /// credential map) in Longhorn's layout; runs in the background.
     async fn backup_create(&self, r: Request<BackupCreateRequest>) -> R<BackupCreateResponse> {
         let r = r.into_inner();
-        let target = super::backupstore::Target::parse(&r.backup_target)
-            .map_err(Status::invalid_argument)?;
         let (meta, data, size) = self.with(|s| {
             let (meta, data) = s.flatten(&r.snapshot_file_name)?;
             Ok((meta, data, s.size))
@@ -944,12 +943,21 @@ impl SyncAgentService for SimReplica {
         } else {
             r.backup_name.clone()
         };
-        let incremental = target.load_volume(&r.volume_name).ok().is_some_and(|v| {
-            !v.last_backup_name.is_empty()
-                && target
-                    .load_backup(&r.volume_name, &v.last_backup_name)
-                    .is_ok()
-        });
+        let (url, credential, volume) = (
+            r.backup_target.clone(),
+            r.credential.clone(),
+            r.volume_name.clone(),
+        );
+        let (target, incremental) = tokio::task::spawn_blocking(move || {
+            let target = open_target(&url, credential)?;
+            let incremental = target.load_volume(&volume).ok().is_some_and(|v| {
+                !v.last_backup_name.is_empty()
+                    && target.load_backup(&volume, &v.last_backup_name).is_ok()
+            });
+            Ok::<_, Status>((target, incremental))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
         let url = super::backupstore::encode_backup_url(&target.url, &name, &r.volume_name);
         self.with(|s| {
             if s.backups
@@ -1030,8 +1038,10 @@ impl SyncAgentService for SimReplica {
         let r = r.into_inner();
         let (target_url, backup, volume) =
             super::backupstore::decode_backup_url(&r.backup).map_err(Status::invalid_argument)?;
-        let target =
-            super::backupstore::Target::parse(&target_url).map_err(Status::invalid_argument)?;
+        let credential = r.credential.clone();
+        let target = tokio::task::spawn_blocking(move || open_target(&target_url, credential))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
         self.with(|s| {
             if s.restore.is_restoring {
                 return Err(Status::unknown(
@@ -1228,4 +1238,20 @@ mod tests {
         assert!(err.message().contains("too many snapshots"), "{err:?}");
         assert!(now_rfc3339().ends_with('Z') && now_rfc3339().len() == 20);
     }
+}
+
+/// Opens a backup target as the sync agent does: the request's credential map for S3, NFS
+/// exports at their existing directory under Longhorn's mount root.
+fn open_target(
+    url: &str,
+    credential: std::collections::HashMap<String, String>,
+) -> Result<super::backupstore::Target, Status> {
+    let options = super::backupstore::TargetOptions {
+        credentials: credential,
+        nfs: super::backupstore::NfsOptions {
+            mount: super::backupstore::NfsMount::Existing,
+            ..Default::default()
+        },
+    };
+    super::backupstore::Target::open(url, &options).map_err(Status::invalid_argument)
 }

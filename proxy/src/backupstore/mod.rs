@@ -224,6 +224,11 @@ impl Target {
 
     /// As [`Target::parse`], with NFS targets looked up under `nfs_root`.
     pub fn parse_with(url: &str, nfs_root: &Path) -> Result<Target, String> {
+        if url.starts_with("s3://") {
+            return Err(format!(
+                "backup target {url}: s3 targets need the call's credentials (Target::open)"
+            ));
+        }
         let options = TargetOptions {
             nfs: NfsOptions {
                 mount_root: nfs_root.to_path_buf(),
