@@ -1203,6 +1203,22 @@ impl SyncAgentService for SimReplica {
     }
 }
 
+/// Opens a backup target as the sync agent does: the request's credential map for S3, NFS
+/// exports at their existing directory under Longhorn's mount root.
+fn open_target(
+    url: &str,
+    credential: std::collections::HashMap<String, String>,
+) -> Result<super::backupstore::Target, Status> {
+    let options = super::backupstore::TargetOptions {
+        credentials: credential,
+        nfs: super::backupstore::NfsOptions {
+            mount: super::backupstore::NfsMount::Existing,
+            ..Default::default()
+        },
+    };
+    super::backupstore::Target::open(url, &options).map_err(Status::invalid_argument)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1238,20 +1254,4 @@ mod tests {
         assert!(err.message().contains("too many snapshots"), "{err:?}");
         assert!(now_rfc3339().ends_with('Z') && now_rfc3339().len() == 20);
     }
-}
-
-/// Opens a backup target as the sync agent does: the request's credential map for S3, NFS
-/// exports at their existing directory under Longhorn's mount root.
-fn open_target(
-    url: &str,
-    credential: std::collections::HashMap<String, String>,
-) -> Result<super::backupstore::Target, Status> {
-    let options = super::backupstore::TargetOptions {
-        credentials: credential,
-        nfs: super::backupstore::NfsOptions {
-            mount: super::backupstore::NfsMount::Existing,
-            ..Default::default()
-        },
-    };
-    super::backupstore::Target::open(url, &options).map_err(Status::invalid_argument)
 }
