@@ -440,6 +440,21 @@ mod tests {
         assert!(err.contains("VIRTUAL_HOSTED_STYLE"), "{err}");
         let err = S3Driver::open("s3://b@r/p", &creds(&[("AWS_ACCESS_KEY_ID", "a")])).unwrap_err();
         assert!(err.contains("together"), "{err}");
+        // A malformed endpoint is an error on the first request, never a panic.
+        for endpoint in [
+            "not a url",
+            "http://[::1",
+            "ftp://x y",
+            "http://127.0.0.1:99999",
+        ] {
+            let result = S3Driver::open("s3://b@r/p", &creds(&[("AWS_ENDPOINTS", endpoint)]))
+                .and_then(|d| d.list("backupstore").map_err(|e| e.to_string()));
+            let err = result.expect_err(endpoint);
+            assert!(
+                !err.contains("without an answer"),
+                "{endpoint}: the task panicked: {err}"
+            );
+        }
         // Empty values are unset: the manager sends every key.
         S3Driver::open(
             "s3://b@r/p",
