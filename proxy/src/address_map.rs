@@ -33,6 +33,9 @@ pub struct AddressMap {
     /// Storage addresses whose lhnet did not answer a reverse lookup, and when: not asked
     /// again (nor warned about) within `cache_ttl`.
     unanswered: Mutex<HashMap<IpAddr, Instant>>,
+    /// Management addresses whose lhnet did not answer a forward lookup: when, and the error,
+    /// repeated at once within `failure_ttl`.
+    failed: Mutex<HashMap<IpAddr, (Instant, String)>>,
 }
 
 struct Settings {
@@ -53,6 +56,7 @@ impl AddressMap {
             settings: ArcSwap::from_pointee(Settings::from(config)),
             cache: Mutex::new(HashMap::new()),
             unanswered: Mutex::new(HashMap::new()),
+            failed: Mutex::new(HashMap::new()),
         })
     }
 
@@ -64,6 +68,9 @@ impl AddressMap {
         }
         if let Ok(mut u) = self.unanswered.lock() {
             u.clear();
+        }
+        if let Ok(mut f) = self.failed.lock() {
+            f.clear();
         }
     }
 
@@ -128,16 +135,39 @@ impl AddressMap {
                 }
             ));
         }
+        let failure_ttl = settings.lookup.failure_ttl;
+        let recent = self.failed.lock().ok().and_then(|f| {
+            f.get(&ip)
+                .filter(|(at, _)| at.elapsed() < failure_ttl)
+                .map(|(at, e)| (at.elapsed(), e.clone()))
+        });
+        if let Some((ago, e)) = recent {
+            return Err(format!(
+                "no storage address known for {ip}; peer lhnet did not answer {:.1} s ago: {e} (not asked again within peer_lookup.failure_ttl, {:.1} s)",
+                ago.as_secs_f64(),
+                failure_ttl.as_secs_f64()
+            ));
+        }
         let at = SocketAddr::new(ip, settings.lookup.port);
         match peer::ask(at, settings.lookup.timeout).await {
             Ok(answer) => {
                 tracing::debug!(management = %ip, storage = %answer.storage, "peer storage address learned");
                 self.learn(ip, answer.storage);
+                if let Ok(mut f) = self.failed.lock() {
+                    f.remove(&ip);
+                }
                 Ok(Some(answer.storage))
             }
-            Err(e) => Err(format!(
-                "no storage address known for {ip}; peer lhnet did not answer: {e}"
-            )),
+            Err(e) => {
+                let e = e.to_string();
+                if let Ok(mut f) = self.failed.lock() {
+                    f.retain(|_, (at, _)| at.elapsed() < failure_ttl);
+                    f.insert(ip, (Instant::now(), e.clone()));
+                }
+                Err(format!(
+                    "no storage address known for {ip}; peer lhnet did not answer: {e}"
+                ))
+            }
         }
     }
 

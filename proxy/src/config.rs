@@ -47,6 +47,10 @@ pub struct PeerLookupConfig {
     pub timeout: Duration,
     #[serde(serialize_with = "ser_duration")]
     pub cache_ttl: Duration,
+    /// After a peer did not answer, requests naming it fail at once with that error for this
+    /// long instead of each waiting `timeout` again.
+    #[serde(serialize_with = "ser_duration")]
+    pub failure_ttl: Duration,
 }
 
 impl Default for PeerLookupConfig {
@@ -57,6 +61,7 @@ impl Default for PeerLookupConfig {
             port: 8501,
             timeout: Duration::from_secs(1),
             cache_ttl: Duration::from_secs(30),
+            failure_ttl: Duration::from_secs(5),
         }
     }
 }
@@ -891,6 +896,10 @@ fn parse_peer_lookup(v: &Value, path: &str, cx: &mut Cx) -> Option<PeerLookupCon
         Some((p, v)) => duration(v, &p, cx),
         None => Some(d.cache_ttl),
     };
+    let failure_ttl = match f.take("failure_ttl") {
+        Some((p, v)) => duration(v, &p, cx),
+        None => Some(d.failure_ttl),
+    };
     let networks = match f.take("networks") {
         Some((p, v)) => {
             let mut ok = true;
@@ -909,13 +918,24 @@ fn parse_peer_lookup(v: &Value, path: &str, cx: &mut Cx) -> Option<PeerLookupCon
         }
         None => Some(d.networks.clone()),
     };
-    f.finish(&["enabled", "networks", "port", "timeout", "cache_ttl"], cx);
+    f.finish(
+        &[
+            "enabled",
+            "networks",
+            "port",
+            "timeout",
+            "cache_ttl",
+            "failure_ttl",
+        ],
+        cx,
+    );
     Some(PeerLookupConfig {
         enabled: enabled?,
         networks: networks?,
         port: port?,
         timeout: timeout?,
         cache_ttl: cache_ttl?,
+        failure_ttl: failure_ttl?,
     })
 }
 

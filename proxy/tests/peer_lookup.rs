@@ -68,7 +68,7 @@ fn a_peer_that_never_answers_is_a_clear_error_within_the_lookup_timeout() {
     .unwrap();
     let _proxy = spawn_proxy(&topo, &pod, &config, &[]);
 
-    let (elapsed, status, own) = run_in(&manager.name, || {
+    let (elapsed, status, own, again) = run_in(&manager.name, || {
         runtime().block_on(async {
             let mut client = ProxyEngineServiceClient::connect("http://10.42.0.2:8501")
                 .await
@@ -81,6 +81,15 @@ fn a_peer_that_never_answers_is_a_clear_error_within_the_lookup_timeout() {
                 .await
                 .unwrap_err();
             let elapsed = asked.elapsed();
+            // Asked again at once: the last failure is repeated without another wait.
+            let again_at = Instant::now();
+            let again = client
+                .volume_get(ProxyEngineRequest {
+                    address: "10.42.0.9:10000".into(),
+                })
+                .await
+                .unwrap_err();
+            let again = (again_at.elapsed(), again);
             // The pod's own management IP maps to its own storage IP (nothing listens
             // there, so the engine is unavailable — and the error names the management IP).
             let own = client
@@ -89,7 +98,7 @@ fn a_peer_that_never_answers_is_a_clear_error_within_the_lookup_timeout() {
                 })
                 .await
                 .unwrap_err();
-            (elapsed, status, own)
+            (elapsed, status, own, again)
         })
     })
     .unwrap();
@@ -103,6 +112,17 @@ fn a_peer_that_never_answers_is_a_clear_error_within_the_lookup_timeout() {
     assert!(
         elapsed < Duration::from_millis(1500),
         "the lookup took {elapsed:?} with a 500ms timeout"
+    );
+    let (again_took, again) = again;
+    assert_eq!(again.code(), tonic::Code::Unavailable, "{again:?}");
+    assert!(
+        again.message().contains("peer lhnet did not answer")
+            && again.message().contains("peer_lookup.failure_ttl"),
+        "{again:?}"
+    );
+    assert!(
+        again_took < Duration::from_millis(400),
+        "a peer that just failed was asked again ({again_took:?}, timeout 500ms)"
     );
     assert_eq!(own.code(), tonic::Code::Unavailable, "{own:?}");
     assert!(
