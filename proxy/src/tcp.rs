@@ -129,15 +129,22 @@ impl TcpForwarder {
                         missing: Vec::new(),
                     });
                 };
-                let (listeners, failures) = self.bind_ports(ip, self.address.ports()).await;
-                self.log_failures(ip, &failures);
+                let (listeners, missing) = self.bind_storage(ip).await;
                 Ok(Initial {
                     ip: Some(ip),
                     listeners,
-                    missing: failures.into_iter().map(|(p, _)| p).collect(),
+                    missing,
                 })
             }
         }
+    }
+
+    /// Binds every port on storage address `ip`; ports that fail are logged and returned, to be
+    /// retried every [`REBIND_EVERY`].
+    async fn bind_storage(&self, ip: IpAddr) -> (Vec<TcpListener>, Vec<u16>) {
+        let (listeners, failures) = self.bind_ports(ip, self.address.ports()).await;
+        self.log_failures(ip, &failures);
+        (listeners, failures.into_iter().map(|(p, _)| p).collect())
     }
 
     fn log_failures(&self, ip: IpAddr, failures: &[(u16, io::Error)]) {
@@ -260,14 +267,13 @@ impl TcpForwarder {
                 missing: Vec::new(),
             };
         };
-        let (listeners, failures) = self.bind_ports(ip, self.address.ports()).await;
-        self.log_failures(ip, &failures);
+        let (listeners, missing) = self.bind_storage(ip).await;
         self.set_bound(Vec::new());
         self.serve_all(listeners, &stop, connections, kill);
         Generation {
             ip: Some(ip),
             stop,
-            missing: failures.into_iter().map(|(p, _)| p).collect(),
+            missing,
         }
     }
 
