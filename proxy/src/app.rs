@@ -16,7 +16,7 @@ use crate::cluster::Cluster;
 use crate::config::{Config, ListenAddress, ListenerKind, LOOPBACK_CLUSTER};
 use crate::engine_proxy::BackupTargets;
 use crate::health::HealthService;
-use crate::listener::GrpcListener;
+use crate::listener::{GrpcListener, StorageGrpcListener};
 use crate::metrics::Metrics;
 use crate::peer::PeerService;
 use crate::route::{LocalServices, RouteTable};
@@ -33,6 +33,8 @@ pub struct Options {
 /// A started proxy.
 pub struct RunningProxy {
     listeners: Vec<(String, SocketAddr)>,
+    /// gRPC listeners on `storage:PORT` and the address they accept on right now.
+    storage_grpc: Vec<(String, Arc<Mutex<Option<SocketAddr>>>)>,
     /// `kind: tcp` listeners and the addresses they have bound right now.
     tcp_bound: Vec<(String, Arc<Mutex<Vec<SocketAddr>>>)>,
     admin: SocketAddr,
@@ -73,6 +75,7 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Str
     let mut bound = Vec::new();
     let mut tables = HashMap::new();
     let mut forwarders = Vec::new();
+    let mut storage_grpc = Vec::new();
     for l in &config.listeners {
         if l.kind == ListenerKind::Tcp {
             let cluster = l.cluster.as_deref().unwrap_or(LOOPBACK_CLUSTER);
@@ -85,6 +88,13 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Str
             forwarders.push((forwarder, initial));
             continue;
         }
+        let table = Arc::new(ArcSwap::from_pointee(RouteTable::new(
+            l,
+            &clusters,
+            locals.clone(),
+            metrics.clone(),
+        )));
+        tables.insert(l.name.clone(), table.clone());
         let address = match l.address {
             ListenAddress::Socket(a) => a,
             ListenAddress::Range { .. } => {
@@ -93,24 +103,14 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Str
                     l.name
                 ))
             }
-            ListenAddress::Storage(port) => match storage.current() {
-                Some(s) => SocketAddr::new(s.ip, port),
-                None => {
-                    return Err(format!(
-                        "listener {} binds storage:{port}, but there is no storage address: {}",
-                        l.name,
-                        storage.last_error().unwrap_or_default()
-                    ))
-                }
-            },
+            ListenAddress::Storage(port) => {
+                let follower =
+                    StorageGrpcListener::new(&l.name, port, table.clone(), l.http2.clone());
+                let initial = follower.bind_initial(&storage).await;
+                storage_grpc.push((follower, initial));
+                continue;
+            }
         };
-        let table = Arc::new(ArcSwap::from_pointee(RouteTable::new(
-            l,
-            &clusters,
-            locals.clone(),
-            metrics.clone(),
-        )));
-        tables.insert(l.name.clone(), table.clone());
         let listener = GrpcListener::bind(&l.name, address, table, l.http2.clone())
             .await
             .map_err(|e| e.to_string())?;
@@ -135,6 +135,19 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Str
         .map(|l| (l.name.to_string(), l.local_addr))
         .collect();
     let mut tasks = Vec::new();
+    let storage_grpc_bound = storage_grpc
+        .iter()
+        .map(|(f, _)| (f.name.to_string(), f.bound.clone()))
+        .collect();
+    for (follower, initial) in storage_grpc {
+        tasks.push(tokio::spawn(follower.run(
+            initial,
+            storage.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+            drain_timeout,
+        )));
+    }
     let tcp_bound = forwarders
         .iter()
         .map(|(f, _)| (f.name().to_string(), f.bound()))
@@ -164,6 +177,7 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Str
 
     Ok(RunningProxy {
         listeners,
+        storage_grpc: storage_grpc_bound,
         tcp_bound,
         admin,
         shutdown,
@@ -219,12 +233,19 @@ async fn track_readiness(
 // === impl RunningProxy ===
 
 impl RunningProxy {
-    /// A gRPC listener's address, or the first port a tcp listener has bound now.
+    /// A gRPC listener's address (now, for one on `storage:PORT`), or the first port a tcp
+    /// listener has bound now.
     pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
         self.listeners
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, a)| *a)
+            .or_else(|| {
+                self.storage_grpc
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .and_then(|(_, b)| b.lock().ok().and_then(|b| *b))
+            })
             .or_else(|| self.tcp_listener_addrs(name).into_iter().next())
     }
 

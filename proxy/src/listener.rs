@@ -1,8 +1,8 @@
 //! Management listeners: accept h2c connections and hand every request to the route table.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -115,6 +115,142 @@ impl GrpcListener {
                 listener = %self.name,
                 "streams still open after drain_timeout {}; closing them", format_duration(drain_timeout)
             );
+        }
+    }
+}
+
+/// A gRPC listener on `storage:PORT` that follows the storage address: bound when the address
+/// comes (lhnet starts without one under `fallback: wait`), rebound when it changes. The old
+/// address stops accepting and its connections get GOAWAY and drain, so clients move over;
+/// a port that cannot be bound is tried again every second.
+pub struct StorageGrpcListener {
+    pub name: Arc<str>,
+    pub port: u16,
+    pub routes: Arc<ArcSwap<RouteTable>>,
+    pub http2: Http2Options,
+    /// The address it accepts on now (none while it waits).
+    pub bound: Arc<Mutex<Option<SocketAddr>>>,
+}
+
+impl StorageGrpcListener {
+    pub fn new(
+        name: &str,
+        port: u16,
+        routes: Arc<ArcSwap<RouteTable>>,
+        http2: Http2Options,
+    ) -> StorageGrpcListener {
+        StorageGrpcListener {
+            name: name.into(),
+            port,
+            routes,
+            http2,
+            bound: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    async fn bind(&self, ip: IpAddr) -> std::io::Result<GrpcListener> {
+        GrpcListener::bind(
+            &self.name,
+            SocketAddr::new(ip, self.port),
+            self.routes.clone(),
+            self.http2.clone(),
+        )
+        .await
+    }
+
+    /// Binds on the storage address there is now, if any: a failure here is left to
+    /// [`StorageGrpcListener::run`] to retry.
+    pub async fn bind_initial(&self, storage: &StorageState) -> Option<GrpcListener> {
+        let ip = storage.current()?.ip;
+        match self.bind(ip).await {
+            Ok(l) => {
+                self.set_bound(Some(l.local_addr));
+                Some(l)
+            }
+            Err(e) => {
+                tracing::warn!(network = "storage", listener = %self.name, error = %e, "cannot bind; trying again every 1s");
+                None
+            }
+        }
+    }
+
+    fn set_bound(&self, addr: Option<SocketAddr>) {
+        if let Ok(mut b) = self.bound.lock() {
+            *b = addr;
+        }
+    }
+
+    /// Serves until `shutdown`, following the storage address; returns when every generation
+    /// has drained.
+    pub async fn run(
+        self,
+        initial: Option<GrpcListener>,
+        storage: Arc<StorageState>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+        drain_timeout: Duration,
+    ) {
+        let mut changes = storage.subscribe();
+        let mut generations = Vec::new();
+        let mut serving: Option<(IpAddr, CancellationToken)> = None;
+        let mut pending = initial;
+        let mut wanted = storage.current().map(|a| a.ip);
+        if pending.is_none() && wanted.is_none() {
+            tracing::warn!(
+                network = "storage", listener = %self.name, port = self.port,
+                "no storage address yet; the listener binds when {} gets one", storage.interface()
+            );
+        }
+        loop {
+            if let Some(listener) = pending.take() {
+                let stop = shutdown.child_token();
+                serving = Some((listener.local_addr.ip(), stop.clone()));
+                self.set_bound(Some(listener.local_addr));
+                generations.push(tokio::spawn(listener.serve(
+                    storage.clone(),
+                    metrics.clone(),
+                    stop,
+                    drain_timeout,
+                )));
+            }
+            let waiting = wanted.is_some() && serving.is_none();
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        shutdown.cancelled().await;
+                        break;
+                    }
+                    wanted = storage.current().map(|a| a.ip);
+                    if wanted == serving.as_ref().map(|(ip, _)| *ip) {
+                        continue;
+                    }
+                    if let Some((old, stop)) = serving.take() {
+                        tracing::info!(
+                            network = "storage", listener = %self.name, old = %old,
+                            new = %wanted.map(|i| i.to_string()).unwrap_or_else(|| "none".into()),
+                            "storage address changed; rebinding (the old address drains)"
+                        );
+                        stop.cancel();
+                        self.set_bound(None);
+                    }
+                    if let Some(ip) = wanted {
+                        pending = self.bind(ip).await.inspect_err(|e| {
+                            tracing::warn!(network = "storage", listener = %self.name, error = %e, "cannot bind; trying again every 1s");
+                        }).ok();
+                    }
+                }
+                _ = tokio::time::sleep(crate::tcp::REBIND_EVERY), if waiting => {
+                    if let Some(ip) = wanted {
+                        pending = self.bind(ip).await.ok();
+                    }
+                }
+            }
+            generations.retain(|g| !g.is_finished());
+        }
+        self.set_bound(None);
+        for g in generations {
+            let _ = g.await;
         }
     }
 }

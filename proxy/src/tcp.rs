@@ -29,7 +29,7 @@ const LOOPBACK_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bytes per splice call (the pipe holds 64 KiB by default).
 const CHUNK: usize = 64 << 10;
 /// How often ports that could not be bound are tried again.
-const REBIND_EVERY: Duration = Duration::from_secs(1);
+pub(crate) const REBIND_EVERY: Duration = Duration::from_secs(1);
 
 /// Where a tcp listener's connections go.
 pub enum Upstream {

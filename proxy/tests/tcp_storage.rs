@@ -339,3 +339,108 @@ fn the_bim_example_serves_grpc_on_both_networks_and_sync_ports_on_lhnet1_only() 
     }
     let _ = stop_tx.send(());
 }
+
+/// One echo call from `ns` to `target`; the server's name, or the error.
+fn echo_from(ns: &str, target: SocketAddr) -> Result<String, String> {
+    run_in(ns, move || {
+        common::runtime().block_on(async move {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{target}"))
+                .map_err(|e| e.to_string())?
+                .connect_timeout(Duration::from_millis(300))
+                .timeout(Duration::from_secs(2))
+                .connect()
+                .await
+                .map_err(|e| e.to_string())?;
+            lhnet_proto::echo::echo_client::EchoClient::new(channel)
+                .unary(lhnet_proto::echo::EchoRequest {
+                    payload: b"x".to_vec(),
+                    count: 0,
+                    delay_ms: 0,
+                })
+                .await
+                .map(|r| r.into_inner().server)
+                .map_err(|e| e.to_string())
+        })
+    })
+    .unwrap()
+}
+
+#[test]
+fn a_grpc_listener_on_the_storage_address_binds_late_and_follows_a_change() {
+    if !common::root() {
+        return;
+    }
+    let mut topo = Topology::new("glate").unwrap();
+    topo.add_bridge("stor").unwrap();
+    let pod = topo.add_namespace("pod").unwrap();
+    let client = topo.add_namespace("client").unwrap();
+    topo.attach(&client, "lhnet1", "stor", Some("10.31.0.3/24"))
+        .unwrap();
+    // A gRPC service in the pod on loopback only.
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    spawn_in(&pod.name, move || {
+        common::runtime().block_on(async move {
+            let _server =
+                lhnet_proto::echo_server::spawn("127.0.0.1:18000".parse().unwrap(), "in-pod")
+                    .await
+                    .unwrap();
+            ready_tx.send(()).unwrap();
+            let _ = stop_rx.await;
+        })
+    })
+    .unwrap();
+    ready_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    let dir = std::env::temp_dir().join(format!("lhnet-grpc-late-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("pod.yaml");
+    std::fs::write(
+        &config,
+        "admin: { address: 127.0.0.1:9901 }\n\
+         storage_network: { interface: lhnet1, fallback: wait }\n\
+         listeners:\n  - name: data_grpc\n    address: storage:8000\n    routes:\n\
+         \x20     - { match: { prefix: / }, cluster: local }\n\
+         clusters: [{ name: local, type: static, endpoints: [127.0.0.1:18000], upstream_bind_config: { source_address: none } }]\n",
+    )
+    .unwrap();
+    // Starts without lhnet1 (it used to refuse to start with a storage:PORT gRPC listener).
+    let _proxy = spawn_proxy(&topo, &pod, &config, &[]);
+    assert_eq!(admin_get(&pod.name, "/ready").0, 503);
+
+    topo.attach(&pod, "lhnet1", "stor", Some("10.31.0.2/24"))
+        .unwrap();
+    let first: SocketAddr = "10.31.0.2:8000".parse().unwrap();
+    let attached = Instant::now();
+    loop {
+        match echo_from(&client.name, first) {
+            Ok(server) => {
+                assert_eq!(server, "in-pod");
+                break;
+            }
+            Err(e) => assert!(
+                attached.elapsed() < Duration::from_secs(3),
+                "3 s after lhnet1 came up, gRPC on {first} fails: {e}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    topo.del_address(&pod, "lhnet1", "10.31.0.2/24").unwrap();
+    topo.add_address(&pod, "lhnet1", "10.31.0.9/24").unwrap();
+    let second: SocketAddr = "10.31.0.9:8000".parse().unwrap();
+    let changed = Instant::now();
+    loop {
+        match echo_from(&client.name, second) {
+            Ok(server) => {
+                assert_eq!(server, "in-pod");
+                break;
+            }
+            Err(e) => assert!(
+                changed.elapsed() < Duration::from_secs(5),
+                "5 s after the address change, gRPC on {second} fails: {e}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = stop_tx.send(());
+}
