@@ -26,6 +26,7 @@ pub struct BackupBenchReport {
 
 /// Writes the cfgs of `volumes` × `backups` (List reads names only; no blocks are needed).
 fn build_tree(root: &Path, volumes: usize, backups: usize) -> Result<String, String> {
+    std::fs::create_dir_all(root).map_err(|e| format!("creating {}: {e}", root.display()))?;
     let url = format!("vfs://{}", root.display());
     let t = Target::parse(&url)?;
     for v in 0..volumes {

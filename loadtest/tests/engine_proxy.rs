@@ -936,6 +936,7 @@ async fn backup_to_a_vfs_target_and_restore_into_another_volume() {
     let e = s.engine.served.addr;
     let dir =
         std::env::temp_dir().join(format!("lhnet-backup-{}-{}", std::process::id(), e.port()));
+    std::fs::create_dir_all(&dir).unwrap();
     let target = format!("vfs://{}", dir.display());
     let data: Vec<u8> = (0..3 * 1024 * 1024).map(|i| (i % 97) as u8 + 1).collect();
     for r in &s.replicas {

@@ -195,6 +195,14 @@ impl StorageGrpcListener {
         let mut serving: Option<(IpAddr, CancellationToken)> = None;
         let mut pending = initial;
         let mut wanted = storage.current().map(|a| a.ip);
+        if pending.as_ref().map(|l| l.local_addr.ip()) != wanted {
+            // The address changed between bind_initial and the subscription above.
+            pending = None;
+            self.set_bound(None);
+            if let Some(ip) = wanted {
+                pending = self.bind(ip).await.ok();
+            }
+        }
         if pending.is_none() && wanted.is_none() {
             tracing::warn!(
                 network = "storage", listener = %self.name, port = self.port,

@@ -193,6 +193,12 @@ impl TcpForwarder {
         } else {
             self.start_generation(None, &connections, &kill).await
         };
+        let now = self.storage.current().map(|a| a.ip);
+        if self.address.fixed_ip().is_none() && now != generation.ip {
+            // The address changed between bind_initial and the subscription above.
+            generation.stop.cancel();
+            generation = self.start_generation(now, &connections, &kill).await;
+        }
         loop {
             let retry = !generation.missing.is_empty();
             tokio::select! {

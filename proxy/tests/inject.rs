@@ -52,6 +52,10 @@ fn review(name: &str, opts: &InjectOptions) -> Value {
 /// `kubernetes-validate --strict -k 1.33.0` on a pod (CI installs it).
 fn validate(pod: &Value, name: &str) {
     if lhnet_validate_missing() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "kubernetes-validate is missing: CI is set, so {name} must be validated"
+        );
         eprintln!("kubernetes-validate not installed (pip install kubernetes-validate); {name} not validated");
         return;
     }

@@ -58,7 +58,7 @@ fn a_peer_that_never_answers_is_a_clear_error_within_the_lookup_timeout() {
         &config,
         "admin: { address: 127.0.0.1:9901 }\n\
          storage_network: { interface: lhnet1, fallback: wait }\n\
-         peer_lookup: { timeout: 500ms }\n\
+         peer_lookup: { timeout: 500ms, failure_ttl: 1s }\n\
          listeners:\n  - name: management\n    address: 0.0.0.0:8501\n    routes:\n\
          \x20     - { match: { prefix: /imrpc.ProxyEngineService/ }, local: longhorn_engine_proxy }\n\
          \x20     - { match: { prefix: /lhnet.v1.Peer/ }, local: peer }\n\
@@ -90,6 +90,21 @@ fn a_peer_that_never_answers_is_a_clear_error_within_the_lookup_timeout() {
                 .await
                 .unwrap_err();
             let again = (again_at.elapsed(), again);
+            // After failure_ttl the peer is asked again (and, still silent, waited for).
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+            let later_at = Instant::now();
+            let later = client
+                .volume_get(ProxyEngineRequest {
+                    address: "10.42.0.9:10000".into(),
+                })
+                .await
+                .unwrap_err();
+            assert!(
+                later_at.elapsed() >= Duration::from_millis(450)
+                    && later.message().contains("within 500ms"),
+                "after failure_ttl the peer was not asked again: {:?} {later:?}",
+                later_at.elapsed()
+            );
             // The pod's own management IP maps to its own storage IP (nothing listens
             // there, so the engine is unavailable — and the error names the management IP).
             let own = client

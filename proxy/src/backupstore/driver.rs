@@ -9,7 +9,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 /// What the backupstore needs from storage (Longhorn's `BackupStoreDriver`, without the
@@ -212,13 +212,20 @@ pub fn parse_nfs(url: &str) -> Result<(String, String), String> {
     let (host, path) = rest
         .split_once(":/")
         .ok_or_else(|| format!("backup target {url}: write nfs://HOST:/PATH"))?;
-    if host.is_empty() || path.trim_matches('/').is_empty() {
+    let path = path.trim_end_matches('/');
+    if host.is_empty() || path.is_empty() {
         return Err(format!("backup target {url}: write nfs://HOST:/PATH"));
     }
-    Ok((
-        format!("{host}:"),
-        format!("/{}", path.trim_end_matches('/')),
-    ))
+    // The path becomes a directory under the mount root: nothing that could leave it.
+    let clean = path
+        .split('/')
+        .all(|seg| !seg.is_empty() && seg != "." && seg != "..");
+    if !clean || host.contains('/') || host.chars().any(char::is_whitespace) {
+        return Err(format!(
+            "backup target {url}: the export path may not hold '.', '..' or empty segments"
+        ));
+    }
+    Ok((format!("{host}:"), format!("/{path}")))
 }
 
 /// The local directory of an NFS target, mounting it first when `options` say so.
@@ -280,8 +287,21 @@ fn unescape_mountinfo(field: &str) -> String {
 /// Longhorn, plus `retry=0`: one try each instead of mount.nfs's two minutes of retries); one
 /// mount at a time in this process, so two calls never stack mounts on one directory.
 fn mount_nfs(url: &str, source: &str, dir: &Path) -> Result<(), String> {
-    static MOUNTING: Mutex<()> = Mutex::new(());
-    let _one = MOUNTING.lock().unwrap_or_else(|p| p.into_inner());
+    // One mount at a time per directory: an unreachable server holds up its own target only.
+    static MOUNTING: Mutex<Vec<(PathBuf, Arc<Mutex<()>>)>> = Mutex::new(Vec::new());
+    let guard = {
+        let mut all = MOUNTING.lock().unwrap_or_else(|p| p.into_inner());
+        all.retain(|(_, g)| Arc::strong_count(g) > 1);
+        match all.iter().find(|(d, _)| d == dir) {
+            Some((_, g)) => g.clone(),
+            None => {
+                let g = Arc::new(Mutex::new(()));
+                all.push((dir.to_path_buf(), g.clone()));
+                g
+            }
+        }
+    };
+    let _one = guard.lock().unwrap_or_else(|p| p.into_inner());
     if is_mount_point(dir) {
         return Ok(());
     }
@@ -312,6 +332,8 @@ fn mount_nfs(url: &str, source: &str, dir: &Path) -> Result<(), String> {
 
 /// Runs a command to its end or kills it after `limit`; the error holds its stderr.
 fn run_bounded(mut cmd: Command, limit: Duration) -> Result<(), String> {
+    // Its own process group, so a timeout also ends the mount.nfs helper it starts.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -324,6 +346,8 @@ fn run_bounded(mut cmd: Command, limit: Duration) -> Result<(), String> {
             Ok(Some(status)) => break status,
             Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
             Ok(None) => {
+                let group = nix::unistd::Pid::from_raw(child.id() as i32);
+                let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
                 let _ = child.kill();
                 let _ = child.wait();
                 return Err(format!("no answer within {} s", limit.as_secs()));
@@ -356,6 +380,14 @@ mod tests {
         );
         assert!(parse_nfs("nfs://host/opt").is_err());
         assert!(parse_nfs("nfs://:/opt").is_err());
+        for escaping in [
+            "nfs://h:/../../etc",
+            "nfs://h:/a/./b",
+            "nfs://h:/a//b",
+            "nfs://h/x:/a",
+        ] {
+            assert!(parse_nfs(escaping).is_err(), "{escaping}");
+        }
         let root = std::env::temp_dir().join(format!("lhnet-nfs-{}", std::process::id()));
         let options = NfsOptions {
             mount_root: root.clone(),

@@ -26,9 +26,9 @@ use sha2::{Digest, Sha512};
 
 pub const BLOCK_SIZE: usize = 2 * 1024 * 1024;
 
-/// `volume.cfg`, keys in Longhorn's order.
+/// `volume.cfg`, keys in Longhorn's order. Missing keys read as empty, as Go's decoder does.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
-#[serde(rename_all = "PascalCase")]
+#[serde(rename_all = "PascalCase", default)]
 pub struct VolumeCfg {
     pub name: String,
     pub size: String,
@@ -42,7 +42,8 @@ pub struct VolumeCfg {
     pub backing_image_checksum: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default)]
 pub struct BlockRef {
     #[serde(rename = "Offset")]
     pub offset: i64,
@@ -56,9 +57,9 @@ pub struct SingleFile {
     pub file_path: String,
 }
 
-/// `backups/backup_<name>.cfg`, keys in Longhorn's order.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "PascalCase")]
+/// `backups/backup_<name>.cfg`, keys in Longhorn's order. Missing keys read as empty.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(rename_all = "PascalCase", default)]
 pub struct BackupCfg {
     pub name: String,
     pub volume_name: String,
@@ -90,6 +91,8 @@ pub struct TargetOptions {
 
 /// A lock file older than this no longer holds (Longhorn's expiry).
 const LOCK_EXPIRY: Duration = Duration::from_secs(150);
+/// How often a held lock is saved again, so it never expires while its work runs (Longhorn's).
+const LOCK_REFRESH: Duration = Duration::from_secs(60);
 /// The largest backup [`Target::read_backup`] restores into memory.
 const MAX_RESTORE_BYTES: i64 = 16 << 30;
 
@@ -249,8 +252,16 @@ impl Target {
                     "backup target {url}: vfs needs an absolute directory (vfs:///DIR)"
                 ));
             }
+            // Longhorn's vfs driver lists its root when opened: a mistyped target fails here
+            // instead of listing empty.
+            if !Path::new(dir).is_dir() {
+                return Err(format!(
+                    "backup target {url}: cannot find directory {dir} (vfs:///DIR names an existing directory)"
+                ));
+            }
+            let trimmed = dir.trim_end_matches('/');
             return Ok(Target {
-                url: url.trim_end_matches('/').to_string(),
+                url: format!("vfs://{}", if trimmed.is_empty() { "/" } else { trimmed }),
                 driver: Arc::new(FsDriver::new("vfs", PathBuf::from(dir))),
             });
         }
@@ -377,7 +388,11 @@ impl Target {
             created: cfg.created_time,
             last_backup_name: cfg.last_backup_name,
             last_backup_at: cfg.last_backup_at,
-            data_stored: cfg.block_count.parse::<i64>().unwrap_or(0) * BLOCK_SIZE as i64,
+            data_stored: cfg
+                .block_count
+                .parse::<i64>()
+                .unwrap_or(0)
+                .saturating_mul(BLOCK_SIZE as i64),
             messages: BTreeMap::new(),
             backups: Vec::new(),
             backing_image_name: unquote(&cfg.backing_image_name),
@@ -430,11 +445,15 @@ impl Target {
             &sha512_hex(format!("{volume}{}", unix_nanos()).as_bytes())[..16]
         );
         let path = format!("{}/locks/{name}.lck", self.volume_key(volume));
-        self.write(
-            &path,
-            format!("{{\"Name\":\"{name}\",\"Type\":{kind},\"Acquired\":true}}").as_bytes(),
-        )?;
+        self.save_lock(&path, &name, kind)?;
         Ok(path)
+    }
+
+    fn save_lock(&self, path: &str, name: &str, kind: u8) -> io::Result<()> {
+        self.write(
+            path,
+            format!("{{\"Name\":\"{name}\",\"Type\":{kind},\"Acquired\":true}}").as_bytes(),
+        )
     }
 
     fn unlock(&self, lock: &str) {
@@ -443,8 +462,51 @@ impl Target {
         }
     }
 
-    /// Fails when another process holds a backup or restore lock (type 1) on the volume.
-    fn no_backup_locks(&self, volume: &str, own: &str) -> Result<(), String> {
+    /// Runs `work` holding a lock of `kind` on the volume: fails at once when another process
+    /// holds a fresh lock of the other kind (deletions exclude backups and restores), and saves
+    /// the lock again every [`LOCK_REFRESH`] so that long work never outlives it.
+    fn with_lock<T>(
+        &self,
+        volume: &str,
+        kind: u8,
+        work: impl FnOnce() -> Result<T, String>,
+    ) -> Result<T, String> {
+        let lock = self
+            .lock(volume, kind)
+            .map_err(|e| format!("taking the lock of {volume} in {}: {e}", self.url))?;
+        let result = self
+            .no_conflicting_locks(volume, &lock, kind)
+            .and_then(|()| {
+                let name = lock
+                    .rsplit('/')
+                    .next()
+                    .and_then(|f| f.strip_suffix(".lck"))
+                    .unwrap_or_default()
+                    .to_string();
+                let (stop, stopped) = std::sync::mpsc::channel::<()>();
+                let (lock, name) = (&lock, &name);
+                std::thread::scope(|scope| {
+                    scope.spawn(move || {
+                    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                        stopped.recv_timeout(LOCK_REFRESH)
+                    {
+                        if let Err(e) = self.save_lock(lock, name, kind) {
+                            tracing::warn!(%lock, error = %e, "cannot refresh a backupstore lock");
+                        }
+                    }
+                });
+                    let result = work();
+                    drop(stop);
+                    result
+                })
+            });
+        self.unlock(&lock);
+        result
+    }
+
+    /// Fails when another process holds a fresh lock that excludes one of `kind`.
+    fn no_conflicting_locks(&self, volume: &str, own: &str, kind: u8) -> Result<(), String> {
+        let other = if kind == 2 { 1 } else { 2 };
         let dir = format!("{}/locks", self.volume_key(volume));
         for file in self.list_dir(&dir)? {
             let path = driver::join(&dir, &file);
@@ -457,15 +519,20 @@ impl Target {
                 .ok()
                 .and_then(|t| t.elapsed().ok())
                 .is_some_and(|age| age < LOCK_EXPIRY);
-            let kind = self
+            let held = self
                 .driver
                 .read(&path)
                 .ok()
                 .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
                 .and_then(|v| v.get("Type").and_then(serde_json::Value::as_u64));
-            if fresh && kind == Some(1) {
+            if fresh && held == Some(other) {
+                let holder = if other == 1 {
+                    "a backup or restore"
+                } else {
+                    "a deletion"
+                };
                 return Err(format!(
-                    "failed lock {path} type 2 acquisition: a backup or restore holds the volume"
+                    "failed lock {own} type {kind} acquisition: {holder} holds {volume} ({path})"
                 ));
             }
         }
@@ -477,14 +544,7 @@ impl Target {
     pub fn remove_backup(&self, volume: &str, backup: &str) -> Result<(), String> {
         let guard = volume_guard(&format!("{}/{}", self.url, self.volume_key(volume)));
         let _held = guard.lock().unwrap_or_else(|p| p.into_inner());
-        let lock = self
-            .lock(volume, 2)
-            .map_err(|e| format!("taking the deletion lock of {volume}: {e}"))?;
-        let result = self
-            .no_backup_locks(volume, &lock)
-            .and_then(|()| self.remove_backup_locked(volume, backup));
-        self.unlock(&lock);
-        result
+        self.with_lock(volume, 2, || self.remove_backup_locked(volume, backup))
     }
 
     fn remove_backup_locked(&self, volume: &str, backup: &str) -> Result<(), String> {
@@ -568,16 +628,11 @@ impl Target {
         if self.list_dir(&dir)?.is_empty() {
             return Ok(());
         }
-        let lock = self
-            .lock(volume, 2)
-            .map_err(|e| format!("taking the deletion lock of {volume}: {e}"))?;
-        if let Err(e) = self.no_backup_locks(volume, &lock) {
-            self.unlock(&lock);
-            return Err(e);
-        }
-        self.driver
-            .remove(&dir)
-            .map_err(|e| format!("removing {dir}: {e}"))
+        self.with_lock(volume, 2, || {
+            self.driver
+                .remove(&dir)
+                .map_err(|e| format!("removing {dir}: {e}"))
+        })
     }
 
     /// `backupstore/volumes/<h1>/<h2>/<volume>`, relative to the target's root.
@@ -647,8 +702,7 @@ impl Target {
                 format!("invalid volume {volume:?} or backup {backup:?} name"),
             ));
         }
-        let lock = self.lock(volume, 1)?;
-        let result = (|| {
+        let write = || -> io::Result<bool> {
             let placeholder = BackupCfg {
                 name: backup.into(),
                 volume_name: volume.into(),
@@ -730,9 +784,9 @@ impl Target {
             self.write(&self.volume_cfg_key(volume), &to_json(&cfg)?)?;
             progress(100);
             Ok(incremental)
-        })();
-        self.unlock(&lock);
-        result
+        };
+        self.with_lock(volume, 1, || write().map_err(|e| e.to_string()))
+            .map_err(io::Error::other)
     }
 
     /// Reads a backup back: every block decompressed and its checksum verified.
@@ -746,7 +800,9 @@ impl Target {
         let mut end = 0usize;
         for b in &cfg.blocks {
             let aligned = b.offset >= 0 && b.offset % BLOCK_SIZE as i64 == 0;
-            if !aligned || b.offset >= MAX_RESTORE_BYTES || b.block_checksum.len() < 4 {
+            let named = b.block_checksum.len() >= 4
+                && b.block_checksum.bytes().all(|c| c.is_ascii_hexdigit());
+            if !aligned || b.offset >= MAX_RESTORE_BYTES || !named {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!(
@@ -789,7 +845,7 @@ mod tests {
     #[test]
     fn layout_and_quirks_match_longhorn() {
         // The spec's examples of the <h1>/<h2> fan-out.
-        let t = Target::parse("vfs:///tmp/x").unwrap();
+        let t = Target::parse(&format!("vfs://{}", std::env::temp_dir().display())).unwrap();
         assert!(t
             .volume_dir("vol1")
             .ends_with("backupstore/volumes/01/9c/vol1"));
@@ -828,6 +884,10 @@ mod tests {
     #[test]
     fn backups_round_trip_and_share_blocks() {
         let dir = std::env::temp_dir().join(format!("lhnet-bs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(Target::parse(&format!("vfs://{}/missing", dir.display()))
+            .unwrap_err()
+            .contains("cannot find directory"));
         let t = Target::parse(&format!("vfs://{}", dir.display())).unwrap();
         let mut data = vec![0u8; 3 * BLOCK_SIZE];
         data[10] = 1;
@@ -875,6 +935,66 @@ mod tests {
             !t.volume_dir("vol1").join("locks").exists(),
             "lock left behind"
         );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn deletions_and_backups_exclude_each_other_and_old_cfgs_read() {
+        let dir = std::env::temp_dir().join(format!("lhnet-bs-locks-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let t = Target::parse(&format!("vfs://{}", dir.display())).unwrap();
+        let data = vec![1u8; BLOCK_SIZE];
+        let write = |t: &Target, name: &str| {
+            t.write_backup(
+                "vol1",
+                name,
+                "s",
+                "2022-06-01T00:00:00Z",
+                "2022-06-01T00:00:01Z",
+                BLOCK_SIZE as i64,
+                BTreeMap::new(),
+                ("", ""),
+                &data,
+                |_| {},
+            )
+        };
+        write(&t, "backup-a").unwrap();
+        let locks = t.volume_dir("vol1").join("locks");
+        std::fs::create_dir_all(&locks).unwrap();
+        // Another process's deletion: a backup may not start.
+        let other = locks.join("lock-0000000000000002.lck");
+        std::fs::write(
+            &other,
+            r#"{"Name":"lock-0000000000000002","Type":2,"Acquired":true}"#,
+        )
+        .unwrap();
+        let err = write(&t, "backup-b").unwrap_err().to_string();
+        assert!(
+            err.contains("type 1 acquisition: a deletion holds vol1"),
+            "{err}"
+        );
+        // Another process's backup: a deletion may not start.
+        std::fs::write(
+            &other,
+            r#"{"Name":"lock-0000000000000002","Type":1,"Acquired":true}"#,
+        )
+        .unwrap();
+        let err = t.remove_backup("vol1", "backup-a").unwrap_err();
+        assert!(
+            err.contains("type 2 acquisition: a backup or restore holds vol1"),
+            "{err}"
+        );
+        assert!(t.load_backup("vol1", "backup-a").is_ok(), "removed anyway");
+        std::fs::remove_file(&other).unwrap();
+        t.remove_backup("vol1", "backup-a").unwrap();
+
+        // A cfg from an older writer, keys missing: read as empty values, as Go does.
+        let old = r#"{"Name":"vol2","Size":"2097152","CreatedTime":"2021-01-01T00:00:00Z","LastBackupName":"","LastBackupAt":"","BlockCount":"0"}"#;
+        let vdir = t.volume_dir("vol2");
+        std::fs::create_dir_all(&vdir).unwrap();
+        std::fs::write(vdir.join("volume.cfg"), old).unwrap();
+        let v = t.inspect_volume("vol2").unwrap();
+        assert_eq!((v.size, v.backing_image_name.as_str()), (2097152, ""));
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

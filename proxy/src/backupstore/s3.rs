@@ -38,6 +38,8 @@ pub struct S3Driver {
     store: Arc<AmazonS3>,
     /// `PATH/` (or empty for `s3://bucket/`), before `backupstore/…`.
     prefix: String,
+    /// No keys in `envs`: errors say that credentials came from the instance metadata service.
+    keyless: bool,
 }
 
 /// The parts of an `s3://` URL.
@@ -45,7 +47,7 @@ pub struct S3Driver {
 pub struct S3Url {
     pub bucket: String,
     pub region: Option<String>,
-    /// Without leading or trailing `/`; empty for the bucket's root.
+    /// Without its leading `/` (Longhorn trims only that one); empty for the bucket's root.
     pub path: String,
 }
 
@@ -64,10 +66,19 @@ impl S3Url {
         if bucket.is_empty() {
             return Err(format!("backup target {url}: no bucket name"));
         }
+        let name_ok = |s: &str| {
+            s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+        };
+        if !name_ok(bucket) || region.as_deref().is_some_and(|r| !name_ok(r)) {
+            return Err(format!(
+                "backup target {url}: bucket and region are letters, digits, '.', '-' and '_'"
+            ));
+        }
         Ok(S3Url {
             bucket: bucket.to_string(),
             region,
-            path: path.trim_matches('/').to_string(),
+            path: path.trim_start_matches('/').to_string(),
         })
     }
 
@@ -114,12 +125,18 @@ impl S3Driver {
                 store
             }
         };
-        let prefix = if parsed.path.is_empty() {
+        let path = parsed.path.trim_end_matches('/');
+        let prefix = if path.is_empty() {
             String::new()
         } else {
-            format!("{}/", parsed.path)
+            format!("{path}/")
         };
-        Ok(S3Driver { store, prefix })
+        let keyless = setting(credentials, "AWS_ACCESS_KEY_ID").is_none();
+        Ok(S3Driver {
+            store,
+            prefix,
+            keyless,
+        })
     }
 
     fn key(&self, path: &str) -> Path {
@@ -138,6 +155,11 @@ fn build_store(
         .or(setting(credentials, "AWS_REGION"))
         .unwrap_or("us-east-1");
     let endpoint = setting(credentials, "AWS_ENDPOINTS").map(|e| e.trim_end_matches('/'));
+    if let Some(e) = endpoint {
+        check_endpoint(e).map_err(|why| {
+            format!("backup target {url}: AWS_ENDPOINTS {e:?} {why}; write http(s)://HOST[:PORT]")
+        })?;
+    }
     let virtual_hosted = match setting(credentials, "VIRTUAL_HOSTED_STYLE") {
         Some("true") => true,
         Some("false") => false,
@@ -194,6 +216,24 @@ fn build_store(
     builder
         .build()
         .map_err(|e| format!("backup target {url}: {e}"))
+}
+
+/// An endpoint object_store can put in a request: `http(s)://HOST[:PORT]`, nothing else.
+fn check_endpoint(endpoint: &str) -> Result<(), &'static str> {
+    let url = url::Url::parse(endpoint).map_err(|_| "is not a URL")?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err("is not http or https");
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("has no host");
+    }
+    if !matches!(url.path(), "" | "/") || url.query().is_some() || url.fragment().is_some() {
+        return Err("has a path");
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("holds a user name (keys go in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)");
+    }
+    Ok(())
 }
 
 /// Builds the HTTP client from the call's settings only: its proxies (none from the process
@@ -279,20 +319,32 @@ fn run<T: Send + 'static>(work: impl Future<Output = T> + Send + 'static) -> io:
         })
         .as_ref()
         .map_err(|e| io::Error::other(format!("cannot start the S3 runtime: {e}")))?;
+    if std::thread::current().name() == Some("lhnet-s3") {
+        // Waiting here would wait for this very thread.
+        return Err(io::Error::other(
+            "an S3 call made on the S3 runtime itself; run it from another thread",
+        ));
+    }
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     runtime.spawn(async move {
         let _ = tx.send(work.await);
     });
-    rx.recv()
-        .map_err(|_| io::Error::other("the S3 request ended without an answer"))
+    rx.recv().map_err(|_| {
+        io::Error::other("the S3 client failed unexpectedly (a bug in lhnet; see its log)")
+    })
 }
 
-fn io_error(what: &str, path: &Path, e: object_store::Error) -> io::Error {
-    match e {
-        object_store::Error::NotFound { .. } => {
-            io::Error::new(io::ErrorKind::NotFound, format!("{path} not found"))
+impl S3Driver {
+    fn io_error(&self, what: &str, path: &Path, e: object_store::Error) -> io::Error {
+        match e {
+            object_store::Error::NotFound { .. } => {
+                io::Error::new(io::ErrorKind::NotFound, format!("{path} not found"))
+            }
+            e if self.keyless => io::Error::other(format!(
+                "S3 {what} {path}: {e} (no AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in envs: the instance metadata service was asked for credentials)"
+            )),
+            e => io::Error::other(format!("S3 {what} {path}: {e}")),
         }
-        e => io::Error::other(format!("S3 {what} {path}: {e}")),
     }
 }
 
@@ -310,7 +362,7 @@ impl Driver for S3Driver {
     fn list(&self, dir: &str) -> io::Result<Vec<String>> {
         let (store, key) = (self.store.clone(), self.key(dir));
         let result = run(async move { store.list_with_delimiter(Some(&key)).await })?
-            .map_err(|e| io_error("list", &self.key(dir), e))?;
+            .map_err(|e| self.io_error("list", &self.key(dir), e))?;
         let mut names: Vec<String> = result.common_prefixes.iter().map(name_of).collect();
         names.extend(result.objects.iter().map(|o| name_of(&o.location)));
         Ok(names)
@@ -327,7 +379,7 @@ impl Driver for S3Driver {
                 .into_iter()
                 .collect::<object_store::Result<Vec<_>>>()
         })?
-        .map_err(|e| io_error("list", &base, e))?;
+        .map_err(|e| self.io_error("list", &base, e))?;
         Ok(metas
             .iter()
             .filter_map(|m| {
@@ -347,7 +399,7 @@ impl Driver for S3Driver {
                 Err(e) => Err(e),
             }
         })?
-        .map_err(|e| io_error("get", &self.key(path), e))
+        .map_err(|e| self.io_error("get", &self.key(path), e))
     }
 
     /// A PUT replaces the object as a whole.
@@ -355,7 +407,7 @@ impl Driver for S3Driver {
         let (store, key) = (self.store.clone(), self.key(path));
         let payload = PutPayload::from(data.to_vec());
         run(async move { store.put(&key, payload).await.map(|_| ()) })?
-            .map_err(|e| io_error("put", &self.key(path), e))
+            .map_err(|e| self.io_error("put", &self.key(path), e))
     }
 
     fn exists(&self, path: &str) -> io::Result<bool> {
@@ -370,7 +422,7 @@ impl Driver for S3Driver {
         let (store, key) = (self.store.clone(), self.key(path));
         run(async move { store.head(&key).await })?
             .map(|meta| SystemTime::from(meta.last_modified))
-            .map_err(|e| io_error("head", &self.key(path), e))
+            .map_err(|e| self.io_error("head", &self.key(path), e))
     }
 
     /// The object itself, then every key under `path/`, one DELETE each (as Longhorn does).
@@ -395,7 +447,7 @@ impl Driver for S3Driver {
             }
             Ok(())
         })?
-        .map_err(|e| io_error("delete", &shown, e))
+        .map_err(|e| self.io_error("delete", &shown, e))
     }
 }
 
@@ -417,8 +469,15 @@ mod tests {
         assert_eq!(u.normalised(), "s3://backupbucket@us-east-1/s3-test");
         let root = S3Url::parse("s3://b/").unwrap();
         assert_eq!((root.region, root.path.as_str()), (None, ""));
+        assert_eq!(
+            S3Url::parse("s3://b@r/p/").unwrap().normalised(),
+            "s3://b@r/p/",
+            "Go keeps a trailing slash in GetURL()"
+        );
         assert!(S3Url::parse("s3://bucket").unwrap_err().contains("PATH"));
         assert!(S3Url::parse("s3://@r/p").unwrap_err().contains("no bucket"));
+        assert!(S3Url::parse("s3://b a@r/p").is_err());
+        assert!(S3Url::parse("s3://b@r?x/p").is_err());
     }
 
     #[test]
@@ -440,18 +499,25 @@ mod tests {
         assert!(err.contains("VIRTUAL_HOSTED_STYLE"), "{err}");
         let err = S3Driver::open("s3://b@r/p", &creds(&[("AWS_ACCESS_KEY_ID", "a")])).unwrap_err();
         assert!(err.contains("together"), "{err}");
-        // A malformed endpoint is an error on the first request, never a panic.
+        // A malformed endpoint is refused when the target is opened, never a panic.
         for endpoint in [
             "not a url",
             "http://[::1",
             "ftp://x y",
             "http://127.0.0.1:99999",
+            "http://h/p?q",
+            "http://user:pw@h",
         ] {
-            let result = S3Driver::open("s3://b@r/p", &creds(&[("AWS_ENDPOINTS", endpoint)]))
+            let settings = creds(&[
+                ("AWS_ENDPOINTS", endpoint),
+                ("AWS_ACCESS_KEY_ID", "k"),
+                ("AWS_SECRET_ACCESS_KEY", "s"),
+            ]);
+            let result = S3Driver::open("s3://b@r/p", &settings)
                 .and_then(|d| d.list("backupstore").map_err(|e| e.to_string()));
             let err = result.expect_err(endpoint);
             assert!(
-                !err.contains("without an answer"),
+                !err.contains("failed unexpectedly"),
                 "{endpoint}: the task panicked: {err}"
             );
         }

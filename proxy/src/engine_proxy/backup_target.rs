@@ -40,11 +40,15 @@ impl BackupTargets {
         })
     }
 
-    /// Takes a reloaded config; calls already running keep their slots.
+    /// Takes a reloaded config. Slots are kept (so calls still running on a hung target keep
+    /// counting) unless `max_concurrent` changed.
     pub fn reconfigure(&self, config: &BackupTargetConfig) {
-        if **self.config.load() != *config {
+        let old = self.config.load_full();
+        if *old != *config {
             self.config.store(Arc::new(config.clone()));
-            self.slots.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            if old.max_concurrent != config.max_concurrent {
+                self.slots.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            }
         }
     }
 
@@ -75,7 +79,7 @@ impl BackupTargets {
         }
         let config = self.config.load_full();
         let target_url = url.split('?').next().unwrap_or(url).to_string();
-        let slots = self.slots_of(&target_url, config.max_concurrent);
+        let slots = self.slots_of(&slot_key(&target_url), config.max_concurrent);
         let options = TargetOptions {
             credentials,
             nfs: NfsOptions {
@@ -101,12 +105,24 @@ impl BackupTargets {
             .await
             .unwrap_or_else(|_| {
                 Err(Status::deadline_exceeded(format!(
-                    "{}: the backup target did not answer within {} s",
+                    "{}: the backup target did not answer within {} s (backup_target.timeout; work already started on the target, such as a removal, runs on to its end)",
                     url.split('?').next().unwrap_or(url),
                     config.timeout.as_secs_f64()
                 )))
             })
     }
+}
+
+/// One target however its URL is spelled: `vfs:///x`, `vfs:///x/` and `vfs:////x` share slots.
+fn slot_key(target: &str) -> String {
+    let (scheme, rest) = target.split_once("://").unwrap_or(("", target));
+    let mut path = String::with_capacity(rest.len());
+    for c in rest.chars() {
+        if !(c == '/' && path.ends_with('/')) {
+            path.push(c);
+        }
+    }
+    format!("{scheme}://{}", path.trim_end_matches('/'))
 }
 
 fn volume_info(v: VolumeInfo) -> EngineBackupVolumeInfo {
@@ -244,5 +260,18 @@ impl BackupTargets {
             target.remove_backup(&volume, &backup)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spellings_of_one_target_share_slots() {
+        assert_eq!(slot_key("vfs:///x"), slot_key("vfs:///x/"));
+        assert_eq!(slot_key("vfs:///x"), slot_key("vfs:////x"));
+        assert_ne!(slot_key("vfs:///x"), slot_key("vfs:///y"));
+        assert_eq!(slot_key("s3://b@r/p/"), "s3://b@r/p");
     }
 }
