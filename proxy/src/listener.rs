@@ -17,6 +17,7 @@ use crate::config::{format_duration, Http2Options};
 use crate::metrics::{CountedIo, Metrics};
 use crate::route::RouteTable;
 use crate::storage::StorageState;
+use crate::tcp::REBIND_EVERY;
 
 /// A bound gRPC listener, ready to serve.
 pub struct GrpcListener {
@@ -158,20 +159,25 @@ impl StorageGrpcListener {
         .await
     }
 
-    /// Binds on the storage address there is now, if any: a failure here is left to
-    /// [`StorageGrpcListener::run`] to retry.
+    /// Binds on `ip`; a failure is logged and left to [`StorageGrpcListener::run`] to retry
+    /// every [`REBIND_EVERY`].
+    async fn bind_or_warn(&self, ip: IpAddr) -> Option<GrpcListener> {
+        self.bind(ip)
+            .await
+            .inspect_err(|e| {
+                tracing::warn!(
+                    network = "storage", listener = %self.name, error = %e,
+                    "cannot bind; trying again every {}s", REBIND_EVERY.as_secs()
+                );
+            })
+            .ok()
+    }
+
+    /// Binds on the storage address there is now, if any.
     pub async fn bind_initial(&self, storage: &StorageState) -> Option<GrpcListener> {
-        let ip = storage.current()?.ip;
-        match self.bind(ip).await {
-            Ok(l) => {
-                self.set_bound(Some(l.local_addr));
-                Some(l)
-            }
-            Err(e) => {
-                tracing::warn!(network = "storage", listener = %self.name, error = %e, "cannot bind; trying again every 1s");
-                None
-            }
-        }
+        let listener = self.bind_or_warn(storage.current()?.ip).await?;
+        self.set_bound(Some(listener.local_addr));
+        Some(listener)
     }
 
     fn set_bound(&self, addr: Option<SocketAddr>) {
@@ -200,7 +206,7 @@ impl StorageGrpcListener {
             pending = None;
             self.set_bound(None);
             if let Some(ip) = wanted {
-                pending = self.bind(ip).await.ok();
+                pending = self.bind_or_warn(ip).await;
             }
         }
         if pending.is_none() && wanted.is_none() {
@@ -243,12 +249,10 @@ impl StorageGrpcListener {
                         self.set_bound(None);
                     }
                     if let Some(ip) = wanted {
-                        pending = self.bind(ip).await.inspect_err(|e| {
-                            tracing::warn!(network = "storage", listener = %self.name, error = %e, "cannot bind; trying again every 1s");
-                        }).ok();
+                        pending = self.bind_or_warn(ip).await;
                     }
                 }
-                _ = tokio::time::sleep(crate::tcp::REBIND_EVERY), if waiting => {
+                _ = tokio::time::sleep(REBIND_EVERY), if waiting => {
                     if let Some(ip) = wanted {
                         pending = self.bind(ip).await.ok();
                     }

@@ -44,6 +44,30 @@ pub fn join(a: &str, b: &str) -> String {
     }
 }
 
+/// Nanoseconds since the Unix epoch (temporary file and lock names).
+pub fn unix_nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+/// A process-wide mutex per key (a volume, a mount directory); keys nobody holds are
+/// forgotten, so the map stays as small as what is in use.
+pub type KeyedGuards = Mutex<Vec<(String, Arc<Mutex<()>>)>>;
+
+/// The guard of `key` in `guards`, made on first use.
+pub fn guard_of(guards: &KeyedGuards, key: &str) -> Arc<Mutex<()>> {
+    let mut all = guards.lock().unwrap_or_else(|p| p.into_inner());
+    all.retain(|(_, g)| Arc::strong_count(g) > 1);
+    if let Some((_, g)) = all.iter().find(|(k, _)| k == key) {
+        return g.clone();
+    }
+    let g = Arc::new(Mutex::new(()));
+    all.push((key.to_string(), g.clone()));
+    g
+}
+
 /// `vfs:///DIR`, or an NFS export mounted on a local directory.
 #[derive(Debug)]
 pub struct FsDriver {
@@ -117,11 +141,7 @@ impl Driver for FsDriver {
         if let Some(dir) = path.parent() {
             create_dirs(dir)?;
         }
-        let nanos = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let tmp = PathBuf::from(format!("{}.tmp.{nanos}", path.display()));
+        let tmp = PathBuf::from(format!("{}.tmp.{}", path.display(), unix_nanos()));
         fs::write(&tmp, data)?;
         fs::rename(&tmp, &path).inspect_err(|_| {
             let _ = fs::remove_file(&tmp);
@@ -288,19 +308,8 @@ fn unescape_mountinfo(field: &str) -> String {
 /// mount at a time in this process, so two calls never stack mounts on one directory.
 fn mount_nfs(url: &str, source: &str, dir: &Path) -> Result<(), String> {
     // One mount at a time per directory: an unreachable server holds up its own target only.
-    static MOUNTING: Mutex<Vec<(PathBuf, Arc<Mutex<()>>)>> = Mutex::new(Vec::new());
-    let guard = {
-        let mut all = MOUNTING.lock().unwrap_or_else(|p| p.into_inner());
-        all.retain(|(_, g)| Arc::strong_count(g) > 1);
-        match all.iter().find(|(d, _)| d == dir) {
-            Some((_, g)) => g.clone(),
-            None => {
-                let g = Arc::new(Mutex::new(()));
-                all.push((dir.to_path_buf(), g.clone()));
-                g
-            }
-        }
-    };
+    static MOUNTING: KeyedGuards = Mutex::new(Vec::new());
+    let guard = guard_of(&MOUNTING, &dir.to_string_lossy());
     let _one = guard.lock().unwrap_or_else(|p| p.into_inner());
     if is_mount_point(dir) {
         return Ok(());

@@ -14,10 +14,10 @@ pub mod s3;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use driver::FsDriver;
+use driver::{guard_of, unix_nanos, FsDriver, KeyedGuards};
 pub use driver::{Driver, NfsMount, NfsOptions, NFS_MOUNT_ROOT};
 use s3::S3Driver;
 
@@ -139,23 +139,17 @@ pub fn unquote(value: &str) -> String {
 /// Per-volume serialisation of removals inside this process (the lock files order them
 /// against other processes).
 fn volume_guard(volume: &str) -> Arc<Mutex<()>> {
-    static GUARDS: OnceLock<Mutex<HashMap<String, Arc<Mutex<()>>>>> = OnceLock::new();
-    let guards = GUARDS.get_or_init(|| Mutex::new(HashMap::new()));
-    let mut map = guards.lock().unwrap_or_else(|p| p.into_inner());
-    // Guards nobody holds are dropped, so the map stays as small as the volumes in use.
-    map.retain(|_, g| Arc::strong_count(g) > 1);
-    map.entry(volume.to_string()).or_default().clone()
-}
-
-fn unix_nanos() -> u128 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0)
+    static GUARDS: KeyedGuards = Mutex::new(Vec::new());
+    guard_of(&GUARDS, volume)
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
 }
 
 fn sha512_hex(data: &[u8]) -> String {
@@ -438,15 +432,16 @@ impl Target {
         })
     }
 
-    /// Writes `locks/lock-<16 hex>.lck` of `kind` (1 backup/restore, 2 deletion).
-    fn lock(&self, volume: &str, kind: u8) -> io::Result<String> {
+    /// Writes `locks/lock-<16 hex>.lck` of `kind` (1 backup/restore, 2 deletion): its path and
+    /// name.
+    fn lock(&self, volume: &str, kind: u8) -> io::Result<(String, String)> {
         let name = format!(
             "lock-{}",
             &sha512_hex(format!("{volume}{}", unix_nanos()).as_bytes())[..16]
         );
         let path = format!("{}/locks/{name}.lck", self.volume_key(volume));
         self.save_lock(&path, &name, kind)?;
-        Ok(path)
+        Ok((path, name))
     }
 
     fn save_lock(&self, path: &str, name: &str, kind: u8) -> io::Result<()> {
@@ -471,18 +466,12 @@ impl Target {
         kind: u8,
         work: impl FnOnce() -> Result<T, String>,
     ) -> Result<T, String> {
-        let lock = self
+        let (lock, name) = self
             .lock(volume, kind)
             .map_err(|e| format!("taking the lock of {volume} in {}: {e}", self.url))?;
         let result = self
             .no_conflicting_locks(volume, &lock, kind)
             .and_then(|()| {
-                let name = lock
-                    .rsplit('/')
-                    .next()
-                    .and_then(|f| f.strip_suffix(".lck"))
-                    .unwrap_or_default()
-                    .to_string();
                 let (stop, stopped) = std::sync::mpsc::channel::<()>();
                 let (lock, name) = (&lock, &name);
                 std::thread::scope(|scope| {
