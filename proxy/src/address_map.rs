@@ -30,12 +30,10 @@ pub struct AddressMap {
     settings: ArcSwap<Settings>,
     /// Learned pairs, both ways: management → storage and storage → management.
     cache: Mutex<HashMap<(Direction, IpAddr), (IpAddr, Instant)>>,
-    /// Storage addresses whose lhnet did not answer a reverse lookup, and when: not asked
-    /// again (nor warned about) within `cache_ttl`.
-    unanswered: Mutex<HashMap<IpAddr, Instant>>,
-    /// Management addresses whose lhnet did not answer a forward lookup: when, and the error,
-    /// repeated at once within `failure_ttl`.
-    failed: Mutex<HashMap<IpAddr, (Instant, String)>>,
+    /// Lookups a peer's lhnet did not answer: when, and the error. Not asked again within
+    /// `failure_ttl` (forward: the error is repeated at once) or `cache_ttl` (reverse: the
+    /// storage address is shown, without another warning).
+    failed: Mutex<HashMap<(Direction, IpAddr), (Instant, String)>>,
 }
 
 struct Settings {
@@ -55,7 +53,6 @@ impl AddressMap {
             storage,
             settings: ArcSwap::from_pointee(Settings::from(config)),
             cache: Mutex::new(HashMap::new()),
-            unanswered: Mutex::new(HashMap::new()),
             failed: Mutex::new(HashMap::new()),
         })
     }
@@ -65,9 +62,6 @@ impl AddressMap {
         self.settings.store(Arc::new(Settings::from(config)));
         if let Ok(mut cache) = self.cache.lock() {
             cache.clear();
-        }
-        if let Ok(mut u) = self.unanswered.lock() {
-            u.clear();
         }
         if let Ok(mut f) = self.failed.lock() {
             f.clear();
@@ -83,11 +77,39 @@ impl AddressMap {
             .map(|(to, _)| *to)
     }
 
+    /// How long ago a lookup of `ip` failed, and its error, when that was within `ttl`.
+    fn recent_failure(
+        &self,
+        direction: Direction,
+        ip: IpAddr,
+        ttl: std::time::Duration,
+    ) -> Option<(std::time::Duration, String)> {
+        let failed = self.failed.lock().ok()?;
+        failed
+            .get(&(direction, ip))
+            .filter(|(at, _)| at.elapsed() < ttl)
+            .map(|(at, e)| (at.elapsed(), e.clone()))
+    }
+
+    /// Records a failed lookup; entries older than both TTLs are dropped on the way.
+    fn remember_failure(&self, direction: Direction, ip: IpAddr, error: String) {
+        let lookup = &self.settings.load().lookup;
+        let keep = lookup.cache_ttl.max(lookup.failure_ttl);
+        if let Ok(mut failed) = self.failed.lock() {
+            failed.retain(|_, (at, _)| at.elapsed() < keep);
+            failed.insert((direction, ip), (Instant::now(), error));
+        }
+    }
+
     fn learn(&self, management: IpAddr, storage: IpAddr) {
         if let Ok(mut cache) = self.cache.lock() {
             let now = Instant::now();
             cache.insert((Direction::ToStorage, management), (storage, now));
             cache.insert((Direction::ToManagement, storage), (management, now));
+        }
+        if let Ok(mut failed) = self.failed.lock() {
+            failed.remove(&(Direction::ToStorage, management));
+            failed.remove(&(Direction::ToManagement, storage));
         }
     }
 
@@ -136,12 +158,7 @@ impl AddressMap {
             ));
         }
         let failure_ttl = settings.lookup.failure_ttl;
-        let recent = self.failed.lock().ok().and_then(|f| {
-            f.get(&ip)
-                .filter(|(at, _)| at.elapsed() < failure_ttl)
-                .map(|(at, e)| (at.elapsed(), e.clone()))
-        });
-        if let Some((ago, e)) = recent {
+        if let Some((ago, e)) = self.recent_failure(Direction::ToStorage, ip, failure_ttl) {
             return Err(format!(
                 "no storage address known for {ip}; peer lhnet did not answer {:.1} s ago: {e} (not asked again within peer_lookup.failure_ttl, {:.1} s)",
                 ago.as_secs_f64(),
@@ -153,17 +170,11 @@ impl AddressMap {
             Ok(answer) => {
                 tracing::debug!(management = %ip, storage = %answer.storage, "peer storage address learned");
                 self.learn(ip, answer.storage);
-                if let Ok(mut f) = self.failed.lock() {
-                    f.remove(&ip);
-                }
                 Ok(Some(answer.storage))
             }
             Err(e) => {
                 let e = e.to_string();
-                if let Ok(mut f) = self.failed.lock() {
-                    f.retain(|_, (at, _)| at.elapsed() < failure_ttl);
-                    f.insert(ip, (Instant::now(), e.clone()));
-                }
+                self.remember_failure(Direction::ToStorage, ip, e.clone());
                 Err(format!(
                     "no storage address known for {ip}; peer lhnet did not answer: {e}"
                 ))
@@ -197,12 +208,11 @@ impl AddressMap {
         if !settings.lookup.enabled {
             return None;
         }
-        let recently_failed = self
-            .unanswered
-            .lock()
-            .ok()
-            .and_then(|u| u.get(&ip).copied());
-        if recently_failed.is_some_and(|at| at.elapsed() < settings.lookup.cache_ttl) {
+        let ttl = settings.lookup.cache_ttl;
+        if self
+            .recent_failure(Direction::ToManagement, ip, ttl)
+            .is_some()
+        {
             return None;
         }
         // The peer's management listener binds every address, its storage one included.
@@ -218,9 +228,7 @@ impl AddressMap {
             Ok(_) => None,
             Err(e) => {
                 tracing::warn!(storage = %ip, error = %e, "cannot learn the management address of a peer; its storage address is shown");
-                if let Ok(mut u) = self.unanswered.lock() {
-                    u.insert(ip, Instant::now());
-                }
+                self.remember_failure(Direction::ToManagement, ip, e.to_string());
                 None
             }
         }
