@@ -70,18 +70,14 @@ fn capture_sends_outside_connections_to_lhnet_and_leaves_in_pod_ones() {
     .unwrap();
     ready_rx.recv_timeout(Duration::from_secs(10)).unwrap();
 
-    let dir = std::env::temp_dir().join(format!("lhnet-capture-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("pod.yaml");
-    std::fs::write(
-        &config,
+    let config = common::write_config(
+        "capture",
         "admin: { address: 127.0.0.1:9901 }\n\
          storage_network: { interface: lhnet1, fallback: pod_ip }\n\
          listeners:\n  - name: management\n    address: 0.0.0.0:8511\n    routes:\n\
          \x20     - { match: { prefix: / }, cluster: behind }\n\
          clusters:\n  - { name: behind, endpoints: [127.0.0.1:7000], upstream_bind_config: { source_address: none } }\n",
-    )
-    .unwrap();
+    );
     let bin = env!("CARGO_BIN_EXE_lhnet-proxy");
     let _proxy = spawn_proxy(&topo, &pod, &config, &[("POD_IP", "10.42.0.2")]);
 

@@ -51,11 +51,8 @@ fn a_peer_that_never_answers_is_a_clear_error_within_the_lookup_timeout() {
     .unwrap();
     ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
 
-    let dir = std::env::temp_dir().join(format!("lhnet-peer-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("pod.yaml");
-    std::fs::write(
-        &config,
+    let config = common::write_config(
+        "peer",
         "admin: { address: 127.0.0.1:9901 }\n\
          storage_network: { interface: lhnet1, fallback: wait }\n\
          peer_lookup: { timeout: 500ms, failure_ttl: 1s }\n\
@@ -64,8 +61,7 @@ fn a_peer_that_never_answers_is_a_clear_error_within_the_lookup_timeout() {
          \x20     - { match: { prefix: /lhnet.v1.Peer/ }, local: peer }\n\
          clusters:\n  - name: engines\n    type: original_dst\n    upstream_bind_config: { source_address: storage }\n\
          \x20   allowed_destinations: [storage]\n",
-    )
-    .unwrap();
+    );
     let _proxy = spawn_proxy(&topo, &pod, &config, &[]);
 
     let (elapsed, status, own, again) = run_in(&manager.name, || {

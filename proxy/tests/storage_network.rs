@@ -59,12 +59,9 @@ fn storage_traffic_leaves_on_lhnet1_from_the_lhnet1_address() {
         "the manager namespace must not reach the storage network"
     );
 
-    let dir = std::env::temp_dir().join(format!("lhnet-core-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("pod.yaml");
-    std::fs::write(
-        &config,
-        format!(
+    let config = common::write_config(
+        "core",
+        &format!(
             "admin: {{ address: 127.0.0.1:9901 }}\n\
              storage_network: {{ interface: lhnet1, fallback: wait }}\n\
              listeners:\n  - name: management\n    address: 0.0.0.0:8501\n    routes:\n\
@@ -72,8 +69,7 @@ fn storage_traffic_leaves_on_lhnet1_from_the_lhnet1_address() {
              clusters:\n  - name: replica\n    endpoints: [{replica_addr}]\n\
              \x20   upstream_bind_config: {{ source_address: storage }}\n"
         ),
-    )
-    .unwrap();
+    );
     // Ready once the admin server answers (it needs lhnet1's address, found on its own).
     let _proxy = spawn_proxy(&topo, &pod, &config, &[]);
     let storage: serde_json::Value =
@@ -181,5 +177,5 @@ fn storage_traffic_leaves_on_lhnet1_from_the_lhnet1_address() {
 
     let _ = stop_tx.send(());
     replica_thread.join().unwrap().unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(config.parent().unwrap());
 }

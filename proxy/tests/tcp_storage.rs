@@ -64,19 +64,15 @@ fn loopback_server(ns: &str, blocks: usize) -> std::thread::JoinHandle<std::io::
 }
 
 fn start_proxy(topo: &Topology, pod: &Namespace, tag: &str) -> KillOnDrop {
-    let dir = std::env::temp_dir().join(format!("lhnet-tcp-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("pod.yaml");
-    std::fs::write(
-        &config,
-        format!(
+    let config = common::write_config(
+        &format!("tcp-{tag}"),
+        &format!(
             "admin: {{ address: 127.0.0.1:9901 }}\n\
              storage_network: {{ interface: lhnet1, fallback: wait }}\n\
              listeners:\n  - {{ name: replica_data, kind: tcp, address: \"storage:{PORT}-{}\", cluster: loopback }}\n",
             PORT + 2
         ),
-    )
-    .unwrap();
+    );
     spawn_proxy(topo, pod, &config, &[])
 }
 
@@ -273,24 +269,7 @@ fn the_bim_example_serves_grpc_on_both_networks_and_sync_ports_on_lhnet1_only() 
 
     // The BIM stand-ins, bound to loopback as the example says: gRPC on 18000, the sync
     // service on 8001 and one Sync receiver on 30001.
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    spawn_in(&bim.name, move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(async move {
-                let _grpc =
-                    lhnet_proto::echo_server::spawn("127.0.0.1:18000".parse().unwrap(), "bim")
-                        .await
-                        .unwrap();
-                ready_tx.send(()).unwrap();
-                let _ = stop_rx.await;
-            })
-    })
-    .unwrap();
-    ready_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    let stop_echo = echo_server_in(&bim.name, "bim");
     loopback_echo(&bim.name, 8001);
     loopback_echo(&bim.name, 30001);
 
@@ -302,29 +281,7 @@ fn the_bim_example_serves_grpc_on_both_networks_and_sync_ports_on_lhnet1_only() 
         (&manager.name, "10.42.0.2:8000"),
         (&peer.name, "10.30.0.2:8000"),
     ] {
-        let server = run_in(ns, move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(async move {
-                    let mut c = lhnet_proto::echo::echo_client::EchoClient::connect(format!(
-                        "http://{target}"
-                    ))
-                    .await
-                    .unwrap();
-                    c.unary(lhnet_proto::echo::EchoRequest {
-                        payload: b"x".to_vec(),
-                        count: 0,
-                        delay_ms: 0,
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .server
-                })
-        })
-        .unwrap();
+        let server = echo_from(ns, target.parse().unwrap()).unwrap();
         assert_eq!(server, "bim", "gRPC to {target}");
     }
     // The sync service and receivers: reachable on lhnet1, not on the management network.
@@ -337,7 +294,26 @@ fn the_bim_example_serves_grpc_on_both_networks_and_sync_ports_on_lhnet1_only() 
             "port {port} must not be open on the management network"
         );
     }
-    let _ = stop_tx.send(());
+    let _ = stop_echo.send(());
+}
+
+/// lhnet's echo gRPC service on 127.0.0.1:18000 inside `ns`, answering as `name`, until the
+/// returned sender is used or dropped.
+fn echo_server_in(ns: &str, name: &'static str) -> tokio::sync::oneshot::Sender<()> {
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    spawn_in(ns, move || {
+        common::runtime().block_on(async move {
+            let _server = lhnet_proto::echo_server::spawn("127.0.0.1:18000".parse().unwrap(), name)
+                .await
+                .unwrap();
+            ready_tx.send(()).unwrap();
+            let _ = stop_rx.await;
+        })
+    })
+    .unwrap();
+    ready_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    stop_tx
 }
 
 /// One echo call from `ns` to `target`; the server's name, or the error.
@@ -377,32 +353,15 @@ fn a_grpc_listener_on_the_storage_address_binds_late_and_follows_a_change() {
     topo.attach(&client, "lhnet1", "stor", Some("10.31.0.3/24"))
         .unwrap();
     // A gRPC service in the pod on loopback only.
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    spawn_in(&pod.name, move || {
-        common::runtime().block_on(async move {
-            let _server =
-                lhnet_proto::echo_server::spawn("127.0.0.1:18000".parse().unwrap(), "in-pod")
-                    .await
-                    .unwrap();
-            ready_tx.send(()).unwrap();
-            let _ = stop_rx.await;
-        })
-    })
-    .unwrap();
-    ready_rx.recv_timeout(Duration::from_secs(10)).unwrap();
-    let dir = std::env::temp_dir().join(format!("lhnet-grpc-late-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("pod.yaml");
-    std::fs::write(
-        &config,
+    let stop_echo = echo_server_in(&pod.name, "in-pod");
+    let config = common::write_config(
+        "grpc-late",
         "admin: { address: 127.0.0.1:9901 }\n\
          storage_network: { interface: lhnet1, fallback: wait }\n\
          listeners:\n  - name: data_grpc\n    address: storage:8000\n    routes:\n\
          \x20     - { match: { prefix: / }, cluster: local }\n\
          clusters: [{ name: local, type: static, endpoints: [127.0.0.1:18000], upstream_bind_config: { source_address: none } }]\n",
-    )
-    .unwrap();
+    );
     // Starts without lhnet1 (it used to refuse to start with a storage:PORT gRPC listener).
     let _proxy = spawn_proxy(&topo, &pod, &config, &[]);
     assert_eq!(admin_get(&pod.name, "/ready").0, 503);
@@ -442,5 +401,5 @@ fn a_grpc_listener_on_the_storage_address_binds_late_and_follows_a_change() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let _ = stop_tx.send(());
+    let _ = stop_echo.send(());
 }

@@ -4,7 +4,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
@@ -68,6 +68,15 @@ pub fn spawn_proxy(
         std::thread::sleep(Duration::from_millis(20));
     }
     proxy
+}
+
+/// Writes `yaml` as `<tmp>/lhnet-<tag>-<pid>/pod.yaml` and returns its path.
+pub fn write_config(tag: &str, yaml: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("lhnet-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("pod.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    config
 }
 
 /// `GET path` on the admin server inside `ns`: (status code, body).
