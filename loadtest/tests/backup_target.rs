@@ -64,6 +64,25 @@ fn backup(t: &Target, volume: &str, name: &str, at: &str, data: &[u8]) {
     .unwrap();
 }
 
+/// vol1: backup-a and backup-b (3 blocks, 2 shared), vol2: backup-c (1 block). Returns the
+/// volume as backup-b holds it.
+fn three_backups(t: &Target) -> Vec<u8> {
+    let mut data = vec![0u8; 3 * BLOCK_SIZE];
+    data[7] = 1;
+    data[BLOCK_SIZE + 9] = 2;
+    backup(t, "vol1", "backup-a", "2022-06-01T00:00:00Z", &data);
+    data[2 * BLOCK_SIZE + 1] = 3;
+    backup(t, "vol1", "backup-b", "2022-06-01T01:00:00Z", &data);
+    backup(
+        t,
+        "vol2",
+        "backup-c",
+        "2022-06-01T02:00:00Z",
+        &data[..BLOCK_SIZE],
+    );
+    data
+}
+
 fn list_req(target: &str, volume: &str, volume_only: bool) -> EngineBackupVolumeListRequest {
     EngineBackupVolumeListRequest {
         envs: vec![],
@@ -123,19 +142,7 @@ async fn list_inspect_metadata_and_remove_over_the_simulators_backups() {
     let dir = scratch("sim");
     let url = format!("vfs://{}", dir.display());
     let t = Target::parse(&url).unwrap();
-    let mut data = vec![0u8; 3 * BLOCK_SIZE];
-    data[7] = 1;
-    data[BLOCK_SIZE + 9] = 2;
-    backup(&t, "vol1", "backup-a", "2022-06-01T00:00:00Z", &data);
-    data[2 * BLOCK_SIZE + 1] = 3;
-    backup(&t, "vol1", "backup-b", "2022-06-01T01:00:00Z", &data);
-    backup(
-        &t,
-        "vol2",
-        "backup-c",
-        "2022-06-01T02:00:00Z",
-        &data[..BLOCK_SIZE],
-    );
+    let data = three_backups(&t);
 
     let all = c
         .backup_volume_list(list_req(&url, "", false))
@@ -431,33 +438,16 @@ async fn s3_target_on_a_real_s3_server() {
     let url = "s3://backupbucket@us-east-1/s3-test";
     let envs = s3_envs(&moto.endpoint);
     let options = backupstore::TargetOptions {
-        credentials: envs
-            .iter()
-            .filter_map(|e| e.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+        credentials: lhnet_proxy::engine_proxy::target_credentials(&envs).unwrap(),
         ..Default::default()
     };
 
     // Backups written through the S3 driver, as the simulator writes them to a directory.
-    let mut data = vec![0u8; 3 * BLOCK_SIZE];
-    data[7] = 1;
-    data[BLOCK_SIZE + 9] = 2;
-    let written = data.clone();
-    let t = tokio::task::spawn_blocking(move || {
+    let (t, expected) = tokio::task::spawn_blocking(move || {
         let t = Target::open(url, &options).unwrap();
         assert_eq!(t.kind(), "s3");
-        backup(&t, "vol1", "backup-a", "2022-06-01T00:00:00Z", &data);
-        data[2 * BLOCK_SIZE + 1] = 3;
-        backup(&t, "vol1", "backup-b", "2022-06-01T01:00:00Z", &data);
-        backup(
-            &t,
-            "vol2",
-            "backup-c",
-            "2022-06-01T02:00:00Z",
-            &data[..BLOCK_SIZE],
-        );
-        t
+        let expected = three_backups(&t);
+        (t, expected)
     })
     .await
     .unwrap();
@@ -561,8 +551,6 @@ async fn s3_target_on_a_real_s3_server() {
     })
     .await
     .unwrap();
-    let mut expected = written.clone();
-    expected[2 * BLOCK_SIZE + 1] = 3;
     assert_eq!(read.unwrap(), expected, "backup-b lost a shared block");
     let (_, cfg) = boto3_look(&moto.endpoint, "backupbucket", "s3-test/", vol1_cfg);
     assert!(cfg.contains(r#""BlockCount":"3""#), "{cfg}");

@@ -831,6 +831,23 @@ impl Target {
 mod tests {
     use super::*;
 
+    /// A backup of `data` to vol1, snapshot taken at `at`, written a second later.
+    fn backup_of(t: &Target, name: &str, at: &str, data: &[u8]) -> io::Result<bool> {
+        let done = at.replace(":00Z", ":01Z");
+        t.write_backup(
+            "vol1",
+            name,
+            &format!("snap-{name}"),
+            at,
+            &done,
+            data.len() as i64,
+            BTreeMap::new(),
+            ("", ""),
+            data,
+            |_| {},
+        )
+    }
+
     #[test]
     fn layout_and_quirks_match_longhorn() {
         // The spec's examples of the <h1>/<h2> fan-out.
@@ -881,35 +898,9 @@ mod tests {
         let mut data = vec![0u8; 3 * BLOCK_SIZE];
         data[10] = 1;
         data[2 * BLOCK_SIZE + 5] = 2;
-        let inc = t
-            .write_backup(
-                "vol1",
-                "backup-a",
-                "s1",
-                "2022-06-01T00:00:00Z",
-                "2022-06-01T00:00:01Z",
-                6291456,
-                BTreeMap::new(),
-                ("", ""),
-                &data,
-                |_| {},
-            )
-            .unwrap();
+        let inc = backup_of(&t, "backup-a", "2022-06-01T00:00:00Z", &data).unwrap();
         assert!(!inc);
-        let inc = t
-            .write_backup(
-                "vol1",
-                "backup-b",
-                "s2",
-                "2022-06-01T01:00:00Z",
-                "2022-06-01T01:00:01Z",
-                6291456,
-                BTreeMap::new(),
-                ("", ""),
-                &data,
-                |_| {},
-            )
-            .unwrap();
+        let inc = backup_of(&t, "backup-b", "2022-06-01T01:00:00Z", &data).unwrap();
         assert!(inc);
         let cfg = t.load_volume("vol1").unwrap();
         assert_eq!(
@@ -933,21 +924,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let t = Target::parse(&format!("vfs://{}", dir.display())).unwrap();
         let data = vec![1u8; BLOCK_SIZE];
-        let write = |t: &Target, name: &str| {
-            t.write_backup(
-                "vol1",
-                name,
-                "s",
-                "2022-06-01T00:00:00Z",
-                "2022-06-01T00:00:01Z",
-                BLOCK_SIZE as i64,
-                BTreeMap::new(),
-                ("", ""),
-                &data,
-                |_| {},
-            )
-        };
-        write(&t, "backup-a").unwrap();
+        backup_of(&t, "backup-a", "2022-06-01T00:00:00Z", &data).unwrap();
         let locks = t.volume_dir("vol1").join("locks");
         std::fs::create_dir_all(&locks).unwrap();
         // Another process's deletion: a backup may not start.
@@ -957,7 +934,9 @@ mod tests {
             r#"{"Name":"lock-0000000000000002","Type":2,"Acquired":true}"#,
         )
         .unwrap();
-        let err = write(&t, "backup-b").unwrap_err().to_string();
+        let err = backup_of(&t, "backup-b", "2022-06-01T01:00:00Z", &data)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("type 1 acquisition: a deletion holds vol1"),
             "{err}"
