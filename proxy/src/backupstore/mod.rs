@@ -292,21 +292,22 @@ impl Target {
         let bytes = match self.driver.read(path) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(self.not_found(path)),
-            Err(e) => return Err(format!("reading {path}: {e}")),
+            Err(e) => return Err(format!("reading {path} in {}: {e}", self.url)),
         };
-        serde_json::from_slice(&bytes).map_err(|e| format!("{path} is not a valid cfg: {e}"))
+        serde_json::from_slice(&bytes)
+            .map_err(|e| format!("{path} in {} is not a valid cfg: {e}", self.url))
     }
 
     fn list_dir(&self, dir: &str) -> Result<Vec<String>, String> {
         self.driver
             .list(dir)
-            .map_err(|e| format!("listing {dir}: {e}"))
+            .map_err(|e| format!("listing {dir} in {}: {e}", self.url))
     }
 
     fn write(&self, path: &str, bytes: &[u8]) -> io::Result<()> {
         self.driver
             .write(path, bytes)
-            .map_err(|e| io::Error::new(e.kind(), format!("writing {path}: {e}")))
+            .map_err(|e| io::Error::new(e.kind(), format!("writing {path} in {}: {e}", self.url)))
     }
 
     /// Every backup volume name (`volumes/*/*/*`); a bad name fails the list, as in Longhorn.
@@ -353,7 +354,7 @@ impl Target {
         let names = match volume {
             Some(v) => {
                 if !valid_name(v) {
-                    return Err(format!("invalid volume name {v}"));
+                    return Err(format!("invalid volume name {v} (names are 2+ letters, digits, '_', '.' or '-', starting with a letter or digit)"));
                 }
                 vec![v.to_string()]
             }
@@ -521,7 +522,7 @@ impl Target {
                     "a deletion"
                 };
                 return Err(format!(
-                    "failed lock {own} type {kind} acquisition: {holder} holds {volume} ({path})"
+                    "failed lock {own} type {kind} acquisition: {holder} holds {volume} ({path}); try again when it ends (a lock its holder stopped refreshing expires after 150 s)"
                 ));
             }
         }
