@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use lhnet_netns::discovery::{
     interface_subnets, other_addresses, other_interfaces as if_names_except, Subnet,
 };
@@ -24,8 +25,9 @@ pub struct StorageState {
     current: watch::Sender<Option<StorageAddress>>,
     last_error: Mutex<Option<String>>,
     device_cache: Mutex<HashMap<IpAddr, (String, Network)>>,
-    /// The subnets of the storage address's device, re-read on every refresh.
-    subnets: Mutex<Vec<Subnet>>,
+    /// The subnets of the storage address's device, re-read on every refresh; read without a
+    /// lock, as every engine-proxy request checks its addresses against them.
+    subnets: ArcSwap<Vec<Subnet>>,
     metrics: Arc<Metrics>,
 }
 
@@ -48,7 +50,7 @@ impl StorageState {
             current: watch::channel(None).0,
             last_error: Mutex::new(None),
             device_cache: Mutex::new(HashMap::new()),
-            subnets: Mutex::new(Vec::new()),
+            subnets: ArcSwap::from_pointee(Vec::new()),
             metrics,
         });
         state.refresh();
@@ -101,9 +103,7 @@ impl StorageState {
             .and_then(|a| a.device.as_deref())
             .map(interface_subnets)
             .unwrap_or_default();
-        if let Ok(mut cached) = self.subnets.lock() {
-            *cached = subnets;
-        }
+        self.subnets.store(Arc::new(subnets));
         let changed = self.current.send_if_modified(|cur| {
             if *cur == next {
                 return false;
@@ -173,10 +173,7 @@ impl StorageState {
         if self.current.borrow().as_ref().is_some_and(|a| a.ip == ip) {
             return true;
         }
-        self.subnets
-            .lock()
-            .map(|s| s.iter().any(|s| s.contains(ip)))
-            .unwrap_or(false)
+        self.subnets.load().iter().any(|s| s.contains(ip))
     }
 
     /// The pod's management address: `POD_IP`, else the first address of an interface other
