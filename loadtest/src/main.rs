@@ -188,12 +188,12 @@ fn run_demo(args: lhnet_loadtest::demo::DemoArgs) -> ExitCode {
         }
     };
     lhnet_loadtest::demo::print(&report);
-    if let Some(path) = &args.json {
-        let text = serde_json::to_string_pretty(&report).unwrap_or_default();
-        if let Err(e) = std::fs::write(path, text) {
-            eprintln!("lhnet-loadtest: cannot write {}: {e}", path.display());
-            return ExitCode::FAILURE;
-        }
+    if args
+        .json
+        .as_ref()
+        .is_some_and(|path| !write_json(&report, path))
+    {
+        return ExitCode::FAILURE;
     }
     if let Some(path) = &args.plot {
         if let Err(e) = lhnet_loadtest::demo::plot(&report, path) {
@@ -289,6 +289,40 @@ fn run_sim(
     })
 }
 
+/// Prints a benchmark's report and writes it as JSON when asked; the exit code says whether
+/// it ran.
+fn report<R: serde::Serialize>(
+    command: &str,
+    result: Result<R, String>,
+    print: impl FnOnce(&R),
+    json: Option<PathBuf>,
+) -> ExitCode {
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("lhnet-loadtest {command}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    print(&report);
+    if json.is_some_and(|path| !write_json(&report, &path)) {
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
+/// Writes `report` as pretty JSON to `path`; false (after saying why) when it cannot.
+fn write_json<R: serde::Serialize>(report: &R, path: &std::path::Path) -> bool {
+    let text = serde_json::to_string_pretty(report).unwrap_or_default();
+    match std::fs::write(path, text) {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("lhnet-loadtest: cannot write {}: {e}", path.display());
+            false
+        }
+    }
+}
+
 fn main() -> ExitCode {
     match Cli::parse().command {
         Cmd::BenchBackups {
@@ -296,23 +330,12 @@ fn main() -> ExitCode {
             backups,
             runs,
             json,
-        } => match lhnet_loadtest::backup_bench::run(volumes.max(1), backups, runs) {
-            Ok(report) => {
-                lhnet_loadtest::backup_bench::print(&report);
-                if let Some(path) = json {
-                    let text = serde_json::to_string_pretty(&report).unwrap_or_default();
-                    if let Err(e) = std::fs::write(&path, text) {
-                        eprintln!("lhnet-loadtest: cannot write {}: {e}", path.display());
-                        return ExitCode::FAILURE;
-                    }
-                }
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("lhnet-loadtest bench-backups: {e}");
-                ExitCode::FAILURE
-            }
-        },
+        } => report(
+            "bench-backups",
+            lhnet_loadtest::backup_bench::run(volumes.max(1), backups, runs),
+            lhnet_loadtest::backup_bench::print,
+            json,
+        ),
         Cmd::Demo {
             duration,
             volumes,
@@ -334,28 +357,12 @@ fn main() -> ExitCode {
             streams,
             seconds,
             json,
-        } => match lhnet_loadtest::engine_bench::run(
-            streams.max(1),
-            Duration::from_secs(seconds.max(1)),
-        ) {
-            Ok(report) => {
-                lhnet_loadtest::engine_bench::print(&report);
-                if let Some(path) = json {
-                    if let Err(e) = std::fs::write(
-                        &path,
-                        serde_json::to_string_pretty(&report).unwrap_or_default(),
-                    ) {
-                        eprintln!("lhnet-loadtest: cannot write {}: {e}", path.display());
-                        return ExitCode::FAILURE;
-                    }
-                }
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("lhnet-loadtest bench-engine: {e}");
-                ExitCode::FAILURE
-            }
-        },
+        } => report(
+            "bench-engine",
+            lhnet_loadtest::engine_bench::run(streams.max(1), Duration::from_secs(seconds.max(1))),
+            lhnet_loadtest::engine_bench::print,
+            json,
+        ),
         Cmd::Sim {
             volume,
             size,
@@ -383,23 +390,7 @@ fn main() -> ExitCode {
                 peers_dir,
                 payloads,
             };
-            match bench::run(&args) {
-                Ok(report) => {
-                    bench::print(&report);
-                    if let Some(path) = json {
-                        let text = serde_json::to_string_pretty(&report).unwrap_or_default();
-                        if let Err(e) = std::fs::write(&path, text) {
-                            eprintln!("lhnet-loadtest: cannot write {}: {e}", path.display());
-                            return ExitCode::FAILURE;
-                        }
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("lhnet-loadtest bench: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            report("bench", bench::run(&args), bench::print, json)
         }
     }
 }
