@@ -104,8 +104,13 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Str
                 ))
             }
             ListenAddress::Storage(port) => {
-                let follower =
-                    StorageGrpcListener::new(&l.name, port, table.clone(), l.http2.clone());
+                let follower = StorageGrpcListener::new(
+                    &l.name,
+                    port,
+                    table.clone(),
+                    l.http2.clone(),
+                    &storage,
+                );
                 let initial = follower.bind_initial(&storage).await;
                 storage_grpc.push((follower, initial));
                 continue;

@@ -10,7 +10,9 @@ use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use lhnet_netns::StorageAddress;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{format_duration, Http2Options};
@@ -131,6 +133,8 @@ pub struct StorageGrpcListener {
     pub http2: Http2Options,
     /// The address it accepts on now (none while it waits).
     pub bound: Arc<Mutex<Option<SocketAddr>>>,
+    /// Subscribed before the first bind, so a change while binding is not missed.
+    changes: watch::Receiver<Option<StorageAddress>>,
 }
 
 impl StorageGrpcListener {
@@ -139,6 +143,7 @@ impl StorageGrpcListener {
         port: u16,
         routes: Arc<ArcSwap<RouteTable>>,
         http2: Http2Options,
+        storage: &StorageState,
     ) -> StorageGrpcListener {
         StorageGrpcListener {
             name: name.into(),
@@ -146,6 +151,7 @@ impl StorageGrpcListener {
             routes,
             http2,
             bound: Arc::new(Mutex::new(None)),
+            changes: storage.subscribe(),
         }
     }
 
@@ -196,19 +202,11 @@ impl StorageGrpcListener {
         shutdown: CancellationToken,
         drain_timeout: Duration,
     ) {
-        let mut changes = storage.subscribe();
+        let mut changes = self.changes.clone();
         let mut generations = Vec::new();
         let mut serving: Option<(IpAddr, CancellationToken)> = None;
         let mut pending = initial;
         let mut wanted = storage.current().map(|a| a.ip);
-        if pending.as_ref().map(|l| l.local_addr.ip()) != wanted {
-            // The address changed between bind_initial and the subscription above.
-            pending = None;
-            self.set_bound(None);
-            if let Some(ip) = wanted {
-                pending = self.bind_or_warn(ip).await;
-            }
-        }
         if pending.is_none() && wanted.is_none() {
             tracing::warn!(
                 network = "storage", listener = %self.name, port = self.port,

@@ -11,11 +11,13 @@ use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use lhnet_netns::StorageAddress;
 use nix::errno::Errno;
 use nix::fcntl::{splice, OFlag, SpliceFFlags};
 use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -53,6 +55,8 @@ pub struct Initial {
     ip: Option<IpAddr>,
     listeners: Vec<TcpListener>,
     missing: Vec<u16>,
+    /// Subscribed before the first bind, so a change while binding is not missed.
+    changes: watch::Receiver<Option<StorageAddress>>,
 }
 
 /// The bound sockets of a storage listener at one address.
@@ -92,18 +96,26 @@ impl TcpForwarder {
     /// returns: a fixed address (a port in use fails the start with a clear error), or the
     /// storage address when there is one (ports that fail are retried by [`TcpForwarder::run`]).
     pub async fn bind_initial(&self) -> Result<Initial, String> {
-        let initial = self.bind_initial_inner().await?;
+        let changes = self.storage.subscribe();
+        let (ip, listeners, missing) = self.bind_initial_inner().await?;
         self.add_bound(
-            initial
-                .listeners
+            listeners
                 .iter()
                 .filter_map(|l| l.local_addr().ok())
                 .collect(),
         );
-        Ok(initial)
+        Ok(Initial {
+            ip,
+            listeners,
+            missing,
+            changes,
+        })
     }
 
-    async fn bind_initial_inner(&self) -> Result<Initial, String> {
+    /// The address bound (if any), its listeners and the ports to retry.
+    async fn bind_initial_inner(
+        &self,
+    ) -> Result<(Option<IpAddr>, Vec<TcpListener>, Vec<u16>), String> {
         match self.address.fixed_ip() {
             Some(ip) => {
                 let (listeners, failures) = self.bind_ports(ip, self.address.ports()).await;
@@ -114,27 +126,14 @@ impl TcpForwarder {
                         SocketAddr::new(ip, port)
                     ));
                 }
-                Ok(Initial {
-                    ip: Some(ip),
-                    listeners,
-                    missing: Vec::new(),
-                })
+                Ok((Some(ip), listeners, Vec::new()))
             }
             None => {
-                let ip = self.storage.current().map(|a| a.ip);
-                let Some(ip) = ip else {
-                    return Ok(Initial {
-                        ip: None,
-                        listeners: Vec::new(),
-                        missing: Vec::new(),
-                    });
+                let Some(ip) = self.storage.current().map(|a| a.ip) else {
+                    return Ok((None, Vec::new(), Vec::new()));
                 };
                 let (listeners, missing) = self.bind_storage(ip).await;
-                Ok(Initial {
-                    ip: Some(ip),
-                    listeners,
-                    missing,
-                })
+                Ok((Some(ip), listeners, missing))
             }
         }
     }
@@ -181,7 +180,7 @@ impl TcpForwarder {
     ) {
         let connections = TaskTracker::new();
         let kill = CancellationToken::new();
-        let mut changes = self.storage.subscribe();
+        let mut changes = initial.changes;
         let mut generation = if initial.ip.is_some() {
             let stop = CancellationToken::new();
             self.serve_all(initial.listeners, &stop, &connections, &kill);
@@ -193,12 +192,6 @@ impl TcpForwarder {
         } else {
             self.start_generation(None, &connections, &kill).await
         };
-        let now = self.storage.current().map(|a| a.ip);
-        if self.address.fixed_ip().is_none() && now != generation.ip {
-            // The address changed between bind_initial and the subscription above.
-            generation.stop.cancel();
-            generation = self.start_generation(now, &connections, &kill).await;
-        }
         loop {
             let retry = !generation.missing.is_empty();
             tokio::select! {
