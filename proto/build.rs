@@ -1,4 +1,7 @@
 //! Compiles the protos with protox (pure Rust), so building needs no `protoc`.
+//!
+//! Every service uses `crate::codec::LonghornCodec`, which writes each map entry whole (key and
+//! value even when empty) as Go's protobuf does; prost alone leaves default values out.
 
 use std::path::PathBuf;
 
@@ -7,6 +10,10 @@ const PROTOS: &[&str] = &[
     "ptypes/controller.proto",
     "ptypes/replica.proto",
     "ptypes/syncagent.proto",
+    "imrpc/common.proto",
+    "imrpc/imrpc.proto",
+    "imrpc/instance.proto",
+    "imrpc/disk.proto",
     "imrpc/proxy.proto",
     "grpc/health/v1/health.proto",
     "lhnet/echo.proto",
@@ -23,9 +30,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.join("descriptors.bin"),
         prost::Message::encode_to_vec(&fds),
     )?;
+    let mut config = prost_build::Config::new();
+    // `prost::Name` on every message: the codec finds a message's shape by its proto name.
+    config.enable_type_names();
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
-        .compile_fds(fds)?;
+        .codec_path("crate::codec::LonghornCodec")
+        // One module tree for every package, the package-less ProcessManagerService included.
+        .include_file("protos.rs")
+        .compile_fds_with_config(fds, config)?;
     Ok(())
 }

@@ -292,7 +292,13 @@ fn start_pod(
                                 .map(|h| format!("tcp://{h}:{}", replica_port(v)))
                                 .collect();
                             let at = SocketAddr::new(IpAddr::V4(storage), BASE_PORT + v as u16);
-                            let engine = sim::start_engine(at, &format!("vol-{v:02}"), size, urls)
+                            let spec = sim::EngineSpec {
+                                volume: volume_name(v),
+                                instance: engine_name(v),
+                                size,
+                                replicas: urls,
+                            };
+                            let engine = sim::start_engine_with(at, spec)
                                 .await
                                 .map_err(|e| format!("{name}: engine {at}: {e}"))?;
                             if v < *data_volumes {
@@ -311,8 +317,13 @@ fn start_pod(
                     Role::Replicas { count } => {
                         for v in 0..*count {
                             let at = SocketAddr::from(([127, 0, 0, 1], replica_port(v)));
+                            let spec = sim::ReplicaSpec {
+                                volume: volume_name(v),
+                                instance: replica_name(v, name),
+                                size,
+                            };
                             replicas.push(
-                                sim::start_replica(at, size)
+                                sim::start_replica_with(at, spec)
                                     .await
                                     .map_err(|e| format!("{name}: replica {at}: {e}"))?,
                             );
@@ -390,20 +401,37 @@ struct ManagerResult {
     rebuild: RebuildReport,
 }
 
-fn engine_request(engine: SocketAddr) -> Option<ProxyEngineRequest> {
+/// Volume `v`'s names: the volume, its engine, and its replica on `pod`, as Longhorn names
+/// them (`<volume>-e-0`, `<volume>-r-<pod>`).
+fn volume_name(v: usize) -> String {
+    format!("vol-{v:02}")
+}
+
+fn engine_name(v: usize) -> String {
+    format!("vol-{v:02}-e-0")
+}
+
+fn replica_name(v: usize, pod: &str) -> String {
+    format!("vol-{v:02}-r-{pod}")
+}
+
+/// What a v1.12.1 manager puts in every ProxyEngineRequest for volume `v`'s engine.
+fn engine_request(v: usize, engine: SocketAddr) -> Option<ProxyEngineRequest> {
     Some(ProxyEngineRequest {
         address: engine.to_string(),
+        engine_name: engine_name(v),
+        volume_name: volume_name(v),
+        ..Default::default()
     })
 }
 
 /// One round of longhorn-manager's engine monitor for one volume.
 async fn monitor_round(
     client: &mut ProxyEngineServiceClient<Channel>,
+    v: usize,
     engine: SocketAddr,
 ) -> Vec<(&'static str, Duration, Result<(), String>)> {
-    let req = || ProxyEngineRequest {
-        address: engine.to_string(),
-    };
+    let req = || engine_request(v, engine).unwrap_or_default();
     let mut out = Vec::with_capacity(7);
     macro_rules! timed {
         ($name:literal, $call:expr) => {{
@@ -450,7 +478,7 @@ async fn manager(
 
     for v in 0..args.data_volumes {
         let start = EngineVolumeFrontendStartRequest {
-            proxy_engine_request: engine_request(engine_at(v)),
+            proxy_engine_request: engine_request(v, engine_at(v)),
             frontend_start: Some(ptypes::VolumeFrontendStartRequest {
                 frontend: "tgt-blockdev".into(),
             }),
@@ -509,7 +537,7 @@ async fn manager(
                 if Instant::now() >= deadline || cancel.load(Ordering::Relaxed) {
                     break;
                 }
-                record(monitor_round(&mut client, engine_at(v)).await);
+                record(monitor_round(&mut client, v, engine_at(v)).await);
                 next += MONITOR_EVERY;
             }
         });
@@ -533,10 +561,10 @@ async fn manager(
                     let r = client
                         .clone()
                         .volume_snapshot(EngineVolumeSnapshotRequest {
-                            proxy_engine_request: engine_request(engine_at(v)),
+                            proxy_engine_request: engine_request(v, engine_at(v)),
                             snapshot_volume: Some(ptypes::VolumeSnapshotRequest {
                                 name: format!("demo-{n}"),
-                                labels: Default::default(),
+                                ..Default::default()
                             }),
                         })
                         .await
@@ -555,11 +583,13 @@ async fn manager(
     let added = client
         .clone()
         .replica_add(EngineReplicaAddRequest {
-            proxy_engine_request: engine_request(engine_at(0)),
+            proxy_engine_request: engine_request(0, engine_at(0)),
             replica_address: spare_url.clone(),
             restore: false,
             size: args.volume_size,
             current_size: args.volume_size,
+            replica_name: replica_name(0, "spare"),
+            ..Default::default()
         })
         .await;
     let seconds = t.elapsed().as_secs_f64();
@@ -575,9 +605,7 @@ async fn manager(
         // The manager sees the new replica RW, under its management address.
         let list = client
             .clone()
-            .replica_list(ProxyEngineRequest {
-                address: engine_at(0).to_string(),
-            })
+            .replica_list(engine_request(0, engine_at(0)).unwrap_or_default())
             .await
             .map_err(|s| format!("ReplicaList after the rebuild: {}", s.message()))?
             .into_inner();
@@ -828,7 +856,8 @@ pub fn run(args: &DemoArgs, cancel: Arc<AtomicBool>) -> Result<DemoReport, Strin
         args.volume_size >> 20
     );
     let mut pods = Vec::new();
-    for (name, ns, host) in pod_specs {
+    // Replica pods first: an engine opens its replicas when it starts, as Longhorn's does.
+    for (name, ns, host) in pod_specs.into_iter().rev() {
         let role = match name {
             "engine" => Role::Engine {
                 volumes: args.volumes,
@@ -842,6 +871,7 @@ pub fn run(args: &DemoArgs, cancel: Arc<AtomicBool>) -> Result<DemoReport, Strin
         };
         pods.push(start_pod(name, ns, host, role, args.volume_size)?);
     }
+    pods.reverse();
 
     let before: Vec<_> = pods
         .iter()

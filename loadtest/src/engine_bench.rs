@@ -172,8 +172,10 @@ pub fn run(streams: usize, duration: Duration) -> Result<EngineReport, String> {
         let address = engine.to_string();
         let lhnet_call = move |i: usize| {
             let mut c = ProxyEngineServiceClient::new(proxy_channels[i % 8].clone());
+            // A v1.3.3 manager's request (the address only), as the runs before v1.12 measured.
             let req = ProxyEngineRequest {
                 address: address.clone(),
+                ..Default::default()
             };
             async move { c.volume_get(req).await.is_ok() }
         };

@@ -7,4 +7,6 @@ pub mod bench;
 pub mod demo;
 pub mod engine_bench;
 pub mod peers;
-pub mod sim;
+
+/// The simulated Longhorn engine, replicas and instance-manager (its own crate, `lhnet-sim`).
+pub use lhnet_sim as sim;

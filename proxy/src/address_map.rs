@@ -321,6 +321,8 @@ no_addresses!(
     EngineVolumeSnapshotProxyResponse,
     EngineSnapshotListProxyResponse,
     EngineBackupRestoreProxyResponse,
+    EngineMetricsGetProxyResponse,
+    EngineReplicaRebuildConcurrentSyncLimitGetResponse,
 );
 
 impl Addresses for ProxyEngineRequest {
@@ -351,17 +353,26 @@ macro_rules! engine_request {
 engine_request!(
     EngineVolumeExpandRequest;
     EngineVolumeFrontendStartRequest;
+    EngineVolumeUnmapMarkSnapChainRemovedSetRequest;
+    EngineVolumeSnapshotMaxCountSetRequest;
+    EngineVolumeSnapshotMaxSizeSetRequest;
     EngineVolumeSnapshotRequest;
     EngineSnapshotRevertRequest;
     EngineSnapshotPurgeRequest;
-    EngineSnapshotCloneRequest => from_controller;
+    EngineSnapshotCloneRequest => from_engine_address;
     EngineSnapshotRemoveRequest;
+    EngineSnapshotHashRequest;
+    EngineSnapshotHashStatusRequest;
     EngineSnapshotBackupRequest;
     EngineSnapshotBackupStatusRequest => replica_address;
     EngineBackupRestoreRequest;
+    EngineBackupRestoreFinishRequest;
     EngineReplicaAddRequest => replica_address;
+    EngineReplicaRebuildingQosSetRequest;
     EngineReplicaVerifyRebuildRequest => replica_address;
     EngineReplicaRemoveRequest => replica_address;
+    EngineReplicaModeUpdateRequest => replica_address;
+    EngineReplicaRebuildConcurrentSyncLimitSetRequest;
 );
 
 /// Map keys are addresses; values may hold one more.
@@ -395,8 +406,17 @@ impl Addresses for EngineSnapshotCloneStatusProxyResponse {
 impl Addresses for EngineReplicaRebuildStatusProxyResponse {
     fn each(&mut self, f: &mut dyn FnMut(&'static str, &mut String)) {
         each_key(&mut self.status, f, |v, f| {
-            f("from_replica_address", &mut v.from_replica_address)
+            f("from_replica_address", &mut v.from_replica_address);
+            for a in &mut v.from_replica_address_list {
+                f("from_replica_address_list", a);
+            }
         });
+    }
+}
+
+impl Addresses for EngineSnapshotHashStatusProxyResponse {
+    fn each(&mut self, f: &mut dyn FnMut(&'static str, &mut String)) {
+        each_key(&mut self.status, f, |_, _| {});
     }
 }
 
@@ -516,51 +536,25 @@ impl MappedEngineProxy {
 }
 
 macro_rules! mapped {
-    ($($method:ident($req:ty) -> $resp:ty;)*) => {
+    ($($method:ident($req:ty) -> $resp:ty;)* ; $($plain:ident($preq:ty) -> $presp:ty;)*) => {
         #[tonic::async_trait]
         impl ProxyEngineService for MappedEngineProxy {
             $(async fn $method(&self, request: Request<$req>) -> Result<Response<$resp>, Status> {
                 self.run(request, |r| self.inner.$method(r)).await
             })*
 
-            async fn ping(&self, request: Request<()>) -> Result<Response<()>, Status> {
-                self.inner.ping(request).await
-            }
+            $(async fn $plain(&self, request: Request<$preq>) -> Result<Response<$presp>, Status> {
+                self.inner.$plain(request).await
+            })*
 
-            // Backup-target calls name no engine or replica: nothing to map.
-            async fn backup_volume_list(
-                &self,
-                request: Request<EngineBackupVolumeListRequest>,
-            ) -> Result<Response<EngineBackupVolumeListProxyResponse>, Status> {
-                self.inner.backup_volume_list(request).await
-            }
+            type SPDKBackingImageWatchStream =
+                <EngineProxy as ProxyEngineService>::SPDKBackingImageWatchStream;
 
-            async fn backup_volume_get(
+            async fn spdk_backing_image_watch(
                 &self,
-                request: Request<EngineBackupVolumeGetRequest>,
-            ) -> Result<Response<EngineBackupVolumeGetProxyResponse>, Status> {
-                self.inner.backup_volume_get(request).await
-            }
-
-            async fn backup_get(
-                &self,
-                request: Request<EngineBackupGetRequest>,
-            ) -> Result<Response<EngineBackupGetProxyResponse>, Status> {
-                self.inner.backup_get(request).await
-            }
-
-            async fn backup_config_meta_get(
-                &self,
-                request: Request<EngineBackupConfigMetaGetRequest>,
-            ) -> Result<Response<EngineBackupConfigMetaGetProxyResponse>, Status> {
-                self.inner.backup_config_meta_get(request).await
-            }
-
-            async fn backup_remove(
-                &self,
-                request: Request<EngineBackupRemoveRequest>,
-            ) -> Result<Response<()>, Status> {
-                self.inner.backup_remove(request).await
+                request: Request<()>,
+            ) -> Result<Response<Self::SPDKBackingImageWatchStream>, Status> {
+                self.inner.spdk_backing_image_watch(request).await
             }
         }
     };
@@ -589,6 +583,31 @@ mapped! {
     replica_rebuilding_status(ProxyEngineRequest) -> EngineReplicaRebuildStatusProxyResponse;
     replica_verify_rebuild(EngineReplicaVerifyRebuildRequest) -> ();
     replica_remove(EngineReplicaRemoveRequest) -> ();
+    volume_unmap_mark_snap_chain_removed_set(EngineVolumeUnmapMarkSnapChainRemovedSetRequest) -> ();
+    volume_snapshot_max_count_set(EngineVolumeSnapshotMaxCountSetRequest) -> ();
+    volume_snapshot_max_size_set(EngineVolumeSnapshotMaxSizeSetRequest) -> ();
+    snapshot_hash(EngineSnapshotHashRequest) -> ();
+    snapshot_hash_status(EngineSnapshotHashStatusRequest) -> EngineSnapshotHashStatusProxyResponse;
+    backup_restore_finish(EngineBackupRestoreFinishRequest) -> ();
+    replica_rebuilding_qos_set(EngineReplicaRebuildingQosSetRequest) -> ();
+    replica_mode_update(EngineReplicaModeUpdateRequest) -> ();
+    replica_rebuild_concurrent_sync_limit_set(EngineReplicaRebuildConcurrentSyncLimitSetRequest) -> ();
+    replica_rebuild_concurrent_sync_limit_get(ProxyEngineRequest) -> EngineReplicaRebuildConcurrentSyncLimitGetResponse;
+    metrics_get(ProxyEngineRequest) -> EngineMetricsGetProxyResponse;
+    ;
+    // These name no engine or replica: nothing to map.
+    ping(()) -> ();
+    cleanup_backup_mount_points(()) -> ();
+    remount_read_only_volume(RemountVolumeRequest) -> ();
+    spdk_backing_image_create(SpdkBackingImageCreateRequest) -> SpdkBackingImageResponse;
+    spdk_backing_image_delete(SpdkBackingImageDeleteRequest) -> ();
+    spdk_backing_image_get(SpdkBackingImageGetRequest) -> SpdkBackingImageResponse;
+    spdk_backing_image_list(()) -> SpdkBackingImageListResponse;
+    backup_volume_list(EngineBackupVolumeListRequest) -> EngineBackupVolumeListProxyResponse;
+    backup_volume_get(EngineBackupVolumeGetRequest) -> EngineBackupVolumeGetProxyResponse;
+    backup_get(EngineBackupGetRequest) -> EngineBackupGetProxyResponse;
+    backup_config_meta_get(EngineBackupConfigMetaGetRequest) -> EngineBackupConfigMetaGetProxyResponse;
+    backup_remove(EngineBackupRemoveRequest) -> ();
 }
 
 #[cfg(test)]

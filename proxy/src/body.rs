@@ -257,6 +257,21 @@ impl Replayable {
         self.len() == 0
     }
 
+    /// The payload of the first gRPC message (after its 5-byte frame header), when the body
+    /// holds a whole uncompressed one.
+    pub fn first_message(&self) -> Option<Bytes> {
+        let mut all = bytes::BytesMut::with_capacity(self.len());
+        for c in &self.chunks {
+            all.extend_from_slice(c);
+        }
+        let all = all.freeze();
+        if all.len() < 5 || all[0] != 0 {
+            return None;
+        }
+        let len = u32::from_be_bytes([all[1], all[2], all[3], all[4]]) as usize;
+        (all.len() >= 5 + len).then(|| all.slice(5..5 + len))
+    }
+
     /// A fresh body with the same bytes and trailers.
     pub fn replay(&self) -> ReplayBody {
         ReplayBody {

@@ -73,7 +73,7 @@ pub struct BackupTargetConfig {
     pub nfs_mount_root: std::path::PathBuf,
     /// `auto`: mount the export when nothing is mounted there; `existing`: use the directory
     /// as it is.
-    pub nfs_mount: crate::backupstore::NfsMount,
+    pub nfs_mount: lhnet_backupstore::NfsMount,
     /// Calls running at once against one target; more wait for a slot within their timeout.
     pub max_concurrent: usize,
     /// The longest one call may take, waiting for a slot included.
@@ -84,8 +84,8 @@ pub struct BackupTargetConfig {
 impl Default for BackupTargetConfig {
     fn default() -> Self {
         BackupTargetConfig {
-            nfs_mount_root: crate::backupstore::NFS_MOUNT_ROOT.into(),
-            nfs_mount: crate::backupstore::NfsMount::Auto,
+            nfs_mount_root: lhnet_backupstore::NFS_MOUNT_ROOT.into(),
+            nfs_mount: lhnet_backupstore::NfsMount::Auto,
             max_concurrent: 8,
             timeout: Duration::from_secs(60),
         }
@@ -206,6 +206,11 @@ pub struct RouteConfig {
     /// For `local: longhorn_engine_proxy`: the original_dst cluster it dials through
     /// (default `engines`).
     pub upstream_cluster: Option<String>,
+    /// For `local: longhorn_engine_proxy`: the static cluster (the instance-manager's own proxy)
+    /// that gets, byte for byte, every call lhnet does not serve itself: `data_engine` v2, the
+    /// SPDKBackingImage calls, RemountReadOnlyVolume, CleanupBackupMountPoints,
+    /// BackupRestoreFinish and methods it does not know. Unset: those are UNIMPLEMENTED.
+    pub passthrough_cluster: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -940,7 +945,7 @@ fn parse_peer_lookup(v: &Value, path: &str, cx: &mut Cx) -> Option<PeerLookupCon
 }
 
 fn parse_backup_target(v: &Value, path: &str, cx: &mut Cx) -> Option<BackupTargetConfig> {
-    use crate::backupstore::NfsMount;
+    use lhnet_backupstore::NfsMount;
     let mut f = Fields::new(v, path, cx)?;
     let d = BackupTargetConfig::default();
     let nfs_mount_root = match f.take("nfs_mount_root") {
@@ -1059,6 +1064,29 @@ fn check_references(listeners: &[ListenerConfig], clusters: &[ClusterConfig], cx
                     &format!("{}.upstream_cluster", r.path),
                     "only local: longhorn_engine_proxy routes take upstream_cluster",
                 );
+            }
+            if let Some(name) = &r.passthrough_cluster {
+                let path = format!("{}.passthrough_cluster", r.path);
+                if r.action != RouteAction::Local(LocalService::LonghornEngineProxy) {
+                    cx.err(
+                        &path,
+                        "only local: longhorn_engine_proxy routes take passthrough_cluster",
+                    );
+                }
+                match clusters.iter().find(|c| &c.name == name) {
+                    None => {
+                        let known: Vec<&str> = clusters.iter().map(|c| c.name.as_str()).collect();
+                        cx.err(
+                            &path,
+                            format!("no cluster named \"{name}\" (clusters: {known:?}); the instance-manager's own proxy is a static cluster at 127.0.0.1:8501"),
+                        )
+                    }
+                    Some(c) if c.kind == ClusterKind::OriginalDst => cx.err(
+                        &path,
+                        format!("cluster \"{name}\" is original_dst; passthrough needs a static cluster (the instance-manager's proxy, 127.0.0.1:8501)"),
+                    ),
+                    Some(_) => {}
+                }
             }
             let RouteAction::Cluster(name) = &r.action else {
                 continue;
@@ -1417,6 +1445,9 @@ fn parse_route(
     let upstream_cluster = f
         .take("upstream_cluster")
         .and_then(|(p, v)| string(v, &p, cx));
+    let passthrough_cluster = f
+        .take("passthrough_cluster")
+        .and_then(|(p, v)| string(v, &p, cx));
     f.finish(
         &[
             "name",
@@ -1427,6 +1458,7 @@ fn parse_route(
             "max_stream_duration",
             "retry_policy",
             "upstream_cluster",
+            "passthrough_cluster",
         ],
         cx,
     );
@@ -1439,6 +1471,7 @@ fn parse_route(
         grpc_timeout_header_max,
         retry_policy,
         upstream_cluster,
+        passthrough_cluster,
     })
 }
 
@@ -2125,7 +2158,7 @@ clusters: [{ name: engines, type: original_dst }]
         );
         assert_eq!(
             c.backup_target.nfs_mount,
-            crate::backupstore::NfsMount::Existing
+            lhnet_backupstore::NfsMount::Existing
         );
         assert_eq!(
             (c.backup_target.max_concurrent, c.backup_target.timeout),

@@ -6,7 +6,7 @@
 pub mod address_map;
 pub mod admin;
 pub mod app;
-pub mod backupstore;
+
 pub mod body;
 pub mod cluster;
 pub mod config;

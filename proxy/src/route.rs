@@ -2,6 +2,8 @@
 //! forwarding to a cluster or calling a local service, under the route's deadline and retries.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +25,7 @@ use crate::config::{
     RetryPolicy, RouteAction, RouteConfig,
 };
 use crate::engine_proxy::version::{VersionPatchBody, VERSION_GET_PATH};
+use crate::engine_proxy::dispatch::{self, Decision};
 use crate::engine_proxy::{BackupTargets, EngineProxy};
 use crate::health::HealthService;
 use crate::metrics::Metrics;
@@ -54,8 +57,21 @@ struct Route {
 enum Target {
     Cluster(Arc<Cluster>),
     Health,
-    EngineProxy(ProxyEngineServiceServer<MappedEngineProxy>),
+    EngineProxy(EngineProxyRoute),
     Peer,
+}
+
+/// `local: longhorn_engine_proxy`: lhnet's service, and where what it does not serve goes.
+struct EngineProxyRoute {
+    server: ProxyEngineServiceServer<MappedEngineProxy>,
+    passthrough: Option<Arc<Cluster>>,
+}
+
+/// How a request was answered, before the response is observed on its way down.
+enum Served {
+    Local(Response<ProxyBody>),
+    Upstream(Response<Incoming>, OwnedSemaphorePermit),
+    Reply(LocalReply),
 }
 
 /// The tonic services answered inside the proxy.
@@ -93,15 +109,23 @@ impl RouteTable {
                     RouteAction::Local(LocalService::Peer) => Target::Peer,
                     RouteAction::Local(LocalService::LonghornEngineProxy) => {
                         let name = r.upstream_cluster.as_deref().unwrap_or(DEFAULT_ENGINE_CLUSTER);
+                        let passthrough = r.passthrough_cluster.as_ref().and_then(|p| {
+                            let found = clusters.get(p).cloned();
+                            if found.is_none() {
+                                tracing::error!(route = %r.name, cluster = %p, "passthrough_cluster names an unknown cluster; calls lhnet does not serve are refused");
+                            }
+                            found
+                        });
                         match clusters.get(name) {
-                            Some(c) => Target::EngineProxy(
-                                MappedEngineProxy::server(
+                            Some(c) => Target::EngineProxy(EngineProxyRoute {
+                                server: MappedEngineProxy::server(
                                     EngineProxy::new(c.clone(), locals.backup_targets.clone()),
                                     locals.address_map.clone(),
                                 )
-                                    .max_decoding_message_size(listener.max_message_size)
-                                    .max_encoding_message_size(usize::MAX),
-                            ),
+                                .max_decoding_message_size(listener.max_message_size)
+                                .max_encoding_message_size(usize::MAX),
+                                passthrough,
+                            }),
                             None => {
                                 tracing::error!(route = %r.name, cluster = %name, "engine proxy route names an unknown cluster; skipped");
                                 return None;
@@ -121,9 +145,13 @@ impl RouteTable {
                     Target::Cluster(c) => format!("cluster {}", c.name()),
                     Target::Health => "local health".to_string(),
                     Target::Peer => "local peer".to_string(),
-                    Target::EngineProxy(_) => format!(
-                        "local longhorn_engine_proxy (cluster {})",
-                        r.upstream_cluster.as_deref().unwrap_or(DEFAULT_ENGINE_CLUSTER)
+                    Target::EngineProxy(e) => format!(
+                        "local longhorn_engine_proxy (cluster {}{})",
+                        r.upstream_cluster.as_deref().unwrap_or(DEFAULT_ENGINE_CLUSTER),
+                        e.passthrough
+                            .as_ref()
+                            .map(|c| format!(", passthrough {}", c.name()))
+                            .unwrap_or_default()
                     ),
                 };
                 Some(Route {
@@ -222,92 +250,128 @@ impl RouteTable {
             )
         };
 
-        match &route.target {
-            Target::Health | Target::Peer | Target::EngineProxy(_) => {
-                let call = self.call_local(&route.target, parts, body);
-                let response = match deadline_at {
-                    Some(at) => match tokio::time::timeout_at(at, call).await {
-                        Ok(r) => r,
-                        Err(_) => {
-                            return finish_local(deadline_reply(deadline.unwrap_or_default()), log)
-                        }
-                    },
-                    None => call.await,
-                };
-                finish(
-                    response,
-                    &verdict,
-                    deadline_at.map(|at| (at, deadline_reply(deadline.unwrap_or_default()))),
-                    context,
-                    log,
-                    None,
-                )
-            }
-            Target::Cluster(cluster) => {
-                let call = self.forward(
-                    cluster,
-                    &route.config,
-                    parts,
-                    body,
-                    deadline,
-                    &verdict,
-                    &context,
-                );
-                let result = match deadline_at {
-                    Some(at) => match tokio::time::timeout_at(at, call).await {
-                        Ok(r) => r,
-                        Err(_) => {
-                            return finish_local(deadline_reply(deadline.unwrap_or_default()), log)
-                        }
-                    },
-                    None => call.await,
-                };
-                let advertise = log.path.path() == VERSION_GET_PATH;
-                match result {
-                    Ok((response, permit)) if advertise => finish(
-                        response.map(VersionPatchBody::new),
-                        &verdict,
-                        deadline_at.map(|at| (at, deadline_reply(deadline.unwrap_or_default()))),
-                        context,
-                        log,
-                        Some(permit),
-                    ),
-                    Ok((response, permit)) => finish(
-                        response,
-                        &verdict,
-                        deadline_at.map(|at| (at, deadline_reply(deadline.unwrap_or_default()))),
-                        context,
-                        log,
-                        Some(permit),
-                    ),
-                    Err(reply) => finish_local(reply, log),
+        let work = async {
+            match &route.target {
+                Target::Health => Served::Local(
+                    call_service(self.locals.health.clone(), Request::from_parts(parts, body))
+                        .await,
+                ),
+                Target::Peer => Served::Local(
+                    call_service(self.locals.peer.clone(), Request::from_parts(parts, body)).await,
+                ),
+                Target::EngineProxy(engine) => {
+                    self.engine_proxy(engine, route, parts, body, deadline, &verdict, &context)
+                        .await
                 }
+                Target::Cluster(cluster) => self
+                    .forward(
+                        cluster,
+                        &route.config,
+                        parts,
+                        body.boxed_unsync(),
+                        deadline,
+                        &verdict,
+                        &context,
+                    )
+                    .await
+                    .map_or_else(Served::Reply, |(r, p)| Served::Upstream(r, p)),
             }
+        };
+        let served = match deadline_at {
+            Some(at) => match tokio::time::timeout_at(at, work).await {
+                Ok(s) => s,
+                Err(_) => return finish_local(deadline_reply(deadline.unwrap_or_default()), log),
+            },
+            None => work.await,
+        };
+        let deadline = deadline_at.map(|at| (at, deadline_reply(deadline.unwrap_or_default())));
+        match served {
+            Served::Local(response) => finish(response, &verdict, deadline, context, log, None),
+            Served::Upstream(response, permit) if log.path.path() == VERSION_GET_PATH => finish(
+                response.map(VersionPatchBody::new),
+                &verdict,
+                deadline,
+                context,
+                log,
+                Some(permit),
+            ),
+            Served::Upstream(response, permit) => {
+                finish(response, &verdict, deadline, context, log, Some(permit))
+            }
+            Served::Reply(reply) => finish_local(reply, log),
         }
     }
 
-    async fn call_local(
+    /// `local: longhorn_engine_proxy`: lhnet answers what it serves; the rest goes byte for
+    /// byte to the passthrough cluster (the instance-manager's own proxy), or is UNIMPLEMENTED
+    /// naming the key that would forward it ([`dispatch`]).
+    #[allow(clippy::too_many_arguments)]
+    async fn engine_proxy(
         &self,
-        target: &Target,
+        engine: &EngineProxyRoute,
+        route: &Route,
         parts: Parts,
         body: CheckedBody,
-    ) -> Response<ProxyBody> {
-        let request = Request::from_parts(parts, body);
-        let response = match target {
-            Target::Health => {
-                tonic::codegen::Service::call(&mut self.locals.health.clone(), request).await
+        deadline: Option<Duration>,
+        verdict: &Verdict,
+        context: &RouteContext,
+    ) -> Served {
+        let method = parts.uri.path().rsplit('/').next().unwrap_or("").to_string();
+        let (decision, body): (Decision, ProxyBody) = match dispatch::route_of(&method) {
+            dispatch::Route::Local => (Decision::Local, body.boxed_unsync()),
+            dispatch::Route::Passthrough(why) => {
+                (Decision::Passthrough(why.into()), body.boxed_unsync())
             }
-            Target::Peer => {
-                tonic::codegen::Service::call(&mut self.locals.peer.clone(), request).await
+            dispatch::Route::ByDataEngine(shape) => {
+                // Unary requests: one message, bounded by the listener's max_message_size.
+                match buffer_up_to(body, self.max_message_size.saturating_add(5)).await {
+                    Ok(Buffered::Complete(request)) => {
+                        let decision = match request.first_message() {
+                            Some(message) => dispatch::decide(&method, shape, &message),
+                            None => Decision::Local,
+                        };
+                        (decision, request.replay().boxed_unsync())
+                    }
+                    // Too large for one message: the checked body refuses it on the way in.
+                    Ok(Buffered::Partial(rest)) => (Decision::Local, rest.boxed_unsync()),
+                    Err(e) => {
+                        return Served::Reply(verdict.get().cloned().unwrap_or_else(|| {
+                            LocalReply::new(
+                                Code::Cancelled,
+                                format!("reading the request body failed: {e} ({context})"),
+                            )
+                        }))
+                    }
+                }
             }
-            Target::EngineProxy(server) => {
-                tonic::codegen::Service::call(&mut server.clone(), request).await
-            }
-            Target::Cluster(_) => unreachable_local(),
         };
-        match response {
-            Ok(response) => response.map(|b| b.map_err(BoxError::from).boxed_unsync()),
-            Err(never) => match never {},
+        match decision {
+            Decision::Local => {
+                // Boxed: rustc cannot prove the unboxed future Send for every lifetime of the
+                // body's error type (rust-lang/rust#102211).
+                let call: Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send>> = Box::pin(
+                    call_service(engine.server.clone(), Request::from_parts(parts, body)),
+                );
+                Served::Local(call.await)
+            }
+            Decision::Refuse(status) => Served::Reply(LocalReply::new(
+                status.code(),
+                status.message().to_string(),
+            )),
+            Decision::Passthrough(why) => match &engine.passthrough {
+                Some(cluster) => {
+                    tracing::debug!(%method, reason = %why, cluster = %cluster.name(), "passing through to the instance-manager's proxy");
+                    self.forward(cluster, &route.config, parts, body, deadline, verdict, context)
+                        .await
+                        .map_or_else(Served::Reply, |(r, p)| Served::Upstream(r, p))
+                }
+                None => Served::Reply(LocalReply::new(
+                    Code::Unimplemented,
+                    format!(
+                        "imrpc.ProxyEngineService/{method} is not served by lhnet ({why}); set passthrough_cluster on this route to forward it to the instance-manager's own proxy (127.0.0.1:8501) ({context})"
+                    ),
+                )),
+            },
         }
     }
 
@@ -320,7 +384,7 @@ impl RouteTable {
         cluster: &Arc<Cluster>,
         route: &RouteConfig,
         mut parts: Parts,
-        body: CheckedBody,
+        body: ProxyBody,
         deadline: Option<Duration>,
         verdict: &Verdict,
         context: &RouteContext,
@@ -351,7 +415,7 @@ impl RouteTable {
             Some(p) if p.num_retries > 0 => p,
             _ => {
                 let destination = self.destination(cluster, context)?;
-                let request = Request::from_parts(parts, body.boxed_unsync());
+                let request = Request::from_parts(parts, body);
                 return cluster
                     .send(destination, request)
                     .await
@@ -433,15 +497,19 @@ impl RouteTable {
     }
 }
 
-/// `call_local` is only reached for local targets; a cluster target here is a bug, answered as
-/// an internal error rather than a panic.
-fn unreachable_local() -> Result<Response<tonic::body::Body>, std::convert::Infallible> {
-    Ok(LocalReply::new(
-        Code::Internal,
-        "cluster route dispatched as a local service",
-    )
-    .into_response()
-    .map(|_| tonic::body::Body::empty()))
+/// Calls a tonic service of the proxy's own with the request as it streams in.
+async fn call_service<S, B>(mut service: S, request: Request<B>) -> Response<ProxyBody>
+where
+    S: tonic::codegen::Service<
+        Request<B>,
+        Response = Response<tonic::body::Body>,
+        Error = std::convert::Infallible,
+    >,
+{
+    match service.call(request).await {
+        Ok(response) => response.map(|b| b.map_err(BoxError::from).boxed_unsync()),
+        Err(never) => match never {},
+    }
 }
 
 /// Completes a local reply: records it and returns it.

@@ -19,7 +19,7 @@ use tokio::sync::Semaphore;
 use tonic::Status;
 
 use super::target_credentials;
-use crate::backupstore::{self, BackupInfo, NfsOptions, Target, TargetOptions, VolumeInfo};
+use lhnet_backupstore::{self as backupstore, BackupInfo, NfsOptions, Target, TargetOptions, VolumeInfo};
 use crate::config::BackupTargetConfig;
 
 /// Targets whose slots are kept; beyond this, idle ones are forgotten.
@@ -77,6 +77,22 @@ impl BackupTargets {
                 "missing required dest_url parameter",
             ));
         }
+        self.run_with(credentials, url, what, work)
+            .await
+            .map_err(|e| match e {
+                Failed::Work(text) => Status::unknown(text),
+                Failed::Other(status) => status,
+            })
+    }
+
+    /// As [`Self::run`], with the credential map already made.
+    async fn run_with<T: Send + 'static>(
+        &self,
+        credentials: HashMap<String, String>,
+        url: &str,
+        what: String,
+        work: impl FnOnce(Target) -> Result<T, String> + Send + 'static,
+    ) -> Result<T, Failed> {
         let config = self.config.load_full();
         let target_url = url.split('?').next().unwrap_or(url).to_string();
         let slots = self.slots_of(&slot_key(&target_url), config.max_concurrent);
@@ -91,26 +107,59 @@ impl BackupTargets {
             let slot = slots
                 .acquire_owned()
                 .await
-                .map_err(|_| Status::internal("backup-target slots closed"))?;
+                .map_err(|_| Failed::Other(Status::internal("backup-target slots closed")))?;
             tokio::task::spawn_blocking(move || {
                 let _slot = slot;
                 // Opening may mount NFS or build an S3 client: also off the async threads.
                 work(Target::open(&target_url, &options)?)
             })
             .await
-            .map_err(|e| Status::internal(format!("{what}: {e}")))?
-            .map_err(Status::unknown)
+            .map_err(|e| Failed::Other(Status::internal(format!("{what}: {e}"))))?
+            .map_err(Failed::Work)
         };
         tokio::time::timeout(config.timeout, run)
             .await
             .unwrap_or_else(|_| {
-                Err(Status::deadline_exceeded(format!(
+                Err(Failed::Other(Status::deadline_exceeded(format!(
                     "{}: the backup target did not answer within {} s (backup_target.timeout; work already started on the target, such as a removal, runs on to its end)",
                     url.split('?').next().unwrap_or(url),
                     config.timeout.as_secs_f64()
-                )))
+                ))))
             })
     }
+
+    /// longhorn-engine's `InspectBackup` of a backup URL (`<target>?backup=B&volume=V`), run by
+    /// lhnet itself before a restore, with the restore's credential map. The error is the text
+    /// Longhorn's restore task puts after "failed to get the current restoring backup info".
+    pub async fn inspect_backup(
+        &self,
+        url: &str,
+        credentials: HashMap<String, String>,
+    ) -> Result<BackupInfo, String> {
+        let backup_url = url.to_string();
+        self.run_with(credentials, url, format!("inspect backup {url}"), move |target| {
+            let (_, backup, volume) = backupstore::decode_backup_url(&backup_url)?;
+            if volume.is_empty() {
+                return Err(format!("invalid volume name parsed, got {volume}"));
+            }
+            if backup.is_empty() {
+                return Err(format!("invalid backup name parsed, got {backup}"));
+            }
+            target.inspect_backup(&volume, &backup)
+        })
+        .await
+        .map_err(|e| match e {
+            Failed::Work(text) => text,
+            Failed::Other(status) => status.message().to_string(),
+        })
+    }
+}
+
+/// Why backup-target work did not give a result: the work's own error (the backupstore's
+/// text), or lhnet's (slots, timeout).
+enum Failed {
+    Work(String),
+    Other(Status),
 }
 
 /// One target however its URL is spelled: `vfs:///x`, `vfs:///x/` and `vfs:////x` share slots.

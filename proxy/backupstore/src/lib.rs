@@ -40,6 +40,11 @@ pub struct VolumeCfg {
     /// Go's `json:",string"` on a string field: a JSON string holding a JSON string (`"\"\""`).
     pub backing_image_name: String,
     pub backing_image_checksum: String,
+    /// Longhorn 1.4+ (`json:",string"` too): the method of the volume's first backup, kept for
+    /// every later one; empty in older volumes, which are gzip.
+    pub compression_method: String,
+    pub storage_class_name: String,
+    pub data_engine: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -69,10 +74,121 @@ pub struct BackupCfg {
     pub created_time: String,
     pub size: String,
     pub labels: Option<BTreeMap<String, String>>,
+    /// Longhorn 1.6+: `backup-mode` (incremental / full) and `backup-block-size` (bytes).
+    pub parameters: Option<BTreeMap<String, String>>,
     pub is_incremental: bool,
+    /// Longhorn 1.4+: how this backup's blocks are compressed (empty: gzip).
+    pub compression_method: String,
+    pub newly_uploaded_data_size: String,
+    pub re_uploaded_data_size: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub blocks: Vec<BlockRef>,
     pub single_file: SingleFile,
+}
+
+/// A backup to write ([`Target::write_backup`]): the volume as of a snapshot and what the
+/// request asked for.
+#[derive(Debug, Clone, Default)]
+pub struct NewBackup<'a> {
+    pub volume: &'a str,
+    pub backup: &'a str,
+    pub snapshot: &'a str,
+    pub snapshot_created_at: &'a str,
+    pub now: &'a str,
+    pub size: i64,
+    pub labels: BTreeMap<String, String>,
+    pub backing_image: (&'a str, &'a str),
+    /// `none`, `lz4` or `gzip` (empty: lz4, Longhorn's default); a volume keeps the method of
+    /// its first backup.
+    pub compression_method: &'a str,
+    pub storage_class_name: &'a str,
+    /// `backup-mode: full` uploads every block again; `backup-block-size` sets the block size.
+    pub parameters: BTreeMap<String, String>,
+    /// Blocks uploaded at once (the request's `concurrent_limit`; at least one).
+    pub concurrent_limit: usize,
+    pub data: &'a [u8],
+}
+
+/// How blocks are compressed on the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+    Lz4,
+}
+
+impl Compression {
+    /// A cfg's method; empty is gzip (backups made before Longhorn 1.4).
+    pub fn parse(method: &str) -> Result<Compression, String> {
+        match method {
+            "" | "gzip" => Ok(Compression::Gzip),
+            "lz4" => Ok(Compression::Lz4),
+            "none" => Ok(Compression::None),
+            other => Err(format!("unsupported compression method {other:?}; use none, lz4 or gzip")),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Gzip => "gzip",
+            Compression::Lz4 => "lz4",
+        }
+    }
+
+    fn compress(self, block: &[u8]) -> io::Result<Vec<u8>> {
+        match self {
+            Compression::None => Ok(block.to_vec()),
+            Compression::Gzip => {
+                let mut gz =
+                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+                gz.write_all(block)?;
+                gz.finish()
+            }
+            Compression::Lz4 => {
+                let mut enc = lz4_flex::frame::FrameEncoder::new(Vec::new());
+                enc.write_all(block)?;
+                enc.finish().map_err(io::Error::other)
+            }
+        }
+    }
+
+    /// Decompresses at most `limit` bytes (more means the block is not what it claims).
+    fn decompress(self, packed: &[u8], limit: usize) -> io::Result<Vec<u8>> {
+        let mut raw = Vec::with_capacity(limit.min(1 << 24));
+        let take = limit as u64 + 1;
+        match self {
+            Compression::None => raw.extend_from_slice(&packed[..packed.len().min(limit + 1)]),
+            Compression::Gzip => {
+                flate2::read::GzDecoder::new(packed)
+                    .take(take)
+                    .read_to_end(&mut raw)?;
+            }
+            Compression::Lz4 => {
+                lz4_flex::frame::FrameDecoder::new(packed)
+                    .take(take)
+                    .read_to_end(&mut raw)?;
+            }
+        }
+        Ok(raw)
+    }
+}
+
+/// The parameter naming the block size, and the sizes Longhorn allows (2 MiB, 16 MiB).
+pub const BLOCK_SIZE_PARAMETER: &str = "backup-block-size";
+pub const BACKUP_MODE_PARAMETER: &str = "backup-mode";
+
+/// A backup's block size from its parameters (2 MiB when unset, as before Longhorn 1.8).
+pub fn block_size_of(parameters: Option<&BTreeMap<String, String>>) -> Result<usize, String> {
+    match parameters.and_then(|p| p.get(BLOCK_SIZE_PARAMETER)) {
+        None => Ok(BLOCK_SIZE),
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if n == BLOCK_SIZE || n == 8 * BLOCK_SIZE => Ok(n),
+            _ => Err(format!(
+                "invalid {BLOCK_SIZE_PARAMETER} {v:?}: Longhorn takes 2097152 or 16777216"
+            )),
+        },
+    }
 }
 
 /// An open backup target: its normalised URL and the driver behind it.
@@ -669,163 +785,269 @@ impl Target {
         self.load(&self.backup_cfg_key(volume, backup))
     }
 
-    /// Writes one backup of `data` (the volume as of the snapshot) with a lock held, a
-    /// placeholder cfg first, new blocks only, then the cfg and volume.cfg. `progress` is told
-    /// the percentage as blocks are written.
-    #[allow(clippy::too_many_arguments)]
-    pub fn write_backup(
-        &self,
-        volume: &str,
-        backup: &str,
-        snapshot: &str,
-        snapshot_created_at: &str,
-        now: &str,
-        size: i64,
-        labels: BTreeMap<String, String>,
-        backing_image: (&str, &str),
-        data: &[u8],
-        mut progress: impl FnMut(i32),
-    ) -> io::Result<bool> {
-        if !valid_name(volume) || !valid_name(backup) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("invalid volume {volume:?} or backup {backup:?} name"),
-            ));
+    /// Writes one backup (the volume as of a snapshot) with a lock held: a placeholder cfg
+    /// first, then the blocks (new ones only, unless `backup-mode: full`), `concurrent_limit` at
+    /// a time, compressed with the volume's method, then the cfg and volume.cfg. `progress` is
+    /// told the percentage as blocks are written. Returns whether the backup is incremental.
+    pub fn write_backup(&self, b: &NewBackup<'_>, mut progress: impl FnMut(i32)) -> io::Result<bool> {
+        let invalid = |e: String| io::Error::new(io::ErrorKind::InvalidInput, e);
+        if !valid_name(b.volume) || !valid_name(b.backup) {
+            return Err(invalid(format!(
+                "invalid volume {:?} or backup {:?} name",
+                b.volume, b.backup
+            )));
         }
-        let write = || -> io::Result<bool> {
+        let block_size = block_size_of(Some(&b.parameters)).map_err(invalid)?;
+        let requested = Compression::parse(match b.compression_method {
+            "" => "lz4",
+            m => m,
+        })
+        .map_err(invalid)?;
+        let full = b
+            .parameters
+            .get(BACKUP_MODE_PARAMETER)
+            .is_some_and(|m| m == "full");
+        let mut write = || -> io::Result<bool> {
             let placeholder = BackupCfg {
-                name: backup.into(),
-                volume_name: volume.into(),
-                snapshot_name: String::new(),
-                snapshot_created_at: String::new(),
-                created_time: String::new(),
+                name: b.backup.into(),
+                volume_name: b.volume.into(),
                 size: "0".into(),
-                labels: None,
-                is_incremental: false,
-                blocks: vec![],
-                single_file: SingleFile::default(),
+                ..Default::default()
             };
             self.write(
-                &self.backup_cfg_key(volume, backup),
+                &self.backup_cfg_key(b.volume, b.backup),
                 &to_json(&placeholder)?,
             )?;
-            let mut cfg = self.load_volume(volume).unwrap_or_else(|_| VolumeCfg {
-                name: volume.into(),
-                created_time: now.into(),
+            let mut cfg = self.load_volume(b.volume).unwrap_or_else(|_| VolumeCfg {
+                name: b.volume.into(),
+                created_time: b.now.into(),
                 block_count: "0".into(),
-                backing_image_name: double_quoted(""),
-                backing_image_checksum: double_quoted(""),
+                compression_method: double_quoted(requested.name()),
                 ..Default::default()
             });
-            let incremental = !cfg.last_backup_name.is_empty()
-                && self.load_backup(volume, &cfg.last_backup_name).is_ok();
+            // The method of the volume's first backup sticks, as in Longhorn.
+            let compression = Compression::parse(&unquote(&cfg.compression_method))
+                .map_err(io::Error::other)?;
+            let incremental = !full
+                && !cfg.last_backup_name.is_empty()
+                && self.load_backup(b.volume, &cfg.last_backup_name).is_ok();
 
-            let chunks: Vec<(usize, &[u8])> = data
-                .chunks(BLOCK_SIZE)
+            let chunks: Vec<(usize, &[u8])> = b
+                .data
+                .chunks(block_size)
                 .enumerate()
-                .filter(|(_, c)| c.iter().any(|b| *b != 0))
+                .filter(|(_, c)| c.iter().any(|x| *x != 0))
                 .collect();
-            let mut blocks = Vec::new();
-            let mut new_blocks = 0i64;
-            for (n, (i, chunk)) in chunks.iter().enumerate() {
-                let mut block = chunk.to_vec();
-                block.resize(BLOCK_SIZE, 0);
-                let checksum = sha512_hex(&block)[..64].to_string();
-                let path = self.block_key(volume, &checksum);
-                if !self.driver.exists(&path)? {
-                    let mut gz =
-                        flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-                    gz.write_all(&block)?;
-                    self.write(&path, &gz.finish()?)?;
-                    new_blocks += 1;
-                }
-                blocks.push(BlockRef {
-                    offset: (*i * BLOCK_SIZE) as i64,
-                    block_checksum: checksum,
-                });
-                progress(((n + 1) * 100 / chunks.len().max(1)) as i32);
-            }
-            let labels = if labels.is_empty() {
-                None
-            } else {
-                Some(labels)
-            };
-            let full = BackupCfg {
-                name: backup.into(),
-                volume_name: volume.into(),
-                snapshot_name: snapshot.into(),
-                snapshot_created_at: snapshot_created_at.into(),
-                created_time: now.into(),
-                size: ((blocks.len() * BLOCK_SIZE) as i64).to_string(),
+            let uploaded = self.upload_blocks(b.volume, &chunks, block_size, compression, full, b.concurrent_limit, &mut progress)?;
+            let labels = (!b.labels.is_empty()).then(|| b.labels.clone());
+            let done = BackupCfg {
+                name: b.backup.into(),
+                volume_name: b.volume.into(),
+                snapshot_name: b.snapshot.into(),
+                snapshot_created_at: b.snapshot_created_at.into(),
+                created_time: b.now.into(),
+                size: ((uploaded.blocks.len() * block_size) as i64).to_string(),
                 labels: labels.clone(),
+                parameters: (!b.parameters.is_empty()).then(|| b.parameters.clone()),
                 is_incremental: incremental,
-                blocks,
+                compression_method: compression.name().into(),
+                newly_uploaded_data_size: uploaded.new_bytes.to_string(),
+                re_uploaded_data_size: uploaded.re_uploaded_bytes.to_string(),
+                blocks: uploaded.blocks,
                 single_file: SingleFile::default(),
             };
-            self.write(&self.backup_cfg_key(volume, backup), &to_json(&full)?)?;
-            cfg.size = size.to_string();
+            self.write(&self.backup_cfg_key(b.volume, b.backup), &to_json(&done)?)?;
+            cfg.size = b.size.to_string();
             cfg.labels = labels;
-            cfg.last_backup_name = backup.into();
-            cfg.last_backup_at = snapshot_created_at.into();
+            cfg.last_backup_name = b.backup.into();
+            cfg.last_backup_at = b.snapshot_created_at.into();
             cfg.block_count =
-                (cfg.block_count.parse::<i64>().unwrap_or(0) + new_blocks).to_string();
-            cfg.backing_image_name = double_quoted(backing_image.0);
-            cfg.backing_image_checksum = double_quoted(backing_image.1);
-            self.write(&self.volume_cfg_key(volume), &to_json(&cfg)?)?;
+                (cfg.block_count.parse::<i64>().unwrap_or(0) + uploaded.new_blocks).to_string();
+            cfg.backing_image_name = double_quoted(b.backing_image.0);
+            cfg.backing_image_checksum = double_quoted(b.backing_image.1);
+            cfg.storage_class_name = double_quoted(b.storage_class_name);
+            cfg.data_engine = double_quoted("v1");
+            self.write(&self.volume_cfg_key(b.volume), &to_json(&cfg)?)?;
             progress(100);
             Ok(incremental)
         };
-        self.with_lock(volume, 1, || write().map_err(|e| e.to_string()))
+        self.with_lock(b.volume, 1, || write().map_err(|e| e.to_string()))
             .map_err(io::Error::other)
     }
 
-    /// Reads a backup back: every block decompressed and its checksum verified.
-    pub fn read_backup(&self, volume: &str, backup: &str) -> io::Result<(BackupCfg, Vec<u8>)> {
+    /// Writes the blocks of `chunks` (index, bytes) with `workers` threads; a block the
+    /// target already has is skipped unless `again` (a full backup).
+    #[allow(clippy::too_many_arguments)]
+    fn upload_blocks(
+        &self,
+        volume: &str,
+        chunks: &[(usize, &[u8])],
+        block_size: usize,
+        compression: Compression,
+        again: bool,
+        workers: usize,
+        progress: &mut impl FnMut(i32),
+    ) -> io::Result<Uploaded> {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let next = AtomicUsize::new(0);
+        let (tx, rx) = std::sync::mpsc::channel::<io::Result<(BlockRef, Written)>>();
+        let mut out = Uploaded::default();
+        std::thread::scope(|scope| {
+            for _ in 0..workers.clamp(1, 64) {
+                let tx = tx.clone();
+                let next = &next;
+                scope.spawn(move || loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some((index, chunk)) = chunks.get(i) else {
+                        break;
+                    };
+                    let result = (|| {
+                        let mut block = chunk.to_vec();
+                        block.resize(block_size, 0);
+                        let checksum = sha512_hex(&block)[..64].to_string();
+                        let path = self.block_key(volume, &checksum);
+                        let existed = self.driver.exists(&path)?;
+                        let written = match (existed, again) {
+                            (true, false) => Written::Skipped,
+                            (existed, _) => {
+                                self.write(&path, &compression.compress(&block)?)?;
+                                if existed {
+                                    Written::Again(block.len())
+                                } else {
+                                    Written::New(block.len())
+                                }
+                            }
+                        };
+                        let reference = BlockRef {
+                            offset: (*index * block_size) as i64,
+                            block_checksum: checksum,
+                        };
+                        Ok((reference, written))
+                    })();
+                    let failed = result.is_err();
+                    if tx.send(result).is_err() || failed {
+                        break;
+                    }
+                });
+            }
+            drop(tx);
+            let mut first_error = None;
+            for (n, result) in rx.iter().enumerate() {
+                match result {
+                    Ok((reference, written)) => {
+                        match written {
+                            Written::Again(n) => out.re_uploaded_bytes += n as i64,
+                            Written::New(n) => {
+                                out.new_bytes += n as i64;
+                                out.new_blocks += 1;
+                            }
+                            Written::Skipped => {}
+                        }
+                        out.blocks.push(reference);
+                    }
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
+                }
+                progress(((n + 1) * 100 / chunks.len().max(1)).min(99) as i32);
+            }
+            match first_error {
+                Some(e) => Err(e),
+                None => Ok(()),
+            }
+        })?;
+        out.blocks.sort_by_key(|b| b.offset);
+        Ok(out)
+    }
+
+    /// One block of a backup, decompressed and checked against its checksum.
+    pub fn read_block(
+        &self,
+        volume: &str,
+        block: &BlockRef,
+        compression: Compression,
+        block_size: usize,
+    ) -> io::Result<Vec<u8>> {
+        let packed = self
+            .driver
+            .read(&self.block_key(volume, &block.block_checksum))?;
+        let raw = compression.decompress(&packed, block_size)?;
+        if raw.len() > block_size || sha512_hex(&raw)[..64] != block.block_checksum {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("block {} fails its checksum", block.block_checksum),
+            ));
+        }
+        Ok(raw)
+    }
+
+    /// A backup's blocks (offset order), its block size and compression, checked: offsets
+    /// aligned and below the restore limit, checksums hex. A backup still in progress is an
+    /// error.
+    pub fn backup_layout(
+        &self,
+        volume: &str,
+        backup: &str,
+    ) -> io::Result<(BackupCfg, usize, Compression)> {
         let cfg = self.load_backup(volume, backup)?;
         if cfg.created_time.is_empty() {
             return Err(io::Error::other(format!(
                 "backup {backup} of {volume} is still in progress"
             )));
         }
-        let mut end = 0usize;
+        let block_size = block_size_of(cfg.parameters.as_ref()).map_err(io::Error::other)?;
+        let compression = Compression::parse(&cfg.compression_method).map_err(io::Error::other)?;
         for b in &cfg.blocks {
-            let aligned = b.offset >= 0 && b.offset % BLOCK_SIZE as i64 == 0;
+            let aligned = b.offset >= 0 && b.offset % block_size as i64 == 0;
             let named = b.block_checksum.len() >= 4
                 && b.block_checksum.bytes().all(|c| c.is_ascii_hexdigit());
             if !aligned || b.offset >= MAX_RESTORE_BYTES || !named {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!(
-                        "backup {backup} of {volume}: block at offset {} ({:?}) is not a 2 MiB block below {MAX_RESTORE_BYTES}",
+                        "backup {backup} of {volume}: block at offset {} ({:?}) is not a {block_size}-byte block below {MAX_RESTORE_BYTES}",
                         b.offset, b.block_checksum
                     ),
                 ));
             }
-            end = end.max(b.offset as usize + BLOCK_SIZE);
         }
+        Ok((cfg, block_size, compression))
+    }
+
+    /// Reads a backup back: every block decompressed and its checksum verified.
+    pub fn read_backup(&self, volume: &str, backup: &str) -> io::Result<(BackupCfg, Vec<u8>)> {
+        let (cfg, block_size, compression) = self.backup_layout(volume, backup)?;
+        let end = cfg
+            .blocks
+            .iter()
+            .map(|b| b.offset as usize + block_size)
+            .max()
+            .unwrap_or(0);
         let mut data = vec![0u8; end];
         for b in &cfg.blocks {
-            let packed = self
-                .driver
-                .read(&self.block_key(volume, &b.block_checksum))?;
-            let mut raw = Vec::with_capacity(BLOCK_SIZE);
-            flate2::read::GzDecoder::new(&packed[..])
-                .take(BLOCK_SIZE as u64 + 1)
-                .read_to_end(&mut raw)?;
-            if raw.len() > BLOCK_SIZE || sha512_hex(&raw)[..64] != b.block_checksum {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!(
-                        "block {} of backup {backup} fails its checksum",
-                        b.block_checksum
-                    ),
-                ));
-            }
+            let raw = self.read_block(volume, b, compression, block_size)?;
             let at = b.offset as usize;
             data[at..at + raw.len()].copy_from_slice(&raw);
         }
         Ok((cfg, data))
     }
+}
+
+/// What one block upload did.
+enum Written {
+    New(usize),
+    /// Written again though the target had it (a full backup).
+    Again(usize),
+    Skipped,
+}
+
+/// What [`Target::upload_blocks`] wrote.
+#[derive(Debug, Default)]
+struct Uploaded {
+    blocks: Vec<BlockRef>,
+    new_blocks: i64,
+    new_bytes: i64,
+    re_uploaded_bytes: i64,
 }
 
 #[cfg(test)]
