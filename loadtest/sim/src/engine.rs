@@ -90,6 +90,11 @@ impl SimEngine {
         &self.record
     }
 
+    /// What VolumeGet answers now (for tests).
+    pub fn inspect(&self) -> Volume {
+        self.volume().unwrap_or_default()
+    }
+
     /// Opens the replicas the engine starts with, as `longhorn controller --replica …` does;
     /// one that does not answer is ERR.
     pub(crate) async fn open_replicas(&self) {

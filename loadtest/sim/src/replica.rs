@@ -275,6 +275,11 @@ impl SimReplica {
         .unwrap_or_default()
     }
 
+    /// What ReplicaGet answers now (for tests).
+    pub fn inspect(&self) -> Replica {
+        self.info().unwrap_or_default()
+    }
+
     /// Snapshot file names, oldest first (for tests).
     pub fn snapshots(&self) -> Vec<String> {
         self.with(|s| Ok(s.chain().into_iter().filter(|d| d != &s.head).rev().collect()))

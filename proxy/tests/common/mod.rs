@@ -1,6 +1,10 @@
-//! What the root-only tests share: the lhnet-proxy binary in a namespace, its admin server,
-//! and the skip line when not root.
+//! What the tests share: the lhnet-proxy binary in a namespace, its admin server, and the
+//! skip line when not root; Longhorn volumes of the simulator behind an in-process lhnet
+//! ([`longhorn`]); moto's S3 server ([`moto`]).
 #![allow(dead_code)] // each test file uses its own share
+
+pub mod longhorn;
+pub mod moto;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

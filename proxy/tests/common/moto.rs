@@ -1,5 +1,4 @@
 //! A real S3 server for the tests that need one, and an independent client to look at it.
-#![allow(dead_code)] // each test file uses its own part
 
 /// moto's S3 server (PyPI `moto[server]`, see docs/engine-proxy.md) on 127.0.0.1 at a port it
 /// picks itself, with one empty bucket. `None` (after saying why) when moto is not installed.
