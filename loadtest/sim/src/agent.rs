@@ -568,7 +568,7 @@ impl SyncAgentService for SimReplica {
 
     async fn snapshot_hash_lock_state(&self, _r: Request<()>) -> R<SnapshotHashLockStateResponse> {
         Ok(Response::new(SnapshotHashLockStateResponse {
-            is_locked: hash::node_locked(),
+            is_locked: hash::node_locked(self),
         }))
     }
 }

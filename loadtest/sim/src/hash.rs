@@ -11,10 +11,10 @@ use tonic::Status;
 
 use super::replica::{snap_file, SimReplica};
 
-/// One lock per node, shared by every volume's replicas (longhorn-engine's
-/// `/host/var/lib/longhorn/.lock/hash`): the simulated processes of one test or demo are
-/// one node.
-static NODE_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// longhorn-engine takes one lock per node (`/host/var/lib/longhorn/.lock/hash`), shared by
+/// the replicas on it; each simulated replica is a node of its own, so that tests running at
+/// once do not share one.
+pub(crate) type NodeLock = std::sync::Arc<tokio::sync::Mutex<()>>;
 
 /// Finished jobs kept per state (`MaxSnapshotHashJobSize`).
 const KEPT_JOBS: usize = 10;
@@ -128,7 +128,7 @@ async fn hash(
     rehash: bool,
     cancelled: &AtomicBool,
 ) -> Result<(String, bool), String> {
-    let _node = NODE_LOCK.lock().await;
+    let _node = replica.node_lock.lock().await;
     let file = snap_file(name);
     let (bytes, change, recorded) = replica
         .with(|s| {
@@ -238,7 +238,7 @@ pub(crate) fn cancel(replica: &SimReplica, name: &str) -> Result<(), Status> {
     })
 }
 
-/// Whether any replica of this node is hashing now.
-pub(crate) fn node_locked() -> bool {
-    NODE_LOCK.try_lock().is_err()
+/// Whether this replica's node is hashing now.
+pub(crate) fn node_locked(replica: &SimReplica) -> bool {
+    replica.node_lock.try_lock().is_err()
 }

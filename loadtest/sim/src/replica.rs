@@ -32,6 +32,8 @@ pub struct SimReplica {
     /// File transfers into this replica running now, and the most at once.
     pub(crate) syncs: Arc<(AtomicUsize, AtomicUsize)>,
     pub(crate) volume: Arc<str>,
+    /// Held while a snapshot of this replica's node is hashed.
+    pub(crate) node_lock: super::hash::NodeLock,
     record: Record,
 }
 
@@ -181,6 +183,7 @@ impl SimReplica {
             hash_rate: Arc::new(AtomicU64::new(0)),
             syncs: Arc::new((AtomicUsize::new(0), AtomicUsize::new(0))),
             volume: spec.volume.as_str().into(),
+            node_lock: Default::default(),
             record: Record::default(),
         }
     }
@@ -278,6 +281,11 @@ impl SimReplica {
     /// What ReplicaGet answers now (for tests).
     pub fn inspect(&self) -> Replica {
         self.info().unwrap_or_default()
+    }
+
+    /// A snapshot's hashing state: (state, checksum, error, silently corrupted) (for tests).
+    pub fn hash_state(&self, snapshot: &str) -> (String, String, String, bool) {
+        super::hash::status(self, snapshot).unwrap_or_default()
     }
 
     /// Snapshot file names, oldest first (for tests).
