@@ -92,10 +92,11 @@ impl SimReplica {
                 "",
             ))
             .await?;
-        let (mut meta, data, _) = receive
+        let (mut meta, data, travelled) = receive
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| Status::data_loss(format!("receiving {}: {e}", file.from_file_name)))?;
+        self.received.fetch_add(travelled, Ordering::SeqCst);
         meta.name = file.to_file_name.clone();
         self.with(|s| {
             s.disks.insert(file.to_file_name.clone(), meta);

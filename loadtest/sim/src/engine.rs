@@ -848,17 +848,24 @@ impl ControllerService for SimEngine {
 
     async fn replica_delete(&self, r: Request<ReplicaAddress>) -> R<()> {
         let address = r.into_inner().address;
-        self.with(|s| {
+        let had = self.with(|s| {
             let last = s.replicas.len() == 1 && s.replicas[0].0 == address;
             if last && s.volume.frontend_state == "up" {
                 return Err(Status::unknown("cannot remove last replica if volume is up"));
             }
             // An address the engine does not have is no error.
+            let before = s.replicas.len();
             s.replicas.retain(|(a, _)| *a != address);
-            Ok(())
+            Ok(s.replicas.len() != before)
         })?;
         if let Ok(mut data) = self.data.lock() {
             data.remove(&address);
+        }
+        if had {
+            // Closing its backend closes the replica, which can join again later.
+            if let Ok(mut client) = self.client(&address) {
+                let _ = client.replica_close(self.req(())).await;
+            }
         }
         Ok(Response::new(()))
     }

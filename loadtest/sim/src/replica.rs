@@ -31,6 +31,8 @@ pub struct SimReplica {
     pub(crate) hash_rate: Arc<AtomicU64>,
     /// File transfers into this replica running now, and the most at once.
     pub(crate) syncs: Arc<(AtomicUsize, AtomicUsize)>,
+    /// Bytes that travelled into this replica in rebuilds (less than the files with fast sync).
+    pub(crate) received: Arc<AtomicU64>,
     pub(crate) volume: Arc<str>,
     /// Held while a snapshot of this replica's node is hashed.
     pub(crate) node_lock: super::hash::NodeLock,
@@ -182,6 +184,7 @@ impl SimReplica {
             sync_rate: Arc::new(AtomicU64::new(0)),
             hash_rate: Arc::new(AtomicU64::new(0)),
             syncs: Arc::new((AtomicUsize::new(0), AtomicUsize::new(0))),
+            received: Arc::new(AtomicU64::new(0)),
             volume: spec.volume.as_str().into(),
             node_lock: Default::default(),
             record: Record::default(),
@@ -219,6 +222,11 @@ impl SimReplica {
     /// The most file transfers into this replica that ran at once (a rebuild's concurrency).
     pub fn max_parallel_syncs(&self) -> usize {
         self.syncs.1.load(Ordering::SeqCst)
+    }
+
+    /// Bytes that came into this replica over rebuild transfers so far.
+    pub fn received_bytes(&self) -> u64 {
+        self.received.load(Ordering::SeqCst)
     }
 
     pub fn replica_server(&self) -> ReplicaServiceServer<SimReplica> {
