@@ -297,6 +297,7 @@ fn start_pod(
                                 instance: engine_name(v),
                                 size,
                                 replicas: urls,
+                                ..Default::default()
                             };
                             let engine = sim::start_engine_with(at, spec)
                                 .await
@@ -321,6 +322,7 @@ fn start_pod(
                                 volume: volume_name(v),
                                 instance: replica_name(v, name),
                                 size,
+                                ..Default::default()
                             };
                             replicas.push(
                                 sim::start_replica_with(at, spec)

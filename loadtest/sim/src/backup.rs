@@ -85,7 +85,8 @@ pub(crate) async fn create(
         );
         Ok(())
     })?;
-    if r.concurrent_limit <= 0 {
+    let workers = workers(replica, r.concurrent_limit);
+    if workers == 0 {
         // Longhorn starts `concurrent_limit` upload workers: with none the backup stays at 0%.
         return Ok(BackupCreateResponse {
             backup: name,
@@ -123,7 +124,7 @@ pub(crate) async fn create(
                 compression_method: &r.compression_method,
                 storage_class_name: &r.storage_class_name,
                 parameters: r.parameters.into_iter().collect(),
-                concurrent_limit: r.concurrent_limit as usize,
+                concurrent_limit: workers,
                 data: &data,
             },
             update,
@@ -149,6 +150,15 @@ pub(crate) async fn create(
         backup: name,
         is_incremental: incremental,
     })
+}
+
+/// How many workers a backup or restore runs: the request's `concurrent_limit` (v1.12.1; none
+/// when it is 0), one before the field existed (v1.3.3).
+fn workers(replica: &SimReplica, concurrent_limit: i32) -> usize {
+    match replica.release {
+        super::Release::V1_3_3 => 1,
+        super::Release::V1_12_1 => usize::try_from(concurrent_limit).unwrap_or(0),
+    }
 }
 
 fn prune(backups: &mut HashMap<String, BackupProgress>) {
@@ -281,7 +291,7 @@ pub(crate) async fn restore(replica: &SimReplica, r: BackupRestoreRequest) -> Re
         };
         Ok(())
     })?;
-    if r.concurrent_limit <= 0 {
+    if workers(replica, r.concurrent_limit) == 0 {
         // No workers: the restore never progresses, as in Longhorn.
         return Ok(());
     }

@@ -36,6 +36,7 @@ struct EngineState {
     replicas: Vec<(String, ReplicaMode)>,
     /// `--rebuild-sync-concurrent-limit` (1), set by ReplicaRebuildConcurrentSyncLimitSet.
     sync_limit: i32,
+    release: super::Release,
     /// Frontend I/O of the second being counted, and of the last whole one.
     io: IoWindow,
     last_io: Metrics,
@@ -54,11 +55,13 @@ struct IoWindow {
 
 type R<T> = Result<Response<T>, Status>;
 
-/// longhorn-engine v1.12.1's `pkg/meta` versions.
-const CLI_API_VERSION: i64 = 12;
-const CLI_API_MIN_VERSION: i64 = 8;
-const CONTROLLER_API_VERSION: i64 = 6;
-const CONTROLLER_API_MIN_VERSION: i64 = 4;
+/// longhorn-engine's `pkg/meta` versions: (version, cli, cli min, controller, controller min).
+fn versions(release: super::Release) -> (&'static str, i64, i64, i64, i64) {
+    match release {
+        super::Release::V1_3_3 => ("v1.3.3-lhnet-sim", 6, 3, 3, 3),
+        super::Release::V1_12_1 => ("v1.12.1-lhnet-sim", 12, 8, 6, 4),
+    }
+}
 
 impl SimEngine {
     pub fn new(spec: &EngineSpec) -> SimEngine {
@@ -77,6 +80,7 @@ impl SimEngine {
                     .map(|r| (r.clone(), ReplicaMode::Rw))
                     .collect(),
                 sync_limit: 1,
+                release: spec.release,
                 io: IoWindow::default(),
                 last_io: Metrics::default(),
             })),
@@ -999,15 +1003,17 @@ impl ControllerService for SimEngine {
     }
 
     async fn version_detail_get(&self, _r: Request<()>) -> R<VersionDetailGetReply> {
+        let (version, cli, cli_min, controller, controller_min) =
+            versions(self.with(|s| Ok(s.release))?);
         Ok(Response::new(VersionDetailGetReply {
             version: Some(VersionOutput {
-                version: "v1.12.1-lhnet-sim".into(),
+                version: version.into(),
                 git_commit: "simulated".into(),
                 build_date: "2026-11-27T00:00:00Z".into(),
-                cli_api_version: CLI_API_VERSION,
-                cli_api_min_version: CLI_API_MIN_VERSION,
-                controller_api_version: CONTROLLER_API_VERSION,
-                controller_api_min_version: CONTROLLER_API_MIN_VERSION,
+                cli_api_version: cli,
+                cli_api_min_version: cli_min,
+                controller_api_version: controller,
+                controller_api_min_version: controller_min,
                 data_format_version: 1,
                 data_format_min_version: 1,
             }),

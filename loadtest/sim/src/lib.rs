@@ -32,6 +32,7 @@ use tokio_stream::StreamExt;
 
 pub use engine::SimEngine;
 pub use guard::{Call, Names, Record};
+
 pub use replica::{SimReplica, MAX_SNAPSHOTS};
 
 /// A running simulated process (engine, or one of a replica's servers).
@@ -151,10 +152,22 @@ fn serve_data<B: dataconn::Block + Clone>(
     })
 }
 
+/// Which longhorn-engine release a simulated process behaves as.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Release {
+    /// v1.3.3: no identity check (v1.5.2 added it), controller API 3 (no concurrent sync
+    /// limit), and backups and restores without a `concurrent_limit` field (one worker).
+    V1_3_3,
+    /// v1.12.1: every check and field of today's engine.
+    #[default]
+    V1_12_1,
+}
+
 /// How an engine process is started (`longhorn controller <volume> --engine-instance-name …
 /// --replica …`).
 #[derive(Debug, Clone, Default)]
 pub struct EngineSpec {
+    pub release: Release,
     pub volume: String,
     /// Its instance name; empty: the engine checks no instance name.
     pub instance: String,
@@ -201,11 +214,7 @@ pub async fn start_engine_with(addr: SocketAddr, spec: EngineSpec) -> std::io::R
     engine.open_replicas().await;
     engine.spawn_monitor();
     let guard = guard::Guard {
-        names: Arc::new(Names {
-            volume: spec.volume.clone(),
-            instance: spec.instance.clone(),
-            server: "controller",
-        }),
+        names: Arc::new(names(spec.release, &spec.volume, &spec.instance, "controller")),
         record: engine.record().clone(),
     };
     let server = engine.server();
@@ -226,6 +235,7 @@ pub async fn start_frontend(addr: SocketAddr, engine: &SimEngine) -> std::io::Re
 /// --replica-instance-name …`). Empty names turn their checks off.
 #[derive(Debug, Clone, Default)]
 pub struct ReplicaSpec {
+    pub release: Release,
     pub volume: String,
     pub instance: String,
     pub size: i64,
@@ -290,11 +300,7 @@ pub async fn start_replica_with(
     let replica = SimReplica::new(&spec);
     replica.set_listen(service.local_addr()?);
     let guard = guard::Guard {
-        names: Arc::new(Names {
-            volume: spec.volume.clone(),
-            instance: spec.instance.clone(),
-            server: "replica",
-        }),
+        names: Arc::new(names(spec.release, &spec.volume, &spec.instance, "replica")),
         record: replica.record().clone(),
     };
     let replica_server = replica.replica_server();
@@ -310,6 +316,21 @@ pub async fn start_replica_with(
         data,
         sync_agent,
     })
+}
+
+/// The names a server checks: none before v1.5.2.
+fn names(release: Release, volume: &str, instance: &str, server: &'static str) -> Names {
+    match release {
+        Release::V1_3_3 => Names {
+            server,
+            ..Default::default()
+        },
+        Release::V1_12_1 => Names {
+            volume: volume.into(),
+            instance: instance.into(),
+            server,
+        },
+    }
 }
 
 /// Binds P+1 and P+2 on `ip`.

@@ -34,6 +34,7 @@ pub struct SimReplica {
     /// Bytes that travelled into this replica in rebuilds (less than the files with fast sync).
     pub(crate) received: Arc<AtomicU64>,
     pub(crate) volume: Arc<str>,
+    pub(crate) release: super::Release,
     /// Held while a snapshot of this replica's node is hashed.
     pub(crate) node_lock: super::hash::NodeLock,
     record: Record,
@@ -186,6 +187,7 @@ impl SimReplica {
             syncs: Arc::new((AtomicUsize::new(0), AtomicUsize::new(0))),
             received: Arc::new(AtomicU64::new(0)),
             volume: spec.volume.as_str().into(),
+            release: spec.release,
             node_lock: Default::default(),
             record: Record::default(),
         }

@@ -12,6 +12,7 @@ use lhnet_proto::imrpc::proxy_engine_service_client::ProxyEngineServiceClient;
 use lhnet_proto::imrpc::*;
 use lhnet_proxy::app::{self, Options, RunningProxy};
 use lhnet_proxy::config::Config;
+pub use lhnet_sim::Release;
 use lhnet_sim::{self as sim, EngineSpec, ReplicaSpec, RunningEngine, RunningReplica};
 use tonic::transport::Channel;
 
@@ -94,9 +95,14 @@ const LOCAL: &str = "127.0.0.1:0";
 
 /// A replica process of `volume` named `<volume>-r-<i>`.
 pub async fn replica(volume: &str, i: usize, size: i64) -> RunningReplica {
+    replica_of(Release::V1_12_1, volume, i, size).await
+}
+
+pub async fn replica_of(release: Release, volume: &str, i: usize, size: i64) -> RunningReplica {
     sim::start_replica_with(
         LOCAL.parse().unwrap(),
         ReplicaSpec {
+            release,
             volume: volume.into(),
             instance: replica_name(volume, i),
             size,
@@ -112,13 +118,19 @@ pub async fn volume(name: &str, replicas: usize) -> Volume {
 }
 
 pub async fn volume_sized(name: &str, replicas: usize, size: i64) -> Volume {
+    volume_of(Release::V1_12_1, name, replicas, size).await
+}
+
+/// A volume whose engine and replicas behave as `release`'s.
+pub async fn volume_of(release: Release, name: &str, replicas: usize, size: i64) -> Volume {
     let mut started = Vec::new();
     for i in 0..replicas {
-        started.push(replica(name, i, size).await);
+        started.push(replica_of(release, name, i, size).await);
     }
     let engine = sim::start_engine_with(
         LOCAL.parse().unwrap(),
         EngineSpec {
+            release,
             volume: name.into(),
             instance: engine_name(name),
             size,
