@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use lhnet_loadtest::sim::backupstore::{self, Target, BLOCK_SIZE};
+use lhnet_sim::backupstore::{self, NewBackup, Target, BLOCK_SIZE};
 use lhnet_proto::imrpc::proxy_engine_service_client::ProxyEngineServiceClient;
 use lhnet_proto::imrpc::*;
 use lhnet_proxy::app::{self, Options, RunningProxy};
@@ -14,7 +14,7 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 mod common;
-use common::{boto3_look, s3_envs, start_moto};
+use common::moto::{boto3_look, s3_envs, start_moto};
 
 async fn start_proxy() -> (RunningProxy, ProxyEngineServiceClient<Channel>) {
     start_proxy_with("").await
@@ -49,16 +49,21 @@ fn scratch(tag: &str) -> PathBuf {
 
 /// Writes a backup of `data` as the simulator's SnapshotBackup does.
 fn backup(t: &Target, volume: &str, name: &str, at: &str, data: &[u8]) {
+    let snapshot = format!("snap-{name}");
     t.write_backup(
-        volume,
-        name,
-        &format!("snap-{name}"),
-        at,
-        at,
-        data.len() as i64,
-        BTreeMap::from([("app".to_string(), "db".to_string())]),
-        ("", ""),
-        data,
+        &NewBackup {
+            volume,
+            backup: name,
+            snapshot: &snapshot,
+            snapshot_created_at: at,
+            now: at,
+            size: data.len() as i64,
+            labels: BTreeMap::from([("app".to_string(), "db".to_string())]),
+            compression_method: "gzip",
+            concurrent_limit: 2,
+            data,
+            ..Default::default()
+        },
         |_| {},
     )
     .unwrap();
