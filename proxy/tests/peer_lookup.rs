@@ -73,6 +73,7 @@ fn a_peer_that_never_answers_is_a_clear_error_within_the_lookup_timeout() {
             let status = client
                 .volume_get(ProxyEngineRequest {
                     address: "10.42.0.9:10000".into(),
+                    ..Default::default()
                 })
                 .await
                 .unwrap_err();
@@ -82,6 +83,7 @@ fn a_peer_that_never_answers_is_a_clear_error_within_the_lookup_timeout() {
             let again = client
                 .volume_get(ProxyEngineRequest {
                     address: "10.42.0.9:10000".into(),
+                    ..Default::default()
                 })
                 .await
                 .unwrap_err();
@@ -92,6 +94,7 @@ fn a_peer_that_never_answers_is_a_clear_error_within_the_lookup_timeout() {
             let later = client
                 .volume_get(ProxyEngineRequest {
                     address: "10.42.0.9:10000".into(),
+                    ..Default::default()
                 })
                 .await
                 .unwrap_err();
@@ -106,6 +109,7 @@ fn a_peer_that_never_answers_is_a_clear_error_within_the_lookup_timeout() {
             let own = client
                 .volume_get(ProxyEngineRequest {
                     address: "10.42.0.2:10000".into(),
+                    ..Default::default()
                 })
                 .await
                 .unwrap_err();

@@ -1057,16 +1057,20 @@ mod tests {
     /// A backup of `data` to vol1, snapshot taken at `at`, written a second later.
     fn backup_of(t: &Target, name: &str, at: &str, data: &[u8]) -> io::Result<bool> {
         let done = at.replace(":00Z", ":01Z");
+        let snapshot = format!("snap-{name}");
         t.write_backup(
-            "vol1",
-            name,
-            &format!("snap-{name}"),
-            at,
-            &done,
-            data.len() as i64,
-            BTreeMap::new(),
-            ("", ""),
-            data,
+            &NewBackup {
+                volume: "vol1",
+                backup: name,
+                snapshot: &snapshot,
+                snapshot_created_at: at,
+                now: &done,
+                size: data.len() as i64,
+                compression_method: "gzip",
+                concurrent_limit: 1,
+                data,
+                ..Default::default()
+            },
             |_| {},
         )
     }
@@ -1103,11 +1107,73 @@ mod tests {
             backing_image_name: double_quoted(""),
             backing_image_checksum: double_quoted(""),
             labels: None,
+            compression_method: double_quoted("lz4"),
+            storage_class_name: double_quoted(""),
+            data_engine: double_quoted("v1"),
         };
         assert_eq!(
             String::from_utf8(to_json(&cfg).unwrap()).unwrap(),
-            r#"{"Name":"vol1","Size":"6291456","Labels":null,"CreatedTime":"2022-06-01T00:00:00Z","LastBackupName":"backup-b","LastBackupAt":"2022-06-01T02:00:00Z","BlockCount":"3","BackingImageName":"\"\"","BackingImageChecksum":"\"\""}"#
+            r#"{"Name":"vol1","Size":"6291456","Labels":null,"CreatedTime":"2022-06-01T00:00:00Z","LastBackupName":"backup-b","LastBackupAt":"2022-06-01T02:00:00Z","BlockCount":"3","BackingImageName":"\"\"","BackingImageChecksum":"\"\"","CompressionMethod":"\"lz4\"","StorageClassName":"\"\"","DataEngine":"\"v1\""}"#
         );
+    }
+
+    #[test]
+    fn each_compression_and_block_size_round_trips_and_the_first_method_sticks() {
+        let dir = std::env::temp_dir().join(format!("lhnet-bs-c-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let t = Target::parse(&format!("vfs://{}", dir.display())).unwrap();
+        let mut data = vec![0u8; 20 << 20];
+        for (i, b) in data.iter_mut().enumerate().step_by(4093) {
+            *b = (i % 251) as u8 + 1;
+        }
+        for (i, (method, block, mode)) in [
+            ("none", "2097152", "incremental"),
+            ("gzip", "2097152", "incremental"),
+            ("lz4", "16777216", "full"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let volume = format!("vol-{method}");
+            let parameters = BTreeMap::from([
+                (BLOCK_SIZE_PARAMETER.to_string(), block.to_string()),
+                (BACKUP_MODE_PARAMETER.to_string(), mode.to_string()),
+            ]);
+            for (n, asked) in [method, "gzip"].into_iter().enumerate() {
+                let name = format!("backup-{i}-{n}");
+                let incremental = t
+                    .write_backup(
+                        &NewBackup {
+                            volume: &volume,
+                            backup: &name,
+                            snapshot: "s",
+                            snapshot_created_at: "2026-12-01T00:00:00Z",
+                            now: "2026-12-01T00:00:01Z",
+                            size: data.len() as i64,
+                            compression_method: asked,
+                            parameters: parameters.clone(),
+                            concurrent_limit: 3,
+                            data: &data,
+                            ..Default::default()
+                        },
+                        |_| {},
+                    )
+                    .unwrap();
+                assert_eq!(incremental, n == 1 && mode == "incremental", "{name}");
+                let (cfg, back) = t.read_backup(&volume, &name).unwrap();
+                assert_eq!(cfg.compression_method, method, "the volume's first method sticks");
+                assert_eq!(&back[..data.len()], &data[..], "{name}");
+                let size: usize = block.parse().unwrap();
+                assert!(cfg.blocks.iter().all(|b| b.offset as usize % size == 0));
+                if mode == "full" && n == 1 {
+                    assert_eq!(cfg.newly_uploaded_data_size, "0");
+                    assert_ne!(cfg.re_uploaded_data_size, "0", "a full backup writes every block again");
+                }
+            }
+        }
+        assert!(Compression::parse("zstd").is_err());
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
