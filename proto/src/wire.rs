@@ -212,10 +212,9 @@ impl Schema {
             let before = body;
             skip_value(&mut body, wire_type)?;
             let raw = &before[..before.len() - body.len()];
-            match tag >> 3 {
-                // The last occurrence wins, as in every protobuf decoder.
-                n @ (1 | 2) => parts[(n - 1) as usize] = Some((tag, raw)),
-                _ => {}
+            // The last occurrence wins, as in every protobuf decoder.
+            if let n @ (1 | 2) = tag >> 3 {
+                parts[(n - 1) as usize] = Some((tag, raw));
             }
         }
         let mut out = Vec::with_capacity(body.len() + 4);
@@ -331,7 +330,10 @@ mod tests {
     fn empty_values_and_keys_are_written() {
         let status = crate::imrpc::EngineSnapshotPurgeStatusProxyResponse {
             status: [
-                ("tcp://10.0.0.1:10000".to_string(), SnapshotPurgeStatusResponse::default()),
+                (
+                    "tcp://10.0.0.1:10000".to_string(),
+                    SnapshotPurgeStatusResponse::default(),
+                ),
                 (
                     String::new(),
                     SnapshotPurgeStatusResponse {
@@ -399,7 +401,11 @@ mod tests {
             .filter(|(n, _)| *n == 3 || *n == 8)
             .map(|(_, e)| fields(&e).into_iter().map(|(n, _)| n).collect())
             .collect();
-        assert_eq!(maps, vec![vec![1, 2], vec![1, 2]], "children and labels whole");
+        assert_eq!(
+            maps,
+            vec![vec![1, 2], vec![1, 2]],
+            "children and labels whole"
+        );
 
         type V = crate::ptypes::Volume;
         assert!(schema().shape_of(V::PACKAGE, V::NAME).is_none());
@@ -411,7 +417,9 @@ mod tests {
     fn malformed_bytes_are_refused_not_rewritten() {
         type M = crate::imrpc::EngineSnapshotPurgeStatusProxyResponse;
         let shape = schema().shape_of(M::PACKAGE, M::NAME).unwrap();
-        assert!(schema().complete_map_entries(shape, &[0x0a, 0x05, 0x01]).is_none());
+        assert!(schema()
+            .complete_map_entries(shape, &[0x0a, 0x05, 0x01])
+            .is_none());
         assert!(schema().complete_map_entries(shape, &[0xff]).is_none());
         assert_eq!(schema().complete_map_entries(shape, &[]), Some(vec![]));
     }

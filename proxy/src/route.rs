@@ -3,8 +3,8 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::pin::Pin;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,8 +24,8 @@ use crate::config::{
     format_duration, HeaderMatcher, HeaderRule, ListenerConfig, LocalService, PathMatch, RetryOn,
     RetryPolicy, RouteAction, RouteConfig,
 };
-use crate::engine_proxy::version::{VersionPatchBody, VERSION_GET_PATH};
 use crate::engine_proxy::dispatch::{self, Decision};
+use crate::engine_proxy::version::{VersionPatchBody, VERSION_GET_PATH};
 use crate::engine_proxy::{BackupTargets, EngineProxy};
 use crate::health::HealthService;
 use crate::metrics::Metrics;
@@ -316,7 +316,13 @@ impl RouteTable {
         verdict: &Verdict,
         context: &RouteContext,
     ) -> Served {
-        let method = parts.uri.path().rsplit('/').next().unwrap_or("").to_string();
+        let method = parts
+            .uri
+            .path()
+            .rsplit('/')
+            .next()
+            .unwrap_or("")
+            .to_string();
         let (decision, body): (Decision, ProxyBody) = match dispatch::route_of(&method) {
             dispatch::Route::Local => (Decision::Local, body.boxed_unsync()),
             dispatch::Route::Passthrough(why) => {

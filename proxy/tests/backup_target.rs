@@ -5,11 +5,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use lhnet_sim::backupstore::{self, NewBackup, Target, BLOCK_SIZE};
 use lhnet_proto::imrpc::proxy_engine_service_client::ProxyEngineServiceClient;
 use lhnet_proto::imrpc::*;
 use lhnet_proxy::app::{self, Options, RunningProxy};
 use lhnet_proxy::config::Config;
+use lhnet_sim::backupstore::{self, NewBackup, Target, BLOCK_SIZE};
 use tonic::transport::Channel;
 use tonic::Code;
 

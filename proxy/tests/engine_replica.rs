@@ -35,7 +35,11 @@ fn add(v: &Volume, m: Manager, url: &str, name: &str, restore: bool) -> EngineRe
     }
 }
 
-async fn modes(client: &mut ProxyEngineServiceClient<Channel>, v: &Volume, m: Manager) -> Vec<(String, i32)> {
+async fn modes(
+    client: &mut ProxyEngineServiceClient<Channel>,
+    v: &Volume,
+    m: Manager,
+) -> Vec<(String, i32)> {
     client
         .replica_list(v.req(m))
         .await
@@ -49,7 +53,11 @@ async fn modes(client: &mut ProxyEngineServiceClient<Channel>, v: &Volume, m: Ma
         .collect()
 }
 
-async fn mode_of(client: &mut ProxyEngineServiceClient<Channel>, v: &Volume, url: &str) -> Option<i32> {
+async fn mode_of(
+    client: &mut ProxyEngineServiceClient<Channel>,
+    v: &Volume,
+    url: &str,
+) -> Option<i32> {
     modes(client, v, Manager::V1_12_1)
         .await
         .into_iter()
@@ -75,10 +83,12 @@ async fn rebuild(m: Manager) {
     v.write(1 << 20, &block[..4096]);
     // Two of the three RW replicas may serve the rebuild at once.
     p.client
-        .replica_rebuild_concurrent_sync_limit_set(EngineReplicaRebuildConcurrentSyncLimitSetRequest {
-            proxy_engine_request: v.per(m),
-            limit: 2,
-        })
+        .replica_rebuild_concurrent_sync_limit_set(
+            EngineReplicaRebuildConcurrentSyncLimitSetRequest {
+                proxy_engine_request: v.per(m),
+                limit: 2,
+            },
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -98,21 +108,39 @@ async fn rebuild(m: Manager) {
     p.client.replica_add(request.clone()).await.unwrap();
     let engine_calls = v.engine.record().calls();
 
-    assert_eq!(mode_of(&mut p.client, &v, &spare.url()).await, Some(ReplicaMode::Rw as i32));
+    assert_eq!(
+        mode_of(&mut p.client, &v, &spare.url()).await,
+        Some(ReplicaMode::Rw as i32)
+    );
     // The spare holds the same bytes and chain as the sources, copied over TCP.
     assert_eq!(spare.replica.read(0, block.len()), block);
-    assert_eq!(spare.replica.read(1 << 20, 4096), v.replicas[0].replica.read(1 << 20, 4096));
+    assert_eq!(
+        spare.replica.read(1 << 20, 4096),
+        v.replicas[0].replica.read(1 << 20, 4096)
+    );
     let source_snaps = v.replicas[0].replica.snapshots();
     assert_eq!(spare.replica.snapshots(), source_snaps);
     assert!(source_snaps.contains(&"volume-snap-before-add.img".to_string()));
-    assert!(p.client.replica_rebuilding_status(v.req(m)).await.unwrap().into_inner().status.is_empty());
+    assert!(p
+        .client
+        .replica_rebuilding_status(v.req(m))
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .is_empty());
 
     // Every field of the request reached the new replica's sync agent, from at most the
     // limit's number of sources, which it synced from at once.
     let synced = spare.record().of::<ptypes::FilesSyncRequest>("FilesSync");
     assert_eq!(synced.len(), 1);
     let (call, sync) = &synced[0];
-    assert_eq!(sync.from_address_map.len(), 2, "{:?}", sync.from_address_map);
+    assert_eq!(
+        sync.from_address_map.len(),
+        2,
+        "{:?}",
+        sync.from_address_map
+    );
     assert!(sync.from_address_map.contains_key(&sync.from_address));
     assert!(spare.replica.max_parallel_syncs() <= 2);
     assert_eq!(
@@ -132,9 +160,15 @@ async fn rebuild(m: Manager) {
     assert_eq!(sync.to_host, "127.0.0.1");
     // Calls to the new replica name it (instance-name) when the manager did.
     let named = m == Manager::V1_12_1;
-    assert_eq!(identity(call), (named.then_some("vol-r"), named.then_some("vol-r-r-3")));
+    assert_eq!(
+        identity(call),
+        (named.then_some("vol-r"), named.then_some("vol-r-r-3"))
+    );
     for call in spare.record().calls() {
-        if call.path.contains("ReplicaService/") && call.volume_name.is_some() && call.instance_name.is_none() {
+        if call.path.contains("ReplicaService/")
+            && call.volume_name.is_some()
+            && call.instance_name.is_none()
+        {
             // The engine's own calls (open, snapshot) name the volume only.
             continue;
         }
@@ -142,10 +176,16 @@ async fn rebuild(m: Manager) {
             assert_eq!(call.volume_name.as_deref(), Some("vol-r"), "{}", call.path);
         }
     }
-    let prepared = v.engine.record().of::<ptypes::ReplicaAddress>("ReplicaPrepareRebuild");
+    let prepared = v
+        .engine
+        .record()
+        .of::<ptypes::ReplicaAddress>("ReplicaPrepareRebuild");
     assert_eq!(prepared[0].1.instance_name, request.replica_name);
     assert_eq!(prepared[0].1.address, spare.url());
-    let verified = v.engine.record().of::<ptypes::ReplicaAddress>("ReplicaVerifyRebuild");
+    let verified = v
+        .engine
+        .record()
+        .of::<ptypes::ReplicaAddress>("ReplicaVerifyRebuild");
     assert_eq!(verified[0].1.instance_name, request.replica_name);
     let want = named.then(|| engine_name("vol-r"));
     for c in &engine_calls {
@@ -200,9 +240,15 @@ async fn fast_sync_moves_only_what_changed() {
     again.fast_sync = true;
     p.client.replica_add(again).await.unwrap();
     let second = spare.replica.received_bytes() - full;
-    assert!(second < full / 4, "fast sync moved {second} of {full} bytes");
+    assert!(
+        second < full / 4,
+        "fast sync moved {second} of {full} bytes"
+    );
     assert_eq!(spare.replica.read(1 << 20, 4096), vec![9u8; 4096]);
-    assert_eq!(mode_of(&mut p.client, &v, &spare.url()).await, Some(ReplicaMode::Rw as i32));
+    assert_eq!(
+        mode_of(&mut p.client, &v, &spare.url()).await,
+        Some(ReplicaMode::Rw as i32)
+    );
 }
 
 async fn replica_calls(m: Manager) {
@@ -210,24 +256,65 @@ async fn replica_calls(m: Manager) {
     let v = longhorn::volume("vol-c", 2).await;
     let urls: Vec<String> = v.replicas.iter().map(|r| r.url()).collect();
     let listed = modes(&mut p.client, &v, m).await;
-    assert_eq!(listed.iter().map(|(a, _)| a.clone()).collect::<Vec<_>>(), urls);
-    assert!(listed.iter().all(|(_, mode)| *mode == ReplicaMode::Rw as i32));
+    assert_eq!(
+        listed.iter().map(|(a, _)| a.clone()).collect::<Vec<_>>(),
+        urls
+    );
+    assert!(listed
+        .iter()
+        .all(|(_, mode)| *mode == ReplicaMode::Rw as i32));
 
     for (name, n) in [
-        ("purge", p.client.snapshot_purge_status(v.req(m)).await.unwrap().into_inner().status.len()),
-        ("clone", p.client.snapshot_clone_status(v.req(m)).await.unwrap().into_inner().status.len()),
-        ("restore", p.client.backup_restore_status(v.req(m)).await.unwrap().into_inner().status.len()),
+        (
+            "purge",
+            p.client
+                .snapshot_purge_status(v.req(m))
+                .await
+                .unwrap()
+                .into_inner()
+                .status
+                .len(),
+        ),
+        (
+            "clone",
+            p.client
+                .snapshot_clone_status(v.req(m))
+                .await
+                .unwrap()
+                .into_inner()
+                .status
+                .len(),
+        ),
+        (
+            "restore",
+            p.client
+                .backup_restore_status(v.req(m))
+                .await
+                .unwrap()
+                .into_inner()
+                .status
+                .len(),
+        ),
     ] {
         assert_eq!(n, 2, "{name} status has an entry per replica");
     }
     // Only WO replicas are rebuilding.
-    assert!(p.client.replica_rebuilding_status(v.req(m)).await.unwrap().into_inner().status.is_empty());
+    assert!(p
+        .client
+        .replica_rebuilding_status(v.req(m))
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .is_empty());
 
     // A third replica added WO (as ReplicaAdd does) shows in rebuild status; verify makes it RW.
     let third = longhorn::replica("vol-c", 2, SIZE).await;
-    let mut controller = ptypes::controller_service_client::ControllerServiceClient::connect(format!("http://{}", v.addr()))
-        .await
-        .unwrap();
+    let mut controller = ptypes::controller_service_client::ControllerServiceClient::connect(
+        format!("http://{}", v.addr()),
+    )
+    .await
+    .unwrap();
     controller
         .controller_replica_create(ptypes::ControllerReplicaCreateRequest {
             address: third.url(),
@@ -236,18 +323,40 @@ async fn replica_calls(m: Manager) {
         })
         .await
         .unwrap();
-    let rebuilding = p.client.replica_rebuilding_status(v.req(m)).await.unwrap().into_inner().status;
+    let rebuilding = p
+        .client
+        .replica_rebuilding_status(v.req(m))
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
     assert_eq!(rebuilding.keys().collect::<Vec<_>>(), vec![&third.url()]);
     v.record();
     let verify = EngineReplicaVerifyRebuildRequest {
         proxy_engine_request: v.per(m),
         replica_address: third.url(),
-        replica_name: if m == Manager::V1_12_1 { replica_name("vol-c", 2) } else { String::new() },
+        replica_name: if m == Manager::V1_12_1 {
+            replica_name("vol-c", 2)
+        } else {
+            String::new()
+        },
     };
-    p.client.replica_verify_rebuild(verify.clone()).await.unwrap();
-    let sent = v.engine.record().of::<ptypes::ReplicaAddress>("ReplicaVerifyRebuild");
-    assert_eq!((sent[0].1.address.clone(), sent[0].1.instance_name.clone()), (third.url(), verify.replica_name.clone()));
-    assert_eq!(mode_of(&mut p.client, &v, &third.url()).await, Some(ReplicaMode::Rw as i32));
+    p.client
+        .replica_verify_rebuild(verify.clone())
+        .await
+        .unwrap();
+    let sent = v
+        .engine
+        .record()
+        .of::<ptypes::ReplicaAddress>("ReplicaVerifyRebuild");
+    assert_eq!(
+        (sent[0].1.address.clone(), sent[0].1.instance_name.clone()),
+        (third.url(), verify.replica_name.clone())
+    );
+    assert_eq!(
+        mode_of(&mut p.client, &v, &third.url()).await,
+        Some(ReplicaMode::Rw as i32)
+    );
 
     // ReplicaModeUpdate: RW and ERR only, as the engine allows.
     let update = |mode: ReplicaMode| EngineReplicaModeUpdateRequest {
@@ -255,12 +364,29 @@ async fn replica_calls(m: Manager) {
         replica_address: third.url(),
         mode: mode as i32,
     };
-    let err = p.client.replica_mode_update(update(ReplicaMode::Wo)).await.unwrap_err();
+    let err = p
+        .client
+        .replica_mode_update(update(ReplicaMode::Wo))
+        .await
+        .unwrap_err();
     assert!(err.message().ends_with("cannot set to mode WO"), "{err:?}");
-    p.client.replica_mode_update(update(ReplicaMode::Err)).await.unwrap();
-    assert_eq!(mode_of(&mut p.client, &v, &third.url()).await, Some(ReplicaMode::Err as i32));
-    p.client.replica_mode_update(update(ReplicaMode::Rw)).await.unwrap();
-    assert_eq!(mode_of(&mut p.client, &v, &third.url()).await, Some(ReplicaMode::Err as i32), "ERR stays ERR");
+    p.client
+        .replica_mode_update(update(ReplicaMode::Err))
+        .await
+        .unwrap();
+    assert_eq!(
+        mode_of(&mut p.client, &v, &third.url()).await,
+        Some(ReplicaMode::Err as i32)
+    );
+    p.client
+        .replica_mode_update(update(ReplicaMode::Rw))
+        .await
+        .unwrap();
+    assert_eq!(
+        mode_of(&mut p.client, &v, &third.url()).await,
+        Some(ReplicaMode::Err as i32),
+        "ERR stays ERR"
+    );
 
     // QoS is the v2 engine's: Longhorn's proxy refuses it for v1 in these words.
     let err = p
@@ -271,36 +397,72 @@ async fn replica_calls(m: Manager) {
         })
         .await
         .unwrap_err();
-    assert_eq!((err.code(), err.message()), (Code::Unimplemented, "unsupported data engine DATA_ENGINE_V1"));
+    assert_eq!(
+        (err.code(), err.message()),
+        (
+            Code::Unimplemented,
+            "unsupported data engine DATA_ENGINE_V1"
+        )
+    );
 
     let err = p
         .client
-        .replica_rebuild_concurrent_sync_limit_set(EngineReplicaRebuildConcurrentSyncLimitSetRequest {
-            proxy_engine_request: v.per(m),
-            limit: 0,
-        })
+        .replica_rebuild_concurrent_sync_limit_set(
+            EngineReplicaRebuildConcurrentSyncLimitSetRequest {
+                proxy_engine_request: v.per(m),
+                limit: 0,
+            },
+        )
         .await
         .unwrap_err();
-    assert!(err.message().ends_with("invalid concurrent sync limit 0, which should be a positive integer"), "{err:?}");
+    assert!(
+        err.message()
+            .ends_with("invalid concurrent sync limit 0, which should be a positive integer"),
+        "{err:?}"
+    );
 
     // A replica whose process is gone: its entry carries the error, the call still succeeds.
     let third_url = third.url();
     drop(third);
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    let clone = p.client.snapshot_clone_status(v.req(m)).await.unwrap().into_inner().status;
+    let clone = p
+        .client
+        .snapshot_clone_status(v.req(m))
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
     assert_eq!(clone.len(), 3);
-    assert!(clone[&third_url].error.starts_with(&format!("failed to get snapshot clone status of {third_url}")), "{clone:?}");
+    assert!(
+        clone[&third_url].error.starts_with(&format!(
+            "failed to get snapshot clone status of {third_url}"
+        )),
+        "{clone:?}"
+    );
 
     let remove = |a: String| EngineReplicaRemoveRequest {
         proxy_engine_request: v.per(m),
         replica_address: a,
         replica_name: String::new(),
     };
-    p.client.replica_remove(remove(urls[1].clone())).await.unwrap();
+    p.client
+        .replica_remove(remove(urls[1].clone()))
+        .await
+        .unwrap();
     // An address the engine does not have is no error (the engine ignores it).
-    p.client.replica_remove(remove(urls[1].clone())).await.unwrap();
+    p.client
+        .replica_remove(remove(urls[1].clone()))
+        .await
+        .unwrap();
     assert_eq!(
-        p.client.volume_get(v.req(m)).await.unwrap().into_inner().volume.unwrap().replica_count,
+        p.client
+            .volume_get(v.req(m))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap()
+            .replica_count,
         2
     );
 }
@@ -321,17 +483,39 @@ async fn replica_add_starts_an_empty_volume_and_adds_restore_replicas() {
     let v = longhorn::volume("vol-new", 0).await;
     let m = Manager::V1_12_1;
     let first = longhorn::replica("vol-new", 0, SIZE).await;
-    p.client.replica_add(add(&v, m, &first.url(), &replica_name("vol-new", 0), false)).await.unwrap();
-    assert_eq!(modes(&mut p.client, &v, m).await, vec![(first.url(), ReplicaMode::Rw as i32)]);
+    p.client
+        .replica_add(add(&v, m, &first.url(), &replica_name("vol-new", 0), false))
+        .await
+        .unwrap();
+    assert_eq!(
+        modes(&mut p.client, &v, m).await,
+        vec![(first.url(), ReplicaMode::Rw as i32)]
+    );
 
     let small = longhorn::replica("vol-new", 1, SIZE / 2).await;
-    let err = p.client.replica_add(add(&v, m, &small.url(), &replica_name("vol-new", 1), true)).await.unwrap_err();
+    let err = p
+        .client
+        .replica_add(add(&v, m, &small.url(), &replica_name("vol-new", 1), true))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unknown, "{err:?}");
-    assert!(err.message().contains(&format!("rebuilding replica size {} is not the same as volume size {SIZE}", SIZE / 2)), "{err:?}");
+    assert!(
+        err.message().contains(&format!(
+            "rebuilding replica size {} is not the same as volume size {SIZE}",
+            SIZE / 2
+        )),
+        "{err:?}"
+    );
     let same = longhorn::replica("vol-new", 2, SIZE).await;
-    p.client.replica_add(add(&v, m, &same.url(), &replica_name("vol-new", 2), true)).await.unwrap();
+    p.client
+        .replica_add(add(&v, m, &same.url(), &replica_name("vol-new", 2), true))
+        .await
+        .unwrap();
     let listed = modes(&mut p.client, &v, m).await;
-    assert!(listed.contains(&(same.url(), ReplicaMode::Wo as i32)), "{listed:?}");
+    assert!(
+        listed.contains(&(same.url(), ReplicaMode::Wo as i32)),
+        "{listed:?}"
+    );
     // A restore replica joins without a rebuild.
     assert!(same.replica.snapshots().is_empty());
 }
@@ -350,7 +534,10 @@ impl ReplicaProcess {
         let (ready, started) = std::sync::mpsc::channel();
         let (kill, killed) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async move {
                 let r = longhorn::replica(volume, i, SIZE).await;
                 ready.send((r.replica.clone(), r.url())).unwrap();
@@ -360,7 +547,12 @@ impl ReplicaProcess {
             });
         });
         let (replica, url) = started.recv().unwrap();
-        ReplicaProcess { replica, url, kill: Some(kill), thread: Some(thread) }
+        ReplicaProcess {
+            replica,
+            url,
+            kill: Some(kill),
+            thread: Some(thread),
+        }
     }
 
     fn kill(&mut self) {
@@ -402,7 +594,10 @@ async fn a_rebuild_whose_target_dies_mid_sync_fails_and_the_volume_keeps_serving
         if got > 0 && got < total {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the rebuild never started moving bytes: {got}/{total}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rebuild never started moving bytes: {got}/{total}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     }
     target.kill();
@@ -413,17 +608,30 @@ async fn a_rebuild_whose_target_dies_mid_sync_fails_and_the_volume_keeps_serving
         .unwrap()
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert!(err.message().starts_with("failed to sync files ["), "{err:?}");
-    assert!(err.message().contains("rpc error: code = Unavailable"), "{err:?}");
+    assert!(
+        err.message().starts_with("failed to sync files ["),
+        "{err:?}"
+    );
+    assert!(
+        err.message().contains("rpc error: code = Unavailable"),
+        "{err:?}"
+    );
     // The engine's replica monitor notices the dead data connection and marks it ERR.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while mode_of(&mut p.client, &v, &url).await != Some(ReplicaMode::Err as i32) {
-        assert!(std::time::Instant::now() < deadline, "target still {:?}", mode_of(&mut p.client, &v, &url).await);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "target still {:?}",
+            mode_of(&mut p.client, &v, &url).await
+        );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     // The volume still serves from its RW replicas, with their bytes intact.
     for r in &v.replicas {
-        assert_eq!(mode_of(&mut p.client, &v, &r.url()).await, Some(ReplicaMode::Rw as i32));
+        assert_eq!(
+            mode_of(&mut p.client, &v, &r.url()).await,
+            Some(ReplicaMode::Rw as i32)
+        );
         assert_eq!(r.replica.read(0, block.len()), block);
     }
 }
@@ -436,7 +644,10 @@ async fn a_replica_in_err_is_left_out_of_reads_and_status_fan_outs() {
     p.client
         .volume_snapshot(EngineVolumeSnapshotRequest {
             proxy_engine_request: v.per(m),
-            snapshot_volume: Some(ptypes::VolumeSnapshotRequest { name: "before-err".into(), ..Default::default() }),
+            snapshot_volume: Some(ptypes::VolumeSnapshotRequest {
+                name: "before-err".into(),
+                ..Default::default()
+            }),
         })
         .await
         .unwrap();
@@ -452,23 +663,59 @@ async fn a_replica_in_err_is_left_out_of_reads_and_status_fan_outs() {
         .await
         .unwrap();
     drop(bad);
-    assert_eq!(mode_of(&mut p.client, &v, &bad_url).await, Some(ReplicaMode::Err as i32));
+    assert_eq!(
+        mode_of(&mut p.client, &v, &bad_url).await,
+        Some(ReplicaMode::Err as i32)
+    );
     // SnapshotList reads RW replicas only; purge and restore status skip ERR replicas.
-    assert!(p.client.snapshot_list(v.req(m)).await.unwrap().into_inner().disks.contains_key("before-err"));
-    let purge = p.client.snapshot_purge_status(v.req(m)).await.unwrap().into_inner().status;
+    assert!(p
+        .client
+        .snapshot_list(v.req(m))
+        .await
+        .unwrap()
+        .into_inner()
+        .disks
+        .contains_key("before-err"));
+    let purge = p
+        .client
+        .snapshot_purge_status(v.req(m))
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
     assert_eq!(purge.keys().collect::<Vec<_>>(), vec![&v.replicas[0].url()]);
-    let restore = p.client.backup_restore_status(v.req(m)).await.unwrap().into_inner().status;
+    let restore = p
+        .client
+        .backup_restore_status(v.req(m))
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
     assert!(!restore.contains_key(&bad_url));
     // Clone status asks every replica, so the dead one reports its error in its entry.
-    let clone = p.client.snapshot_clone_status(v.req(m)).await.unwrap().into_inner().status;
+    let clone = p
+        .client
+        .snapshot_clone_status(v.req(m))
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
     assert!(!clone[&bad_url].error.is_empty());
     // A purge checks every replica: the dead one fails it, naming it.
     let err = p
         .client
-        .snapshot_purge(EngineSnapshotPurgeRequest { proxy_engine_request: v.per(m), skip_if_in_progress: false })
+        .snapshot_purge(EngineSnapshotPurgeRequest {
+            proxy_engine_request: v.per(m),
+            skip_if_in_progress: false,
+        })
         .await
         .unwrap_err();
-    assert!(err.message().contains(&format!("failed to check if replica {bad_url} is rebuilding before purging")), "{err:?}");
+    assert!(
+        err.message().contains(&format!(
+            "failed to check if replica {bad_url} is rebuilding before purging"
+        )),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]
@@ -476,16 +723,23 @@ async fn frontend_writes_reach_every_replica_over_its_data_port() {
     let mut p = longhorn::start_proxy().await;
     let mut v = longhorn::volume("vol-w", 2).await;
     let m = Manager::V1_12_1;
-    let frontend = sim::start_frontend("127.0.0.1:0".parse::<SocketAddr>().unwrap(), &v.engine.engine)
+    let frontend = sim::start_frontend(
+        "127.0.0.1:0".parse::<SocketAddr>().unwrap(),
+        &v.engine.engine,
+    )
+    .await
+    .unwrap();
+    let mut io = sim::dataconn::DataClient::connect(&frontend.addr.to_string())
         .await
         .unwrap();
-    let mut io = sim::dataconn::DataClient::connect(&frontend.addr.to_string()).await.unwrap();
     let err = io.write_at(0, &[1; 4096]).await.unwrap_err();
     assert!(err.to_string().contains("frontend is not up"), "{err}");
     p.client
         .volume_frontend_start(EngineVolumeFrontendStartRequest {
             proxy_engine_request: v.per(m),
-            frontend_start: Some(ptypes::VolumeFrontendStartRequest { frontend: "tgt-blockdev".into() }),
+            frontend_start: Some(ptypes::VolumeFrontendStartRequest {
+                frontend: "tgt-blockdev".into(),
+            }),
         })
         .await
         .unwrap();
@@ -507,6 +761,9 @@ async fn frontend_writes_reach_every_replica_over_its_data_port() {
     drop(dead);
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     io.write_at(0, &block[..4096]).await.unwrap();
-    assert_eq!(mode_of(&mut p.client, &v, &url).await, Some(ReplicaMode::Err as i32));
+    assert_eq!(
+        mode_of(&mut p.client, &v, &url).await,
+        Some(ReplicaMode::Err as i32)
+    );
     assert_eq!(v.replicas[0].replica.read(0, 4096), block[..4096]);
 }

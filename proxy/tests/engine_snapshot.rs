@@ -34,7 +34,10 @@ async fn snapshot_calls(m: Manager) {
         .unwrap()
         .name;
     assert_eq!(created, "s1");
-    p.client.volume_snapshot(snapshot(&v, m, "s2")).await.unwrap();
+    p.client
+        .volume_snapshot(snapshot(&v, m, "s2"))
+        .await
+        .unwrap();
     let generated = p
         .client
         .volume_snapshot(snapshot(&v, m, ""))
@@ -44,13 +47,27 @@ async fn snapshot_calls(m: Manager) {
         .snapshot
         .unwrap()
         .name;
-    assert_eq!(generated.len(), 36, "engine-generated names are UUIDs: {generated}");
-    let sent = v.engine.record().of::<ptypes::VolumeSnapshotRequest>("VolumeSnapshot");
+    assert_eq!(
+        generated.len(),
+        36,
+        "engine-generated names are UUIDs: {generated}"
+    );
+    let sent = v
+        .engine
+        .record()
+        .of::<ptypes::VolumeSnapshotRequest>("VolumeSnapshot");
     assert_eq!(sent.len(), 3);
-    assert!(sent.iter().all(|(_, r)| r.labels["k"] == "v"
-        && r.freeze_filesystem == (m == Manager::V1_12_1)));
+    assert!(sent
+        .iter()
+        .all(|(_, r)| r.labels["k"] == "v" && r.freeze_filesystem == (m == Manager::V1_12_1)));
 
-    let disks = p.client.snapshot_list(v.req(m)).await.unwrap().into_inner().disks;
+    let disks = p
+        .client
+        .snapshot_list(v.req(m))
+        .await
+        .unwrap()
+        .into_inner()
+        .disks;
     let mut names: Vec<&str> = disks.keys().map(String::as_str).collect();
     names.sort();
     let mut want = vec!["s1", "s2", generated.as_str(), "volume-head"];
@@ -66,10 +83,23 @@ async fn snapshot_calls(m: Manager) {
         proxy_engine_request: v.per(m),
         name: name.into(),
     };
-    let err = p.client.snapshot_revert(revert("volume-head")).await.unwrap_err();
-    assert!(err.message().contains("cannot revert to the volume head"), "{err:?}");
+    let err = p
+        .client
+        .snapshot_revert(revert("volume-head"))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("cannot revert to the volume head"),
+        "{err:?}"
+    );
     p.client.snapshot_revert(revert("s1")).await.unwrap();
-    let disks = p.client.snapshot_list(v.req(m)).await.unwrap().into_inner().disks;
+    let disks = p
+        .client
+        .snapshot_list(v.req(m))
+        .await
+        .unwrap()
+        .into_inner()
+        .disks;
     assert_eq!(disks["volume-head"].parent, "s1");
 
     // Removal marks the snapshot on every RW replica; an unknown name is no error (the
@@ -78,8 +108,17 @@ async fn snapshot_calls(m: Manager) {
         proxy_engine_request: v.per(m),
         names: names.iter().map(|n| n.to_string()).collect(),
     };
-    p.client.snapshot_remove(remove(&["s2", "nope"])).await.unwrap();
-    let disks = p.client.snapshot_list(v.req(m)).await.unwrap().into_inner().disks;
+    p.client
+        .snapshot_remove(remove(&["s2", "nope"]))
+        .await
+        .unwrap();
+    let disks = p
+        .client
+        .snapshot_list(v.req(m))
+        .await
+        .unwrap()
+        .into_inner()
+        .disks;
     assert!(disks["s2"].removed && !disks["s1"].removed);
     let err = p
         .client
@@ -87,11 +126,21 @@ async fn snapshot_calls(m: Manager) {
         .await
         .unwrap_err();
     assert!(
-        err.message().contains("cannot mark the active differencing disk as removed"),
+        err.message()
+            .contains("cannot mark the active differencing disk as removed"),
         "{err:?}"
     );
-    let disks = p.client.snapshot_list(v.req(m)).await.unwrap().into_inner().disks;
-    assert!(disks["s1"].removed, "names after the failing one are still removed");
+    let disks = p
+        .client
+        .snapshot_list(v.req(m))
+        .await
+        .unwrap()
+        .into_inner()
+        .disks;
+    assert!(
+        disks["s1"].removed,
+        "names after the failing one are still removed"
+    );
 
     // What the replicas got: the removal and the hash-job cancel for each name, under the
     // volume's name (a v1.12.1 manager's) and no instance name (lhnet cannot know it).
@@ -103,11 +152,15 @@ async fn snapshot_calls(m: Manager) {
             .map(|(_, d)| d.name)
             .collect();
         assert!(marked.contains(&"s2".to_string()) && marked.contains(&"nope".to_string()));
-        let cancelled = r.record().of::<ptypes::SnapshotHashCancelRequest>("SnapshotHashCancel");
+        let cancelled = r
+            .record()
+            .of::<ptypes::SnapshotHashCancelRequest>("SnapshotHashCancel");
         assert!(cancelled.iter().any(|(_, c)| c.snapshot_name == "s2"));
         let want = (m == Manager::V1_12_1).then_some("vol-s");
         for call in r.record().calls() {
-            if call.path.starts_with("/ptypes.SyncAgentService") || call.path.ends_with("/DiskMarkAsRemoved") {
+            if call.path.starts_with("/ptypes.SyncAgentService")
+                || call.path.ends_with("/DiskMarkAsRemoved")
+            {
                 assert_eq!(identity(&call), (want, None), "{}", call.path);
             }
         }
@@ -117,7 +170,12 @@ async fn snapshot_calls(m: Manager) {
         Manager::V1_3_3 => (None, None),
     };
     for call in v.engine.record().calls() {
-        assert_eq!(identity(&call), (want.0, want.1.as_deref()), "{}", call.path);
+        assert_eq!(
+            identity(&call),
+            (want.0, want.1.as_deref()),
+            "{}",
+            call.path
+        );
     }
 }
 
@@ -138,7 +196,10 @@ async fn snapshot_purge_coalesces_removed_snapshots_and_keeps_the_bytes() {
     let m = Manager::V1_12_1;
     for (i, name) in ["p1", "p2", "p3"].iter().enumerate() {
         v.write(i * 8192, &[i as u8 + 1; 8192]);
-        p.client.volume_snapshot(snapshot(&v, m, name)).await.unwrap();
+        p.client
+            .volume_snapshot(snapshot(&v, m, name))
+            .await
+            .unwrap();
     }
     let before = v.replicas[0].replica.read(0, 3 * 8192);
     p.client
@@ -158,7 +219,10 @@ async fn snapshot_purge_coalesces_removed_snapshots_and_keeps_the_bytes() {
     p.client.snapshot_purge(purge(true)).await.unwrap();
     let err = p.client.snapshot_purge(purge(false)).await.unwrap_err();
     assert_eq!(err.code(), Code::Unknown, "{err:?}");
-    assert!(err.message().contains("is already purging snapshots"), "{err:?}");
+    assert!(
+        err.message().contains("is already purging snapshots"),
+        "{err:?}"
+    );
 
     let mut client = p.client.clone();
     let saw_progress = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -167,11 +231,21 @@ async fn snapshot_purge_coalesces_removed_snapshots_and_keeps_the_bytes() {
         let r = v.req(m);
         let saw = saw_progress.clone();
         async move {
-            let status = c.snapshot_purge_status(r).await.unwrap().into_inner().status;
-            if status.values().any(|p| p.is_purging && p.state == "in_progress") {
+            let status = c
+                .snapshot_purge_status(r)
+                .await
+                .unwrap()
+                .into_inner()
+                .status;
+            if status
+                .values()
+                .any(|p| p.is_purging && p.state == "in_progress")
+            {
                 saw.store(true, std::sync::atomic::Ordering::SeqCst);
             }
-            status.values().all(|p| !p.is_purging && p.state == "complete" && p.progress == 100)
+            status
+                .values()
+                .all(|p| !p.is_purging && p.state == "complete" && p.progress == 100)
         }
     })
     .await;
@@ -179,7 +253,12 @@ async fn snapshot_purge_coalesces_removed_snapshots_and_keeps_the_bytes() {
         saw_progress.load(std::sync::atomic::Ordering::SeqCst),
         "the purge never showed as in progress"
     );
-    let disks = client.snapshot_list(v.req(m)).await.unwrap().into_inner().disks;
+    let disks = client
+        .snapshot_list(v.req(m))
+        .await
+        .unwrap()
+        .into_inner()
+        .disks;
     assert!(
         !disks.contains_key("p1") && !disks.contains_key("p2"),
         "{:?}",
@@ -187,7 +266,11 @@ async fn snapshot_purge_coalesces_removed_snapshots_and_keeps_the_bytes() {
     );
     assert_eq!(disks["p3"].parent, "");
     for r in &v.replicas {
-        assert_eq!(r.replica.read(0, 3 * 8192), before, "purge changed what the volume reads");
+        assert_eq!(
+            r.replica.read(0, 3 * 8192),
+            before,
+            "purge changed what the volume reads"
+        );
     }
 }
 
@@ -196,7 +279,10 @@ async fn clone_between_volumes(m: Manager) {
     let source = longhorn::volume("vol-src", 2).await;
     let data: Vec<u8> = (0..64 * 1024).map(|i| (i % 200) as u8 + 1).collect();
     source.write(4096, &data);
-    p.client.volume_snapshot(snapshot(&source, m, "golden")).await.unwrap();
+    p.client
+        .volume_snapshot(snapshot(&source, m, "golden"))
+        .await
+        .unwrap();
     // Written after the snapshot: must not travel.
     source.write(0, &[9u8; 4096]);
 
@@ -210,8 +296,16 @@ async fn clone_between_volumes(m: Manager) {
         snapshot_name: "golden".into(),
         export_backing_image_if_exist: false,
         file_sync_http_client_timeout: if named { 30 } else { 0 },
-        from_engine_name: if named { engine_name("vol-src") } else { String::new() },
-        from_volume_name: if named { "vol-src".into() } else { String::new() },
+        from_engine_name: if named {
+            engine_name("vol-src")
+        } else {
+            String::new()
+        },
+        from_volume_name: if named {
+            "vol-src".into()
+        } else {
+            String::new()
+        },
         grpc_timeout_seconds: if named { 86400 } else { 0 },
         clone_mode: 0,
         dst_replica_src_replica_pair_map: Default::default(),
@@ -219,13 +313,33 @@ async fn clone_between_volumes(m: Manager) {
     p.client.snapshot_clone(clone.clone()).await.unwrap();
     for r in &target.replicas {
         assert_eq!(r.replica.read(4096, data.len()), data);
-        assert_eq!(r.replica.read(0, 4096), vec![0u8; 4096], "bytes written after the snapshot were cloned");
+        assert_eq!(
+            r.replica.read(0, 4096),
+            vec![0u8; 4096],
+            "bytes written after the snapshot were cloned"
+        );
     }
-    assert!(p.client.snapshot_list(target.req(m)).await.unwrap().into_inner().disks.contains_key("golden"));
-    let status = p.client.snapshot_clone_status(target.req(m)).await.unwrap().into_inner().status;
+    assert!(p
+        .client
+        .snapshot_list(target.req(m))
+        .await
+        .unwrap()
+        .into_inner()
+        .disks
+        .contains_key("golden"));
+    let status = p
+        .client
+        .snapshot_clone_status(target.req(m))
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
     assert_eq!(status.len(), 2);
     for st in status.values() {
-        assert_eq!((st.state.as_str(), st.progress, st.snapshot_name.as_str()), ("complete", 100, "golden"));
+        assert_eq!(
+            (st.state.as_str(), st.progress, st.snapshot_name.as_str()),
+            ("complete", 100, "golden")
+        );
         assert_eq!(st.from_replica_address, source.replicas[0].url());
     }
     // The source engine was asked under the source's names; each target replica got every
@@ -234,13 +348,18 @@ async fn clone_between_volumes(m: Manager) {
     for call in source.engine.record().calls() {
         assert_eq!(
             identity(&call),
-            (want.as_ref().map(|w| w.0.as_str()), want.as_ref().map(|w| w.1.as_str())),
+            (
+                want.as_ref().map(|w| w.0.as_str()),
+                want.as_ref().map(|w| w.1.as_str())
+            ),
             "{}",
             call.path
         );
     }
     for r in &target.replicas {
-        let got = r.record().of::<ptypes::SnapshotCloneRequest>("SnapshotClone");
+        let got = r
+            .record()
+            .of::<ptypes::SnapshotCloneRequest>("SnapshotClone");
         assert_eq!(got.len(), 1);
         let (call, req) = &got[0];
         assert_eq!(
@@ -262,11 +381,13 @@ async fn clone_between_volumes(m: Manager) {
 
     // Every target replica must be RW: one rebuilding (WO) stops the clone.
     let third = longhorn::replica("vol-clone", 2, longhorn::SIZE).await;
-    let mut controller = lhnet_proto::ptypes::controller_service_client::ControllerServiceClient::connect(
-        format!("http://{}", target.addr()),
-    )
-    .await
-    .unwrap();
+    let mut controller =
+        lhnet_proto::ptypes::controller_service_client::ControllerServiceClient::connect(format!(
+            "http://{}",
+            target.addr()
+        ))
+        .await
+        .unwrap();
     controller
         .controller_replica_create(ptypes::ControllerReplicaCreateRequest {
             address: third.url(),
@@ -277,7 +398,11 @@ async fn clone_between_volumes(m: Manager) {
         .unwrap();
     let err = p.client.snapshot_clone(clone).await.unwrap_err();
     assert_eq!(err.code(), Code::Unknown, "{err:?}");
-    assert!(err.message().contains("in WO mode. All replicas in the target volume must be in RW mode"), "{err:?}");
+    assert!(
+        err.message()
+            .contains("in WO mode. All replicas in the target volume must be in RW mode"),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]
@@ -310,9 +435,15 @@ async fn snapshot_hashing(m: Manager) {
     let v = longhorn::volume("vol-h", 2).await;
     let data: Vec<u8> = (0..3 << 20).map(|i| (i % 241) as u8 + 1).collect();
     v.write(0, &data);
-    p.client.volume_snapshot(snapshot(&v, m, "h1")).await.unwrap();
+    p.client
+        .volume_snapshot(snapshot(&v, m, "h1"))
+        .await
+        .unwrap();
     v.record();
-    p.client.snapshot_hash(hash(&v, m, "h1", false)).await.unwrap();
+    p.client
+        .snapshot_hash(hash(&v, m, "h1", false))
+        .await
+        .unwrap();
     let mut client = p.client.clone();
     wait_for(10, "hashing completes on both replicas", || {
         let mut c = client.clone();
@@ -323,22 +454,49 @@ async fn snapshot_hashing(m: Manager) {
         }
     })
     .await;
-    let status = client.snapshot_hash_status(hash_status(&v, m, "h1")).await.unwrap().into_inner().status;
+    let status = client
+        .snapshot_hash_status(hash_status(&v, m, "h1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
     // CRC-64 (ISO) of the snapshot's disk file, the same on both replicas.
     let crc = crc::Crc::<u64>::new(&crc::CRC_64_GO_ISO).checksum(&data);
     for s in status.values() {
-        assert_eq!((s.checksum.clone(), s.silently_corrupted), (format!("{crc:016x}"), false));
+        assert_eq!(
+            (s.checksum.clone(), s.silently_corrupted),
+            (format!("{crc:016x}"), false)
+        );
     }
     for r in &v.replicas {
         let asked = r.record().of::<ptypes::SnapshotHashRequest>("SnapshotHash");
         assert_eq!(asked.len(), 1);
-        assert_eq!((asked[0].1.snapshot_name.as_str(), asked[0].1.rehash), ("h1", false));
-        assert_eq!(identity(&asked[0].0).0, (m == Manager::V1_12_1).then_some("vol-h"));
-        assert!(!r.record().of::<()>("SnapshotHashLockState").is_empty(), "the lock was checked");
+        assert_eq!(
+            (asked[0].1.snapshot_name.as_str(), asked[0].1.rehash),
+            ("h1", false)
+        );
+        assert_eq!(
+            identity(&asked[0].0).0,
+            (m == Manager::V1_12_1).then_some("vol-h")
+        );
+        assert!(
+            !r.record().of::<()>("SnapshotHashLockState").is_empty(),
+            "the lock was checked"
+        );
     }
     // An unknown snapshot: an error state, not an RPC error.
-    let status = client.snapshot_hash_status(hash_status(&v, m, "nope")).await.unwrap().into_inner().status;
-    assert!(status.values().all(|s| s.state == "error" && s.error.contains("no such file")), "{status:?}");
+    let status = client
+        .snapshot_hash_status(hash_status(&v, m, "nope"))
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert!(
+        status
+            .values()
+            .all(|s| s.state == "error" && s.error.contains("no such file")),
+        "{status:?}"
+    );
 }
 
 #[tokio::test]
@@ -357,14 +515,28 @@ async fn a_hash_can_be_cancelled_refuses_while_busy_and_finds_silent_corruption(
     let v = longhorn::volume("vol-hc", 2).await;
     let m = Manager::V1_12_1;
     v.write(0, &vec![5u8; 8 << 20]);
-    p.client.volume_snapshot(snapshot(&v, m, "big")).await.unwrap();
+    p.client
+        .volume_snapshot(snapshot(&v, m, "big"))
+        .await
+        .unwrap();
     for r in &v.replicas {
         r.replica.set_hash_rate(2 << 20);
     }
-    p.client.snapshot_hash(hash(&v, m, "big", true)).await.unwrap();
+    p.client
+        .snapshot_hash(hash(&v, m, "big", true))
+        .await
+        .unwrap();
     // The node is hashing: another request is refused with the text managers retry on.
-    let err = p.client.snapshot_hash(hash(&v, m, "big", true)).await.unwrap_err();
-    assert!(err.message().starts_with("cannot request hashing snapshot because"), "{err:?}");
+    let err = p
+        .client
+        .snapshot_hash(hash(&v, m, "big", true))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message()
+            .starts_with("cannot request hashing snapshot because"),
+        "{err:?}"
+    );
     assert!(err.message().ends_with("is hashing snapshot"), "{err:?}");
     // Removing a replica cancels its hashing jobs.
     let gone = v.replicas[1].url();
@@ -377,14 +549,20 @@ async fn a_hash_can_be_cancelled_refuses_while_busy_and_finds_silent_corruption(
         .await
         .unwrap();
     let (state, _, error, _) = v.replicas[1].replica.hash_state("big");
-    assert!(state == "error" && error == "context canceled" || state == "in_progress", "{state} {error}");
+    assert!(
+        state == "error" && error == "context canceled" || state == "in_progress",
+        "{state} {error}"
+    );
     let mut client = p.client.clone();
     wait_for(10, "the cancelled job ends", || {
         let r = v.replicas[1].replica.clone();
         async move { r.hash_state("big").0 == "error" }
     })
     .await;
-    assert_eq!(v.replicas[1].replica.hash_state("big").2, "context canceled");
+    assert_eq!(
+        v.replicas[1].replica.hash_state("big").2,
+        "context canceled"
+    );
     wait_for(20, "the kept replica's hash completes", || {
         let mut c = client.clone();
         let r = hash_status(&v, m, "big");
@@ -397,7 +575,10 @@ async fn a_hash_can_be_cancelled_refuses_while_busy_and_finds_silent_corruption(
     // The bytes change under the file system (same change time): a rehash reports it.
     v.replicas[0].replica.set_hash_rate(0);
     v.replicas[0].replica.corrupt("big", 1000);
-    client.snapshot_hash(hash(&v, m, "big", true)).await.unwrap();
+    client
+        .snapshot_hash(hash(&v, m, "big", true))
+        .await
+        .unwrap();
     wait_for(10, "the rehash completes", || {
         let mut c = client.clone();
         let r = hash_status(&v, m, "big");
@@ -407,6 +588,14 @@ async fn a_hash_can_be_cancelled_refuses_while_busy_and_finds_silent_corruption(
         }
     })
     .await;
-    let status = client.snapshot_hash_status(hash_status(&v, m, "big")).await.unwrap().into_inner().status;
-    assert!(status[&v.replicas[0].url()].silently_corrupted, "{status:?}");
+    let status = client
+        .snapshot_hash_status(hash_status(&v, m, "big"))
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert!(
+        status[&v.replicas[0].url()].silently_corrupted,
+        "{status:?}"
+    );
 }

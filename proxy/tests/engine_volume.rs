@@ -58,11 +58,21 @@ async fn volume_calls(m: Manager) {
     );
 
     // The three address forms Longhorn uses all work.
-    for form in [format!("tcp://{}", v.addr()), format!("http://{}/v1", v.addr())] {
+    for form in [
+        format!("tcp://{}", v.addr()),
+        format!("http://{}/v1", v.addr()),
+    ] {
         let mut r = v.req(m);
         r.address = form;
         assert_eq!(
-            p.client.volume_get(r).await.unwrap().into_inner().volume.unwrap().name,
+            p.client
+                .volume_get(r)
+                .await
+                .unwrap()
+                .into_inner()
+                .volume
+                .unwrap()
+                .name,
             "vol-a"
         );
     }
@@ -93,7 +103,8 @@ async fn volume_calls(m: Manager) {
     p.client.volume_expand(expand(2 * SIZE)).await.unwrap();
     let err = p.client.volume_expand(expand(SIZE)).await.unwrap_err();
     assert!(
-        err.message().contains("cannot be expanded to a smaller size"),
+        err.message()
+            .contains("cannot be expanded to a smaller size"),
         "{err:?}"
     );
 
@@ -196,12 +207,7 @@ async fn volume_calls(m: Manager) {
             assert_eq!(identity(call), (Some("vol-a"), Some("vol-a-e-0")));
             continue;
         }
-        assert_eq!(
-            identity(call),
-            (want.0, want.1.as_deref()),
-            "{}",
-            call.path
-        );
+        assert_eq!(identity(call), (want.0, want.1.as_deref()), "{}", call.path);
     }
     let sizes: Vec<i64> = record
         .of::<ptypes::VolumeExpandRequest>("VolumeExpand")
@@ -282,8 +288,15 @@ async fn metrics_get_reports_the_last_second_of_frontend_io() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     assert!(metrics.write_iops >= 4, "{metrics:?}");
-    assert_eq!(metrics.write_throughput, metrics.write_iops << 20, "1 MiB per write");
-    assert!(metrics.write_latency > 0 && metrics.read_latency > 0, "{metrics:?}");
+    assert_eq!(
+        metrics.write_throughput,
+        metrics.write_iops << 20,
+        "1 MiB per write"
+    );
+    assert!(
+        metrics.write_latency > 0 && metrics.read_latency > 0,
+        "{metrics:?}"
+    );
 }
 
 #[tokio::test]
@@ -325,7 +338,8 @@ async fn a_call_naming_another_volume_is_refused_by_the_engine_and_changes_nothi
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(
-        err.message().contains("incorrect instance name vol-a-e-1; check controller address"),
+        err.message()
+            .contains("incorrect instance name vol-a-e-1; check controller address"),
         "{err:?}"
     );
     // Replica calls are checked too: SnapshotList reads the replicas under the volume's name.
@@ -418,7 +432,10 @@ async fn names_a_manager_cannot_have_are_invalid_argument_and_nothing_is_sent() 
     long.engine_name = "e".repeat(10 * 1024);
     let err = p.client.volume_get(long).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    assert!(err.message().starts_with("engine_name is 10240 bytes"), "{err:?}");
+    assert!(
+        err.message().starts_with("engine_name is 10240 bytes"),
+        "{err:?}"
+    );
     assert!(err.message().len() < 200, "the name is not echoed back");
     let mut bad = v.req(Manager::V1_12_1);
     bad.volume_name = "vol\na".into();
@@ -433,7 +450,11 @@ async fn a_thousand_calls_reuse_a_handful_of_engine_connections() {
     let mut p = longhorn::start_proxy().await;
     let v = longhorn::volume("vol-a", 1).await;
     for i in 0..1000 {
-        let m = if i % 2 == 0 { Manager::V1_12_1 } else { Manager::V1_3_3 };
+        let m = if i % 2 == 0 {
+            Manager::V1_12_1
+        } else {
+            Manager::V1_3_3
+        };
         p.client.volume_get(v.req(m)).await.unwrap();
     }
     let accepted = v.engine.served.accepted();
@@ -474,6 +495,9 @@ async fn malformed_and_mistyped_requests_are_invalid_argument_and_the_proxy_keep
             .map(|v| v.to_str().unwrap().to_string());
         assert_eq!(status.as_deref(), Some("3"), "{method} {bytes:?}");
     }
-    assert!(v.engine.record().calls().is_empty(), "nothing reached the engine");
+    assert!(
+        v.engine.record().calls().is_empty(),
+        "nothing reached the engine"
+    );
     p.client.volume_get(v.req(Manager::V1_12_1)).await.unwrap();
 }

@@ -57,7 +57,10 @@ fn fields(mut bytes: &[u8]) -> Vec<(u64, u8, Vec<u8>)> {
 
 /// The payload of the one message of a unary reply.
 fn payload(body: &[u8]) -> &[u8] {
-    assert!(body.len() >= 5 && body[0] == 0, "not one uncompressed message: {body:?}");
+    assert!(
+        body.len() >= 5 && body[0] == 0,
+        "not one uncompressed message: {body:?}"
+    );
     let n = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
     &body[5..5 + n]
 }
@@ -67,8 +70,18 @@ fn entries_whole(message: &[u8], number: u64, what: &str) -> Vec<Vec<u8>> {
     let mut values = Vec::new();
     for (n, _, entry) in fields(message).into_iter().filter(|(n, _, _)| *n == number) {
         let parts: Vec<u64> = fields(&entry).iter().map(|(n, _, _)| *n).collect();
-        assert_eq!(parts, vec![1, 2], "{what}: map field {n} entry without its key or value");
-        values.push(fields(&entry).into_iter().find(|(n, _, _)| *n == 2).unwrap().2);
+        assert_eq!(
+            parts,
+            vec![1, 2],
+            "{what}: map field {n} entry without its key or value"
+        );
+        values.push(
+            fields(&entry)
+                .into_iter()
+                .find(|(n, _, _)| *n == 2)
+                .unwrap()
+                .2,
+        );
     }
     assert!(!values.is_empty(), "{what}: no entries");
     values
@@ -81,36 +94,75 @@ async fn status_maps_carry_a_value_in_every_entry_even_an_empty_one() {
     let m = Manager::V1_12_1;
     // A third replica WO, so ReplicaRebuildingStatus has an (all-default) entry too.
     let third = longhorn::replica("vol-m", 2, SIZE).await;
-    let mut controller = ptypes::controller_service_client::ControllerServiceClient::connect(format!("http://{}", v.addr()))
-        .await
-        .unwrap();
+    let mut controller = ptypes::controller_service_client::ControllerServiceClient::connect(
+        format!("http://{}", v.addr()),
+    )
+    .await
+    .unwrap();
     controller
-        .controller_replica_create(ptypes::ControllerReplicaCreateRequest { address: third.url(), snapshot_required: false, mode: ReplicaMode::Wo as i32 })
+        .controller_replica_create(ptypes::ControllerReplicaCreateRequest {
+            address: third.url(),
+            snapshot_required: false,
+            mode: ReplicaMode::Wo as i32,
+        })
         .await
         .unwrap();
     let request = frame(&v.req(m).encode_to_vec());
     // Fresh replicas: every status is all defaults, which prost alone would leave off.
-    for method in ["SnapshotPurgeStatus", "SnapshotCloneStatus", "BackupRestoreStatus", "ReplicaRebuildingStatus"] {
-        let (_, body, trailers) = raw_call(p.addr, &format!("/imrpc.ProxyEngineService/{method}"), request.clone(), &[]).await;
+    for method in [
+        "SnapshotPurgeStatus",
+        "SnapshotCloneStatus",
+        "BackupRestoreStatus",
+        "ReplicaRebuildingStatus",
+    ] {
+        let (_, body, trailers) = raw_call(
+            p.addr,
+            &format!("/imrpc.ProxyEngineService/{method}"),
+            request.clone(),
+            &[],
+        )
+        .await;
         assert_eq!(trailers.unwrap()["grpc-status"], "0", "{method}");
         let values = entries_whole(payload(&body), 1, method);
         if method != "ReplicaRebuildingStatus" {
-            assert!(values.iter().all(Vec::is_empty), "{method}: the statuses are empty messages");
+            assert!(
+                values.iter().all(Vec::is_empty),
+                "{method}: the statuses are empty messages"
+            );
         }
     }
-    let hash = EngineSnapshotHashStatusRequest { proxy_engine_request: v.per(m), snapshot_name: "nope".into() };
-    let (_, body, _) = raw_call(p.addr, "/imrpc.ProxyEngineService/SnapshotHashStatus", frame(&hash.encode_to_vec()), &[]).await;
+    let hash = EngineSnapshotHashStatusRequest {
+        proxy_engine_request: v.per(m),
+        snapshot_name: "nope".into(),
+    };
+    let (_, body, _) = raw_call(
+        p.addr,
+        "/imrpc.ProxyEngineService/SnapshotHashStatus",
+        frame(&hash.encode_to_vec()),
+        &[],
+    )
+    .await;
     entries_whole(payload(&body), 1, "SnapshotHashStatus");
     // SnapshotList: a snapshot whose child is the head (children {volume-head: true}) and a
     // label with an empty value.
     p.client
         .volume_snapshot(EngineVolumeSnapshotRequest {
             proxy_engine_request: v.per(m),
-            snapshot_volume: Some(ptypes::VolumeSnapshotRequest { name: "s".into(), labels: [("empty".to_string(), String::new())].into(), ..Default::default() }),
+            snapshot_volume: Some(ptypes::VolumeSnapshotRequest {
+                name: "s".into(),
+                labels: [("empty".to_string(), String::new())].into(),
+                ..Default::default()
+            }),
         })
         .await
         .unwrap();
-    let (_, body, _) = raw_call(p.addr, "/imrpc.ProxyEngineService/SnapshotList", request.clone(), &[]).await;
+    let (_, body, _) = raw_call(
+        p.addr,
+        "/imrpc.ProxyEngineService/SnapshotList",
+        request.clone(),
+        &[],
+    )
+    .await;
     let disks = entries_whole(payload(&body), 1, "SnapshotList.disks");
     let s = disks
         .iter()
@@ -118,7 +170,11 @@ async fn status_maps_carry_a_value_in_every_entry_even_an_empty_one() {
         .expect("snapshot s listed");
     entries_whole(s, 3, "EngineSnapshotDiskInfo.children");
     let labels = entries_whole(s, 8, "EngineSnapshotDiskInfo.labels");
-    assert_eq!(labels, vec![Vec::<u8>::new()], "the empty label value is written");
+    assert_eq!(
+        labels,
+        vec![Vec::<u8>::new()],
+        "the empty label value is written"
+    );
 }
 
 fn im_reply() -> Reply {
@@ -152,23 +208,58 @@ async fn what_lhnet_does_not_serve_goes_byte_for_byte_to_the_instance_manager_s_
         engine_frontend_name: "vol-v2-ef-0".into(),
         backend_store_driver: 1,
     };
-    let expand_v2 = EngineVolumeExpandRequest { proxy_engine_request: Some(v2.clone()), expand: Some(ptypes::VolumeExpandRequest { size: 1 << 30 }) };
+    let expand_v2 = EngineVolumeExpandRequest {
+        proxy_engine_request: Some(v2.clone()),
+        expand: Some(ptypes::VolumeExpandRequest { size: 1 << 30 }),
+    };
     let calls: Vec<(&str, Vec<u8>)> = vec![
         ("VolumeGet", v2.encode_to_vec()),
         ("VolumeExpand", expand_v2.encode_to_vec()),
-        ("ReplicaRebuildingQosSet", EngineReplicaRebuildingQosSetRequest { proxy_engine_request: Some(v2.clone()), qos_limit_mbps: 50 }.encode_to_vec()),
+        (
+            "ReplicaRebuildingQosSet",
+            EngineReplicaRebuildingQosSetRequest {
+                proxy_engine_request: Some(v2.clone()),
+                qos_limit_mbps: 50,
+            }
+            .encode_to_vec(),
+        ),
         ("SPDKBackingImageList", vec![]),
-        ("SPDKBackingImageGet", SpdkBackingImageGetRequest { name: "bi".into(), disk_uuid: "d".into() }.encode_to_vec()),
-        ("RemountReadOnlyVolume", RemountVolumeRequest { volume_name: "vol-v1".into() }.encode_to_vec()),
+        (
+            "SPDKBackingImageGet",
+            SpdkBackingImageGetRequest {
+                name: "bi".into(),
+                disk_uuid: "d".into(),
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "RemountReadOnlyVolume",
+            RemountVolumeRequest {
+                volume_name: "vol-v1".into(),
+            }
+            .encode_to_vec(),
+        ),
         ("CleanupBackupMountPoints", vec![]),
-        ("BackupRestoreFinish", EngineBackupRestoreFinishRequest { proxy_engine_request: Some(v2.clone()) }.encode_to_vec()),
+        (
+            "BackupRestoreFinish",
+            EngineBackupRestoreFinishRequest {
+                proxy_engine_request: Some(v2.clone()),
+            }
+            .encode_to_vec(),
+        ),
         // A method of a Longhorn newer than lhnet, with a field lhnet has never heard of.
         ("VolumeTeleport", vec![0xfa, 0x7f, 0x03, b'n', b'e', b'w']),
     ];
     for (i, (method, message)) in calls.iter().enumerate() {
         let path = format!("/imrpc.ProxyEngineService/{method}");
         let sent = frame(message);
-        let (headers, body, trailers) = raw_call(p.addr, &path, sent.clone(), &[("x-manager", "v1.12.1"), ("grpc-timeout", "30S")]).await;
+        let (headers, body, trailers) = raw_call(
+            p.addr,
+            &path,
+            sent.clone(),
+            &[("x-manager", "v1.12.1"), ("grpc-timeout", "30S")],
+        )
+        .await;
         // The instance-manager got the path, the bytes and the headers as sent.
         let seen = im.seen.lock().unwrap()[i].clone();
         assert_eq!(seen.path, path);
@@ -180,17 +271,33 @@ async fn what_lhnet_does_not_serve_goes_byte_for_byte_to_the_instance_manager_s_
         assert_eq!(headers["x-from"], "instance-manager", "{method}");
         let trailers = trailers.expect("trailers");
         assert_eq!(trailers["grpc-status"], "5", "{method}");
-        assert_eq!(trailers["grpc-message"], "engine%20vol-v2%20not%20found", "{method}");
+        assert_eq!(
+            trailers["grpc-message"], "engine%20vol-v2%20not%20found",
+            "{method}"
+        );
         assert_eq!(trailers["x-im-trailer"], "kept", "{method}");
     }
     // None of them touched the v1 engine at that address.
     assert!(v.engine.record().calls().is_empty());
     // ServerVersionGet is answered by the v1 path whatever the data engine, as by Longhorn's
     // (its client sends the address only).
-    let version_v2 = ProxyEngineRequest { address: v.addr().to_string(), data_engine: 1, ..Default::default() };
-    let (_, body, trailers) = raw_call(p.addr, "/imrpc.ProxyEngineService/ServerVersionGet", frame(&version_v2.encode_to_vec()), &[]).await;
+    let version_v2 = ProxyEngineRequest {
+        address: v.addr().to_string(),
+        data_engine: 1,
+        ..Default::default()
+    };
+    let (_, body, trailers) = raw_call(
+        p.addr,
+        "/imrpc.ProxyEngineService/ServerVersionGet",
+        frame(&version_v2.encode_to_vec()),
+        &[],
+    )
+    .await;
     assert_eq!(trailers.unwrap()["grpc-status"], "0");
-    let version = EngineVersionProxyResponse::decode(payload(&body)).unwrap().version.unwrap();
+    let version = EngineVersionProxyResponse::decode(payload(&body))
+        .unwrap()
+        .version
+        .unwrap();
     assert_eq!(version.version, "v1.12.1-lhnet-sim");
     assert_eq!(im.seen.lock().unwrap().len(), calls.len());
 }
@@ -208,28 +315,62 @@ async fn without_a_passthrough_cluster_they_are_unimplemented_naming_the_key() {
     assert!(err.message().contains("set passthrough_cluster"), "{err:?}");
     let err = p.client.spdk_backing_image_list(()).await.unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);
-    assert!(err.message().contains("SPDKBackingImageList") && err.message().contains("passthrough_cluster"), "{err:?}");
+    assert!(
+        err.message().contains("SPDKBackingImageList")
+            && err.message().contains("passthrough_cluster"),
+        "{err:?}"
+    );
     // A method lhnet does not know: Trailers-Only, in the headers.
-    let (headers, _, _) = raw_call(p.addr, "/imrpc.ProxyEngineService/VolumeTeleport", frame(&[]), &[]).await;
+    let (headers, _, _) = raw_call(
+        p.addr,
+        "/imrpc.ProxyEngineService/VolumeTeleport",
+        frame(&[]),
+        &[],
+    )
+    .await;
     assert_eq!(headers["grpc-status"], "12");
     let message = headers["grpc-message"].to_str().unwrap();
-    assert!(message.contains("VolumeTeleport") && message.contains("passthrough_cluster"), "{message}");
+    assert!(
+        message.contains("VolumeTeleport") && message.contains("passthrough_cluster"),
+        "{message}"
+    );
     // An unknown data engine: Longhorn's own words, never the v1 path.
     let mut seven = v.req(Manager::V1_12_1);
     seven.data_engine = 7;
     let err = p.client.volume_get(seven).await.unwrap_err();
-    assert_eq!((err.code(), err.message()), (Code::Unimplemented, "unsupported data engine 7"));
+    assert_eq!(
+        (err.code(), err.message()),
+        (Code::Unimplemented, "unsupported data engine 7")
+    );
     let mut negative = v.req(Manager::V1_12_1);
     negative.data_engine = -3;
     let err = p.client.snapshot_list(negative).await.unwrap_err();
-    assert_eq!((err.code(), err.message()), (Code::Unimplemented, "unsupported data engine -3"));
-    assert!(v.engine.record().calls().is_empty(), "nothing reached the engine");
+    assert_eq!(
+        (err.code(), err.message()),
+        (Code::Unimplemented, "unsupported data engine -3")
+    );
+    assert!(
+        v.engine.record().calls().is_empty(),
+        "nothing reached the engine"
+    );
     // An unknown replica mode is ERR to Longhorn.
     p.client
-        .replica_mode_update(EngineReplicaModeUpdateRequest { proxy_engine_request: v.per(Manager::V1_12_1), replica_address: v.replicas[0].url(), mode: 9 })
+        .replica_mode_update(EngineReplicaModeUpdateRequest {
+            proxy_engine_request: v.per(Manager::V1_12_1),
+            replica_address: v.replicas[0].url(),
+            mode: 9,
+        })
         .await
         .unwrap();
-    let list = p.client.replica_list(v.req(Manager::V1_12_1)).await.unwrap().into_inner().replica_list.unwrap().replicas;
+    let list = p
+        .client
+        .replica_list(v.req(Manager::V1_12_1))
+        .await
+        .unwrap()
+        .into_inner()
+        .replica_list
+        .unwrap()
+        .replicas;
     assert_eq!(list[0].mode, ReplicaMode::Err as i32);
 }
 
@@ -250,12 +391,23 @@ async fn a_v1_12_1_managers_engine_monitor_cycle_runs_clean() {
         let replicas = c.replica_list(v.req(m)).await.unwrap().into_inner();
         assert_eq!(replicas.replica_list.unwrap().replicas.len(), 3);
         c.snapshot_list(v.req(m)).await.unwrap();
-        let info = c.volume_get(v.req(m)).await.unwrap().into_inner().volume.unwrap();
-        assert_eq!(info.size, SIZE, "a size mismatch would make the monitor expand and stop");
+        let info = c
+            .volume_get(v.req(m))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        assert_eq!(
+            info.size, SIZE,
+            "a size mismatch would make the monitor expand and stop"
+        );
         if info.endpoint.is_empty() {
             c.volume_frontend_start(EngineVolumeFrontendStartRequest {
                 proxy_engine_request: v.per(m),
-                frontend_start: Some(ptypes::VolumeFrontendStartRequest { frontend: "tgt-blockdev".into() }),
+                frontend_start: Some(ptypes::VolumeFrontendStartRequest {
+                    frontend: "tgt-blockdev".into(),
+                }),
             })
             .await
             .unwrap();
@@ -263,10 +415,14 @@ async fn a_v1_12_1_managers_engine_monitor_cycle_runs_clean() {
         }
         c.replica_rebuilding_status(v.req(m)).await.unwrap();
         if info.unmap_mark_snap_chain_removed != unmap {
-            c.volume_unmap_mark_snap_chain_removed_set(EngineVolumeUnmapMarkSnapChainRemovedSetRequest {
-                proxy_engine_request: v.per(m),
-                unmap_mark_snap: Some(ptypes::VolumeUnmapMarkSnapChainRemovedSetRequest { enabled: unmap }),
-            })
+            c.volume_unmap_mark_snap_chain_removed_set(
+                EngineVolumeUnmapMarkSnapChainRemovedSetRequest {
+                    proxy_engine_request: v.per(m),
+                    unmap_mark_snap: Some(ptypes::VolumeUnmapMarkSnapChainRemovedSetRequest {
+                        enabled: unmap,
+                    }),
+                },
+            )
             .await
             .unwrap();
             corrections.push((cycle, "VolumeUnmapMarkSnapChainRemovedSet"));
@@ -289,21 +445,56 @@ async fn a_v1_12_1_managers_engine_monitor_cycle_runs_clean() {
             .unwrap();
             corrections.push((cycle, "VolumeSnapshotMaxSizeSet"));
         }
-        let got = c.replica_rebuild_concurrent_sync_limit_get(v.req(m)).await.unwrap().into_inner().limit;
+        let got = c
+            .replica_rebuild_concurrent_sync_limit_get(v.req(m))
+            .await
+            .unwrap()
+            .into_inner()
+            .limit;
         if got != limit {
-            c.replica_rebuild_concurrent_sync_limit_set(EngineReplicaRebuildConcurrentSyncLimitSetRequest { proxy_engine_request: v.per(m), limit })
-                .await
-                .unwrap();
+            c.replica_rebuild_concurrent_sync_limit_set(
+                EngineReplicaRebuildConcurrentSyncLimitSetRequest {
+                    proxy_engine_request: v.per(m),
+                    limit,
+                },
+            )
+            .await
+            .unwrap();
             corrections.push((cycle, "ReplicaRebuildConcurrentSyncLimitSet"));
         }
         c.snapshot_purge_status(v.req(m)).await.unwrap();
         c.backup_restore_status(v.req(m)).await.unwrap();
     }
-    assert!(corrections.iter().all(|(cycle, _)| *cycle == 0), "corrections after the first cycle: {corrections:?}");
+    assert!(
+        corrections.iter().all(|(cycle, _)| *cycle == 0),
+        "corrections after the first cycle: {corrections:?}"
+    );
     assert_eq!(corrections.len(), 5, "{corrections:?}");
-    let info = p.client.volume_get(v.req(m)).await.unwrap().into_inner().volume.unwrap();
-    assert_eq!((info.snapshot_max_count, info.snapshot_max_size, info.unmap_mark_snap_chain_removed), (max_count, max_size, unmap));
-    assert_eq!(p.client.replica_rebuild_concurrent_sync_limit_get(v.req(m)).await.unwrap().into_inner().limit, limit);
+    let info = p
+        .client
+        .volume_get(v.req(m))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(
+        (
+            info.snapshot_max_count,
+            info.snapshot_max_size,
+            info.unmap_mark_snap_chain_removed
+        ),
+        (max_count, max_size, unmap)
+    );
+    assert_eq!(
+        p.client
+            .replica_rebuild_concurrent_sync_limit_get(v.req(m))
+            .await
+            .unwrap()
+            .into_inner()
+            .limit,
+        limit
+    );
 }
 
 #[tokio::test]
@@ -314,14 +505,23 @@ async fn ping_and_the_backup_target_calls_answer_without_an_engine() {
     let target = format!("vfs://{}", dir.display());
     let list = p
         .client
-        .backup_volume_list(EngineBackupVolumeListRequest { envs: vec![], dest_url: target.clone(), volume_name: String::new(), volume_only: false })
+        .backup_volume_list(EngineBackupVolumeListRequest {
+            envs: vec![],
+            dest_url: target.clone(),
+            volume_name: String::new(),
+            volume_only: false,
+        })
         .await
         .unwrap()
         .into_inner();
     assert!(list.volumes.is_empty());
     let err = p
         .client
-        .backup_volume_get(EngineBackupVolumeGetRequest { proxy_engine_request: None, envs: vec![], dest_url: format!("{target}?volume=nope") })
+        .backup_volume_get(EngineBackupVolumeGetRequest {
+            proxy_engine_request: None,
+            envs: vec![],
+            dest_url: format!("{target}?volume=nope"),
+        })
         .await
         .unwrap_err();
     assert!(err.message().contains("cannot find"), "{err:?}");

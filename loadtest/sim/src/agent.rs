@@ -49,7 +49,11 @@ impl SimReplica {
         let agent = SocketAddr::new(source.ip(), source.port() + 2);
         SyncAgentServiceClient::connect(format!("http://{agent}"))
             .await
-            .map_err(|e| Status::unavailable(format!("cannot connect to any remote replica for file sync: {agent}: {e}")))
+            .map_err(|e| {
+                Status::unavailable(format!(
+                    "cannot connect to any remote replica for file sync: {agent}: {e}"
+                ))
+            })
     }
 
     /// Pulls one file from the sync agent at `from` into this replica as `to_file`.
@@ -72,13 +76,17 @@ impl SimReplica {
         let me = self.clone();
         // Files move in parallel: each adds what it received since its last report.
         let counted = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let receive = tokio::spawn(super::sync::receive_disk(receiver, existing, move |got, _| {
-            let before = counted.swap(got, Ordering::SeqCst);
-            let _ = me.with(|s| {
-                s.rebuild.done += got.saturating_sub(before);
-                Ok(())
-            });
-        }));
+        let receive = tokio::spawn(super::sync::receive_disk(
+            receiver,
+            existing,
+            move |got, _| {
+                let before = counted.swap(got, Ordering::SeqCst);
+                let _ = me.with(|s| {
+                    s.rebuild.done += got.saturating_sub(before);
+                    Ok(())
+                });
+            },
+        ));
         client
             .file_send(named(
                 FileSendRequest {
@@ -108,10 +116,20 @@ impl SimReplica {
 }
 
 /// Counts one running transfer into a replica while it lives.
-struct Running<'a>(&'a (std::sync::atomic::AtomicUsize, std::sync::atomic::AtomicUsize));
+struct Running<'a>(
+    &'a (
+        std::sync::atomic::AtomicUsize,
+        std::sync::atomic::AtomicUsize,
+    ),
+);
 
 impl<'a> Running<'a> {
-    fn start(counters: &'a (std::sync::atomic::AtomicUsize, std::sync::atomic::AtomicUsize)) -> Self {
+    fn start(
+        counters: &'a (
+            std::sync::atomic::AtomicUsize,
+            std::sync::atomic::AtomicUsize,
+        ),
+    ) -> Self {
         let now = counters.0.fetch_add(1, Ordering::SeqCst) + 1;
         counters.1.fetch_max(now, Ordering::SeqCst);
         Running(counters)
@@ -230,7 +248,10 @@ impl SyncAgentService for SimReplica {
             Err(Status::unknown("no files or remote replicas for sync"))
         } else {
             let queue = Arc::new(Mutex::new(
-                r.sync_file_info_list.iter().cloned().collect::<VecDeque<_>>(),
+                r.sync_file_info_list
+                    .iter()
+                    .cloned()
+                    .collect::<VecDeque<_>>(),
             ));
             let failures = Arc::new(Mutex::new(Vec::new()));
             let volume = self.volume.to_string();
@@ -244,11 +265,22 @@ impl SyncAgentService for SimReplica {
                         let Some(file) = next else { break };
                         let _running = Running::start(&self.syncs);
                         if let Err(e) = self
-                            .pull_file(from, &file, &to_host, r.fast_sync, &volume, r.file_sync_http_client_timeout)
+                            .pull_file(
+                                from,
+                                &file,
+                                &to_host,
+                                r.fast_sync,
+                                &volume,
+                                r.file_sync_http_client_timeout,
+                            )
                             .await
                         {
                             if let Ok(mut f) = failures.lock() {
-                                f.push(format!("{} from {from}: {}", file.from_file_name, e.message()));
+                                f.push(format!(
+                                    "{} from {from}: {}",
+                                    file.from_file_name,
+                                    e.message()
+                                ));
                             }
                         }
                     }
@@ -259,7 +291,9 @@ impl SyncAgentService for SimReplica {
             if failures.is_empty() {
                 Ok(())
             } else {
-                Err(Status::unknown(format!("some files failed to sync: {failures:?}")))
+                Err(Status::unknown(format!(
+                    "some files failed to sync: {failures:?}"
+                )))
             }
         };
         self.with(|s| {
@@ -309,12 +343,16 @@ impl SyncAgentService for SimReplica {
                 .map_err(|e| Status::internal(e.to_string()))?
                 .port();
             let me = self.clone();
-            let receive = tokio::spawn(super::sync::receive_disk(receiver, None, move |got, total| {
-                let _ = me.with(|s| {
-                    s.clone.progress = (got * 99 / total.max(1)) as i32;
-                    Ok(())
-                });
-            }));
+            let receive = tokio::spawn(super::sync::receive_disk(
+                receiver,
+                None,
+                move |got, total| {
+                    let _ = me.with(|s| {
+                        s.clone.progress = (got * 99 / total.max(1)) as i32;
+                        Ok(())
+                    });
+                },
+            ));
             client
                 .volume_export(named(
                     VolumeExportRequest {
@@ -361,7 +399,11 @@ impl SyncAgentService for SimReplica {
         .await;
         self.with(|s| {
             s.clone.running = false;
-            s.clone.progress = if result.is_ok() { 100 } else { s.clone.progress };
+            s.clone.progress = if result.is_ok() {
+                100
+            } else {
+                s.clone.progress
+            };
             s.clone.state = if result.is_ok() { "complete" } else { "error" }.into();
             s.clone.error = result
                 .as_ref()
@@ -399,10 +441,15 @@ impl SyncAgentService for SimReplica {
     }
 
     /// Opens a receiver for one file and answers its port; the file lands as `to_file_name`.
-    async fn receiver_launch(&self, r: Request<ReceiverLaunchRequest>) -> R<ReceiverLaunchResponse> {
+    async fn receiver_launch(
+        &self,
+        r: Request<ReceiverLaunchRequest>,
+    ) -> R<ReceiverLaunchResponse> {
         let to = r.into_inner().to_file_name;
         let listen = self.listen.lock().ok().and_then(|l| *l);
-        let host = listen.map(|l| l.ip().to_string()).unwrap_or_else(|| "127.0.0.1".into());
+        let host = listen
+            .map(|l| l.ip().to_string())
+            .unwrap_or_else(|| "127.0.0.1".into());
         let receiver = self.receiver(&host).await?;
         let port = receiver
             .local_addr()
@@ -429,15 +476,21 @@ impl SyncAgentService for SimReplica {
     }
 
     async fn backup_create(&self, r: Request<BackupCreateRequest>) -> R<BackupCreateResponse> {
-        super::backup::create(self, r.into_inner()).await.map(Response::new)
+        super::backup::create(self, r.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn backup_remove(&self, r: Request<BackupRemoveRequest>) -> R<()> {
-        super::backup::remove(r.into_inner()).await.map(Response::new)
+        super::backup::remove(r.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn backup_restore(&self, r: Request<BackupRestoreRequest>) -> R<()> {
-        super::backup::restore(self, r.into_inner()).await.map(Response::new)
+        super::backup::restore(self, r.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn backup_status(&self, r: Request<BackupStatusRequest>) -> R<BackupStatusResponse> {

@@ -12,8 +12,8 @@ use lhnet_proto::ptypes::*;
 use tonic::Status;
 
 use super::backupstore::{self, NewBackup, Target, TargetOptions};
-use super::replica::{BackupProgress, RestoreInfo, SimReplica};
 use super::now_rfc3339;
+use super::replica::{BackupProgress, RestoreInfo, SimReplica};
 
 /// Backup records kept: the newest complete and error ones.
 const KEPT_COMPLETE: usize = 5;
@@ -70,8 +70,13 @@ pub(crate) async fn create(
     .map_err(|e| Status::internal(e.to_string()))??;
     let url = backupstore::encode_backup_url(&target.url, &name, &r.volume_name);
     replica.with(|s| {
-        if s.backups.get(&name).is_some_and(|b| b.state == "in_progress") {
-            return Err(Status::unknown(format!("backup {name} is already in progress")));
+        if s.backups
+            .get(&name)
+            .is_some_and(|b| b.state == "in_progress")
+        {
+            return Err(Status::unknown(format!(
+                "backup {name} is already in progress"
+            )));
         }
         s.backups.insert(
             name.clone(),
@@ -201,7 +206,9 @@ pub(crate) async fn remove(r: BackupRemoveRequest) -> Result<(), Status> {
         let (target_url, backup, volume) =
             backupstore::decode_backup_url(&r.backup).map_err(Status::unknown)?;
         let target = open_target(&target_url, HashMap::new())?;
-        target.remove_backup(&volume, &backup).map_err(Status::unknown)
+        target
+            .remove_backup(&volume, &backup)
+            .map_err(Status::unknown)
     })
     .await
     .map_err(|e| Status::internal(e.to_string()))?
@@ -225,13 +232,24 @@ pub(crate) async fn restore(replica: &SimReplica, r: BackupRestoreRequest) -> Re
     if r.backup.is_empty() {
         return Err(Status::unknown("empty backup URL for the restore"));
     }
-    let (target_url, requested, volume) = backupstore::decode_backup_url(&r.backup)
-        .map_err(|e| Status::unknown(format!("failed to check the type for backup {}: {e}", r.backup)))?;
+    let (target_url, requested, volume) =
+        backupstore::decode_backup_url(&r.backup).map_err(|e| {
+            Status::unknown(format!(
+                "failed to check the type for backup {}: {e}",
+                r.backup
+            ))
+        })?;
     let credential = r.credential.clone();
     let target = tokio::task::spawn_blocking(move || open_target(&target_url, credential))
         .await
         .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(|e| Status::unknown(format!("failed to setup credential for backup {}: {}", r.backup, e.message())))?;
+        .map_err(|e| {
+            Status::unknown(format!(
+                "failed to setup credential for backup {}: {}",
+                r.backup,
+                e.message()
+            ))
+        })?;
     let started = |e: String| Status::unknown(format!("error starting backup restore: {e}"));
     let (last, previous) = replica.with(|s| {
         let info = &s.restore;
@@ -241,7 +259,9 @@ pub(crate) async fn restore(replica: &SimReplica, r: BackupRestoreRequest) -> Re
             ));
         }
         if info.state == "error" {
-            return Err(started("cannot start backup restore of the previous restore fails".into()));
+            return Err(started(
+                "cannot start backup restore of the previous restore fails".into(),
+            ));
         }
         if !info.last_restored.is_empty() && info.last_restored == requested {
             return Err(started(format!("already restored backup {requested}")));
@@ -272,7 +292,11 @@ pub(crate) async fn restore(replica: &SimReplica, r: BackupRestoreRequest) -> Re
         .await
         .map_err(|e| Status::internal(e.to_string()))?
         .map_err(|e| {
-            let kind = if matches!(plan, Plan::Incremental { .. }) { "incremental" } else { "full" };
+            let kind = if matches!(plan, Plan::Incremental { .. }) {
+                "incremental"
+            } else {
+                "full"
+            };
             started(format!("error initiating {kind} backup restore: {e}"))
         })?;
     replica.with(|s| {
@@ -344,7 +368,11 @@ fn apply(
                 .map(|b| (b.offset, b.block_checksum.as_str()))
                 .collect();
             // Blocks the last backup had and this one does not are zero now.
-            let zeroed: Vec<i64> = old.keys().filter(|o| !new.contains_key(o)).copied().collect();
+            let zeroed: Vec<i64> = old
+                .keys()
+                .filter(|o| !new.contains_key(o))
+                .copied()
+                .collect();
             replica
                 .with(|s| {
                     for offset in zeroed {
@@ -429,7 +457,9 @@ fn apply(
 pub(crate) fn reset(replica: &SimReplica) -> Result<(), Status> {
     replica.with(|s| {
         if s.restore.restoring {
-            return Err(Status::unknown("replica is currently restoring, cannot reset"));
+            return Err(Status::unknown(
+                "replica is currently restoring, cannot reset",
+            ));
         }
         s.backups.clear();
         s.hashes = Default::default();

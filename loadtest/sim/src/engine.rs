@@ -351,8 +351,16 @@ impl SimEngine {
         let (max_count, max_size) =
             self.with(|s| Ok((s.volume.snapshot_max_count, s.volume.snapshot_max_size)))?;
         let infos = self.replica_infos().await?;
-        let usage = infos.iter().map(|(_, r)| r.snapshot_count_usage).max().unwrap_or(0);
-        let total = infos.iter().map(|(_, r)| r.snapshot_count_total).max().unwrap_or(0);
+        let usage = infos
+            .iter()
+            .map(|(_, r)| r.snapshot_count_usage)
+            .max()
+            .unwrap_or(0);
+        let total = infos
+            .iter()
+            .map(|(_, r)| r.snapshot_count_total)
+            .max()
+            .unwrap_or(0);
         if usage >= max_count {
             return Err(Status::unknown(format!(
                 "snapshot count usage {usage} is equal or larger than snapshotMaxCount {max_count}"
@@ -364,8 +372,16 @@ impl SimEngine {
             )));
         }
         if max_size != 0 {
-            let used = infos.iter().map(|(_, r)| r.snapshot_size_usage).max().unwrap_or(0);
-            let head = infos.iter().map(|(_, r)| r.head_file_size).max().unwrap_or(0);
+            let used = infos
+                .iter()
+                .map(|(_, r)| r.snapshot_size_usage)
+                .max()
+                .unwrap_or(0);
+            let head = infos
+                .iter()
+                .map(|(_, r)| r.head_file_size)
+                .max()
+                .unwrap_or(0);
             let remain = max_size - used;
             if head > remain {
                 return Err(Status::unknown(format!(
@@ -695,9 +711,9 @@ impl ControllerService for SimEngine {
             }
             match self
                 .client(&address)?
-                .unmap_mark_disk_chain_removed_set(self.req(UnmapMarkDiskChainRemovedSetRequest {
-                    enabled,
-                }))
+                .unmap_mark_disk_chain_removed_set(
+                    self.req(UnmapMarkDiskChainRemovedSetRequest { enabled }),
+                )
                 .await
             {
                 Ok(_) => all_failed = false,
@@ -719,9 +735,15 @@ impl ControllerService for SimEngine {
         let count = r.into_inner().count;
         let infos = self.replica_infos().await?;
         if infos.is_empty() && !self.healthy()?.is_empty() {
-            return Err(Status::unknown("cannot get an valid result for snapshot usage"));
+            return Err(Status::unknown(
+                "cannot get an valid result for snapshot usage",
+            ));
         }
-        let usage = infos.iter().map(|(_, i)| i.snapshot_count_usage).max().unwrap_or(0);
+        let usage = infos
+            .iter()
+            .map(|(_, i)| i.snapshot_count_usage)
+            .max()
+            .unwrap_or(0);
         if count < usage {
             return Err(Status::unknown(format!(
                 "cannot set snapshotMaxCount={count} smaller than current snapshot count usage={usage}, please purge snapshots first"
@@ -751,7 +773,11 @@ impl ControllerService for SimEngine {
     ) -> R<Volume> {
         let size = r.into_inner().size;
         let infos = self.replica_infos().await?;
-        let usage = infos.iter().map(|(_, i)| i.snapshot_size_usage).max().unwrap_or(0);
+        let usage = infos
+            .iter()
+            .map(|(_, i)| i.snapshot_size_usage)
+            .max()
+            .unwrap_or(0);
         if size != 0 && size < usage {
             return Err(Status::unknown(format!(
                 "cannot set snapshotMaxSize={size} smaller than current snapshot size usage={usage}, please purge snapshots first"
@@ -855,7 +881,9 @@ impl ControllerService for SimEngine {
         let had = self.with(|s| {
             let last = s.replicas.len() == 1 && s.replicas[0].0 == address;
             if last && s.volume.frontend_state == "up" {
-                return Err(Status::unknown("cannot remove last replica if volume is up"));
+                return Err(Status::unknown(
+                    "cannot remove last replica if volume is up",
+                ));
             }
             // An address the engine does not have is no error.
             let before = s.replicas.len();
@@ -1022,7 +1050,7 @@ impl ControllerService for SimEngine {
 
     /// The last whole second of frontend I/O: bytes/s, average latency (ns) and ops/s.
     async fn metrics_get(&self, _r: Request<()>) -> R<MetricsGetReply> {
-        let metrics = self.with(|s| Ok(s.last_io.clone()))?;
+        let metrics = self.with(|s| Ok(s.last_io))?;
         Ok(Response::new(MetricsGetReply {
             metrics: Some(metrics),
         }))

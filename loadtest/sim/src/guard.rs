@@ -143,7 +143,10 @@ where
                 record.push(Call {
                     volume_name: single(&parts.headers, "volume-name"),
                     instance_name: single(&parts.headers, "instance-name"),
-                    message: bytes.get(5..).map(Bytes::copy_from_slice).unwrap_or_default(),
+                    message: bytes
+                        .get(5..)
+                        .map(Bytes::copy_from_slice)
+                        .unwrap_or_default(),
                     path,
                 });
                 Request::from_parts(parts, Body::new(Full::new(bytes)))
@@ -204,7 +207,10 @@ mod tests {
         h.insert("volume-name", "vol-b".parse().unwrap());
         let e = check(&names, &h).unwrap_err();
         assert_eq!(e.code(), tonic::Code::FailedPrecondition);
-        assert_eq!(e.message(), "incorrect volume name vol-b; check controller address");
+        assert_eq!(
+            e.message(),
+            "incorrect volume name vol-b; check controller address"
+        );
         h.append("volume-name", "vol-a".parse().unwrap());
         assert!(check(&names, &h).is_ok(), "two values count as none");
     }

@@ -58,7 +58,11 @@ pub(crate) fn start(replica: &SimReplica, name: &str, rehash: bool) -> Result<()
     }
     let cancelled = Arc::new(AtomicBool::new(false));
     let fresh = replica.with(|s| {
-        if s.hashes.jobs.get(name).is_some_and(|j| j.state == "in_progress") {
+        if s.hashes
+            .jobs
+            .get(name)
+            .is_some_and(|j| j.state == "in_progress")
+        {
             return Ok(false);
         }
         s.hashes.jobs.insert(
@@ -157,8 +161,10 @@ async fn hash(
         digest.update(chunk);
         if rate > 0 {
             let done = ((i + 1) * CHUNK).min(bytes.len()) as f64;
-            tokio::time::sleep_until(started + std::time::Duration::from_secs_f64(done / rate as f64))
-                .await;
+            tokio::time::sleep_until(
+                started + std::time::Duration::from_secs_f64(done / rate as f64),
+            )
+            .await;
         } else {
             tokio::task::yield_now().await;
         }
@@ -177,7 +183,10 @@ async fn hash(
                 )));
             }
             // Same change time, other bytes: the disk changed under the file system.
-            if let Some(r) = recorded.as_ref().filter(|r| r.change == change && r.checksum != checksum) {
+            if let Some(r) = recorded
+                .as_ref()
+                .filter(|r| r.change == change && r.checksum != checksum)
+            {
                 let corrupted = Recorded {
                     silently_corrupted: true,
                     ..r.clone()
@@ -201,10 +210,18 @@ async fn hash(
 
 /// (state, checksum, error, silently corrupted) of a snapshot: its job, else its recorded
 /// checksum, else an error state (never an RPC error, as in longhorn-engine).
-pub(crate) fn status(replica: &SimReplica, name: &str) -> Result<(String, String, String, bool), Status> {
+pub(crate) fn status(
+    replica: &SimReplica,
+    name: &str,
+) -> Result<(String, String, String, bool), Status> {
     replica.with(|s| {
         if let Some(j) = s.hashes.jobs.get(name) {
-            return Ok((j.state.into(), j.checksum.clone(), j.error.clone(), j.silently_corrupted));
+            return Ok((
+                j.state.into(),
+                j.checksum.clone(),
+                j.error.clone(),
+                j.silently_corrupted,
+            ));
         }
         let file = snap_file(name);
         Ok(match s.hashes.checksums.get(&file) {
@@ -214,7 +231,12 @@ pub(crate) fn status(replica: &SimReplica, name: &str) -> Result<(String, String
                 format!("snapshot {name} is changed"),
                 false,
             ),
-            Some(r) => ("complete".into(), r.checksum.clone(), String::new(), r.silently_corrupted),
+            Some(r) => (
+                "complete".into(),
+                r.checksum.clone(),
+                String::new(),
+                r.silently_corrupted,
+            ),
             None => (
                 "error".into(),
                 String::new(),

@@ -208,13 +208,21 @@ pub async fn start_engine(
     .await
 }
 
-pub async fn start_engine_with(addr: SocketAddr, spec: EngineSpec) -> std::io::Result<RunningEngine> {
+pub async fn start_engine_with(
+    addr: SocketAddr,
+    spec: EngineSpec,
+) -> std::io::Result<RunningEngine> {
     let listener = TcpListener::bind(addr).await?;
     let engine = SimEngine::new(&spec);
     engine.open_replicas().await;
     engine.spawn_monitor();
     let guard = guard::Guard {
-        names: Arc::new(names(spec.release, &spec.volume, &spec.instance, "controller")),
+        names: Arc::new(names(
+            spec.release,
+            &spec.volume,
+            &spec.instance,
+            "controller",
+        )),
         record: engine.record().clone(),
     };
     let server = engine.server();

@@ -300,8 +300,14 @@ impl SimReplica {
 
     /// Snapshot file names, oldest first (for tests).
     pub fn snapshots(&self) -> Vec<String> {
-        self.with(|s| Ok(s.chain().into_iter().filter(|d| d != &s.head).rev().collect()))
-            .unwrap_or_default()
+        self.with(|s| {
+            Ok(s.chain()
+                .into_iter()
+                .filter(|d| d != &s.head)
+                .rev()
+                .collect())
+        })
+        .unwrap_or_default()
     }
 
     /// Changes a byte of a snapshot's file without touching its change time: what silent
@@ -545,7 +551,9 @@ impl ReplicaState {
         }
         let file = snap_file(name);
         if self.disks.contains_key(&file) {
-            return Err(Status::unknown(format!("snapshot {file} is already existing")));
+            return Err(Status::unknown(format!(
+                "snapshot {file} is already existing"
+            )));
         }
         let mut old_head = self.disks.remove(&self.head).unwrap_or_default();
         let parent = old_head.parent.clone();
@@ -588,7 +596,9 @@ impl ReplicaState {
     /// A new, empty head whose parent is snapshot disk `file`; the old head goes.
     pub fn revert(&mut self, file: &str) -> Result<(), Status> {
         if !self.disks.contains_key(file) {
-            return Err(Status::unknown(format!("cannot find snapshot {file} to revert to")));
+            return Err(Status::unknown(format!(
+                "cannot find snapshot {file} to revert to"
+            )));
         }
         let old_head = self.head.clone();
         self.disks.remove(&old_head);
@@ -911,8 +921,14 @@ mod tests {
         assert!(info.disks["volume-snap-a.img"]
             .children
             .contains_key("volume-snap-b.img"));
-        assert_eq!((info.snapshot_count_usage, info.snapshot_count_total), (2, 3));
-        assert_eq!(info.state, "closed", "a new replica waits for an engine to open it");
+        assert_eq!(
+            (info.snapshot_count_usage, info.snapshot_count_total),
+            (2, 3)
+        );
+        assert_eq!(
+            info.state, "closed",
+            "a new replica waits for an engine to open it"
+        );
         r.with(|s| {
             s.snapshot_max_count = 2;
             Ok(())
@@ -922,7 +938,9 @@ mod tests {
             .with(|s| s.snapshot("one-too-many", false, &now, HashMap::new()))
             .unwrap_err();
         assert_eq!(err.message(), "too many active disks: 2");
-        assert!(r.with(|s| s.snapshot("x", false, "", HashMap::new())).is_err());
+        assert!(r
+            .with(|s| s.snapshot("x", false, "", HashMap::new()))
+            .is_err());
         assert!(now_rfc3339().ends_with('Z') && now_rfc3339().len() == 20);
     }
 }

@@ -72,8 +72,12 @@ pub async fn send_disk(
     let have = if fast {
         let mut answer = String::new();
         stream.read_line(&mut answer).await?;
-        serde_json::from_str::<Have>(&answer)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad fast-sync answer: {e}")))?
+        serde_json::from_str::<Have>(&answer).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bad fast-sync answer: {e}"),
+            )
+        })?
     } else {
         Have::default()
     };
@@ -91,7 +95,9 @@ pub async fn send_disk(
             continue;
         }
         stream.write_all(&(i as u32).to_le_bytes()).await?;
-        stream.write_all(&(chunk.len() as u32).to_le_bytes()).await?;
+        stream
+            .write_all(&(chunk.len() as u32).to_le_bytes())
+            .await?;
         stream.write_all(chunk).await?;
         sent += chunk.len() as u64;
         if rate > 0 {
@@ -192,7 +198,9 @@ mod tests {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let port = listener.local_addr().unwrap().port();
             let receive = tokio::spawn(receive_disk(listener, Some(old.clone()), |_, _| {}));
-            let sent = send_disk("127.0.0.1", port, &meta, &data, 0, fast).await.unwrap();
+            let sent = send_disk("127.0.0.1", port, &meta, &data, 0, fast)
+                .await
+                .unwrap();
             let (_, got, received) = receive.await.unwrap().unwrap();
             assert_eq!((sent, received), (want, want), "fast={fast}");
             assert_eq!(got, data);

@@ -124,7 +124,9 @@ impl Compression {
             "" | "gzip" => Ok(Compression::Gzip),
             "lz4" => Ok(Compression::Lz4),
             "none" => Ok(Compression::None),
-            other => Err(format!("unsupported compression method {other:?}; use none, lz4 or gzip")),
+            other => Err(format!(
+                "unsupported compression method {other:?}; use none, lz4 or gzip"
+            )),
         }
     }
 
@@ -789,7 +791,11 @@ impl Target {
     /// first, then the blocks (new ones only, unless `backup-mode: full`), `concurrent_limit` at
     /// a time, compressed with the volume's method, then the cfg and volume.cfg. `progress` is
     /// told the percentage as blocks are written. Returns whether the backup is incremental.
-    pub fn write_backup(&self, b: &NewBackup<'_>, mut progress: impl FnMut(i32)) -> io::Result<bool> {
+    pub fn write_backup(
+        &self,
+        b: &NewBackup<'_>,
+        mut progress: impl FnMut(i32),
+    ) -> io::Result<bool> {
         let invalid = |e: String| io::Error::new(io::ErrorKind::InvalidInput, e);
         if !valid_name(b.volume) || !valid_name(b.backup) {
             return Err(invalid(format!(
@@ -826,8 +832,8 @@ impl Target {
                 ..Default::default()
             });
             // The method of the volume's first backup sticks, as in Longhorn.
-            let compression = Compression::parse(&unquote(&cfg.compression_method))
-                .map_err(io::Error::other)?;
+            let compression =
+                Compression::parse(&unquote(&cfg.compression_method)).map_err(io::Error::other)?;
             let incremental = !full
                 && !cfg.last_backup_name.is_empty()
                 && self.load_backup(b.volume, &cfg.last_backup_name).is_ok();
@@ -838,7 +844,15 @@ impl Target {
                 .enumerate()
                 .filter(|(_, c)| c.iter().any(|x| *x != 0))
                 .collect();
-            let uploaded = self.upload_blocks(b.volume, &chunks, block_size, compression, full, b.concurrent_limit, &mut progress)?;
+            let uploaded = self.upload_blocks(
+                b.volume,
+                &chunks,
+                block_size,
+                compression,
+                full,
+                b.concurrent_limit,
+                &mut progress,
+            )?;
             let labels = (!b.labels.is_empty()).then(|| b.labels.clone());
             let done = BackupCfg {
                 name: b.backup.into(),
@@ -1162,13 +1176,22 @@ mod tests {
                     .unwrap();
                 assert_eq!(incremental, n == 1 && mode == "incremental", "{name}");
                 let (cfg, back) = t.read_backup(&volume, &name).unwrap();
-                assert_eq!(cfg.compression_method, method, "the volume's first method sticks");
+                assert_eq!(
+                    cfg.compression_method, method,
+                    "the volume's first method sticks"
+                );
                 assert_eq!(&back[..data.len()], &data[..], "{name}");
                 let size: usize = block.parse().unwrap();
-                assert!(cfg.blocks.iter().all(|b| b.offset as usize % size == 0));
+                assert!(cfg
+                    .blocks
+                    .iter()
+                    .all(|b| (b.offset as usize).is_multiple_of(size)));
                 if mode == "full" && n == 1 {
                     assert_eq!(cfg.newly_uploaded_data_size, "0");
-                    assert_ne!(cfg.re_uploaded_data_size, "0", "a full backup writes every block again");
+                    assert_ne!(
+                        cfg.re_uploaded_data_size, "0",
+                        "a full backup writes every block again"
+                    );
                 }
             }
         }

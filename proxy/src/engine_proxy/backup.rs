@@ -30,10 +30,12 @@ pub(super) async fn create(
     )
     .await
     .map_err(|e| failed(e.message().into()))?;
-    let replicas = p
-        .replicas(&engine)
-        .await
-        .map_err(|e| failed(format!("failed to list replicas for backup: {}", e.message())))?;
+    let replicas = p.replicas(&engine).await.map_err(|e| {
+        failed(format!(
+            "failed to list replicas for backup: {}",
+            e.message()
+        ))
+    })?;
     let replica = replicas
         .iter()
         .find(|x| x.mode == ReplicaMode::Rw)
@@ -133,9 +135,7 @@ pub(super) async fn status(
         })),
     )
     .await
-    .unwrap_or_else(|_| {
-        Err(Status::deadline_exceeded("context deadline exceeded"))
-    });
+    .unwrap_or_else(|_| Err(Status::deadline_exceeded("context deadline exceeded")));
     let status = match asked {
         Ok(s) => s.into_inner(),
         Err(e) => ptypes::BackupStatusResponse {

@@ -19,8 +19,10 @@ use tokio::sync::Semaphore;
 use tonic::Status;
 
 use super::target_credentials;
-use lhnet_backupstore::{self as backupstore, BackupInfo, NfsOptions, Target, TargetOptions, VolumeInfo};
 use crate::config::BackupTargetConfig;
+use lhnet_backupstore::{
+    self as backupstore, BackupInfo, NfsOptions, Target, TargetOptions, VolumeInfo,
+};
 
 /// Targets whose slots are kept; beyond this, idle ones are forgotten.
 const KEPT_TARGETS: usize = 64;
@@ -137,16 +139,21 @@ impl BackupTargets {
         credentials: HashMap<String, String>,
     ) -> Result<BackupInfo, String> {
         let backup_url = url.to_string();
-        self.run_with(credentials, url, format!("inspect backup {url}"), move |target| {
-            let (_, backup, volume) = backupstore::decode_backup_url(&backup_url)?;
-            if volume.is_empty() {
-                return Err(format!("invalid volume name parsed, got {volume}"));
-            }
-            if backup.is_empty() {
-                return Err(format!("invalid backup name parsed, got {backup}"));
-            }
-            target.inspect_backup(&volume, &backup)
-        })
+        self.run_with(
+            credentials,
+            url,
+            format!("inspect backup {url}"),
+            move |target| {
+                let (_, backup, volume) = backupstore::decode_backup_url(&backup_url)?;
+                if volume.is_empty() {
+                    return Err(format!("invalid volume name parsed, got {volume}"));
+                }
+                if backup.is_empty() {
+                    return Err(format!("invalid backup name parsed, got {backup}"));
+                }
+                target.inspect_backup(&volume, &backup)
+            },
+        )
         .await
         .map_err(|e| match e {
             Failed::Work(text) => text,

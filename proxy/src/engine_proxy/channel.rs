@@ -128,11 +128,17 @@ mod tests {
         let id = Identity::new(("volume_name", "vol-a"), ("engine_name", "vol-a-e-0")).unwrap();
         assert_eq!(id.volume.as_ref().unwrap(), "vol-a");
         assert_eq!(id.volume_only().instance, None);
-        assert_eq!(Identity::new(("v", ""), ("i", "")).unwrap(), Identity::default());
+        assert_eq!(
+            Identity::new(("v", ""), ("i", "")).unwrap(),
+            Identity::default()
+        );
         let long = "e".repeat(10 * 1024);
         let e = Identity::new(("volume_name", "v"), ("engine_name", &long)).unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
-        assert!(e.message().starts_with("engine_name is 10240 bytes"), "{e:?}");
+        assert!(
+            e.message().starts_with("engine_name is 10240 bytes"),
+            "{e:?}"
+        );
         let e = Identity::new(("volume_name", "a\nb"), ("engine_name", "")).unwrap_err();
         assert!(e.message().contains("volume_name"), "{e:?}");
     }

@@ -50,13 +50,23 @@ pub fn route_of(method: &str) -> Route {
     use Route::*;
     use Shape::*;
     match method {
-        "ServerVersionGet" | "Ping" | "BackupVolumeList" | "BackupVolumeGet" | "BackupGet"
-        | "BackupConfigMetaGet" | "BackupRemove" => Local,
-        "VolumeGet" | "VolumeFrontendShutdown" | "SnapshotList" | "SnapshotPurgeStatus"
-        | "SnapshotCloneStatus" | "BackupRestoreStatus" | "ReplicaList"
-        | "ReplicaRebuildingStatus" | "ReplicaRebuildConcurrentSyncLimitGet" | "MetricsGet" => {
-            ByDataEngine(Bare)
-        }
+        "ServerVersionGet"
+        | "Ping"
+        | "BackupVolumeList"
+        | "BackupVolumeGet"
+        | "BackupGet"
+        | "BackupConfigMetaGet"
+        | "BackupRemove" => Local,
+        "VolumeGet"
+        | "VolumeFrontendShutdown"
+        | "SnapshotList"
+        | "SnapshotPurgeStatus"
+        | "SnapshotCloneStatus"
+        | "BackupRestoreStatus"
+        | "ReplicaList"
+        | "ReplicaRebuildingStatus"
+        | "ReplicaRebuildConcurrentSyncLimitGet"
+        | "MetricsGet" => ByDataEngine(Bare),
         "VolumeExpand"
         | "VolumeFrontendStart"
         | "VolumeUnmapMarkSnapChainRemovedSet"
@@ -85,7 +95,9 @@ pub fn route_of(method: &str) -> Route {
         | "SPDKBackingImageDelete"
         | "SPDKBackingImageGet"
         | "SPDKBackingImageList"
-        | "SPDKBackingImageWatch" => Passthrough("it is served by the instance-manager's SPDK service"),
+        | "SPDKBackingImageWatch" => {
+            Passthrough("it is served by the instance-manager's SPDK service")
+        }
         "BackupRestoreFinish" => {
             Passthrough("it is deprecated and answered by the instance-manager as its release does")
         }
@@ -176,10 +188,7 @@ struct Value<'a> {
 }
 
 /// Walks the top-level fields of a protobuf message; `None` when it does not parse.
-fn for_each_field<'a>(
-    mut input: &'a [u8],
-    mut f: impl FnMut(u64, u8, Value<'a>),
-) -> Option<()> {
+fn for_each_field<'a>(mut input: &'a [u8], mut f: impl FnMut(u64, u8, Value<'a>)) -> Option<()> {
     while !input.is_empty() {
         let key = read_varint(&mut input)?;
         let wire_type = (key & 7) as u8;
@@ -257,7 +266,9 @@ mod tests {
         assert!(local(&[0x0a, 0x01, b'x']));
         assert!(local(&[0xff, 0xff]));
         match decide("ReplicaRebuildingQosSet", Shape::Wrapped, &[]) {
-            Decision::Refuse(s) => assert_eq!(s.message(), "unsupported data engine DATA_ENGINE_V1"),
+            Decision::Refuse(s) => {
+                assert_eq!(s.message(), "unsupported data engine DATA_ENGINE_V1")
+            }
             d => panic!("{d:?}"),
         }
     }
@@ -266,8 +277,17 @@ mod tests {
     fn methods_lhnet_does_not_serve_pass_through() {
         assert_eq!(route_of("ServerVersionGet"), Route::Local);
         assert_eq!(route_of("ReplicaAdd"), Route::ByDataEngine(Shape::Wrapped));
-        assert!(matches!(route_of("SPDKBackingImageList"), Route::Passthrough(_)));
-        assert!(matches!(route_of("RemountReadOnlyVolume"), Route::Passthrough(_)));
-        assert!(matches!(route_of("SomethingFromV1_13"), Route::Passthrough(_)));
+        assert!(matches!(
+            route_of("SPDKBackingImageList"),
+            Route::Passthrough(_)
+        ));
+        assert!(matches!(
+            route_of("RemountReadOnlyVolume"),
+            Route::Passthrough(_)
+        ));
+        assert!(matches!(
+            route_of("SomethingFromV1_13"),
+            Route::Passthrough(_)
+        ));
     }
 }

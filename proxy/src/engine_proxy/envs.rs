@@ -42,8 +42,8 @@ pub const TARGET_ONLY_KEYS: [&str; 2] = ["AWS_SESSION_TOKEN", "AWS_REGION"];
 /// answers. The map has the keys of the target's scheme (all present, some empty) and none for
 /// nfs:// or vfs://.
 pub fn credential_map(envs: &[String], target: &str) -> Result<HashMap<String, String>, Status> {
-    let given = parse(envs, &[])
-        .map_err(|e| Status::internal(format!("failed to set envs: {e}")))?;
+    let given =
+        parse(envs, &[]).map_err(|e| Status::internal(format!("failed to set envs: {e}")))?;
     credential_for(&given, target)
         .map_err(|e| Status::invalid_argument(format!("failed to get backup credential: {e}")))
 }
@@ -51,9 +51,12 @@ pub fn credential_map(envs: &[String], target: &str) -> Result<HashMap<String, S
 /// As [`credential_map`], for the backup-target RPCs: every key given (and
 /// [`TARGET_ONLY_KEYS`]), INVALID_ARGUMENT for anything refused.
 pub fn target_credentials(envs: &[String]) -> Result<HashMap<String, String>, Status> {
-    let map = parse(envs, &TARGET_ONLY_KEYS).map_err(|e| Status::invalid_argument(format!("envs: {e}")))?;
+    let map = parse(envs, &TARGET_ONLY_KEYS)
+        .map_err(|e| Status::invalid_argument(format!("envs: {e}")))?;
     let access = map.get("AWS_ACCESS_KEY_ID").is_some_and(|v| !v.is_empty());
-    let secret = map.get("AWS_SECRET_ACCESS_KEY").is_some_and(|v| !v.is_empty());
+    let secret = map
+        .get("AWS_SECRET_ACCESS_KEY")
+        .is_some_and(|v| !v.is_empty());
     if access != secret {
         return Err(Status::invalid_argument(
             "envs: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be given together",
@@ -77,7 +80,12 @@ fn parse(envs: &[String], extra: &[&str]) -> Result<HashMap<String, String>, Str
         if !CREDENTIAL_KEYS.contains(&key) && !extra.contains(&key) {
             return Err(format!(
                 "env key {key:?} is not permitted by the backup env allowlist (allowed: {})",
-                CREDENTIAL_KEYS.iter().chain(extra).copied().collect::<Vec<_>>().join(", ")
+                CREDENTIAL_KEYS
+                    .iter()
+                    .chain(extra)
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ));
         }
         map.insert(key.to_string(), value.to_string());
@@ -103,7 +111,14 @@ fn credential_for(
                 return Err("s3 credential secret access key not found".into());
             }
             if access.is_empty() {
-                &["AWS_ENDPOINTS", "AWS_CERT", "HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "VIRTUAL_HOSTED_STYLE"]
+                &[
+                    "AWS_ENDPOINTS",
+                    "AWS_CERT",
+                    "HTTPS_PROXY",
+                    "HTTP_PROXY",
+                    "NO_PROXY",
+                    "VIRTUAL_HOSTED_STYLE",
+                ]
             } else {
                 &[
                     "AWS_ACCESS_KEY_ID",
@@ -144,7 +159,12 @@ mod tests {
     #[test]
     fn the_target_scheme_picks_the_keys() {
         let s3 = credential_map(
-            &envs(&["AWS_ACCESS_KEY_ID=a", "AWS_SECRET_ACCESS_KEY=b=c", "AWS_IAM_ROLE_ARN=r", "CIFS_USERNAME=u"]),
+            &envs(&[
+                "AWS_ACCESS_KEY_ID=a",
+                "AWS_SECRET_ACCESS_KEY=b=c",
+                "AWS_IAM_ROLE_ARN=r",
+                "CIFS_USERNAME=u",
+            ]),
             "s3://bucket@us-east-1/",
         )
         .unwrap();
@@ -154,9 +174,11 @@ mod tests {
         assert!(!s3.contains_key("CIFS_USERNAME"));
         let cifs = credential_map(&envs(&["CIFS_USERNAME=u"]), "cifs://host/share").unwrap();
         assert_eq!(cifs.len(), 2);
-        assert!(credential_map(&envs(&["AWS_ACCESS_KEY_ID=a"]), "nfs://h:/x")
-            .unwrap()
-            .is_empty());
+        assert!(
+            credential_map(&envs(&["AWS_ACCESS_KEY_ID=a"]), "nfs://h:/x")
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]
@@ -170,7 +192,10 @@ mod tests {
         );
         assert!(std::env::var_os("LD_PRELOAD").is_none());
         let e = credential_map(&envs(&["NOEQUALS"]), "s3://b@r/").unwrap_err();
-        assert!(e.message().contains("malformed env entry \"NOEQUALS\""), "{e:?}");
+        assert!(
+            e.message().contains("malformed env entry \"NOEQUALS\""),
+            "{e:?}"
+        );
         let e = credential_map(&envs(&["AWS_ACCESS_KEY_ID=a"]), "s3://b@r/").unwrap_err();
         assert_eq!(
             (e.code(), e.message()),
@@ -180,7 +205,13 @@ mod tests {
             )
         );
         let region = envs(&["AWS_REGION=eu-west-1"]);
-        assert!(credential_map(&region, "s3://b@r/").is_err(), "engines get no AWS_REGION");
-        assert_eq!(target_credentials(&region).unwrap()["AWS_REGION"], "eu-west-1");
+        assert!(
+            credential_map(&region, "s3://b@r/").is_err(),
+            "engines get no AWS_REGION"
+        );
+        assert_eq!(
+            target_credentials(&region).unwrap()["AWS_REGION"],
+            "eu-west-1"
+        );
     }
 }

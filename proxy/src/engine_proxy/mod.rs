@@ -286,7 +286,10 @@ fn go_text(status: &Status) -> String {
 /// A downstream failure as Longhorn's engine client wraps it: the code kept,
 /// `failed to <op>: rpc error: code = <Name> desc = <cause>`.
 fn wrap(op: &str, status: &Status) -> Status {
-    Status::new(status.code(), format!("failed to {op}: {}", go_text(status)))
+    Status::new(
+        status.code(),
+        format!("failed to {op}: {}", go_text(status)),
+    )
 }
 
 /// Awaits a downstream call under the engine-call deadline.

@@ -66,7 +66,10 @@ impl Add<'_> {
             current_size: self.request.current_size,
         };
         call(
-            &format!("start volume {} with replica {}", self.engine.addr, self.url),
+            &format!(
+                "start volume {} with replica {}",
+                self.engine.addr, self.url
+            ),
             p.controller(self.engine).volume_start(timed(start)),
         )
         .await?;
@@ -110,7 +113,10 @@ impl Add<'_> {
 
     async fn set_rebuilding(&self, p: &EngineProxy, rebuilding: bool) -> Result<(), Status> {
         call(
-            &format!("set rebuilding to {rebuilding} for replica {}", self.target.0),
+            &format!(
+                "set rebuilding to {rebuilding} for replica {}",
+                self.target.0
+            ),
             self.client(p)?
                 .rebuilding_set(timed(ptypes::RebuildingSetRequest { rebuilding })),
         )
@@ -143,7 +149,10 @@ impl Add<'_> {
         if started {
             return Ok(());
         }
-        let size = self.info(p).await.map(|i| i.size.parse::<i64>().unwrap_or(0));
+        let size = self
+            .info(p)
+            .await
+            .map(|i| i.size.parse::<i64>().unwrap_or(0));
         // Longhorn closes the replica after the check, whatever it found.
         let closed = self.close(p).await;
         let size = size?;
@@ -154,7 +163,9 @@ impl Add<'_> {
             );
             return Err(match closed {
                 Ok(()) => Status::unknown(e),
-                Err(c) => Status::unknown(format!("original error: {e}, close error: {}", c.message())),
+                Err(c) => {
+                    Status::unknown(format!("original error: {e}, close error: {}", c.message()))
+                }
             });
         }
         closed?;
@@ -209,10 +220,14 @@ impl Add<'_> {
             fast_sync: self.request.fast_sync,
             file_sync_http_client_timeout: self.request.file_sync_http_client_timeout,
             grpc_timeout_seconds: self.request.grpc_timeout_seconds,
-            local_sync: self.request.local_sync.as_ref().map(|l| ptypes::FileLocalSync {
-                source_path: l.source_path.clone(),
-                target_path: l.target_path.clone(),
-            }),
+            local_sync: self
+                .request
+                .local_sync
+                .as_ref()
+                .map(|l| ptypes::FileLocalSync {
+                    source_path: l.source_path.clone(),
+                    target_path: l.target_path.clone(),
+                }),
             from_address_map: sources,
         };
         let mut agent = p.agent(self.target, &self.id)?;
@@ -450,7 +465,10 @@ pub(super) async fn verify_rebuild(
 
 /// Cancels the replica's snapshot hashing jobs (best effort, as Longhorn's proxy), then removes
 /// it from the engine.
-pub(super) async fn remove(p: &EngineProxy, r: EngineReplicaRemoveRequest) -> Result<Empty, Status> {
+pub(super) async fn remove(
+    p: &EngineProxy,
+    r: EngineReplicaRemoveRequest,
+) -> Result<Empty, Status> {
     let engine = p.engine(r.proxy_engine_request.as_ref())?;
     logged("ReplicaRemove", &engine, true);
     if let Err(e) = cancel_hashes(p, &engine, &r.replica_address).await {
@@ -461,10 +479,11 @@ pub(super) async fn remove(p: &EngineProxy, r: EngineReplicaRemoveRequest) -> Re
             "delete replica {} for volume {}",
             r.replica_address, engine.addr
         ),
-        p.controller(&engine).replica_delete(timed(ptypes::ReplicaAddress {
-            address: r.replica_address.clone(),
-            instance_name: String::new(),
-        })),
+        p.controller(&engine)
+            .replica_delete(timed(ptypes::ReplicaAddress {
+                address: r.replica_address.clone(),
+                instance_name: String::new(),
+            })),
     )
     .await?;
     Ok(())
@@ -481,7 +500,10 @@ async fn cancel_hashes(p: &EngineProxy, engine: &Engine, replica: &str) -> Resul
     names.sort();
     for name in names {
         if let Err(e) = cancel_hash(p, addr, &id, name).await {
-            failures.push(format!("failed to stop snapshot {name} hash: {}", e.message()));
+            failures.push(format!(
+                "failed to stop snapshot {name} hash: {}",
+                e.message()
+            ));
         }
     }
     if failures.is_empty() {
@@ -505,13 +527,14 @@ pub(super) async fn mode_update(
             "update replica {} for volume {}",
             r.replica_address, engine.addr
         ),
-        p.controller(&engine).replica_update(timed(ptypes::ControllerReplica {
-            address: Some(ptypes::ReplicaAddress {
-                address: r.replica_address.clone(),
-                instance_name: String::new(),
-            }),
-            mode: mode as i32,
-        })),
+        p.controller(&engine)
+            .replica_update(timed(ptypes::ControllerReplica {
+                address: Some(ptypes::ReplicaAddress {
+                    address: r.replica_address.clone(),
+                    instance_name: String::new(),
+                }),
+                mode: mode as i32,
+            })),
     )
     .await?;
     Ok(())
@@ -528,9 +551,10 @@ pub(super) async fn sync_limit_set(
             "set rebuild concurrent sync limit to {} for volume {}",
             r.limit, engine.addr
         ),
-        p.controller(&engine).replica_rebuild_concurrent_sync_limit_set(timed(
-            ptypes::ReplicaRebuildConcurrentSyncLimitSetRequest { limit: r.limit },
-        )),
+        p.controller(&engine)
+            .replica_rebuild_concurrent_sync_limit_set(timed(
+                ptypes::ReplicaRebuildConcurrentSyncLimitSetRequest { limit: r.limit },
+            )),
     )
     .await?;
     Ok(())

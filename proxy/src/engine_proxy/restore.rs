@@ -207,13 +207,18 @@ impl Restore {
             let disk = disk.clone();
             async move {
                 if x.mode == ReplicaMode::Err {
-                    return (x, Err("cannot restore backup from replica in mode ERR".to_string()));
+                    return (
+                        x,
+                        Err("cannot restore backup from replica in mode ERR".to_string()),
+                    );
                 }
                 let started = async {
                     let mut agent = p.agent(x.parsed()?, &id)?;
                     tokio::time::timeout(ENGINE_CALL_TIMEOUT, agent.backup_restore(timed(request)))
                         .await
-                        .unwrap_or_else(|_| Err(Status::deadline_exceeded("context deadline exceeded")))
+                        .unwrap_or_else(|_| {
+                            Err(Status::deadline_exceeded("context deadline exceeded"))
+                        })
                 }
                 .await;
                 (
@@ -247,7 +252,13 @@ impl Restore {
 fn listed(replicas: &[Listed]) -> String {
     let items: Vec<String> = replicas
         .iter()
-        .map(|x| format!("{{Address:{} Mode:{}}}", x.text, super::snapshot::mode_name(x.mode)))
+        .map(|x| {
+            format!(
+                "{{Address:{} Mode:{}}}",
+                x.text,
+                super::snapshot::mode_name(x.mode)
+            )
+        })
         .collect();
     format!("[{}]", items.join(" "))
 }
@@ -295,7 +306,11 @@ async fn restore_statuses(
         }
         .await;
         let entry = result.unwrap_or_else(|e| ptypes::RestoreStatusResponse {
-            error: format!("Failed to get restoring status on {}: {}", x.text, e.message()),
+            error: format!(
+                "Failed to get restoring status on {}: {}",
+                x.text,
+                e.message()
+            ),
             ..Default::default()
         });
         statuses.insert(x.text.clone(), entry);

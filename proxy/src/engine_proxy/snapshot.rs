@@ -106,7 +106,10 @@ pub(super) async fn create(
     logged("VolumeSnapshot", &engine, true);
     let snapshot = r.snapshot_volume.unwrap_or_default();
     let reply = call(
-        &format!("create snapshot {} for volume {}", snapshot.name, engine.addr),
+        &format!(
+            "create snapshot {} for volume {}",
+            snapshot.name, engine.addr
+        ),
         p.controller(&engine).volume_snapshot(timed(snapshot)),
     )
     .await?;
@@ -126,13 +129,18 @@ pub(super) async fn list(
     Ok(EngineSnapshotListProxyResponse { disks })
 }
 
-pub(super) async fn revert(p: &EngineProxy, r: EngineSnapshotRevertRequest) -> Result<Empty, Status> {
+pub(super) async fn revert(
+    p: &EngineProxy,
+    r: EngineSnapshotRevertRequest,
+) -> Result<Empty, Status> {
     let engine = p.engine(r.proxy_engine_request.as_ref())?;
     logged("SnapshotRevert", &engine, true);
     call(
         &format!("revert to snapshot {} for volume {}", r.name, engine.addr),
         p.controller(&engine)
-            .volume_revert(timed(ptypes::VolumeRevertRequest { name: r.name.clone() })),
+            .volume_revert(timed(ptypes::VolumeRevertRequest {
+                name: r.name.clone(),
+            })),
     )
     .await?;
     Ok(())
@@ -404,7 +412,10 @@ pub(super) async fn clone_status(
 
 /// Marks each name removed on every replica (the bytes go at the next purge); a failure is
 /// logged and the last one returned, as Longhorn's proxy does.
-pub(super) async fn remove(p: &EngineProxy, r: EngineSnapshotRemoveRequest) -> Result<Empty, Status> {
+pub(super) async fn remove(
+    p: &EngineProxy,
+    r: EngineSnapshotRemoveRequest,
+) -> Result<Empty, Status> {
     let engine = p.engine(r.proxy_engine_request.as_ref())?;
     logged("SnapshotRemove", &engine, true);
     let mut last_error = None;
@@ -498,7 +509,8 @@ pub(super) async fn hash(p: &EngineProxy, r: EngineSnapshotHashRequest) -> Resul
         }
         let lock = call(
             "get snapshot hash lock state",
-            p.agent(x.parsed()?, &id)?.snapshot_hash_lock_state(timed(())),
+            p.agent(x.parsed()?, &id)?
+                .snapshot_hash_lock_state(timed(())),
         )
         .await?;
         if lock.is_locked {
@@ -582,10 +594,11 @@ pub(super) async fn hash_status(
             let result = async {
                 call(
                     "get snapshot hash status",
-                    p.agent(x.parsed()?, &id)?
-                        .snapshot_hash_status(timed(ptypes::SnapshotHashStatusRequest {
+                    p.agent(x.parsed()?, &id)?.snapshot_hash_status(timed(
+                        ptypes::SnapshotHashStatusRequest {
                             snapshot_name: name,
-                        })),
+                        },
+                    )),
                 )
                 .await
             }

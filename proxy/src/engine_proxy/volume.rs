@@ -97,9 +97,10 @@ pub(super) async fn unmap_mark_set(
             "set UnmapMarkSnapChainRemoved to {enabled} for volume {}",
             engine.addr
         ),
-        p.controller(&engine).volume_unmap_mark_snap_chain_removed_set(timed(
-            ptypes::VolumeUnmapMarkSnapChainRemovedSetRequest { enabled },
-        )),
+        p.controller(&engine)
+            .volume_unmap_mark_snap_chain_removed_set(timed(
+                ptypes::VolumeUnmapMarkSnapChainRemovedSetRequest { enabled },
+            )),
     )
     .await?;
     Ok(())
@@ -114,10 +115,9 @@ pub(super) async fn snapshot_max_count_set(
     let count = r.count.map(|c| c.count).unwrap_or_default();
     call(
         &format!("set SnapshotMaxCount to {count} for volume {}", engine.addr),
-        p.controller(&engine)
-            .volume_snapshot_max_count_set(timed(ptypes::VolumeSnapshotMaxCountSetRequest {
-                count,
-            })),
+        p.controller(&engine).volume_snapshot_max_count_set(timed(
+            ptypes::VolumeSnapshotMaxCountSetRequest { count },
+        )),
     )
     .await?;
     Ok(())

@@ -253,36 +253,38 @@ pub async fn im_proxy(reply: Reply) -> ImProxy {
             };
             let (record, reply) = (record.clone(), reply.clone());
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let (record, reply) = (record.clone(), reply.clone());
-                    async move {
-                        let (parts, body) = req.into_parts();
-                        let collected = body.collect().await?;
-                        let trailers = collected.trailers().cloned();
-                        record.lock().unwrap().push(Seen {
-                            path: parts.uri.path().to_string(),
-                            headers: parts.headers,
-                            body: collected.to_bytes(),
-                            trailers,
-                        });
-                        let mut t = http::HeaderMap::new();
-                        for (k, v) in &reply.trailers {
-                            t.insert(*k, v.parse().unwrap());
+                let service =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let (record, reply) = (record.clone(), reply.clone());
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let collected = body.collect().await?;
+                            let trailers = collected.trailers().cloned();
+                            record.lock().unwrap().push(Seen {
+                                path: parts.uri.path().to_string(),
+                                headers: parts.headers,
+                                body: collected.to_bytes(),
+                                trailers,
+                            });
+                            let mut t = http::HeaderMap::new();
+                            for (k, v) in &reply.trailers {
+                                t.insert(*k, v.parse().unwrap());
+                            }
+                            let body = Full::new(reply.body.clone()).with_trailers(async move {
+                                Some(Ok::<_, std::convert::Infallible>(t))
+                            });
+                            let response = http::Response::builder()
+                                .header("content-type", "application/grpc")
+                                .header("x-from", "instance-manager")
+                                .body(body)
+                                .unwrap();
+                            Ok::<_, hyper::Error>(response)
                         }
-                        let body = Full::new(reply.body.clone()).with_trailers(async move {
-                            Some(Ok::<_, std::convert::Infallible>(t))
-                        });
-                        let response = http::Response::builder()
-                            .header("content-type", "application/grpc")
-                            .header("x-from", "instance-manager")
-                            .body(body)
-                            .unwrap();
-                        Ok::<_, hyper::Error>(response)
-                    }
-                });
-                let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
+                    });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
             });
         }
     });
@@ -322,7 +324,10 @@ pub async fn raw_call(
     for (k, v) in extra {
         req = req.header(*k, *v);
     }
-    let response = send.send_request(req.body(Full::new(body)).unwrap()).await.unwrap();
+    let response = send
+        .send_request(req.body(Full::new(body)).unwrap())
+        .await
+        .unwrap();
     let (parts, body) = response.into_parts();
     let collected = body.collect().await.unwrap();
     let trailers = collected.trailers().cloned();
