@@ -74,10 +74,16 @@ enum Cmd {
         json: Option<PathBuf>,
     },
     /// Run a simulated Longhorn engine and replicas in the foreground (Ctrl-C stops them).
+    /// They are named as Longhorn names them (`<volume>-e-0`, `<volume>-r-<i>`, spares after
+    /// the attached replicas) and refuse calls for other names, as v1.12.1's do.
     Sim {
         /// Volume name.
         #[arg(long)]
         volume: String,
+        /// Which engine release to behave as: v1.12.1, or v1.3.3 (no identity check,
+        /// controller API 3, backups without `concurrent_limit`).
+        #[arg(long, default_value = "v1.12.1", value_parser = parse_release)]
+        release: sim::Release,
         /// Volume size: bytes or 64Ki / 64Mi / 1Gi.
         #[arg(long, default_value = "64Mi", value_parser = parse_size)]
         size: i64,
@@ -211,8 +217,19 @@ fn run_demo(args: lhnet_loadtest::demo::DemoArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+fn parse_release(text: &str) -> Result<sim::Release, String> {
+    match text {
+        "v1.12.1" => Ok(sim::Release::V1_12_1),
+        "v1.3.3" => Ok(sim::Release::V1_3_3),
+        other => Err(format!(
+            "{other:?} is not a release the simulator knows: v1.12.1 or v1.3.3"
+        )),
+    }
+}
+
 fn run_sim(
     volume: String,
+    release: sim::Release,
     size: i64,
     engine: SocketAddr,
     replicas: Vec<SocketAddr>,
@@ -228,15 +245,22 @@ fn run_sim(
     };
     runtime.block_on(async move {
         let mut running = Vec::new();
-        for (addr, attached) in replicas
+        for (i, (addr, attached)) in replicas
             .iter()
             .map(|a| (a, true))
             .chain(spares.iter().map(|a| (a, false)))
+            .enumerate()
         {
-            match sim::start_replica(*addr, size).await {
+            let spec = sim::ReplicaSpec {
+                release,
+                volume: volume.clone(),
+                instance: format!("{volume}-r-{i}"),
+                size,
+            };
+            match sim::start_replica_with(*addr, spec).await {
                 Ok(r) => {
                     println!(
-                        "replica {} (data {}, sync agent {}){}",
+                        "replica {} {volume}-r-{i} (data {}, sync agent {}){}",
                         r.url(),
                         r.data.addr,
                         r.sync_agent.addr,
@@ -257,7 +281,14 @@ fn run_sim(
             .take(replicas.len())
             .map(|r| r.url())
             .collect();
-        let engine = match sim::start_engine(engine, &volume, size, attached).await {
+        let spec = sim::EngineSpec {
+            release,
+            volume: volume.clone(),
+            instance: format!("{volume}-e-0"),
+            size,
+            replicas: attached,
+        };
+        let engine = match sim::start_engine_with(engine, spec).await {
             Ok(e) => e,
             Err(e) => {
                 eprintln!("lhnet-loadtest sim: engine {engine}: {e}");
@@ -281,7 +312,7 @@ fn run_sim(
             None => None,
         };
         println!(
-            "engine {} volume {volume} size {size}; Ctrl-C stops",
+            "engine {} {volume}-e-0 volume {volume} size {size}; Ctrl-C stops",
             engine.served.addr
         );
         let _ = tokio::signal::ctrl_c().await;
@@ -365,12 +396,13 @@ fn main() -> ExitCode {
         ),
         Cmd::Sim {
             volume,
+            release,
             size,
             engine,
             replicas,
             spares,
             frontend,
-        } => run_sim(volume, size, engine, replicas, spares, frontend),
+        } => run_sim(volume, release, size, engine, replicas, spares, frontend),
         Cmd::Bench {
             peers,
             threads,

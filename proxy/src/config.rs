@@ -2144,6 +2144,44 @@ clusters: [{ name: engines, type: original_dst }]
     }
 
     #[test]
+    fn passthrough_cluster_is_a_static_cluster_on_an_engine_proxy_route() {
+        let clusters = "clusters:\n  - { name: engines, type: original_dst }\n  - { name: im, type: static, endpoints: [127.0.0.1:8501] }\n";
+        let route = |extra: &str| {
+            format!(
+                "listeners:\n  - name: m\n    address: 127.0.0.1:0\n    routes:\n      - {{ match: {{ prefix: / }}, local: longhorn_engine_proxy, {extra} }}\n      - {{ match: {{ prefix: /h }}, local: health, passthrough_cluster: im }}\n{clusters}"
+            )
+        };
+        let text = Config::parse(&route("passthrough_cluster: im"), "x")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains("listeners[0].routes[1].passthrough_cluster: only local: longhorn_engine_proxy routes take passthrough_cluster"),
+            "{text}"
+        );
+        for (extra, want) in [
+            (
+                "passthrough_cluster: nope",
+                "listeners[0].routes[0].passthrough_cluster: no cluster named \"nope\"",
+            ),
+            (
+                "passthrough_cluster: engines",
+                "listeners[0].routes[0].passthrough_cluster: cluster \"engines\" is original_dst",
+            ),
+        ] {
+            let text = Config::parse(&route(extra), "x").unwrap_err().to_string();
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+        let good = format!(
+            "listeners:\n  - name: m\n    address: 127.0.0.1:0\n    routes:\n      - {{ match: {{ prefix: / }}, local: longhorn_engine_proxy, passthrough_cluster: im }}\n{clusters}"
+        );
+        let c = Config::parse(&good, "x").unwrap();
+        assert_eq!(
+            c.listeners[0].routes[0].passthrough_cluster.as_deref(),
+            Some("im")
+        );
+    }
+
+    #[test]
     fn backup_target_settings_and_mistakes() {
         let listeners = "listeners: [{ name: h, address: 127.0.0.1:0, routes: [{ match: { prefix: / }, local: health }] }]\n";
         let c = Config::parse(listeners, "x").unwrap();

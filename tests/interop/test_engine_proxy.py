@@ -1,5 +1,7 @@
 """Interop: Python's grpcio (an independent gRPC stack, like Longhorn's Go client) drives
-imrpc.ProxyEngineService through the lhnet-proxy binary against the simulated engine.
+imrpc.ProxyEngineService through the lhnet-proxy binary against the simulated engine, with
+requests shaped as a v1.12.1 manager shapes them (every ProxyEngineRequest field, the names the
+engine checks) and, where noted, as a v1.3.3 manager does (the address only).
 
 Needs the binaries built (`cargo build --bins`); .ci/run does that and installs grpcio-tools.
 """
@@ -26,7 +28,7 @@ def stubs():
     out = tempfile.mkdtemp(prefix="lhnet-py-")
     wkt = pathlib.Path(protoc.__file__).parent / "_proto"
     files = ["ptypes/common.proto", "ptypes/controller.proto", "ptypes/replica.proto",
-             "ptypes/syncagent.proto", "imrpc/proxy.proto"]
+             "ptypes/syncagent.proto", "imrpc/common.proto", "imrpc/proxy.proto"]
     rc = protoc.main(["protoc", f"-I{ROOT / 'proto'}", f"-I{wkt}", f"--python_out={out}",
                       f"--grpc_python_out={out}", *files])
     assert rc == 0, "grpc_tools.protoc failed on the project's protos"
@@ -106,7 +108,8 @@ clusters:
         wait_port(listen, proxy, "lhnet-proxy")
         channel = grpc.insecure_channel(f"127.0.0.1:{listen}")
         yield {"stub": stubs[1].ProxyEngineServiceStub(channel), "pb": stubs[0], "ptypes": stubs[2],
-               "engine": f"127.0.0.1:{engine}", "spare": f"tcp://127.0.0.1:{spare}"}
+               "engine": f"127.0.0.1:{engine}", "spare": f"tcp://127.0.0.1:{spare}",
+               "spare_name": "vol-py-r-2"}
         channel.close()
     finally:
         for p in (proxy, sim):
@@ -115,32 +118,93 @@ clusters:
         os.unlink(config.name)
 
 
+# imrpc/common.proto's enums (DataEngine, BackendStoreDriver).
+DATA_ENGINE_V1, DATA_ENGINE_V2 = 0, 1
+
+
+def v12(world, **overrides):
+    """The ProxyEngineRequest a v1.12.1 manager sends for the simulated volume."""
+    pb = world["pb"]
+    fields = dict(address=world["engine"], backend_store_driver=0, engine_name="vol-py-e-0",
+                  volume_name="vol-py", data_engine=DATA_ENGINE_V1, engine_frontend_name="")
+    fields.update(overrides)
+    return pb.ProxyEngineRequest(**fields)
+
+
+def v13(world):
+    """The ProxyEngineRequest a v1.3.3 manager sends: the address only."""
+    return world["pb"].ProxyEngineRequest(address=world["engine"])
+
+
 def test_volume_and_version(world):
     pb, stub = world["pb"], world["stub"]
-    req = pb.ProxyEngineRequest(address=world["engine"])
-    volume = stub.VolumeGet(req, timeout=10).volume
-    assert (volume.name, volume.size, volume.replicaCount) == ("vol-py", 64 << 20, 2)
-    version = stub.ServerVersionGet(req, timeout=10).version
-    assert version.cliAPIVersion == 5
+    for req in (v12(world), v13(world)):
+        volume = stub.VolumeGet(req, timeout=10).volume
+        assert (volume.name, volume.size, volume.replicaCount) == ("vol-py", 64 << 20, 2)
+        # The v1.12 reply fields a v1.12.1 manager's engine monitor compares.
+        assert (volume.snapshot_max_count, volume.snapshot_max_size) == (250, 0)
+    version = stub.ServerVersionGet(pb.ProxyEngineRequest(address=world["engine"]), timeout=10).version
+    assert (version.cliAPIVersion, version.controllerAPIVersion) == (12, 6)
     stub.Ping(empty_pb2.Empty(), timeout=10)
+
+
+def test_v1_12_calls_and_flags(world):
+    pb, stub, ptypes = world["pb"], world["stub"], world["ptypes"]
+    req = v12(world)
+    stub.VolumeSnapshotMaxCountSet(pb.EngineVolumeSnapshotMaxCountSetRequest(
+        proxy_engine_request=req, count=ptypes.VolumeSnapshotMaxCountSetRequest(count=100)), timeout=10)
+    stub.ReplicaRebuildConcurrentSyncLimitSet(pb.EngineReplicaRebuildConcurrentSyncLimitSetRequest(
+        proxy_engine_request=req, limit=2), timeout=10)
+    assert stub.VolumeGet(req, timeout=10).volume.snapshot_max_count == 100
+    assert stub.ReplicaRebuildConcurrentSyncLimitGet(req, timeout=10).limit == 2
+    metrics = stub.MetricsGet(req, timeout=10).metrics
+    assert metrics.readIOPS == 0 and metrics.writeIOPS == 0
+    # v2 is the instance-manager's; this pod has no passthrough configured.
+    with pytest.raises(grpc.RpcError) as v2:
+        stub.VolumeGet(v12(world, data_engine=DATA_ENGINE_V2), timeout=10)
+    assert v2.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "passthrough_cluster" in v2.value.details()
+    with pytest.raises(grpc.RpcError) as qos:
+        stub.ReplicaRebuildingQosSet(pb.EngineReplicaRebuildingQosSetRequest(
+            proxy_engine_request=req, qos_limit_mbps=10), timeout=10)
+    assert qos.value.details() == "unsupported data engine DATA_ENGINE_V1"
+
+
+def test_a_call_for_another_volume_is_refused_by_the_engine(world):
+    pb, stub, ptypes = world["pb"], world["stub"], world["ptypes"]
+    wrong = v12(world, volume_name="vol-other", engine_name="vol-other-e-0")
+    expand = pb.EngineVolumeExpandRequest(proxy_engine_request=wrong,
+                                          expand=ptypes.VolumeExpandRequest(size=128 << 20))
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.VolumeExpand(expand, timeout=10)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "incorrect volume name vol-other; check controller address" in refused.value.details()
+    assert stub.VolumeGet(v12(world), timeout=10).volume.size == 64 << 20
 
 
 def test_snapshot_list_and_replica_add(world):
     pb, stub, ptypes = world["pb"], world["stub"], world["ptypes"]
-    req = pb.ProxyEngineRequest(address=world["engine"])
+    req = v12(world)
     snap = pb.EngineVolumeSnapshotRequest(proxy_engine_request=req,
-                                          snapshot_volume=ptypes.VolumeSnapshotRequest(name="py-snap"))
+                                          snapshot_volume=ptypes.VolumeSnapshotRequest(
+                                              name="py-snap", labels={"k": ""}, freezeFilesystem=True))
     assert stub.VolumeSnapshot(snap, timeout=10).snapshot.name == "py-snap"
     disks = stub.SnapshotList(req, timeout=10).disks
     assert "py-snap" in disks and disks["volume-head"].parent == "py-snap"
+    assert dict(disks["py-snap"].labels) == {"k": ""}
 
-    stub.ReplicaAdd(pb.EngineReplicaAddRequest(proxy_engine_request=req, replica_address=world["spare"],
-                                                size=64 << 20, currentSize=64 << 20), timeout=30)
+    add = pb.EngineReplicaAddRequest(proxy_engine_request=req, replica_address=world["spare"],
+                                     size=64 << 20, current_size=64 << 20, fast_sync=True,
+                                     file_sync_http_client_timeout=30, replica_name=world["spare_name"],
+                                     grpc_timeout_seconds=600)
+    stub.ReplicaAdd(add, timeout=30)
     replicas = stub.ReplicaList(req, timeout=10).replica_list.replicas
     modes = {r.address.address: r.mode for r in replicas}
     assert modes[world["spare"]] == ptypes.RW
-    status = stub.SnapshotPurgeStatus(req, timeout=10).status
+    # A v1.3.3 manager's status call sees the same replicas, each with a value.
+    status = stub.SnapshotPurgeStatus(v13(world), timeout=10).status
     assert set(status) == set(modes)
+    assert all(s.error == "" for s in status.values())
 
 
 def test_errors_keep_their_codes(world):
@@ -152,8 +216,11 @@ def test_errors_keep_their_codes(world):
         stub.VolumeGet(pb.ProxyEngineRequest(address="not an address"), timeout=10)
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "address" in bad.value.details()
-    revert = pb.EngineSnapshotRevertRequest(proxy_engine_request=pb.ProxyEngineRequest(address=world["engine"]),
-                                            name="volume-head")
+    revert = pb.EngineSnapshotRevertRequest(proxy_engine_request=v12(world), name="volume-head")
     with pytest.raises(grpc.RpcError) as head:
         stub.SnapshotRevert(revert, timeout=10)
     assert "volume head" in head.value.details()
+    with pytest.raises(grpc.RpcError) as unknown:
+        stub.VolumeGet(v12(world, data_engine=7), timeout=10)
+    assert (unknown.value.code(), unknown.value.details()) == (grpc.StatusCode.UNIMPLEMENTED,
+                                                                "unsupported data engine 7")
