@@ -364,6 +364,7 @@ async fn replica_calls(m: Manager) {
         replica_address: third.url(),
         mode: mode as i32,
     };
+    v.engine.record().start();
     let err = p
         .client
         .replica_mode_update(update(ReplicaMode::Wo))
@@ -386,6 +387,19 @@ async fn replica_calls(m: Manager) {
         mode_of(&mut p.client, &v, &third.url()).await,
         Some(ReplicaMode::Err as i32),
         "ERR stays ERR"
+    );
+    let updates: Vec<(String, i32)> = v
+        .engine
+        .record()
+        .of::<ptypes::ControllerReplica>("ReplicaUpdate")
+        .into_iter()
+        .map(|(_, r)| (r.address.unwrap().address, r.mode))
+        .collect();
+    assert_eq!(
+        updates,
+        [ReplicaMode::Wo, ReplicaMode::Err, ReplicaMode::Rw]
+            .map(|mode| (third.url(), mode as i32))
+            .to_vec()
     );
 
     // QoS is the v2 engine's: Longhorn's proxy refuses it for v1 in these words.

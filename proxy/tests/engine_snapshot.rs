@@ -189,11 +189,9 @@ async fn snapshot_calls_of_a_v1_3_3_manager() {
     snapshot_calls(Manager::V1_3_3).await;
 }
 
-#[tokio::test]
-async fn snapshot_purge_coalesces_removed_snapshots_and_keeps_the_bytes() {
+async fn purge_coalesces_removed_snapshots(m: Manager) {
     let mut p = longhorn::start_proxy().await;
     let v = longhorn::volume("vol-p", 2).await;
-    let m = Manager::V1_12_1;
     for (i, name) in ["p1", "p2", "p3"].iter().enumerate() {
         v.write(i * 8192, &[i as u8 + 1; 8192]);
         p.client
@@ -272,6 +270,16 @@ async fn snapshot_purge_coalesces_removed_snapshots_and_keeps_the_bytes() {
             "purge changed what the volume reads"
         );
     }
+}
+
+#[tokio::test]
+async fn snapshot_purge_of_a_v1_12_1_manager_coalesces_and_keeps_the_bytes() {
+    purge_coalesces_removed_snapshots(Manager::V1_12_1).await;
+}
+
+#[tokio::test]
+async fn snapshot_purge_of_a_v1_3_3_manager_coalesces_and_keeps_the_bytes() {
+    purge_coalesces_removed_snapshots(Manager::V1_3_3).await;
 }
 
 async fn clone_between_volumes(m: Manager) {

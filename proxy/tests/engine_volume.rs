@@ -221,6 +221,12 @@ async fn volume_calls(m: Manager) {
         .map(|(_, r)| r.count)
         .collect();
     assert_eq!(counts, vec![7, 1]);
+    let max_sizes: Vec<i64> = record
+        .of::<ptypes::VolumeSnapshotMaxSizeSetRequest>("VolumeSnapshotMaxSizeSet")
+        .into_iter()
+        .map(|(_, r)| r.size)
+        .collect();
+    assert_eq!(max_sizes, vec![3 << 30]);
     let unmap = record.of::<ptypes::VolumeUnmapMarkSnapChainRemovedSetRequest>(
         "VolumeUnmapMarkSnapChainRemovedSet",
     );

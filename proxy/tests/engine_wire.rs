@@ -225,6 +225,29 @@ async fn what_lhnet_does_not_serve_goes_byte_for_byte_to_the_instance_manager_s_
         ),
         ("SPDKBackingImageList", vec![]),
         (
+            "SPDKBackingImageCreate",
+            SpdkBackingImageCreateRequest {
+                name: "bi".into(),
+                backing_image_uuid: "u".into(),
+                disk_uuid: "d".into(),
+                size: 1 << 30,
+                checksum: "c".into(),
+                from_address: "10.30.0.9:8002".into(),
+                src_lvs_uuid: "l".into(),
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "SPDKBackingImageDelete",
+            SpdkBackingImageDeleteRequest {
+                name: "bi".into(),
+                disk_uuid: "d".into(),
+            }
+            .encode_to_vec(),
+        ),
+        // The one server-streaming call: the stream comes back as the IM sends it.
+        ("SPDKBackingImageWatch", vec![]),
+        (
             "SPDKBackingImageGet",
             SpdkBackingImageGetRequest {
                 name: "bi".into(),
