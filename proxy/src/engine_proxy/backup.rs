@@ -7,8 +7,8 @@ use lhnet_proto::ptypes::{self, ReplicaMode};
 use tonic::Status;
 
 use super::{
-    call, credential_map, go_text, logged, not_served, timed, Empty, EngineProxy, ReplicaAddr,
-    ENGINE_CALL_TIMEOUT,
+    answer, call, credential_map, go_text, logged, not_served, timed, Empty, EngineProxy,
+    ReplicaAddr, ENGINE_CALL_TIMEOUT,
 };
 
 /// Starts a backup of a snapshot on the engine's first RW replica; the backup itself runs
@@ -128,16 +128,15 @@ pub(super) async fn status(
     })?;
     let id = engine.id.for_instance("replica_name", &r.replica_name)?;
     let mut agent = p.agent(addr, &id)?;
-    let asked = tokio::time::timeout(
+    let asked = answer(
         ENGINE_CALL_TIMEOUT,
         agent.backup_status(timed(ptypes::BackupStatusRequest {
             backup: r.backup_name.clone(),
         })),
     )
-    .await
-    .unwrap_or_else(|_| Err(Status::deadline_exceeded("context deadline exceeded")));
+    .await;
     let status = match asked {
-        Ok(s) => s.into_inner(),
+        Ok(s) => s,
         Err(e) => ptypes::BackupStatusResponse {
             error: format!(
                 "Failed to get backup status on {address} for {}: {}",

@@ -306,16 +306,21 @@ async fn call_within<T, F>(op: &str, limit: Duration, fut: F) -> Result<T, Statu
 where
     F: Future<Output = Result<Response<T>, Status>>,
 {
+    answer(limit, fut).await.map_err(|s| wrap(op, &s))
+}
+
+/// The downstream answer as it came, under `limit`: for callers that put the status in their
+/// own words (status maps, task errors).
+async fn answer<T, F>(limit: Duration, fut: F) -> Result<T, Status>
+where
+    F: Future<Output = Result<Response<T>, Status>>,
+{
     match tokio::time::timeout(limit, fut).await {
-        Ok(Ok(r)) => Ok(r.into_inner()),
-        Ok(Err(s)) => Err(wrap(op, &s)),
-        Err(_) => Err(wrap(
-            op,
-            &Status::deadline_exceeded(format!(
-                "context deadline exceeded (no answer within {} s)",
-                limit.as_secs()
-            )),
-        )),
+        Ok(r) => r.map(Response::into_inner),
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "context deadline exceeded (no answer within {} s)",
+            limit.as_secs()
+        ))),
     }
 }
 

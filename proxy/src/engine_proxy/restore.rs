@@ -17,7 +17,7 @@ use tonic::Status;
 
 use super::snapshot::{is_rebuilding, purge_replicas, purge_status_of, snapshots_info};
 use super::{
-    call, credential_map, go_text, logged, timed, Engine, EngineProxy, Listed, TaskError,
+    answer, call, credential_map, go_text, logged, timed, Engine, EngineProxy, Listed, TaskError,
     ENGINE_CALL_TIMEOUT,
 };
 
@@ -214,11 +214,7 @@ impl Restore {
                 }
                 let started = async {
                     let mut agent = p.agent(x.parsed()?, &id)?;
-                    tokio::time::timeout(ENGINE_CALL_TIMEOUT, agent.backup_restore(timed(request)))
-                        .await
-                        .unwrap_or_else(|_| {
-                            Err(Status::deadline_exceeded("context deadline exceeded"))
-                        })
+                    answer(ENGINE_CALL_TIMEOUT, agent.backup_restore(timed(request))).await
                 }
                 .await;
                 (
