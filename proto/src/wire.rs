@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
+use prost::encoding::encode_varint;
 use prost::Message;
 use prost_types::field_descriptor_proto::Type;
 use prost_types::{DescriptorProto, FileDescriptorSet};
@@ -229,7 +230,7 @@ impl Schema {
                     put_len_delimited(&mut out, tag, &rewritten);
                 }
                 (Some((tag, raw)), _) => {
-                    write_varint(&mut out, tag);
+                    encode_varint(tag, &mut out);
                     out.extend_from_slice(raw);
                 }
                 (None, kind) => put_default(&mut out, number, kind),
@@ -248,26 +249,18 @@ fn put_default(out: &mut Vec<u8>, number: u64, kind: Kind) {
         // A length of 0.
         Kind::Bytes | Kind::Message(_) => (2, 1),
     };
-    write_varint(out, number << 3 | wire_type);
+    encode_varint(number << 3 | wire_type, out);
     out.extend(std::iter::repeat_n(0u8, zeros));
 }
 
 fn put_len_delimited(out: &mut Vec<u8>, tag: u64, body: &[u8]) {
-    write_varint(out, tag);
-    write_varint(out, body.len() as u64);
+    encode_varint(tag, out);
+    encode_varint(body.len() as u64, out);
     out.extend_from_slice(body);
 }
 
 fn read_varint(input: &mut &[u8]) -> Option<u64> {
-    let mut value = 0u64;
-    for (i, b) in input.iter().enumerate().take(10) {
-        value |= u64::from(b & 0x7f) << (7 * i);
-        if b & 0x80 == 0 {
-            *input = &input[i + 1..];
-            return Some(value);
-        }
-    }
-    None
+    prost::encoding::decode_varint(input).ok()
 }
 
 fn read_len<'a>(input: &mut &'a [u8]) -> Option<&'a [u8]> {
@@ -291,14 +284,6 @@ fn skip_value(input: &mut &[u8], wire_type: u8) -> Option<()> {
         _ => return None,
     }
     Some(())
-}
-
-fn write_varint(out: &mut Vec<u8>, mut value: u64) {
-    while value >= 0x80 {
-        out.push((value as u8) | 0x80);
-        value >>= 7;
-    }
-    out.push(value as u8);
 }
 
 #[cfg(test)]

@@ -379,27 +379,9 @@ pub fn now_rfc3339() -> String {
     )
 }
 
-/// A random UUID (v4 layout), as the engine names snapshots it is not given a name for.
+/// A random (v4) UUID, as the engine names snapshots it is not given a name for.
 pub fn uuid() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    let a = h.finish();
-    h.write_u64(a);
-    let b = h.finish();
-    format!(
-        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
-        a >> 32,
-        (a >> 16) & 0xffff,
-        a & 0xfff,
-        0x8000 | ((b >> 48) & 0x3fff),
-        b & 0xffff_ffff_ffff
-    )
+    uuid::Uuid::new_v4().to_string()
 }
 
 /// `tcp://IP:PORT` (or `IP:PORT`) of a replica, parsed.

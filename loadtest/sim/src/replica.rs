@@ -254,6 +254,17 @@ impl SimReplica {
         self.with(|s| Ok(s.to_proto()))
     }
 
+    /// Applies a change and answers the replica as it stands after it, under one lock.
+    fn changed(
+        &self,
+        f: impl FnOnce(&mut ReplicaState) -> Result<(), Status>,
+    ) -> Result<Option<Replica>, Status> {
+        self.with(|s| {
+            f(s)?;
+            Ok(Some(s.to_proto()))
+        })
+    }
+
     /// Writes bytes into the head at `offset`, as the engine's data path does.
     pub fn write(&self, offset: usize, bytes: &[u8]) -> Result<(), Status> {
         self.with(|s| {
@@ -653,14 +664,12 @@ impl ReplicaService for SimReplica {
             .size
             .parse()
             .map_err(|_| Status::invalid_argument("size is not a number"))?;
-        self.with(|s| {
+        let replica = self.changed(|s| {
             s.size = size;
             s.open = true;
             Ok(())
         })?;
-        Ok(Response::new(ReplicaCreateResponse {
-            replica: Some(self.info()?),
-        }))
+        Ok(Response::new(ReplicaCreateResponse { replica }))
     }
 
     async fn replica_delete(&self, _r: Request<()>) -> R<()> {
@@ -674,36 +683,30 @@ impl ReplicaService for SimReplica {
     }
 
     async fn replica_open(&self, _r: Request<ReplicaOpenRequest>) -> R<ReplicaOpenResponse> {
-        self.with(|s| {
+        let replica = self.changed(|s| {
             if s.open {
                 return Err(Status::unknown("replica is already open"));
             }
             s.open = true;
             Ok(())
         })?;
-        Ok(Response::new(ReplicaOpenResponse {
-            replica: Some(self.info()?),
-        }))
+        Ok(Response::new(ReplicaOpenResponse { replica }))
     }
 
     async fn replica_close(&self, _r: Request<()>) -> R<ReplicaCloseResponse> {
-        self.with(|s| {
+        let replica = self.changed(|s| {
             s.open = false;
             Ok(())
         })?;
-        Ok(Response::new(ReplicaCloseResponse {
-            replica: Some(self.info()?),
-        }))
+        Ok(Response::new(ReplicaCloseResponse { replica }))
     }
 
     async fn replica_reload(&self, _r: Request<()>) -> R<ReplicaReloadResponse> {
-        self.with(|s| {
+        let replica = self.changed(|s| {
             s.reload();
             Ok(())
         })?;
-        Ok(Response::new(ReplicaReloadResponse {
-            replica: Some(self.info()?),
-        }))
+        Ok(Response::new(ReplicaReloadResponse { replica }))
     }
 
     async fn replica_revert(&self, r: Request<ReplicaRevertRequest>) -> R<ReplicaRevertResponse> {
@@ -714,10 +717,8 @@ impl ReplicaService for SimReplica {
         if r.created.is_empty() {
             return Err(Status::unknown("need to specific created time"));
         }
-        self.with(|s| s.revert(&snap_file(&r.name)))?;
-        Ok(Response::new(ReplicaRevertResponse {
-            replica: Some(self.info()?),
-        }))
+        let replica = self.changed(|s| s.revert(&snap_file(&r.name)))?;
+        Ok(Response::new(ReplicaRevertResponse { replica }))
     }
 
     async fn replica_snapshot(
@@ -725,15 +726,14 @@ impl ReplicaService for SimReplica {
         r: Request<ReplicaSnapshotRequest>,
     ) -> R<ReplicaSnapshotResponse> {
         let r = r.into_inner();
-        self.with(|s| s.snapshot(&r.name, r.user_created, &r.created, r.labels))?;
-        Ok(Response::new(ReplicaSnapshotResponse {
-            replica: Some(self.info()?),
-        }))
+        let replica =
+            self.changed(|s| s.snapshot(&r.name, r.user_created, &r.created, r.labels))?;
+        Ok(Response::new(ReplicaSnapshotResponse { replica }))
     }
 
     async fn replica_expand(&self, r: Request<ReplicaExpandRequest>) -> R<ReplicaExpandResponse> {
         let size = r.into_inner().size;
-        self.with(|s| {
+        let replica = self.changed(|s| {
             if size < s.size {
                 return Err(Status::internal(format!(
                     "{{\"code\": \"FunctionFailedWithoutRollback\", \"message\": \"cannot shrink replica from {} to {size}\", \"rollbackMessage\": \"\"}}",
@@ -743,14 +743,12 @@ impl ReplicaService for SimReplica {
             s.size = size;
             Ok(())
         })?;
-        Ok(Response::new(ReplicaExpandResponse {
-            replica: Some(self.info()?),
-        }))
+        Ok(Response::new(ReplicaExpandResponse { replica }))
     }
 
     async fn disk_remove(&self, r: Request<DiskRemoveRequest>) -> R<DiskRemoveResponse> {
         let name = r.into_inner().name;
-        self.with(|s| {
+        let replica = self.changed(|s| {
             let file = if s.disks.contains_key(&name) {
                 name.clone()
             } else {
@@ -765,9 +763,7 @@ impl ReplicaService for SimReplica {
                 .map(|_| ())
                 .ok_or_else(|| Status::unknown(format!("cannot find disk {name}")))
         })?;
-        Ok(Response::new(DiskRemoveResponse {
-            replica: Some(self.info()?),
-        }))
+        Ok(Response::new(DiskRemoveResponse { replica }))
     }
 
     async fn disk_replace(&self, _r: Request<DiskReplaceRequest>) -> R<DiskReplaceResponse> {
@@ -791,7 +787,7 @@ impl ReplicaService for SimReplica {
         r: Request<DiskMarkAsRemovedRequest>,
     ) -> R<DiskMarkAsRemovedResponse> {
         let name = r.into_inner().name;
-        self.with(|s| {
+        let replica = self.changed(|s| {
             let file = if s.disks.contains_key(&name) {
                 name.clone()
             } else {
@@ -807,14 +803,12 @@ impl ReplicaService for SimReplica {
             }
             Ok(())
         })?;
-        Ok(Response::new(DiskMarkAsRemovedResponse {
-            replica: Some(self.info()?),
-        }))
+        Ok(Response::new(DiskMarkAsRemovedResponse { replica }))
     }
 
     async fn rebuilding_set(&self, r: Request<RebuildingSetRequest>) -> R<RebuildingSetResponse> {
         let rebuilding = r.into_inner().rebuilding;
-        self.with(|s| {
+        let replica = self.changed(|s| {
             let state = s.state_name();
             let ok = if rebuilding {
                 matches!(state, "open" | "dirty")
@@ -829,9 +823,7 @@ impl ReplicaService for SimReplica {
             s.rebuilding = rebuilding;
             Ok(())
         })?;
-        Ok(Response::new(RebuildingSetResponse {
-            replica: Some(self.info()?),
-        }))
+        Ok(Response::new(RebuildingSetResponse { replica }))
     }
 
     async fn revision_counter_set(
@@ -839,13 +831,11 @@ impl ReplicaService for SimReplica {
         r: Request<RevisionCounterSetRequest>,
     ) -> R<RevisionCounterSetResponse> {
         let counter = r.into_inner().counter;
-        self.with(|s| {
+        let replica = self.changed(|s| {
             s.revision_counter = counter;
             Ok(())
         })?;
-        Ok(Response::new(RevisionCounterSetResponse {
-            replica: Some(self.info()?),
-        }))
+        Ok(Response::new(RevisionCounterSetResponse { replica }))
     }
 
     async fn unmap_mark_disk_chain_removed_set(
@@ -853,12 +843,12 @@ impl ReplicaService for SimReplica {
         r: Request<UnmapMarkDiskChainRemovedSetRequest>,
     ) -> R<UnmapMarkDiskChainRemovedSetResponse> {
         let enabled = r.into_inner().enabled;
-        self.with(|s| {
+        let replica = self.changed(|s| {
             s.unmap_mark_disk_chain_removed = enabled;
             Ok(())
         })?;
         Ok(Response::new(UnmapMarkDiskChainRemovedSetResponse {
-            replica: Some(self.info()?),
+            replica,
         }))
     }
 
@@ -867,13 +857,11 @@ impl ReplicaService for SimReplica {
         r: Request<SnapshotMaxCountSetRequest>,
     ) -> R<SnapshotMaxCountSetResponse> {
         let count = r.into_inner().count;
-        self.with(|s| {
+        let replica = self.changed(|s| {
             s.snapshot_max_count = count;
             Ok(())
         })?;
-        Ok(Response::new(SnapshotMaxCountSetResponse {
-            replica: Some(self.info()?),
-        }))
+        Ok(Response::new(SnapshotMaxCountSetResponse { replica }))
     }
 
     /// Kept only: the engine enforces the size limit, never the replica.
@@ -882,13 +870,11 @@ impl ReplicaService for SimReplica {
         r: Request<SnapshotMaxSizeSetRequest>,
     ) -> R<SnapshotMaxSizeSetResponse> {
         let size = r.into_inner().size;
-        self.with(|s| {
+        let replica = self.changed(|s| {
             s.snapshot_max_size = size;
             Ok(())
         })?;
-        Ok(Response::new(SnapshotMaxSizeSetResponse {
-            replica: Some(self.info()?),
-        }))
+        Ok(Response::new(SnapshotMaxSizeSetResponse { replica }))
     }
 }
 

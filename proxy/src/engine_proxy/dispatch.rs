@@ -9,6 +9,7 @@
 //! on the instance-manager's own mounts, the deprecated BackupRestoreFinish, and any method name
 //! it does not know (a newer Longhorn) go to the route's `passthrough_cluster`.
 
+use prost::encoding::decode_varint;
 use tonic::Status;
 
 /// How a method's request carries the engine it names.
@@ -190,17 +191,17 @@ struct Value<'a> {
 /// Walks the top-level fields of a protobuf message; `None` when it does not parse.
 fn for_each_field<'a>(mut input: &'a [u8], mut f: impl FnMut(u64, u8, Value<'a>)) -> Option<()> {
     while !input.is_empty() {
-        let key = read_varint(&mut input)?;
+        let key = decode_varint(&mut input).ok()?;
         let wire_type = (key & 7) as u8;
         let mut value = Value {
             varint: 0,
             bytes: &[],
         };
         match wire_type {
-            0 => value.varint = read_varint(&mut input)?,
+            0 => value.varint = decode_varint(&mut input).ok()?,
             1 => input = input.get(8..)?,
             2 => {
-                let len = usize::try_from(read_varint(&mut input)?).ok()?;
+                let len = usize::try_from(decode_varint(&mut input).ok()?).ok()?;
                 value.bytes = input.get(..len)?;
                 input = &input[len..];
             }
@@ -210,18 +211,6 @@ fn for_each_field<'a>(mut input: &'a [u8], mut f: impl FnMut(u64, u8, Value<'a>)
         f(key >> 3, wire_type, value);
     }
     Some(())
-}
-
-fn read_varint(input: &mut &[u8]) -> Option<u64> {
-    let mut value = 0u64;
-    for (i, b) in input.iter().enumerate().take(10) {
-        value |= u64::from(b & 0x7f) << (7 * i);
-        if b & 0x80 == 0 {
-            *input = &input[i + 1..];
-            return Some(value);
-        }
-    }
-    None
 }
 
 #[cfg(test)]

@@ -259,28 +259,9 @@ fn listed(replicas: &[Listed]) -> String {
     format!("[{}]", items.join(" "))
 }
 
-/// A random UUID (v4 layout) for a new restore snapshot, as longhorn-engine names them.
+/// A random (v4) UUID for a new restore snapshot, as longhorn-engine names them.
 fn uuid() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let state = std::collections::hash_map::RandomState::new();
-    let mut h = state.build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    let a = h.finish();
-    h.write_u64(a);
-    let b = h.finish();
-    format!(
-        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
-        a >> 32,
-        (a >> 16) & 0xffff,
-        a & 0xfff,
-        0x8000 | (b >> 48) & 0x3fff,
-        b & 0xffff_ffff_ffff
-    )
+    uuid::Uuid::new_v4().to_string()
 }
 
 /// The restore status of every non-ERR replica; one that does not answer has its error in
