@@ -122,15 +122,19 @@ pub fn run(streams: usize, duration: Duration) -> Result<EngineReport, String> {
     let (proxy_cpus, load_cpus) = cpu_split(cpus, 1);
     let engine = spawn_runtime_thread("sim-engine", 1, load_cpus.clone(), |rt| {
         rt.block_on(async {
+            // One real replica, so the engine answers a volume with a replica in it.
+            let r = crate::sim::start_replica("127.0.0.1:0".parse().unwrap(), 64 << 20).await?;
             let e = crate::sim::start_engine(
                 "127.0.0.1:0".parse().unwrap(),
                 "bench-vol",
                 64 << 20,
-                vec!["tcp://127.0.0.1:10000".into()],
+                vec![r.url()],
             )
             .await?;
             let addr = e.served.addr;
-            std::mem::forget(e); // lives for the rest of the process
+            // Both live for the rest of the process.
+            std::mem::forget(r);
+            std::mem::forget(e);
             Ok::<SocketAddr, std::io::Error>(addr)
         })
     })?;

@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
+use fnv::FnvHashMap;
 use prost::encoding::encode_varint;
 use prost::Message;
 use prost_types::field_descriptor_proto::Type;
@@ -44,8 +45,10 @@ struct Shape {
 /// Every message of lhnet's protos, with the fields that matter for map entries.
 #[derive(Debug, Default)]
 pub struct Schema {
-    /// Package → message name within it (`Outer.Inner` for nested ones) → shape index.
-    names: HashMap<String, HashMap<String, usize>>,
+    /// Package → message name within it (`Outer.Inner` for nested ones) → shape index. FNV:
+    /// every message lhnet encodes is looked up here, and SipHash on these short names showed
+    /// in the engine proxy's profile.
+    names: FnvHashMap<String, FnvHashMap<String, usize>>,
     shapes: Vec<Shape>,
 }
 

@@ -166,7 +166,9 @@ impl AddressMap {
             ));
         }
         let at = SocketAddr::new(ip, settings.lookup.port);
-        match peer::ask(at, settings.lookup.timeout).await {
+        // Boxed: the lookup's future is kilobytes and only a cache miss needs it; unboxed it
+        // would sit in every engine-proxy call's future.
+        match Box::pin(peer::ask(at, settings.lookup.timeout)).await {
             Ok(answer) => {
                 tracing::debug!(management = %ip, storage = %answer.storage, "peer storage address learned");
                 self.learn(ip, answer.storage);
@@ -217,7 +219,9 @@ impl AddressMap {
         }
         // The peer's management listener binds every address, its storage one included.
         let at = SocketAddr::new(ip, settings.lookup.port);
-        match peer::ask(at, settings.lookup.timeout).await {
+        // Boxed: the lookup's future is kilobytes and only a cache miss needs it; unboxed it
+        // would sit in every engine-proxy call's future.
+        match Box::pin(peer::ask(at, settings.lookup.timeout)).await {
             Ok(peer::PeerAddresses {
                 management: Some(m),
                 ..

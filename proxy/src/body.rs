@@ -244,8 +244,77 @@ where
     }
     Ok(Buffered::Partial(Prefixed {
         prefix: buffered.chunks.into(),
+        trailers: None,
         inner: body,
     }))
+}
+
+/// Reads `body` until its first gRPC message is whole, and no further: the message's payload
+/// (after its 5-byte header; `None` when the body ends first), and a body that yields every
+/// byte read and then the rest of the stream. The caller bounds the message's size (a checked
+/// body refuses an oversized one as it arrives).
+pub async fn read_first_message<B>(mut body: B) -> Result<(Option<Bytes>, Prefixed<B>), BoxError>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    use http_body_util::BodyExt;
+    let mut chunks = VecDeque::new();
+    let mut read = 0usize;
+    let mut trailers = None;
+    let message = loop {
+        if let Some(message) = whole_first_message(&chunks, read) {
+            break Some(message);
+        }
+        match body.frame().await {
+            None => break None,
+            Some(Err(e)) => return Err(e.into()),
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    read += data.len();
+                    chunks.push_back(data);
+                }
+                Err(frame) => {
+                    trailers = frame.into_trailers().ok();
+                    break None;
+                }
+            },
+        }
+    };
+    Ok((
+        message,
+        Prefixed {
+            prefix: chunks,
+            trailers,
+            inner: body,
+        },
+    ))
+}
+
+/// The first message's payload once `chunks` (`read` bytes in all) hold it whole; sliced, not
+/// copied, when the first chunk holds it.
+fn whole_first_message(chunks: &VecDeque<Bytes>, read: usize) -> Option<Bytes> {
+    if read < 5 {
+        return None;
+    }
+    let mut header = [0u8; 5];
+    for (slot, byte) in header.iter_mut().zip(chunks.iter().flat_map(|c| c.iter())) {
+        *slot = *byte;
+    }
+    let end = 5 + u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    if read < end {
+        return None;
+    }
+    match chunks.front() {
+        Some(first) if first.len() >= end => Some(first.slice(5..end)),
+        _ => {
+            let mut all = bytes::BytesMut::with_capacity(end);
+            for c in chunks {
+                all.extend_from_slice(c);
+            }
+            Some(all.freeze().slice(5..end))
+        }
+    }
 }
 
 impl Replayable {
@@ -255,21 +324,6 @@ impl Replayable {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-
-    /// The payload of the first gRPC message (after its 5-byte frame header), when the body
-    /// holds a whole uncompressed one.
-    pub fn first_message(&self) -> Option<Bytes> {
-        let mut all = bytes::BytesMut::with_capacity(self.len());
-        for c in &self.chunks {
-            all.extend_from_slice(c);
-        }
-        let all = all.freeze();
-        if all.len() < 5 || all[0] != 0 {
-            return None;
-        }
-        let len = u32::from_be_bytes([all[1], all[2], all[3], all[4]]) as usize;
-        (all.len() >= 5 + len).then(|| all.slice(5..5 + len))
     }
 
     /// A fresh body with the same bytes and trailers.
@@ -314,6 +368,8 @@ pin_project_lite::pin_project! {
     /// Buffered chunks first, then the rest of the original body.
     pub struct Prefixed<B> {
         prefix: VecDeque<Bytes>,
+        // Trailers read while buffering (the inner body has ended then).
+        trailers: Option<HeaderMap>,
         #[pin]
         inner: B,
     }
@@ -335,13 +391,16 @@ where
         if let Some(chunk) = this.prefix.pop_front() {
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
+        if let Some(trailers) = this.trailers.take() {
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        }
         this.inner
             .poll_frame(cx)
             .map(|f| f.map(|r| r.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.prefix.is_empty() && self.inner.is_end_stream()
+        self.prefix.is_empty() && self.trailers.is_none() && self.inner.is_end_stream()
     }
 }
 
@@ -582,5 +641,71 @@ mod tests {
             panic!("large body should be partial");
         };
         assert_eq!(p.collect().await.unwrap().to_bytes().len(), 100);
+    }
+
+    /// A body of these frames, and whether it has ended (the test reads only what it needs).
+    fn frames(
+        frames: Vec<Frame<Bytes>>,
+    ) -> (
+        StreamBody<
+            impl futures_util::Stream<Item = Result<Frame<Bytes>, std::convert::Infallible>>,
+        >,
+        Arc<std::sync::atomic::AtomicUsize>,
+    ) {
+        let pulled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = pulled.clone();
+        let stream = futures_util::stream::iter(frames.into_iter().map(move |f| {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(f)
+        }));
+        (StreamBody::new(stream), pulled)
+    }
+
+    #[tokio::test]
+    async fn first_message_is_read_and_no_more() {
+        let mut two = frame(0, b"first");
+        two.extend(frame(0, b"second"));
+        // The header split from its payload, and a message after it that is not waited for.
+        let (body, pulled) = frames(vec![
+            Frame::data(Bytes::copy_from_slice(&two[..3])),
+            Frame::data(Bytes::copy_from_slice(&two[3..8])),
+            Frame::data(Bytes::copy_from_slice(&two[8..])),
+            Frame::data(Bytes::from_static(b"tail")),
+        ]);
+        let (message, rest) = read_first_message(body).await.unwrap();
+        assert_eq!(message.as_deref(), Some(&b"first"[..]));
+        assert_eq!(pulled.load(std::sync::atomic::Ordering::SeqCst), 3);
+        let mut expected = two.clone();
+        expected.extend_from_slice(b"tail");
+        assert_eq!(rest.collect().await.unwrap().to_bytes(), expected);
+
+        // Whole in the first chunk: a slice of it.
+        let one = Bytes::from(frame(0, b"whole"));
+        let (body, _) = frames(vec![Frame::data(one.clone())]);
+        let (message, _) = read_first_message(body).await.unwrap();
+        let message = message.unwrap();
+        assert_eq!(message, "whole");
+        assert_eq!(message.as_ptr(), one[5..].as_ptr());
+    }
+
+    #[tokio::test]
+    async fn a_body_that_ends_early_keeps_its_bytes_and_trailers() {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-end", http::HeaderValue::from_static("1"));
+        let partial = frame(0, b"cut short");
+        let (body, _) = frames(vec![
+            Frame::data(Bytes::copy_from_slice(&partial[..7])),
+            Frame::trailers(trailers.clone()),
+        ]);
+        let (message, rest) = read_first_message(body).await.unwrap();
+        assert_eq!(message, None);
+        let collected = rest.collect().await.unwrap();
+        assert_eq!(collected.trailers(), Some(&trailers));
+        assert_eq!(collected.to_bytes(), &partial[..7]);
+
+        let (body, _) = frames(vec![]);
+        let (message, rest) = read_first_message(body).await.unwrap();
+        assert_eq!(message, None);
+        assert!(rest.collect().await.unwrap().to_bytes().is_empty());
     }
 }

@@ -18,7 +18,9 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tonic::Code;
 
-use crate::body::{buffer_up_to, Buffered, GrpcRequestBody, ObservedBody, RequestLog, Verdict};
+use crate::body::{
+    buffer_up_to, read_first_message, Buffered, GrpcRequestBody, ObservedBody, RequestLog, Verdict,
+};
 use crate::cluster::{Cluster, UpstreamError};
 use crate::config::{
     format_duration, HeaderMatcher, HeaderRule, ListenerConfig, LocalService, PathMatch, RetryOn,
@@ -329,17 +331,16 @@ impl RouteTable {
                 (Decision::Passthrough(why.into()), body.boxed_unsync())
             }
             dispatch::Route::ByDataEngine(shape) => {
-                // Unary requests: one message, bounded by the listener's max_message_size.
-                match buffer_up_to(body, self.max_message_size.saturating_add(5)).await {
-                    Ok(Buffered::Complete(request)) => {
-                        let decision = match request.first_message() {
+                // Decided from the first message as soon as it is whole (the checked body
+                // bounds it by max_message_size); its bytes travel on unchanged either way.
+                match read_first_message(body).await {
+                    Ok((message, body)) => {
+                        let decision = match message {
                             Some(message) => dispatch::decide(&method, shape, &message),
                             None => Decision::Local,
                         };
-                        (decision, request.replay().boxed_unsync())
+                        (decision, body.boxed_unsync())
                     }
-                    // Too large for one message: the checked body refuses it on the way in.
-                    Ok(Buffered::Partial(rest)) => (Decision::Local, rest.boxed_unsync()),
                     Err(e) => {
                         return Served::Reply(verdict.get().cloned().unwrap_or_else(|| {
                             LocalReply::new(
@@ -367,9 +368,19 @@ impl RouteTable {
             Decision::Passthrough(why) => match &engine.passthrough {
                 Some(cluster) => {
                     tracing::debug!(%method, reason = %why, cluster = %cluster.name(), "passing through to the instance-manager's proxy");
-                    self.forward(cluster, &route.config, parts, body, deadline, verdict, context)
-                        .await
-                        .map_or_else(Served::Reply, |(r, p)| Served::Upstream(r, p))
+                    // Boxed: the rare path, and forward's future is kilobytes that would
+                    // otherwise sit in every served call's future.
+                    Box::pin(self.forward(
+                        cluster,
+                        &route.config,
+                        parts,
+                        body,
+                        deadline,
+                        verdict,
+                        context,
+                    ))
+                    .await
+                    .map_or_else(Served::Reply, |(r, p)| Served::Upstream(r, p))
                 }
                 None => Served::Reply(LocalReply::new(
                     Code::Unimplemented,

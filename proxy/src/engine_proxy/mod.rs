@@ -27,6 +27,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
+
 use lhnet_proto::imrpc::proxy_engine_service_server::ProxyEngineService;
 use lhnet_proto::imrpc::*;
 use lhnet_proto::ptypes::controller_service_client::ControllerServiceClient;
@@ -100,9 +102,10 @@ impl EngineProxy {
     /// `data_engine` must be v1 here: other values were passed through or refused by
     /// [`dispatch`] before the request was decoded, and are refused again in the same words.
     fn engine(&self, request: Option<&ProxyEngineRequest>) -> Result<Engine, Status> {
-        let request = request.cloned().unwrap_or_default();
+        let absent = ProxyEngineRequest::default();
+        let request = request.unwrap_or(&absent);
         dispatch::require_v1(request.data_engine)?;
-        self.engine_at("address", &request.address, &request)
+        self.engine_at("address", &request.address, request)
     }
 
     /// As [`Self::engine`] for an address in another field (a clone's source engine).
@@ -292,51 +295,60 @@ fn wrap(op: &str, status: &Status) -> Status {
     )
 }
 
+// These are plain functions building one future from combinators, not `async fn`s calling
+// each other: every `async fn` layer keeps its own copy of the downstream future, and the
+// engine-call futures are a kilobyte or more (each layer cost VolumeGet about 1.2 KB of memmove
+// per call, docs/benchmarks.md).
+
 /// Awaits a downstream call under the engine-call deadline.
-async fn call<T, F>(op: &str, fut: F) -> Result<T, Status>
+fn call<'a, T: 'a, F>(op: &'a str, fut: F) -> impl Future<Output = Result<T, Status>> + 'a
 where
-    F: Future<Output = Result<Response<T>, Status>>,
+    F: Future<Output = Result<Response<T>, Status>> + 'a,
 {
-    call_within(op, ENGINE_CALL_TIMEOUT, fut).await
+    call_within(op, ENGINE_CALL_TIMEOUT, fut)
 }
 
 /// Awaits a downstream call under `limit`; a call that outlives it ends DEADLINE_EXCEEDED with
 /// grpc-go's text, which managers match (`DeadlineExceeded`).
-async fn call_within<T, F>(op: &str, limit: Duration, fut: F) -> Result<T, Status>
+fn call_within<'a, T: 'a, F>(
+    op: &'a str,
+    limit: Duration,
+    fut: F,
+) -> impl Future<Output = Result<T, Status>> + 'a
 where
-    F: Future<Output = Result<Response<T>, Status>>,
+    F: Future<Output = Result<Response<T>, Status>> + 'a,
 {
-    answer(limit, fut).await.map_err(|s| wrap(op, &s))
+    answer(limit, fut).map(move |r| r.map_err(|s| wrap(op, &s)))
 }
 
 /// The downstream answer as it came, under `limit`: for callers that put the status in their
 /// own words (status maps, task errors).
-async fn answer<T, F>(limit: Duration, fut: F) -> Result<T, Status>
+fn answer<T, F>(limit: Duration, fut: F) -> impl Future<Output = Result<T, Status>>
 where
     F: Future<Output = Result<Response<T>, Status>>,
 {
-    match tokio::time::timeout(limit, fut).await {
+    tokio::time::timeout(limit, fut).map(move |r| match r {
         Ok(r) => r.map(Response::into_inner),
         Err(_) => Err(Status::deadline_exceeded(format!(
             "context deadline exceeded (no answer within {} s)",
             limit.as_secs()
         ))),
-    }
+    })
 }
 
 /// A long call (file sync, clone): `request` carries the deadline as grpc-timeout too.
-async fn call_long<T, R, F>(
-    op: &str,
+fn call_long<'a, T: 'a, R, F>(
+    op: &'a str,
     limit: Duration,
     request: R,
     send: impl FnOnce(Request<R>) -> F,
-) -> Result<T, Status>
+) -> impl Future<Output = Result<T, Status>> + 'a
 where
-    F: Future<Output = Result<Response<T>, Status>>,
+    F: Future<Output = Result<Response<T>, Status>> + 'a,
 {
     let mut request = Request::new(request);
     request.set_timeout(limit);
-    call_within(op, limit, send(request)).await
+    call_within(op, limit, send(request))
 }
 
 fn logged(op: &'static str, engine: &Engine, mutating: bool) {
