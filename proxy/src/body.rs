@@ -375,6 +375,17 @@ pin_project_lite::pin_project! {
     }
 }
 
+impl<B> Prefixed<B> {
+    /// `inner` with nothing read ahead of it.
+    pub fn new(inner: B) -> Prefixed<B> {
+        Prefixed {
+            prefix: VecDeque::new(),
+            trailers: None,
+            inner,
+        }
+    }
+}
+
 impl<B> Body for Prefixed<B>
 where
     B: Body<Data = Bytes>,

@@ -2,9 +2,7 @@
 //! forwarding to a cluster or calling a local service, under the route's deadline and retries.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +17,8 @@ use tokio::time::Instant;
 use tonic::Code;
 
 use crate::body::{
-    buffer_up_to, read_first_message, Buffered, GrpcRequestBody, ObservedBody, RequestLog, Verdict,
+    buffer_up_to, read_first_message, Buffered, GrpcRequestBody, ObservedBody, Prefixed,
+    RequestLog, Verdict,
 };
 use crate::cluster::{Cluster, UpstreamError};
 use crate::config::{
@@ -318,17 +317,14 @@ impl RouteTable {
         verdict: &Verdict,
         context: &RouteContext,
     ) -> Served {
-        let method = parts
-            .uri
-            .path()
-            .rsplit('/')
-            .next()
-            .unwrap_or("")
-            .to_string();
-        let (decision, body): (Decision, ProxyBody) = match dispatch::route_of(&method) {
-            dispatch::Route::Local => (Decision::Local, body.boxed_unsync()),
+        // A clone of the URI (reference-counted) to name the method after `parts` moves on.
+        let uri = parts.uri.clone();
+        let method = uri.path().rsplit('/').next().unwrap_or("");
+        // One concrete body type on every path, so the local call needs no boxing.
+        let (decision, body): (Decision, Prefixed<CheckedBody>) = match dispatch::route_of(method) {
+            dispatch::Route::Local => (Decision::Local, Prefixed::new(body)),
             dispatch::Route::Passthrough(why) => {
-                (Decision::Passthrough(why.into()), body.boxed_unsync())
+                (Decision::Passthrough(why.into()), Prefixed::new(body))
             }
             dispatch::Route::ByDataEngine(shape) => {
                 // Decided from the first message as soon as it is whole (the checked body
@@ -336,10 +332,10 @@ impl RouteTable {
                 match read_first_message(body).await {
                     Ok((message, body)) => {
                         let decision = match message {
-                            Some(message) => dispatch::decide(&method, shape, &message),
+                            Some(message) => dispatch::decide(method, shape, &message),
                             None => Decision::Local,
                         };
-                        (decision, body.boxed_unsync())
+                        (decision, body)
                     }
                     Err(e) => {
                         return Served::Reply(verdict.get().cloned().unwrap_or_else(|| {
@@ -353,14 +349,9 @@ impl RouteTable {
             }
         };
         match decision {
-            Decision::Local => {
-                // Boxed: rustc cannot prove the unboxed future Send for every lifetime of the
-                // body's error type (rust-lang/rust#102211).
-                let call: Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send>> = Box::pin(
-                    call_service(engine.server.clone(), Request::from_parts(parts, body)),
-                );
-                Served::Local(call.await)
-            }
+            Decision::Local => Served::Local(
+                call_service(engine.server.clone(), Request::from_parts(parts, body)).await,
+            ),
             Decision::Refuse(status) => Served::Reply(LocalReply::new(
                 status.code(),
                 status.message().to_string(),
@@ -374,7 +365,7 @@ impl RouteTable {
                         cluster,
                         &route.config,
                         parts,
-                        body,
+                        body.boxed_unsync(),
                         deadline,
                         verdict,
                         context,
