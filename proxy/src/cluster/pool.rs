@@ -164,7 +164,9 @@ impl EndpointPool {
                     })
                 }
                 Pick::Wait => dialled.await,
-                Pick::Dial => return self.dial(connector).await,
+                // Boxed: dialling is rare, and its future (over a kilobyte) would otherwise
+                // sit in every request's future and be copied with it.
+                Pick::Dial => return Box::pin(self.dial(connector)).await,
             }
         }
     }
