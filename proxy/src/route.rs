@@ -234,7 +234,18 @@ impl RouteTable {
             return finish_local(reply, log);
         }
 
-        let deadline = effective_deadline(&route.config, request.headers());
+        let deadline = match effective_deadline(&route.config, request.headers()) {
+            Ok(d) => d,
+            Err(bad) => {
+                let reply = LocalReply::new(
+                    Code::InvalidArgument,
+                    format!(
+                        "header grpc-timeout {bad} is not a gRPC timeout (1 to 8 digits and one of H M S m u n) ({context})"
+                    ),
+                );
+                return finish_local(reply, log);
+            }
+        };
         let deadline_at = deadline.map(|d| started + d);
         let verdict = Verdict::default();
         let compressed_ok = request.headers().contains_key(names::GRPC_ENCODING);
@@ -407,6 +418,9 @@ impl RouteTable {
                 ),
             )
         })?;
+        // The client's grpc-timeout never travels as sent: lhnet re-encodes the deadline it
+        // enforces, so a value only some servers accept cannot reach a shared connection.
+        parts.headers.remove(names::GRPC_TIMEOUT);
         if let Some(d) = deadline {
             if let Ok(v) = HeaderValue::from_str(&encode_grpc_timeout(d)) {
                 parts.headers.insert(names::GRPC_TIMEOUT, v);
@@ -603,28 +617,47 @@ fn header_matches(m: &HeaderMatcher, headers: &HeaderMap) -> bool {
 }
 
 /// The route `timeout` and the client's `grpc-timeout` (capped by
-/// `max_stream_duration.grpc_timeout_header_max`), whichever is shorter.
-fn effective_deadline(route: &RouteConfig, headers: &HeaderMap) -> Option<Duration> {
-    let from_header = headers
-        .get(names::GRPC_TIMEOUT)
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_grpc_timeout)
-        .map(|d| match route.grpc_timeout_header_max {
-            Some(max) => d.min(max),
-            None => d,
-        });
-    match (route.timeout, from_header) {
+/// `max_stream_duration.grpc_timeout_header_max`), whichever is shorter; a `grpc-timeout`
+/// that is not one is an error carrying the value, quoted and shortened for a reply.
+fn effective_deadline(
+    route: &RouteConfig,
+    headers: &HeaderMap,
+) -> Result<Option<Duration>, String> {
+    let from_header = match headers.get(names::GRPC_TIMEOUT) {
+        None => None,
+        Some(v) => {
+            let parsed = v.to_str().ok().and_then(parse_grpc_timeout);
+            let d = parsed.ok_or_else(|| quote_short(&String::from_utf8_lossy(v.as_bytes())))?;
+            Some(match route.grpc_timeout_header_max {
+                Some(max) => d.min(max),
+                None => d,
+            })
+        }
+    };
+    Ok(match (route.timeout, from_header) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
+    })
+}
+
+/// `text` in quotes, cut to its first 32 characters: what a client sent, fit for an error.
+pub fn quote_short(text: &str) -> String {
+    const KEEP: usize = 32;
+    match text.char_indices().nth(KEEP) {
+        Some((cut, _)) => format!("{:?}… ({} bytes)", &text[..cut], text.len()),
+        None => format!("{text:?}"),
     }
 }
 
-/// gRPC's `grpc-timeout`: up to 8 digits and a unit (H, M, S, m, u, n).
+/// gRPC's `grpc-timeout`: 1 to 8 ASCII digits and a unit (H, M, S, m, u, n).
 pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     if value.len() < 2 || value.len() > 9 {
         return None;
     }
     let (digits, unit) = value.split_at(value.len() - 1);
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let n: u64 = digits.parse().ok()?;
     Some(match unit {
         "H" => Duration::from_secs(n.checked_mul(3600)?),
@@ -668,6 +701,9 @@ mod tests {
         assert_eq!(parse_grpc_timeout("123456789S"), None);
         assert_eq!(parse_grpc_timeout("10x"), None);
         assert_eq!(parse_grpc_timeout("S"), None);
+        assert_eq!(parse_grpc_timeout("-5S"), None);
+        assert_eq!(parse_grpc_timeout("+5S"), None);
+        assert_eq!(parse_grpc_timeout(" 5S"), None);
         assert_eq!(encode_grpc_timeout(Duration::from_millis(1500)), "1500000u");
         assert_eq!(
             encode_grpc_timeout(Duration::from_secs(3600 * 24)),
@@ -712,13 +748,28 @@ listeners:
         .unwrap();
         let route = &config.listeners[0].routes[0];
         let mut h = HeaderMap::new();
-        assert_eq!(effective_deadline(route, &h), Some(Duration::from_secs(5)));
+        assert_eq!(
+            effective_deadline(route, &h),
+            Ok(Some(Duration::from_secs(5)))
+        );
         h.insert("grpc-timeout", HeaderValue::from_static("10S"));
-        assert_eq!(effective_deadline(route, &h), Some(Duration::from_secs(2)));
+        assert_eq!(
+            effective_deadline(route, &h),
+            Ok(Some(Duration::from_secs(2)))
+        );
         h.insert("grpc-timeout", HeaderValue::from_static("300m"));
         assert_eq!(
             effective_deadline(route, &h),
-            Some(Duration::from_millis(300))
+            Ok(Some(Duration::from_millis(300)))
+        );
+        h.insert("grpc-timeout", HeaderValue::from_static("-5S"));
+        assert_eq!(effective_deadline(route, &h), Err("\"-5S\"".to_string()));
+        let long = "9".repeat(10_000);
+        h.insert("grpc-timeout", HeaderValue::from_str(&long).unwrap());
+        let quoted = effective_deadline(route, &h).unwrap_err();
+        assert!(
+            quoted.len() < 64 && quoted.contains("10000 bytes"),
+            "{quoted}"
         );
     }
 

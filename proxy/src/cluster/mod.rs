@@ -17,7 +17,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use connect::{ConnectError, Connector};
-use pool::{EndpointPool, PoolLimits};
+use pool::{EndpointPool, PoolLimits, Standing};
+use tokio::time::Instant;
 
 use crate::config::{ClusterConfig, Destination};
 use crate::metrics::{CountedIo, Metrics};
@@ -176,14 +177,11 @@ impl Cluster {
         if let Some(p) = dynamic.get(&destination) {
             return Ok(p.clone());
         }
-        if dynamic.len() >= MAX_DYNAMIC_ENDPOINTS {
-            dynamic.retain(|_, p| !p.reap());
-            if dynamic.len() >= MAX_DYNAMIC_ENDPOINTS {
-                return Err(fail(format!(
-                    "cluster {} already holds connections to {MAX_DYNAMIC_ENDPOINTS} addresses",
-                    self.config.name
-                )));
-            }
+        if dynamic.len() >= MAX_DYNAMIC_ENDPOINTS && !make_room(&mut dynamic) {
+            return Err(fail(format!(
+                "cluster {} has requests in flight to all of the {MAX_DYNAMIC_ENDPOINTS} addresses it may hold connections to",
+                self.config.name
+            )));
         }
         let pool = Arc::new(EndpointPool::new(destination, self.limits).map_err(fail)?);
         dynamic.insert(destination, pool.clone());
@@ -229,6 +227,38 @@ impl Cluster {
         if let Ok(mut dynamic) = self.dynamic.lock() {
             dynamic.retain(|_, p| !p.reap());
         }
+    }
+}
+
+/// Frees a place in a full address table: every pool past its idle timeout, or else every
+/// dead one (a failed dial holds its place only until the table is full), or else the least
+/// recently used idle one. False when every address has a request in flight.
+fn make_room(dynamic: &mut HashMap<SocketAddr, Arc<EndpointPool>>) -> bool {
+    dynamic.retain(|_, p| !p.reap());
+    if dynamic.len() < MAX_DYNAMIC_ENDPOINTS {
+        return true;
+    }
+    let mut oldest_idle: Option<(Instant, SocketAddr)> = None;
+    dynamic.retain(|addr, p| match p.standing() {
+        Standing::Dead => false,
+        Standing::Idle(used) => {
+            if oldest_idle.is_none_or(|(t, _)| used < t) {
+                oldest_idle = Some((used, *addr));
+            }
+            true
+        }
+        Standing::Busy => true,
+    });
+    if dynamic.len() < MAX_DYNAMIC_ENDPOINTS {
+        return true;
+    }
+    match oldest_idle {
+        Some((_, addr)) => {
+            tracing::debug!(%addr, "address table full: closing the least recently used idle pool");
+            dynamic.remove(&addr);
+            true
+        }
+        None => false,
     }
 }
 
@@ -329,6 +359,27 @@ mod tests {
         assert!(c.allows("10.30.0.5:9599".parse().unwrap()));
         assert!(!c.allows("10.30.0.6:9501".parse().unwrap()));
         assert!(!c.allows("127.0.0.1:22".parse().unwrap()));
+    }
+
+    #[tokio::test]
+    async fn dead_addresses_do_not_keep_a_new_one_out() {
+        let c = cluster("{ name: e, type: original_dst, allowed_destinations: [127.0.0.0/8] }");
+        // More dead addresses than the table holds: 127.0.x.y port 9 refuses at once.
+        let dead = (0..MAX_DYNAMIC_ENDPOINTS + 904)
+            .map(|i| SocketAddr::from(([127, 0, 1 + (i / 250) as u8, 1 + (i % 250) as u8], 9)));
+        let mut failed = 0;
+        for addr in dead {
+            let req = Request::builder()
+                .uri("/x.Y/Z")
+                .body(crate::reply::empty_body())
+                .unwrap();
+            failed += usize::from(c.send(addr, req).await.is_err());
+        }
+        assert_eq!(failed, MAX_DYNAMIC_ENDPOINTS + 904);
+        let held = c.dynamic.lock().unwrap().len();
+        assert!(held <= MAX_DYNAMIC_ENDPOINTS, "{held}");
+        // A new address still gets a pool (the table made room instead of refusing it).
+        assert!(c.pool_for("127.0.0.1:10000".parse().unwrap()).is_ok());
     }
 
     #[tokio::test]

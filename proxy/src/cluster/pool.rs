@@ -63,6 +63,16 @@ struct Conn {
     idle_since_ms: AtomicU64,
 }
 
+/// A pool's worth when the address table is full: dead ones (no connection, none being
+/// dialled: the address never answered or went away) go first, then the idle ones, least
+/// recently used first; busy ones stay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    Dead,
+    Idle(Instant),
+    Busy,
+}
+
 /// What to do after looking at the pool.
 enum Pick {
     Use(Arc<Conn>),
@@ -311,6 +321,26 @@ impl EndpointPool {
         state.conns.is_empty()
             && state.dialling == 0
             && now.saturating_sub(self.last_used.load(Ordering::Relaxed)) >= idle_ms
+    }
+
+    /// How much the pool is worth keeping when the address table is full.
+    pub fn standing(&self) -> Standing {
+        let Ok(mut state) = self.state.lock() else {
+            return Standing::Busy;
+        };
+        state.conns.retain(|c| !c.send.is_closed());
+        if state.dialling > 0
+            || state
+                .conns
+                .iter()
+                .any(|c| c.in_flight.load(Ordering::Relaxed) > 0)
+        {
+            return Standing::Busy;
+        }
+        if state.conns.is_empty() {
+            return Standing::Dead;
+        }
+        Standing::Idle(self.epoch + Duration::from_millis(self.last_used.load(Ordering::Relaxed)))
     }
 
     /// Open connections (for tests and status).

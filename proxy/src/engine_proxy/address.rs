@@ -14,24 +14,32 @@ pub struct EngineAddr(pub SocketAddr);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ReplicaAddr(pub SocketAddr);
 
-/// Parses Longhorn's address forms; `field` names the request field in the error.
+/// Parses Longhorn's address forms; `field` names the request field in the error. The text
+/// must be exactly an address: no spaces, a port without leading zeros and not 0 (Longhorn
+/// writes neither, so either is a wrong or hostile value, not a form to guess at).
 pub fn parse_address(field: &str, text: &str) -> Result<SocketAddr, Status> {
-    let trimmed = text.trim();
-    if trimmed.is_empty() {
+    if text.is_empty() {
         return Err(Status::invalid_argument(format!(
             "missing required {field} parameter"
         )));
     }
-    let rest = trimmed
-        .strip_prefix("tcp://")
-        .or_else(|| trimmed.strip_prefix("http://"))
-        .unwrap_or(trimmed);
-    let rest = rest.strip_suffix("/v1").unwrap_or(rest);
-    rest.parse::<SocketAddr>().map_err(|_| {
+    let refuse = |why: &str| {
         Status::invalid_argument(format!(
-            "{field} {text:?} is not an address; use IP:PORT, tcp://IP:PORT or http://IP:PORT/v1"
+            "{field} {} is not an address{why}; use IP:PORT, tcp://IP:PORT or http://IP:PORT/v1",
+            crate::route::quote_short(text)
         ))
-    })
+    };
+    let rest = text
+        .strip_prefix("tcp://")
+        .or_else(|| text.strip_prefix("http://"))
+        .unwrap_or(text);
+    let rest = rest.strip_suffix("/v1").unwrap_or(rest);
+    let addr = rest.parse::<SocketAddr>().map_err(|_| refuse(""))?;
+    let port_text = rest.rsplit(':').next().unwrap_or("");
+    if port_text.starts_with('0') {
+        return Err(refuse(" (the port has a leading zero or is 0)"));
+    }
+    Ok(addr)
 }
 
 impl EngineAddr {
@@ -85,7 +93,7 @@ mod tests {
             "10.30.0.5:10000",
             "tcp://10.30.0.5:10000",
             "http://10.30.0.5:10000/v1",
-            " [::1]:9501",
+            "[::1]:9501",
         ] {
             assert!(parse_address("address", text).is_ok(), "{text}");
         }
@@ -109,5 +117,23 @@ mod tests {
             "{e:?}"
         );
         assert!(parse_address("address", "tcp://10.0.0.1").is_err());
+        for text in [
+            " 10.0.0.1:9501",
+            "10.0.0.1:9501 ",
+            "10.0.0.1: 9501",
+            "10.0.0.1:09501",
+            "10.0.0.1:0",
+        ] {
+            let e = parse_address("address", text).unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument, "{text}");
+        }
+        // A huge value is named by its start and length, so the reply stays small.
+        let huge = format!("10.0.0.1:{}", "9".repeat(10_000));
+        let e = parse_address("address", &huge).unwrap_err();
+        assert!(
+            e.message().len() < 200 && e.message().contains("bytes"),
+            "{}",
+            e.message()
+        );
     }
 }
