@@ -29,14 +29,20 @@ pub struct AdminState {
     pub shutdown: CancellationToken,
 }
 
-/// Binds the admin address now (so errors surface at start) and serves it on a new thread.
-pub fn spawn(
-    address: SocketAddr,
-    state: Arc<AdminState>,
-) -> std::io::Result<(SocketAddr, std::thread::JoinHandle<()>)> {
+/// Binds the admin address (first, so errors surface at start and the listeners know the
+/// port they must never forward to).
+pub fn bind(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let listener = std::net::TcpListener::bind(address)
         .map_err(|e| std::io::Error::new(e.kind(), format!("admin: cannot bind {address}: {e}")))?;
     listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// Serves the bound admin listener on a new thread.
+pub fn spawn(
+    listener: std::net::TcpListener,
+    state: Arc<AdminState>,
+) -> std::io::Result<(SocketAddr, std::thread::JoinHandle<()>)> {
     let local = listener.local_addr()?;
     let handle = std::thread::Builder::new()
         .name("lhnet-admin".into())

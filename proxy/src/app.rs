@@ -71,6 +71,11 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Str
         backup_targets: BackupTargets::new(&config.backup_target),
     };
     let clusters = build_clusters(&config, &storage, &metrics);
+    let admin_listener = admin::bind(config.admin.address).map_err(|e| e.to_string())?;
+    let admin_port = admin_listener
+        .local_addr()
+        .map_err(|e| format!("admin: {e}"))?
+        .port();
 
     let mut bound = Vec::new();
     let mut tables = HashMap::new();
@@ -81,7 +86,7 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Str
             let cluster = l.cluster.as_deref().unwrap_or(LOOPBACK_CLUSTER);
             let upstream = match clusters.get(cluster) {
                 Some(c) => Upstream::Cluster(c.clone()),
-                None => Upstream::Loopback,
+                None => Upstream::Loopback { admin_port },
             };
             let forwarder = TcpForwarder::new(l, upstream, storage.clone(), metrics.clone());
             let initial = forwarder.bind_initial().await?;
@@ -131,7 +136,7 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Str
         shutdown: shutdown.clone(),
     });
     let (admin, admin_thread) =
-        admin::spawn(config.load().admin.address, admin_state).map_err(|e| e.to_string())?;
+        admin::spawn(admin_listener, admin_state).map_err(|e| e.to_string())?;
     tracing::info!(address = %admin, "admin server listening");
 
     let drain_timeout = config.load().drain_timeout;

@@ -832,6 +832,9 @@ fn parse_config(root: &Value, cx: &mut Cx) -> Option<Config> {
     );
 
     check_references(&listeners, &clusters, cx);
+    if let Some(admin) = &admin {
+        check_addresses(admin, &listeners, &clusters, cx);
+    }
     Some(Config {
         admin: admin?,
         storage_network: storage_network?,
@@ -1106,6 +1109,91 @@ fn check_references(listeners: &[ListenerConfig], clusters: &[ClusterConfig], cx
                 ),
                 Some(_) => {}
             }
+        }
+    }
+}
+
+/// Whether two binds could take the same socket: their ports meet and their IPs may be one
+/// (equal, either the wildcard of the other's family, or both the storage address). A storage
+/// address against a fixed one cannot be judged before the storage address is known.
+fn binds_meet(a: &ListenAddress, b: &ListenAddress) -> bool {
+    let (pa, pb) = (a.ports(), b.ports());
+    // Port 0 is a fresh port from the kernel each time: it never collides.
+    let ephemeral = |p: &RangeInclusive<u16>| *p == (0..=0);
+    if ephemeral(&pa) || ephemeral(&pb) || pa.start() > pb.end() || pb.start() > pa.end() {
+        return false;
+    }
+    match (a.fixed_ip(), b.fixed_ip()) {
+        (None, None) => true,
+        (Some(x), Some(y)) => {
+            x == y
+                || (x.is_unspecified() && x.is_ipv4() == y.is_ipv4())
+                || (y.is_unspecified() && x.is_ipv4() == y.is_ipv4())
+        }
+        (Some(x), None) | (None, Some(x)) => x.is_unspecified(),
+    }
+}
+
+/// Listeners may not share a socket with each other or with the admin server, and nothing
+/// lhnet forwards raw bytes for may reach the admin port: `POST /shutdown` trusts loopback
+/// peers, and a forward through lhnet arrives from loopback.
+fn check_addresses(
+    admin: &AdminConfig,
+    listeners: &[ListenerConfig],
+    clusters: &[ClusterConfig],
+    cx: &mut Cx,
+) {
+    let admin_bind = ListenAddress::Socket(admin.address);
+    let admin_local = admin.address.ip().is_loopback() || admin.address.ip().is_unspecified();
+    for (i, l) in listeners.iter().enumerate() {
+        let path = format!("{}.address", l.path);
+        if admin.address.port() != 0 && binds_meet(&l.address, &admin_bind) {
+            cx.err(
+                &path,
+                format!(
+                    "{} overlaps the admin address {}; give the listener another port",
+                    l.address, admin.address
+                ),
+            );
+        }
+        for other in &listeners[..i] {
+            if binds_meet(&l.address, &other.address) {
+                cx.err(
+                    &path,
+                    format!(
+                        "{} overlaps listener \"{}\" ({}: {}); two listeners cannot share a socket",
+                        l.address, other.name, other.path, other.address
+                    ),
+                );
+            }
+        }
+        if l.kind != ListenerKind::Tcp || !admin_local {
+            continue;
+        }
+        match l.cluster.as_deref() {
+            Some(LOOPBACK_CLUSTER) if l.address.ports().contains(&admin.address.port()) => cx.err(
+                &path,
+                format!(
+                    "ports {} cover the admin port {}: cluster loopback would forward callers to the admin server (POST /shutdown); leave that port out",
+                    l.address, admin.address.port()
+                ),
+            ),
+            Some(name) => {
+                let reaches_admin = clusters.iter().find(|c| c.name == name).is_some_and(|c| {
+                    c.endpoints.iter().any(|e| {
+                        e.port() == admin.address.port()
+                            && (e.ip() == admin.address.ip()
+                                || (admin.address.ip().is_unspecified() && e.ip().is_loopback()))
+                    })
+                });
+                if reaches_admin {
+                    cx.err(
+                        &format!("{}.cluster", l.path),
+                        format!("cluster \"{name}\" has the admin address {} as an endpoint; a tcp listener would forward callers to the admin server (POST /shutdown)", admin.address),
+                    );
+                }
+            }
+            None => {}
         }
     }
 }
@@ -2141,6 +2229,42 @@ clusters: [{ name: engines, type: original_dst }]
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }
+    }
+
+    #[test]
+    fn listeners_cannot_share_a_socket_or_reach_the_admin_port() {
+        let bad = r#"
+admin: { address: 127.0.0.1:9901 }
+listeners:
+  - { name: a, address: 0.0.0.0:8501, routes: [] }
+  - { name: b, address: 10.0.0.5:8501, routes: [] }
+  - { name: data, kind: tcp, address: "storage:9000-9999", cluster: loopback }
+  - { name: c, address: 127.0.0.1:9901, routes: [] }
+  - { name: d, kind: tcp, address: "10.0.0.5:7000", cluster: adm }
+  - { name: e, address: "storage:9500", routes: [] }
+clusters: [{ name: adm, type: static, endpoints: [127.0.0.1:9901] }]
+"#;
+        let text = Config::parse(bad, "x").unwrap_err().to_string();
+        for want in [
+            "listeners[1].address: 10.0.0.5:8501 overlaps listener \"a\" (listeners[0]: 0.0.0.0:8501)",
+            "listeners[2].address: ports storage:9000-9999 cover the admin port 9901",
+            "listeners[3].address: 127.0.0.1:9901 overlaps the admin address 127.0.0.1:9901",
+            "listeners[4].cluster: cluster \"adm\" has the admin address 127.0.0.1:9901 as an endpoint",
+            "listeners[5].address: storage:9500 overlaps listener \"data\"",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+        // Different ports, different fixed IPs, and port 0 (a fresh port each time) are fine.
+        let good = r#"
+admin: { address: 127.0.0.1:9901 }
+listeners:
+  - { name: a, address: 10.0.0.5:8501, routes: [] }
+  - { name: b, address: 10.0.0.6:8501, routes: [] }
+  - { name: c, address: 127.0.0.1:0, routes: [] }
+  - { name: d, address: 127.0.0.1:0, routes: [] }
+  - { name: data, kind: tcp, address: "storage:10000-10030", cluster: loopback }
+"#;
+        Config::parse(good, "x").unwrap();
     }
 
     #[test]

@@ -35,8 +35,11 @@ pub(crate) const REBIND_EVERY: Duration = Duration::from_secs(1);
 
 /// Where a tcp listener's connections go.
 pub enum Upstream {
-    /// 127.0.0.1 (or ::1) and the port the connection arrived on.
-    Loopback,
+    /// 127.0.0.1 (or ::1) and the port the connection arrived on; never the admin port
+    /// (`POST /shutdown` trusts loopback peers, and this forward's peer is loopback).
+    Loopback {
+        admin_port: u16,
+    },
     Cluster(Arc<Cluster>),
 }
 
@@ -316,7 +319,7 @@ impl TcpForwarder {
 
     fn upstream_name(&self) -> &str {
         match &self.upstream {
-            Upstream::Loopback => "loopback",
+            Upstream::Loopback { .. } => "loopback",
             Upstream::Cluster(c) => c.name(),
         }
     }
@@ -359,7 +362,14 @@ impl TcpForwarder {
         let (device, network) = self.storage.classify(local.ip());
         let down_counters = self.metrics.byte_counters(&device, network);
         let upstream = match &self.upstream {
-            Upstream::Loopback => self.connect_loopback(local.port()).await,
+            Upstream::Loopback { admin_port } if local.port() == *admin_port => {
+                self.metrics
+                    .upstream_connect_error("loopback", "admin_port");
+                Err(format!(
+                    "port {admin_port} is lhnet's admin port; a tcp listener does not forward to it"
+                ))
+            }
+            Upstream::Loopback { .. } => self.connect_loopback(local.port()).await,
             Upstream::Cluster(c) => c.connect_tcp().await.map(|io| io.into_parts()),
         };
         let (up, up_counters, _guard) = match upstream {

@@ -764,3 +764,49 @@ async fn process_manager_version_advertises_the_proxy_api() {
         vec![0x0a, 2, b'v', b'2', 0x30, 3, 0x38, 1]
     );
 }
+
+/// `POST /shutdown` trusts loopback peers, and a `kind: tcp` forward to `loopback` arrives
+/// from loopback: lhnet never forwards to its own admin port, even when a config that
+/// validation refuses is started anyway.
+#[tokio::test]
+async fn a_tcp_forward_never_reaches_the_admin_port() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let covering = format!(
+        "admin: {{ address: 127.0.0.1:{port} }}\nstorage_network: {{ interface: lo }}\n\
+         listeners:\n  - {{ name: t, kind: tcp, address: \"storage:{}-{}\", cluster: loopback }}\n",
+        port - 1,
+        port + 1
+    );
+    let refused = Config::parse(&covering, "test").unwrap_err().to_string();
+    assert!(
+        refused.contains(&format!("cover the admin port {port}")),
+        "{refused}"
+    );
+
+    // Past validation: the listener moved onto the admin port on another loopback address.
+    let mut config = Config::parse(
+        &format!(
+            "admin: {{ address: 127.0.0.1:{port} }}\nstorage_network: {{ interface: lo }}\n\
+             listeners:\n  - {{ name: t, kind: tcp, address: \"10.0.0.1:7000\", cluster: loopback }}\n"
+        ),
+        "test",
+    )
+    .unwrap();
+    config.listeners[0].address =
+        lhnet_proxy::config::ListenAddress::Socket(SocketAddr::from(([127, 0, 0, 2], port)));
+    let p = app::start(config, Options::default()).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.2", port))
+        .await
+        .unwrap();
+    let _ = s
+        .write_all(b"POST /shutdown HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\n\r\n")
+        .await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    assert!(out.is_empty(), "{}", String::from_utf8_lossy(&out));
+    assert_eq!(admin_get(&p, "/live").await.0, 200, "lhnet is still up");
+}
