@@ -364,14 +364,35 @@ const DEFAULT_RETRY_BUFFER: usize = 64 * 1024;
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
-            source: path.display().to_string(),
+        use std::io::Read;
+        let source = path.display().to_string();
+        let fail = |message: String| ConfigErrors {
+            source: source.clone(),
             errors: vec![ConfigError {
                 path: String::new(),
-                message: format!("cannot read the file: {e}"),
+                message,
             }],
+        };
+        // At most one byte past the limit is read: a huge file is refused without loading it.
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_CONFIG_BYTES as u64 + 1).read_to_end(&mut bytes))
+            .map_err(|e| fail(format!("cannot read the file: {e}")))?;
+        if bytes.len() > MAX_CONFIG_BYTES {
+            return Err(fail(format!(
+                "the file is larger than the limit of {MAX_CONFIG_BYTES} bytes (a ConfigMap holds 1 MiB)"
+            )));
+        }
+        let text = String::from_utf8(bytes).map_err(|e| {
+            let good = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+            let line = good.iter().filter(|&&b| b == b'\n').count() + 1;
+            let column =
+                good.len() - good.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1) + 1;
+            fail(format!(
+                "line {line} column {column}: not UTF-8 text (YAML must be UTF-8)"
+            ))
         })?;
-        Config::parse(&text, &path.display().to_string())
+        Config::parse(&text, &source)
     }
 
     /// Parses YAML text; `source` names it in errors.
@@ -383,6 +404,13 @@ impl Config {
                 message,
             }],
         };
+        if text.len() > MAX_CONFIG_BYTES {
+            return Err(fail(format!(
+                "the config is {} bytes; the limit is {MAX_CONFIG_BYTES} (a ConfigMap holds 1 MiB)",
+                text.len()
+            )));
+        }
+        check_nesting(text).map_err(fail)?;
         let mut value: Value =
             serde_yaml_ng::from_str(text).map_err(|e| fail(format!("not valid YAML: {e}")))?;
         value
@@ -402,6 +430,86 @@ impl Config {
     pub fn cluster(&self, name: &str) -> Option<&ClusterConfig> {
         self.clusters.iter().find(|c| c.name == name)
     }
+}
+
+/// Largest config text lhnet reads.
+pub const MAX_CONFIG_BYTES: usize = 4 << 20;
+/// Deepest `[` / `{` nesting a config may have. The YAML parser takes time quadratic in this
+/// depth (40,000 levels: seconds) before its own recursion limit (128) refuses the text, so
+/// deeper text is refused first, by this linear scan.
+pub const MAX_FLOW_NESTING: usize = 64;
+
+/// Refuses flow collections nested deeper than [`MAX_FLOW_NESTING`], naming the line and
+/// column, in one pass over the text. It follows quotes and comments closely enough to count
+/// only real indicators: inside a flow collection every bracket outside quotes is one; in
+/// block context only a bracket that starts a value is.
+fn check_nesting(text: &str) -> Result<(), String> {
+    let mut depth = 0usize;
+    let mut quote: Option<u8> = None;
+    // The last character that was not a space: decides whether a bracket or quote starts a
+    // token (line start counts as a token start).
+    let mut prev = b'\n';
+    let (mut line, mut column) = (1usize, 0usize);
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        i += 1;
+        column += 1;
+        if b == b'\n' {
+            line += 1;
+            column = 0;
+        }
+        if let Some(q) = quote {
+            match (q, b) {
+                (b'"', b'\\') => {
+                    i += 1;
+                    column += 1;
+                }
+                (b'\'', b'\'') if bytes.get(i) == Some(&b'\'') => {
+                    i += 1;
+                    column += 1;
+                }
+                _ if b == q => {
+                    quote = None;
+                    prev = b;
+                }
+                _ => {}
+            }
+            continue;
+        }
+        let token_start = matches!(
+            prev,
+            b'\n' | b' ' | b'\t' | b'[' | b'{' | b',' | b':' | b'-' | b'?'
+        );
+        match b {
+            b'#' if matches!(prev, b'\n' | b' ' | b'\t') || column == 1 => {
+                while i < bytes.len() && bytes[i] != b'\n' {
+                    i += 1;
+                }
+                continue;
+            }
+            b'"' | b'\'' if token_start => quote = Some(b),
+            b'[' | b'{' if depth > 0 || token_start => {
+                depth += 1;
+                if depth > MAX_FLOW_NESTING {
+                    return Err(format!(
+                        "line {line} column {column}: [ and {{ nested deeper than {MAX_FLOW_NESTING} levels (the limit on config nesting)"
+                    ));
+                }
+            }
+            b']' | b'}' if depth > 0 => depth -= 1,
+            _ => {}
+        }
+        if b == b'\n' {
+            prev = b'\n';
+        } else if b != b' ' && b != b'\t' {
+            prev = b;
+        } else if prev != b'\n' {
+            prev = b' ';
+        }
+    }
+    Ok(())
 }
 
 // === impl ConfigErrors ===
@@ -2229,6 +2337,41 @@ clusters: [{ name: engines, type: original_dst }]
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_at_once_with_its_place() {
+        let deep = format!("listeners: {}{}\n", "[".repeat(40_000), "]".repeat(40_000));
+        // The scan's words, not the parser's "recursion limit exceeded": the parser never ran.
+        let text = Config::parse(&deep, "deep.yaml").unwrap_err().to_string();
+        assert!(
+            text.contains("line 1 column 76: [ and { nested deeper than 64 levels"),
+            "{text}"
+        );
+        let mapping = format!("x: {}1{}\n", "{a: ".repeat(100), "}".repeat(100));
+        assert!(Config::parse(&mapping, "x")
+            .unwrap_err()
+            .to_string()
+            .contains("line 1 column"));
+        // Brackets inside quotes, comments and plain scalars are not nesting.
+        let fine = format!(
+            "# {}\nlisteners:\n  - name: \"{}\"\n    address: 127.0.0.1:0 # {}\n    routes:\n      - match: {{ safe_regex: '^/a{}$' }}\n        local: health\n",
+            "[".repeat(100),
+            "{".repeat(100),
+            "[".repeat(100),
+            "[x]".repeat(100)
+        );
+        Config::parse(&fine, "fine").unwrap();
+        let dir = std::env::temp_dir().join(format!("lhnet-utf8-{}", std::process::id()));
+        std::fs::write(&dir, b"listeners: []\nadmin:\n  address: \"1\xff\"\n").unwrap();
+        let text = Config::load(&dir).unwrap_err().to_string();
+        let _ = std::fs::remove_file(&dir);
+        assert!(text.contains("line 3 column 14: not UTF-8"), "{text}");
+        let big = format!("listeners: []\n#{}\n", "x".repeat(MAX_CONFIG_BYTES));
+        assert!(Config::parse(&big, "big")
+            .unwrap_err()
+            .to_string()
+            .contains("the limit is"));
     }
 
     #[test]

@@ -493,7 +493,18 @@ async fn watch_config(
             continue;
         }
         last = now;
-        match Config::load(&path) {
+        // Parsed on a blocking thread: a hostile or huge file must not stall the runtime
+        // threads that serve calls meanwhile.
+        let file = path.clone();
+        let loaded = match tokio::task::spawn_blocking(move || Config::load(&file)).await {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                reloader.reject();
+                tracing::error!(file = %path.display(), "config not reloaded: parsing it failed: {e}");
+                continue;
+            }
+        };
+        match loaded {
             Ok(config) => match reloader.reload(config) {
                 Ok(()) => tracing::info!(file = %path.display(), "config reloaded"),
                 Err(e) => tracing::error!(file = %path.display(), "config not reloaded: {e}"),
