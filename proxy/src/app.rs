@@ -109,19 +109,13 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Str
                 ))
             }
             ListenAddress::Storage(port) => {
-                let follower = StorageGrpcListener::new(
-                    &l.name,
-                    port,
-                    table.clone(),
-                    l.http2.clone(),
-                    &storage,
-                );
+                let follower = StorageGrpcListener::new(&l.name, port, table.clone(), &storage);
                 let initial = follower.bind_initial(&storage).await;
                 storage_grpc.push((follower, initial));
                 continue;
             }
         };
-        let listener = GrpcListener::bind(&l.name, address, table, l.http2.clone())
+        let listener = GrpcListener::bind(&l.name, address, table)
             .await
             .map_err(|e| e.to_string())?;
         bound.push(listener);

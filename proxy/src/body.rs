@@ -386,6 +386,28 @@ impl<B> Prefixed<B> {
     }
 }
 
+impl<B> Prefixed<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    /// Returns once the body has started: a frame is read ahead (and will be yielded first),
+    /// or the body has ended.
+    pub async fn started(mut self) -> Result<Prefixed<B>, BoxError> {
+        use http_body_util::BodyExt;
+        if !self.prefix.is_empty() || self.trailers.is_some() || self.inner.is_end_stream() {
+            return Ok(self);
+        }
+        if let Some(frame) = self.inner.frame().await {
+            match frame.map_err(Into::into)?.into_data() {
+                Ok(data) => self.prefix.push_back(data),
+                Err(frame) => self.trailers = frame.into_trailers().ok(),
+            }
+        }
+        Ok(self)
+    }
+}
+
 impl<B> Body for Prefixed<B>
 where
     B: Body<Data = Bytes>,
@@ -452,7 +474,7 @@ pin_project_lite::pin_project! {
         verdict: Verdict,
         context: RouteContext,
         log: Option<RequestLog>,
-        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+        permit: Option<crate::cluster::ClusterSlot>,
         // Set for local (tonic) services, whose decode failures are the caller's malformed request.
         local: bool,
         done: bool,
@@ -476,7 +498,7 @@ impl<B> ObservedBody<B> {
         verdict: Verdict,
         context: RouteContext,
         log: RequestLog,
-        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+        permit: Option<crate::cluster::ClusterSlot>,
         local: bool,
     ) -> Self {
         let (deadline, deadline_reply) = match deadline {

@@ -130,6 +130,48 @@ pub struct ListenerConfig {
     /// Largest gRPC message a client may send, in bytes.
     pub max_message_size: usize,
     pub http2: Http2Options,
+    #[serde(flatten)]
+    pub limits: ListenerLimits,
+}
+
+/// What one listener grants its clients at most (gRPC listeners). The defaults keep the
+/// sidecar inside the 64 MiB the injector gives it whatever clients do: a connection that
+/// never speaks costs no HTTP/2 state, one that has spoken costs ~24 KiB, a stream waiting
+/// for its body a few KiB.
+#[derive(Debug, Clone, Serialize)]
+pub struct ListenerLimits {
+    /// Open connections at most. At the limit, a new connection takes the place of the oldest
+    /// one that has not yet sent a whole request, or else of the longest idle one; when every
+    /// connection has a stream in progress, the new one is refused.
+    pub max_connections: usize,
+    /// Requests in progress on the listener (all connections together) at most; past it a
+    /// request is answered RESOURCE_EXHAUSTED naming the limit.
+    pub max_requests: usize,
+    /// A new connection must send its HTTP/2 preface and first request headers within this.
+    #[serde(serialize_with = "ser_duration")]
+    pub request_headers_timeout: Duration,
+    /// A connection with no stream in progress for this long gets GOAWAY.
+    #[serde(serialize_with = "ser_duration")]
+    pub idle_timeout: Duration,
+    /// A request whose body has not started after this long is answered DEADLINE_EXCEEDED
+    /// (it holds no cluster slot meanwhile: slots are taken when the body starts).
+    #[serde(serialize_with = "ser_duration")]
+    pub stream_idle_timeout: Duration,
+    /// Largest request header block, in KiB (Envoy's `max_request_headers_kb`).
+    pub max_request_headers_kb: u32,
+}
+
+impl Default for ListenerLimits {
+    fn default() -> Self {
+        ListenerLimits {
+            max_connections: 1024,
+            max_requests: 2048,
+            request_headers_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            stream_idle_timeout: Duration::from_secs(30),
+            max_request_headers_kb: 60,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -185,6 +227,16 @@ pub struct Http2Options {
     pub max_concurrent_streams: u32,
     pub initial_stream_window_size: u32,
     pub initial_connection_window_size: u32,
+    /// HTTP/2 PING every `interval`; no answer within `timeout` closes the connection.
+    pub connection_keepalive: Keepalive,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Keepalive {
+    #[serde(serialize_with = "ser_duration")]
+    pub interval: Duration,
+    #[serde(serialize_with = "ser_duration")]
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -308,6 +360,9 @@ pub struct ClusterConfig {
     pub tcp_keepalive: Duration,
     /// `circuit_breakers.max_requests`: concurrent requests before RESOURCE_EXHAUSTED.
     pub max_requests: usize,
+    /// `circuit_breakers.max_requests_per_downstream_connection`: how many of those one
+    /// client connection may hold (default a quarter), so no one client locks the rest out.
+    pub max_requests_per_downstream_connection: usize,
     /// HTTP/2 connections per endpoint at most; a new one opens when every open one carries
     /// `streams_per_connection` requests awaiting their response.
     pub max_connections_per_endpoint: usize,
@@ -1487,6 +1542,7 @@ fn parse_listener(v: &Value, path: &str, cx: &mut Cx) -> Option<ListenerConfig> 
             routes: Vec::new(),
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             http2: Http2Options::default(),
+            limits: ListenerLimits::default(),
         });
     }
     let listener_name = name.clone().unwrap_or_else(|| path.to_string());
@@ -1506,20 +1562,20 @@ fn parse_listener(v: &Value, path: &str, cx: &mut Cx) -> Option<ListenerConfig> 
         Some((p, v)) => parse_http2(v, &p, cx),
         None => Some(Http2Options::default()),
     };
+    let limits = parse_listener_limits(&mut f, cx);
     // Envoy's stat_prefix is accepted for familiarity; the listener name is the metric label.
     let _ = f.take("stat_prefix");
-    f.finish(
-        &[
-            "name",
-            "kind",
-            "address",
-            "routes",
-            "max_message_size",
-            "http2_protocol_options",
-            "stat_prefix",
-        ],
-        cx,
-    );
+    let mut known = vec![
+        "name",
+        "kind",
+        "address",
+        "routes",
+        "max_message_size",
+        "http2_protocol_options",
+        "stat_prefix",
+    ];
+    known.extend(LISTENER_LIMIT_KEYS);
+    f.finish(&known, cx);
     Some(ListenerConfig {
         path: path.to_string(),
         name: name?,
@@ -1529,15 +1585,80 @@ fn parse_listener(v: &Value, path: &str, cx: &mut Cx) -> Option<ListenerConfig> 
         routes,
         max_message_size: max_message_size?,
         http2: http2?,
+        limits: limits?,
     })
+}
+
+/// The listener keys of [`ListenerLimits`], one table for parsing and "did you mean".
+const LISTENER_LIMIT_KEYS: [&str; 6] = [
+    "max_connections",
+    "max_requests",
+    "request_headers_timeout",
+    "idle_timeout",
+    "stream_idle_timeout",
+    "max_request_headers_kb",
+];
+
+fn parse_listener_limits(f: &mut Fields<'_>, cx: &mut Cx) -> Option<ListenerLimits> {
+    let mut limits = ListenerLimits::default();
+    let mut ok = true;
+    for (key, slot, max) in [
+        ("max_connections", &mut limits.max_connections, 1 << 20),
+        ("max_requests", &mut limits.max_requests, 1 << 20),
+    ] {
+        if let Some((p, v)) = f.take(key) {
+            match unsigned(v, &p, max, cx) {
+                Some(0) => {
+                    cx.err(&p, "must be at least 1");
+                    ok = false;
+                }
+                Some(n) => *slot = n as usize,
+                None => ok = false,
+            }
+        }
+    }
+    for (key, slot) in [
+        (
+            "request_headers_timeout",
+            &mut limits.request_headers_timeout,
+        ),
+        ("idle_timeout", &mut limits.idle_timeout),
+        ("stream_idle_timeout", &mut limits.stream_idle_timeout),
+    ] {
+        if let Some((p, v)) = f.take(key) {
+            match duration(v, &p, cx) {
+                Some(d) if d.is_zero() => {
+                    cx.err(&p, "must be more than 0");
+                    ok = false;
+                }
+                Some(d) => *slot = d,
+                None => ok = false,
+            }
+        }
+    }
+    if let Some((p, v)) = f.take("max_request_headers_kb") {
+        match unsigned(v, &p, 8192, cx) {
+            Some(0) => {
+                cx.err(&p, "must be at least 1");
+                ok = false;
+            }
+            Some(n) => limits.max_request_headers_kb = n as u32,
+            None => ok = false,
+        }
+    }
+    ok.then_some(limits)
 }
 
 impl Default for Http2Options {
     fn default() -> Self {
         Http2Options {
-            max_concurrent_streams: 1024,
+            max_concurrent_streams: 100,
             initial_stream_window_size: 1 << 20,
             initial_connection_window_size: 4 << 20,
+            connection_keepalive: Keepalive {
+                interval: Duration::from_secs(30),
+                timeout: Duration::from_secs(10),
+            },
         }
     }
 }
@@ -1564,11 +1685,42 @@ fn parse_http2(v: &Value, path: &str, cx: &mut Cx) -> Option<Http2Options> {
             }
         }
     }
+    if let Some((p, v)) = f.take("connection_keepalive") {
+        match Fields::new(v, &p, cx) {
+            Some(mut k) => {
+                for (key, slot) in [
+                    ("interval", &mut opts.connection_keepalive.interval),
+                    ("timeout", &mut opts.connection_keepalive.timeout),
+                ] {
+                    if let Some((p, v)) = k.take(key) {
+                        match duration(v, &p, cx) {
+                            Some(d) if d.is_zero() => {
+                                cx.err(&p, "must be more than 0");
+                                ok = false;
+                            }
+                            Some(d) => *slot = d,
+                            None => ok = false,
+                        }
+                    }
+                }
+                k.finish(&["interval", "timeout"], cx);
+            }
+            None => ok = false,
+        }
+    }
+    if opts.max_concurrent_streams == 0 {
+        cx.err(
+            &format!("{path}.max_concurrent_streams"),
+            "must be at least 1",
+        );
+        ok = false;
+    }
     f.finish(
         &[
             "max_concurrent_streams",
             "initial_stream_window_size",
             "initial_connection_window_size",
+            "connection_keepalive",
         ],
         cx,
     );
@@ -1957,18 +2109,34 @@ fn parse_cluster(v: &Value, path: &str, cx: &mut Cx) -> Option<ClusterConfig> {
             }
         }
     }
-    let max_requests = f
+    let (max_requests, per_connection) = f
         .take("circuit_breakers")
         .and_then(|(p, v)| {
             let mut cb = Fields::new(v, &p, cx)?;
-            let n = cb
-                .take("max_requests")
-                .and_then(|(p, v)| unsigned(v, &p, 1 << 20, cx))
-                .map(|n| n as usize);
-            cb.finish(&["max_requests"], cx);
-            n
+            let mut take = |key: &str, cx: &mut Cx| {
+                cb.take(key)
+                    .and_then(|(p, v)| match unsigned(v, &p, 1 << 20, cx) {
+                        Some(0) => {
+                            cx.err(&p, "must be at least 1");
+                            None
+                        }
+                        n => n,
+                    })
+                    .map(|n| n as usize)
+            };
+            let n = take("max_requests", cx);
+            let per = take("max_requests_per_downstream_connection", cx);
+            cb.finish(
+                &["max_requests", "max_requests_per_downstream_connection"],
+                cx,
+            );
+            Some((n, per))
         })
-        .unwrap_or(1024);
+        .unwrap_or((None, None));
+    let max_requests = max_requests.unwrap_or(1024);
+    let max_requests_per_downstream_connection = per_connection
+        .unwrap_or(max_requests / 4)
+        .clamp(1, max_requests);
     let mut pool = [4usize, 16];
     for (i, key) in ["max_connections_per_endpoint", "streams_per_connection"]
         .iter()
@@ -2013,6 +2181,7 @@ fn parse_cluster(v: &Value, path: &str, cx: &mut Cx) -> Option<ClusterConfig> {
         idle_timeout: timeouts[1],
         tcp_keepalive: timeouts[2],
         max_requests,
+        max_requests_per_downstream_connection,
         max_connections_per_endpoint: pool[0],
         streams_per_connection: pool[1],
     })

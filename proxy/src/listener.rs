@@ -1,25 +1,48 @@
-//! Management listeners: accept h2c connections and hand every request to the route table.
+//! Management listeners: accept h2c connections and hand every request to the route table,
+//! within the listener's limits ([`ListenerLimits`]): connections, the time a new connection
+//! has to send its first request, idle connections, requests in progress.
+//!
+//! A connection that has sent nothing costs a socket and a small task: the HTTP/2 state is
+//! made only once the client's preface has arrived. At `max_connections` a new connection
+//! takes the place of the oldest that has not yet sent a whole request, or else of the
+//! longest idle one, so a flood of silent or slow clients cannot keep a real one out.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
+use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
 use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use lhnet_netns::StorageAddress;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::Code;
 
-use crate::config::{format_duration, Http2Options};
+use crate::config::{format_duration, Http2Options, ListenerLimits};
 use crate::metrics::{CountedIo, Metrics};
+use crate::reply::{BoxError, LocalReply, ProxyBody};
 use crate::route::RouteTable;
 use crate::storage::StorageState;
 use crate::tcp::REBIND_EVERY;
+
+/// What every HTTP/2 client sends first (RFC 9113 §3.4).
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// After GOAWAY for an idle or evicted connection, how long its last streams may take.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// A bound gRPC listener, ready to serve.
 pub struct GrpcListener {
@@ -27,15 +50,69 @@ pub struct GrpcListener {
     pub local_addr: SocketAddr,
     pub routes: Arc<ArcSwap<RouteTable>>,
     listener: TcpListener,
-    http2: Http2Options,
 }
+
+/// One client connection, as its requests and the listener see it.
+pub struct Downstream {
+    id: u64,
+    accepted: Instant,
+    /// Set when the first request's headers have arrived.
+    established: AtomicBool,
+    /// Requests in progress (until their response body ends).
+    active: AtomicUsize,
+    /// Milliseconds after `accepted` when `active` last fell to 0.
+    idle_since_ms: AtomicU64,
+    /// Cluster slots this connection's requests hold (all clusters together).
+    pub held_slots: AtomicUsize,
+    /// Cancelled when the listener needs the place for a new connection.
+    evict: CancellationToken,
+}
+
+/// What the listener's connections share.
+struct Shared {
+    name: Arc<str>,
+    metrics: Arc<Metrics>,
+    /// Open connections, by id.
+    open: parking_lot::Mutex<HashMap<u64, Arc<Downstream>>>,
+    next_id: AtomicU64,
+    /// Requests in progress on the listener.
+    requests: AtomicUsize,
+}
+
+/// Removes its connection from the open set when the connection's task ends.
+struct Admitted {
+    shared: Arc<Shared>,
+    conn: Arc<Downstream>,
+}
+
+/// Counts one request in progress until its response body is done (or dropped).
+struct InProgress {
+    shared: Arc<Shared>,
+    conn: Arc<Downstream>,
+}
+
+/// A response body that keeps its request counted while it streams.
+pub struct TrackedBody {
+    inner: ProxyBody,
+    _counted: Option<InProgress>,
+}
+
+/// How a connection began.
+enum Preface {
+    Http2,
+    /// An HTTP/1.x request line: answered in HTTP/1.1 that only HTTP/2 is spoken here.
+    Http1,
+    /// Neither, or closed before the preface was whole.
+    Other,
+}
+
+// === impl GrpcListener ===
 
 impl GrpcListener {
     pub async fn bind(
         name: &str,
         address: SocketAddr,
         routes: Arc<ArcSwap<RouteTable>>,
-        http2: Http2Options,
     ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(address).await.map_err(|e| {
             std::io::Error::new(
@@ -48,7 +125,6 @@ impl GrpcListener {
             local_addr: listener.local_addr()?,
             routes,
             listener,
-            http2,
         })
     }
 
@@ -61,7 +137,14 @@ impl GrpcListener {
         shutdown: CancellationToken,
         drain_timeout: Duration,
     ) {
-        let graceful = GracefulShutdown::new();
+        let tasks = TaskTracker::new();
+        let shared = Arc::new(Shared {
+            name: self.name.clone(),
+            metrics: metrics.clone(),
+            open: parking_lot::Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+            requests: AtomicUsize::new(0),
+        });
         tracing::info!(listener = %self.name, address = %self.local_addr, "listening (gRPC, h2c)");
         loop {
             let (stream, peer) = tokio::select! {
@@ -76,6 +159,21 @@ impl GrpcListener {
                     }
                 },
             };
+            // The limits of the config in force when the connection came.
+            let (limits, h2) = {
+                let table = self.routes.load();
+                (table.limits.clone(), table.http2.clone())
+            };
+            let Some(admitted) = shared.admit(&limits) else {
+                metrics.limit_reached(&self.name, "max_connections", || {
+                    format!(
+                        "listener {}: {} connections are open and every one has a request in progress; refusing {peer}",
+                        self.name, limits.max_connections
+                    )
+                });
+                drop(stream);
+                continue;
+            };
             let _ = stream.set_nodelay(true);
             let local = stream.local_addr().unwrap_or(self.local_addr);
             let (device, network) = storage.classify(local.ip());
@@ -83,34 +181,24 @@ impl GrpcListener {
                 network = network.as_str(), listener = %self.name, local = %local, peer = %peer,
                 device = %device, "connection accepted"
             );
-            let io = TokioIo::new(CountedIo::new(
-                stream,
-                metrics.byte_counters(&device, network),
-                None,
-            ));
+            let counters = metrics.byte_counters(&device, network);
             let routes = self.routes.clone();
-            let service = service_fn(move |request| {
-                let table = routes.load_full();
-                async move { Ok::<_, Infallible>(table.handle(request).await) }
-            });
-            let connection = http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .max_concurrent_streams(self.http2.max_concurrent_streams)
-                .initial_stream_window_size(self.http2.initial_stream_window_size)
-                .initial_connection_window_size(self.http2.initial_connection_window_size)
-                .serve_connection(io, service);
-            let connection = graceful.watch(connection);
-            let name = self.name.clone();
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!(listener = %name, peer = %peer, error = %e, "connection ended with an error");
-                }
+            let drain = shutdown.clone();
+            tasks.spawn(async move {
+                let Some(stream) = admitted.preface(stream, peer, &limits, &drain).await else {
+                    return;
+                };
+                let io = TokioIo::new(CountedIo::new(Replayed::new(stream), counters, None));
+                // Boxed: the HTTP/2 state lives only on connections that have spoken.
+                let served =
+                    admitted.serve_http2(io, peer, routes, (&limits, &h2), &drain, drain_timeout);
+                Box::pin(served).await;
             });
         }
         drop(self.listener);
-        let open = graceful.count();
-        tracing::info!(listener = %self.name, connections = open, "draining");
-        if tokio::time::timeout(drain_timeout, graceful.shutdown())
+        tasks.close();
+        tracing::info!(listener = %self.name, connections = tasks.len(), "draining");
+        if tokio::time::timeout(drain_timeout + CLOSE_GRACE, tasks.wait())
             .await
             .is_err()
         {
@@ -122,6 +210,398 @@ impl GrpcListener {
     }
 }
 
+// === impl Shared ===
+
+impl Shared {
+    /// A place for a new connection: free, or taken from the oldest connection that has not
+    /// sent a whole request yet, or else from the longest idle one. `None` when every open
+    /// connection has a request in progress.
+    fn admit(self: &Arc<Self>, limits: &ListenerLimits) -> Option<Admitted> {
+        let mut open = self.open.lock();
+        if open.len() >= limits.max_connections {
+            let victim = open
+                .values()
+                .filter(|c| !c.established.load(Ordering::Relaxed))
+                .min_by_key(|c| c.accepted)
+                .or_else(|| {
+                    open.values()
+                        .filter(|c| c.active.load(Ordering::Relaxed) == 0)
+                        .min_by_key(|c| c.idle_since())
+                })
+                .cloned()?;
+            open.remove(&victim.id);
+            victim.evict.cancel();
+            let why = if victim.established.load(Ordering::Relaxed) {
+                "the longest idle connection gets GOAWAY"
+            } else {
+                "the oldest connection that has not sent a request is closed"
+            };
+            self.metrics
+                .limit_reached(&self.name, "max_connections", || {
+                    format!(
+                        "listener {}: {} connections are open; {why} to make room",
+                        self.name, limits.max_connections
+                    )
+                });
+        }
+        let conn = Arc::new(Downstream {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            accepted: Instant::now(),
+            established: AtomicBool::new(false),
+            active: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(0),
+            held_slots: AtomicUsize::new(0),
+            evict: CancellationToken::new(),
+        });
+        open.insert(conn.id, conn.clone());
+        Some(Admitted {
+            shared: self.clone(),
+            conn,
+        })
+    }
+}
+
+// === impl Downstream ===
+
+impl Downstream {
+    fn idle_since(&self) -> Instant {
+        self.accepted + Duration::from_millis(self.idle_since_ms.load(Ordering::Relaxed))
+    }
+
+    /// A connection that no listener tracks: for requests made inside lhnet and for tests.
+    pub fn detached() -> Arc<Downstream> {
+        Arc::new(Downstream {
+            id: u64::MAX,
+            accepted: Instant::now(),
+            established: AtomicBool::new(true),
+            active: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(0),
+            held_slots: AtomicUsize::new(0),
+            evict: CancellationToken::new(),
+        })
+    }
+}
+
+// === impl Admitted ===
+
+impl Admitted {
+    /// Waits for the client's HTTP/2 preface within `request_headers_timeout`. `None` when the
+    /// connection is done with: timed out, evicted, draining, HTTP/1 (answered), or not HTTP.
+    async fn preface(
+        &self,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        limits: &ListenerLimits,
+        drain: &CancellationToken,
+    ) -> Option<TcpStream> {
+        let name = &self.shared.name;
+        let read = tokio::select! {
+            read = read_preface(&mut stream) => read,
+            _ = tokio::time::sleep(limits.request_headers_timeout) => {
+                self.shared.metrics.limit_reached(name, "request_headers_timeout", || format!(
+                    "listener {name}: {peer} sent no HTTP/2 preface within request_headers_timeout {}; closed",
+                    format_duration(limits.request_headers_timeout)
+                ));
+                return None;
+            }
+            _ = self.conn.evict.cancelled() => return None,
+            _ = drain.cancelled() => return None,
+        };
+        match read {
+            Ok(Preface::Http2) => Some(stream),
+            Ok(Preface::Http1) => {
+                self.shared.metrics.limit_reached(name, "http2_only", || {
+                    format!("listener {name}: {peer} spoke HTTP/1; answered 505 and closed")
+                });
+                let text = format!(
+                    "listener {name} speaks gRPC over HTTP/2 (h2c, prior knowledge) only\n"
+                );
+                let reply = format!(
+                    "HTTP/1.1 505 HTTP Version Not Supported\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{text}",
+                    text.len()
+                );
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    stream.write_all(reply.as_bytes()),
+                )
+                .await;
+                let _ = stream.shutdown().await;
+                None
+            }
+            Ok(Preface::Other) | Err(_) => None,
+        }
+    }
+
+    /// Serves HTTP/2 on the connection until it ends, the listener drains, the listener needs
+    /// its place, it has not sent a whole request in `request_headers_timeout`, or it has been
+    /// idle for `idle_timeout`.
+    async fn serve_http2<I>(
+        self,
+        io: TokioIo<I>,
+        peer: SocketAddr,
+        routes: Arc<ArcSwap<RouteTable>>,
+        (limits, h2): (&ListenerLimits, &Http2Options),
+        drain: &CancellationToken,
+        drain_timeout: Duration,
+    ) where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let name = self.shared.name.clone();
+        let _gauge = self.shared.metrics.downstream_connection(&name);
+        let conn = self.conn.clone();
+        let shared = self.shared.clone();
+        let service = service_fn(move |request| {
+            let table = routes.load_full();
+            let counted = InProgress::start(&shared, &conn);
+            let shared = shared.clone();
+            async move {
+                let over = shared.requests.load(Ordering::Relaxed) > table.limits.max_requests;
+                let response = if over {
+                    let max = table.limits.max_requests;
+                    shared
+                        .metrics
+                        .limit_reached(&shared.name, "max_requests", || {
+                            format!(
+                                "listener {}: {max} requests in progress; refusing more",
+                                shared.name
+                            )
+                        });
+                    LocalReply::new(
+                        Code::ResourceExhausted,
+                        format!(
+                            "listener {} has max_requests ({max}) requests in progress",
+                            shared.name
+                        ),
+                    )
+                    .into_response()
+                } else {
+                    table.handle(request, &counted.conn).await
+                };
+                Ok::<_, Infallible>(response.map(|inner| TrackedBody {
+                    inner,
+                    _counted: Some(counted),
+                }))
+            }
+        });
+        let connection = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(h2.max_concurrent_streams)
+            .initial_stream_window_size(h2.initial_stream_window_size)
+            .initial_connection_window_size(h2.initial_connection_window_size)
+            .keep_alive_interval(Some(h2.connection_keepalive.interval))
+            .keep_alive_timeout(h2.connection_keepalive.timeout)
+            .max_header_list_size(limits.max_request_headers_kb.saturating_mul(1024))
+            .serve_connection(io, service);
+        tokio::pin!(connection);
+        let conn = &self.conn;
+        let mut closing: Option<Instant> = None;
+        loop {
+            let wake = match closing {
+                Some(at) => at,
+                None if !conn.established.load(Ordering::Relaxed) => {
+                    conn.accepted + limits.request_headers_timeout
+                }
+                None if conn.active.load(Ordering::Relaxed) == 0 => {
+                    conn.idle_since() + limits.idle_timeout
+                }
+                None => Instant::now() + limits.idle_timeout,
+            };
+            tokio::select! {
+                ended = connection.as_mut() => {
+                    if let Err(e) = ended {
+                        tracing::debug!(listener = %name, peer = %peer, error = %e, "connection ended with an error");
+                    }
+                    return;
+                }
+                _ = drain.cancelled(), if closing.is_none() => {
+                    connection.as_mut().graceful_shutdown();
+                    closing = Some(Instant::now() + drain_timeout);
+                }
+                _ = conn.evict.cancelled(), if closing.is_none() => {
+                    connection.as_mut().graceful_shutdown();
+                    closing = Some(Instant::now() + CLOSE_GRACE);
+                }
+                _ = tokio::time::sleep_until(wake) => {
+                    if closing.is_some() {
+                        // GOAWAY was sent and the grace is over: dropping closes the socket.
+                        return;
+                    }
+                    let now = Instant::now();
+                    let limit = if !conn.established.load(Ordering::Relaxed) {
+                        (now >= conn.accepted + limits.request_headers_timeout).then_some(("request_headers_timeout", limits.request_headers_timeout))
+                    } else if conn.active.load(Ordering::Relaxed) == 0 {
+                        (now >= conn.idle_since() + limits.idle_timeout).then_some(("idle_timeout", limits.idle_timeout))
+                    } else {
+                        None
+                    };
+                    if let Some((key, after)) = limit {
+                        self.shared.metrics.limit_reached(&name, key, || format!(
+                            "listener {name}: {peer} reached {key} {}; GOAWAY", format_duration(after)
+                        ));
+                        connection.as_mut().graceful_shutdown();
+                        closing = Some(now + CLOSE_GRACE);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut open = self.shared.open.lock();
+        // An evicted connection was removed when it was evicted.
+        if open
+            .get(&self.conn.id)
+            .is_some_and(|c| Arc::ptr_eq(c, &self.conn))
+        {
+            open.remove(&self.conn.id);
+        }
+    }
+}
+
+// === impl InProgress ===
+
+impl InProgress {
+    fn start(shared: &Arc<Shared>, conn: &Arc<Downstream>) -> InProgress {
+        conn.established.store(true, Ordering::Relaxed);
+        conn.active.fetch_add(1, Ordering::Relaxed);
+        shared.requests.fetch_add(1, Ordering::Relaxed);
+        InProgress {
+            shared: shared.clone(),
+            conn: conn.clone(),
+        }
+    }
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        self.shared.requests.fetch_sub(1, Ordering::Relaxed);
+        if self.conn.active.fetch_sub(1, Ordering::Relaxed) == 1 {
+            let ms = self.conn.accepted.elapsed().as_millis() as u64;
+            self.conn.idle_since_ms.store(ms, Ordering::Relaxed);
+        }
+    }
+}
+
+// === impl TrackedBody ===
+
+impl Body for TrackedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            // The response is done: the request no longer counts as in progress.
+            self._counted = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Reads the first bytes of a connection: the HTTP/2 preface, or enough to tell it is not.
+async fn read_preface(stream: &mut TcpStream) -> io::Result<Preface> {
+    let mut buf = [0u8; PREFACE.len()];
+    let mut n = 0;
+    while n < buf.len() {
+        let read = stream.read(&mut buf[n..]).await?;
+        if read == 0 {
+            return Ok(Preface::Other);
+        }
+        n += read;
+        if buf[..n] != PREFACE[..n] {
+            // An HTTP/1 request line starts with an upper-case method and a space.
+            let method = buf[..n]
+                .iter()
+                .take_while(|b| b.is_ascii_uppercase())
+                .count();
+            let http1 = method > 0 && buf.get(method) == Some(&b' ');
+            return Ok(if http1 {
+                Preface::Http1
+            } else {
+                Preface::Other
+            });
+        }
+    }
+    Ok(Preface::Http2)
+}
+
+/// A stream whose HTTP/2 preface was read (and checked) before hyper saw it: hyper reads the
+/// preface again from here, then the stream.
+struct Replayed {
+    stream: TcpStream,
+    /// Preface bytes still to give back.
+    replay: usize,
+}
+
+impl Replayed {
+    fn new(stream: TcpStream) -> Replayed {
+        Replayed {
+            stream,
+            replay: PREFACE.len(),
+        }
+    }
+}
+
+impl AsyncRead for Replayed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.replay > 0 {
+            let from = PREFACE.len() - self.replay;
+            let n = self.replay.min(buf.remaining());
+            buf.put_slice(&PREFACE[from..from + n]);
+            self.replay -= n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Replayed {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
 /// A gRPC listener on `storage:PORT` that follows the storage address: bound when the address
 /// comes (lhnet starts without one under `fallback: wait`), rebound when it changes. The old
 /// address stops accepting and its connections get GOAWAY and drain, so clients move over;
@@ -130,7 +610,6 @@ pub struct StorageGrpcListener {
     pub name: Arc<str>,
     pub port: u16,
     pub routes: Arc<ArcSwap<RouteTable>>,
-    pub http2: Http2Options,
     /// The address it accepts on now (none while it waits).
     pub bound: Arc<Mutex<Option<SocketAddr>>>,
     /// Subscribed before the first bind, so a change while binding is not missed.
@@ -142,14 +621,12 @@ impl StorageGrpcListener {
         name: &str,
         port: u16,
         routes: Arc<ArcSwap<RouteTable>>,
-        http2: Http2Options,
         storage: &StorageState,
     ) -> StorageGrpcListener {
         StorageGrpcListener {
             name: name.into(),
             port,
             routes,
-            http2,
             bound: Arc::new(Mutex::new(None)),
             changes: storage.subscribe(),
         }
@@ -160,7 +637,6 @@ impl StorageGrpcListener {
             &self.name,
             SocketAddr::new(ip, self.port),
             self.routes.clone(),
-            self.http2.clone(),
         )
         .await
     }

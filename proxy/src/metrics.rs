@@ -6,6 +6,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
@@ -45,13 +46,26 @@ pub struct Metrics {
     upstream_connect_errors: IntCounterVec,
     storage_address: IntGaugeVec,
     config_reloads: IntCounterVec,
+    limits_reached: IntCounterVec,
+    downstream_connections: IntGaugeVec,
+    /// When each (listener, limit) was last logged, and how often it was reached since.
+    limit_log: parking_lot::Mutex<HashMap<LimitKey, (Instant, u64)>>,
     known_methods: KnownMethods,
 }
+
+/// A listener (or cluster) and the config key of one of its limits.
+type LimitKey = (String, &'static str);
+
+/// A limit is logged at most this often per listener; the line says how often it was reached.
+const LIMIT_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// The gRPC services and methods that may appear as label values; anything else is `other`,
 /// so a client cannot grow the label set without bound.
 pub struct KnownMethods {
     services: HashMap<String, HashSet<String>>,
+    /// `/pkg.Service/Method` of the methods whose client sends exactly one message (unary and
+    /// server-streaming): a real client sends it with the headers.
+    one_message: HashSet<String>,
 }
 
 /// Labels of one gRPC request path, bounded by [`KnownMethods`].
@@ -138,6 +152,16 @@ impl Metrics {
             "Config reloads, by result (success or failure).",
             &["result"],
         );
+        let limits_reached = counter(
+            "lhnet_limits_reached_total",
+            "Times a listener or cluster limit refused or closed something, by listener (or cluster) and the config key of the limit.",
+            &["listener", "limit"],
+        );
+        let downstream_connections = gauge(
+            "lhnet_downstream_connections",
+            "Open client connections, by listener.",
+            &["listener"],
+        );
         registry
             .register(Box::new(KernelCounters::new()))
             .expect("unique metric");
@@ -151,6 +175,9 @@ impl Metrics {
             upstream_connect_errors,
             storage_address,
             config_reloads,
+            limits_reached,
+            downstream_connections,
+            limit_log: parking_lot::Mutex::new(HashMap::new()),
             known_methods: KnownMethods::from_descriptors(lhnet_proto::FILE_DESCRIPTOR_SET),
         })
     }
@@ -203,6 +230,43 @@ impl Metrics {
         ConnectionGuard { gauge }
     }
 
+    /// Counts a limit reached on `listener` (or a cluster) and logs it, at most once per
+    /// [`LIMIT_LOG_EVERY`] for each listener and limit: under abuse the log stays readable.
+    pub fn limit_reached(
+        &self,
+        listener: &str,
+        limit: &'static str,
+        detail: impl FnOnce() -> String,
+    ) {
+        self.limits_reached
+            .with_label_values(&[listener, limit])
+            .inc();
+        let now = Instant::now();
+        let mut log = self.limit_log.lock();
+        let entry = log
+            .entry((listener.to_string(), limit))
+            .or_insert((now - LIMIT_LOG_EVERY, 0));
+        entry.1 += 1;
+        if now.duration_since(entry.0) >= LIMIT_LOG_EVERY {
+            let times = std::mem::take(&mut entry.1);
+            entry.0 = now;
+            drop(log);
+            tracing::warn!(%listener, limit, times, "{} (reached {times} time(s) in the last {}s)", detail(), LIMIT_LOG_EVERY.as_secs());
+        }
+    }
+
+    /// Counts an open client connection on `listener` until the guard drops.
+    pub fn downstream_connection(&self, listener: &str) -> ConnectionGuard {
+        let gauge = self.downstream_connections.with_label_values(&[listener]);
+        gauge.inc();
+        ConnectionGuard { gauge }
+    }
+
+    /// See [`KnownMethods::client_sends_one_message`].
+    pub fn client_sends_one_message(&self, path: &str) -> bool {
+        self.known_methods.client_sends_one_message(path)
+    }
+
     pub fn upstream_connect_error(&self, cluster: &str, reason: &str) {
         self.upstream_connect_errors
             .with_label_values(&[cluster, reason])
@@ -243,6 +307,7 @@ fn grpc_code_label(code: i32) -> &'static str {
 impl KnownMethods {
     pub fn from_descriptors(encoded: &[u8]) -> KnownMethods {
         let mut services = HashMap::new();
+        let mut one_message = HashSet::new();
         if let Ok(set) = prost_types::FileDescriptorSet::decode(encoded) {
             for file in set.file {
                 let package = file.package.unwrap_or_default();
@@ -253,12 +318,26 @@ impl KnownMethods {
                     } else {
                         format!("{package}.{name}")
                     };
+                    for m in &service.method {
+                        if let (Some(method), false) = (&m.name, m.client_streaming()) {
+                            one_message.insert(format!("/{full}/{method}"));
+                        }
+                    }
                     let methods = service.method.into_iter().filter_map(|m| m.name).collect();
                     services.insert(full, methods);
                 }
             }
         }
-        KnownMethods { services }
+        KnownMethods {
+            services,
+            one_message,
+        }
+    }
+
+    /// Whether `path` is a method lhnet knows whose client sends one message (unary or
+    /// server-streaming). Unknown and client-streaming methods may wait for the server first.
+    pub fn client_sends_one_message(&self, path: &str) -> bool {
+        self.one_message.contains(path)
     }
 
     /// Splits `/pkg.Service/Method` into bounded label values.

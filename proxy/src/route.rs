@@ -12,7 +12,6 @@ use http::{HeaderMap, Request, Response};
 use http_body::Body;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tonic::Code;
 
@@ -20,15 +19,16 @@ use crate::body::{
     buffer_up_to, read_first_message, Buffered, GrpcRequestBody, ObservedBody, Prefixed,
     RequestLog, Verdict,
 };
-use crate::cluster::{Cluster, UpstreamError};
+use crate::cluster::{Cluster, ClusterSlot, SlotLimit, UpstreamError};
 use crate::config::{
-    format_duration, HeaderMatcher, HeaderRule, ListenerConfig, LocalService, PathMatch, RetryOn,
-    RetryPolicy, RouteAction, RouteConfig,
+    format_duration, HeaderMatcher, HeaderRule, Http2Options, ListenerConfig, ListenerLimits,
+    LocalService, PathMatch, RetryOn, RetryPolicy, RouteAction, RouteConfig,
 };
 use crate::engine_proxy::dispatch::{self, Decision};
 use crate::engine_proxy::version::{VersionPatchBody, VERSION_GET_PATH};
 use crate::engine_proxy::{BackupTargets, EngineProxy};
 use crate::health::HealthService;
+use crate::listener::Downstream;
 use crate::metrics::Metrics;
 use crate::reply::{
     grpc_status, names, undecodable_to_invalid_argument, BoxError, LocalReply, ProxyBody,
@@ -43,6 +43,9 @@ use crate::peer::PeerService;
 pub struct RouteTable {
     listener: Arc<str>,
     max_message_size: usize,
+    /// The listener's limits and HTTP/2 settings in this config (new connections take them).
+    pub limits: ListenerLimits,
+    pub http2: Http2Options,
     routes: Vec<Route>,
     metrics: Arc<Metrics>,
     locals: LocalServices,
@@ -71,7 +74,7 @@ struct EngineProxyRoute {
 /// How a request was answered, before the response is observed on its way down.
 enum Served {
     Local(Response<ProxyBody>),
-    Upstream(Response<Incoming>, OwnedSemaphorePermit),
+    Upstream(Response<Incoming>, ClusterSlot),
     Reply(LocalReply),
 }
 
@@ -170,6 +173,8 @@ impl RouteTable {
         RouteTable {
             listener: listener.name.as_str().into(),
             max_message_size: listener.max_message_size,
+            limits: listener.limits.clone(),
+            http2: listener.http2.clone(),
             routes,
             metrics,
             locals,
@@ -194,7 +199,11 @@ impl RouteTable {
     }
 
     /// Handles one request from a downstream client; never fails (errors are gRPC replies).
-    pub async fn handle(&self, request: Request<Incoming>) -> Response<ProxyBody> {
+    pub async fn handle(
+        &self,
+        request: Request<Incoming>,
+        downstream: &Arc<Downstream>,
+    ) -> Response<ProxyBody> {
         let started = Instant::now();
         // A cheap clone (shared bytes), kept for the metrics at the end of the stream.
         let path = request.uri().clone();
@@ -272,21 +281,25 @@ impl RouteTable {
                     call_service(self.locals.peer.clone(), Request::from_parts(parts, body)).await,
                 ),
                 Target::EngineProxy(engine) => {
-                    self.engine_proxy(engine, route, parts, body, deadline, &verdict, &context)
-                        .await
+                    let call = (route, deadline, &verdict, &context, downstream);
+                    self.engine_proxy(engine, call, parts, body).await
                 }
-                Target::Cluster(cluster) => self
-                    .forward(
-                        cluster,
-                        &route.config,
-                        parts,
-                        body.boxed_unsync(),
-                        deadline,
-                        &verdict,
-                        &context,
-                    )
+                Target::Cluster(cluster) => match self
+                    .body_started(Prefixed::new(body), parts.uri.path(), (&verdict, &context))
                     .await
-                    .map_or_else(Served::Reply, |(r, p)| Served::Upstream(r, p)),
+                {
+                    Ok(body) => self
+                        .forward(
+                            cluster,
+                            &route.config,
+                            parts,
+                            body.boxed_unsync(),
+                            (deadline, &verdict, &context, downstream),
+                        )
+                        .await
+                        .map_or_else(Served::Reply, |(r, p)| Served::Upstream(r, p)),
+                    Err(reply) => Served::Reply(reply),
+                },
             }
         };
         let served = match deadline_at {
@@ -317,16 +330,18 @@ impl RouteTable {
     /// `local: longhorn_engine_proxy`: lhnet answers what it serves; the rest goes byte for
     /// byte to the passthrough cluster (the instance-manager's own proxy), or is UNIMPLEMENTED
     /// naming the key that would forward it ([`dispatch`]).
-    #[allow(clippy::too_many_arguments)]
     async fn engine_proxy(
         &self,
         engine: &EngineProxyRoute,
-        route: &Route,
+        (route, deadline, verdict, context, downstream): (
+            &Route,
+            Option<Duration>,
+            &Verdict,
+            &RouteContext,
+            &Arc<Downstream>,
+        ),
         parts: Parts,
         body: CheckedBody,
-        deadline: Option<Duration>,
-        verdict: &Verdict,
-        context: &RouteContext,
     ) -> Served {
         // A clone of the URI (reference-counted) to name the method after `parts` moves on.
         let uri = parts.uri.clone();
@@ -372,15 +387,19 @@ impl RouteTable {
                     tracing::debug!(%method, reason = %why, cluster = %cluster.name(), "passing through to the instance-manager's proxy");
                     // Boxed: the rare path, and forward's future is kilobytes that would
                     // otherwise sit in every served call's future.
-                    Box::pin(self.forward(
-                        cluster,
-                        &route.config,
-                        parts,
-                        body.boxed_unsync(),
-                        deadline,
-                        verdict,
-                        context,
-                    ))
+                    Box::pin(async move {
+                        let body = self
+                            .body_started(body, uri.path(), (verdict, context))
+                            .await?;
+                        self.forward(
+                            cluster,
+                            &route.config,
+                            parts,
+                            body.boxed_unsync(),
+                            (deadline, verdict, context, downstream),
+                        )
+                        .await
+                    })
                     .await
                     .map_or_else(Served::Reply, |(r, p)| Served::Upstream(r, p))
                 }
@@ -397,26 +416,33 @@ impl RouteTable {
     /// Sends the request to the cluster, retrying as the route's policy allows. Headers pass
     /// as they are: HTTP/2 forbids connection-specific headers (RFC 9113 §8.2.2) and h2 refuses
     /// them on receipt, so there is nothing hop-by-hop to strip.
-    #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
         cluster: &Arc<Cluster>,
         route: &RouteConfig,
         mut parts: Parts,
         body: ProxyBody,
-        deadline: Option<Duration>,
-        verdict: &Verdict,
-        context: &RouteContext,
-    ) -> Result<(Response<Incoming>, OwnedSemaphorePermit), LocalReply> {
-        let permit = cluster.try_acquire().ok_or_else(|| {
-            LocalReply::new(
-                Code::ResourceExhausted,
-                format!(
+        (deadline, verdict, context, downstream): (
+            Option<Duration>,
+            &Verdict,
+            &RouteContext,
+            &Arc<Downstream>,
+        ),
+    ) -> Result<(Response<Incoming>, ClusterSlot), LocalReply> {
+        let permit = cluster.try_acquire(downstream).map_err(|limit| {
+            let c = &cluster.config;
+            let text = match limit {
+                SlotLimit::Cluster => format!(
                     "cluster {} has circuit_breakers.max_requests ({}) requests in flight ({context})",
-                    cluster.name(),
-                    cluster.config.max_requests
+                    c.name, c.max_requests
                 ),
-            )
+                SlotLimit::Connection => format!(
+                    "this connection holds circuit_breakers.max_requests_per_downstream_connection ({}) of cluster {}'s requests in flight ({context})",
+                    c.max_requests_per_downstream_connection, c.name
+                ),
+            };
+            self.metrics.limit_reached(&c.name, limit.key(), || text.clone());
+            LocalReply::new(Code::ResourceExhausted, text)
         })?;
         // The client's grpc-timeout never travels as sent: lhnet re-encodes the deadline it
         // enforces, so a value only some servers accept cannot reach a shared connection.
@@ -519,6 +545,48 @@ impl RouteTable {
     }
 }
 
+impl RouteTable {
+    /// For a method whose client sends one message (unary, server-streaming: a real client
+    /// sends it with the headers), waits up to the listener's `stream_idle_timeout` until the
+    /// request body has started (a frame is read ahead, or the body has ended): a stream that
+    /// sends headers and nothing more then takes no cluster slot and sends nothing upstream.
+    /// Client-streaming and unknown methods go at once: their client may wait for the server's
+    /// headers first (tonic's does); the per-connection share of slots bounds those.
+    async fn body_started<B>(
+        &self,
+        body: Prefixed<B>,
+        path: &str,
+        (verdict, context): (&Verdict, &RouteContext),
+    ) -> Result<Prefixed<B>, LocalReply>
+    where
+        B: Body<Data = bytes::Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
+        if !self.metrics.client_sends_one_message(path) {
+            return Ok(body);
+        }
+        let wait = self.limits.stream_idle_timeout;
+        match tokio::time::timeout(wait, body.started()).await {
+            Ok(Ok(body)) => Ok(body),
+            Ok(Err(e)) => Err(verdict.get().cloned().unwrap_or_else(|| {
+                LocalReply::new(
+                    Code::Cancelled,
+                    format!("reading the request body failed: {e} ({context})"),
+                )
+            })),
+            Err(_) => {
+                let text = format!(
+                    "the request body did not start within stream_idle_timeout {} ({context})",
+                    format_duration(wait)
+                );
+                self.metrics
+                    .limit_reached(&self.listener, "stream_idle_timeout", || text.clone());
+                Err(LocalReply::new(Code::DeadlineExceeded, text))
+            }
+        }
+    }
+}
+
 /// Calls a tonic service of the proxy's own with the request as it streams in.
 async fn call_service<S, B>(mut service: S, request: Request<B>) -> Response<ProxyBody>
 where
@@ -547,7 +615,7 @@ fn finish<B>(
     deadline: Option<(Instant, LocalReply)>,
     context: RouteContext,
     log: RequestLog,
-    permit: Option<OwnedSemaphorePermit>,
+    permit: Option<ClusterSlot>,
 ) -> Response<ProxyBody>
 where
     B: Body<Data = bytes::Bytes> + Send + 'static,

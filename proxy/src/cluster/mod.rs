@@ -21,6 +21,7 @@ use pool::{EndpointPool, PoolLimits, Standing};
 use tokio::time::Instant;
 
 use crate::config::{ClusterConfig, Destination};
+use crate::listener::Downstream;
 use crate::metrics::{CountedIo, Metrics};
 use crate::reply::ProxyBody;
 use crate::storage::StorageState;
@@ -40,6 +41,38 @@ pub struct Cluster {
     next_endpoint: AtomicUsize,
     in_flight: Arc<Semaphore>,
     storage: Arc<StorageState>,
+}
+
+/// One request's place in a cluster's `circuit_breakers`, held until its response ends.
+pub struct ClusterSlot {
+    _permit: OwnedSemaphorePermit,
+    _held: HeldSlot,
+}
+
+/// One of the slots a downstream connection holds.
+struct HeldSlot(Arc<Downstream>);
+
+impl Drop for HeldSlot {
+    fn drop(&mut self) {
+        self.0.held_slots.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Which circuit breaker refused a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotLimit {
+    Cluster,
+    Connection,
+}
+
+impl SlotLimit {
+    /// The config key, as counted in `lhnet_limits_reached_total`.
+    pub fn key(self) -> &'static str {
+        match self {
+            SlotLimit::Cluster => "max_requests",
+            SlotLimit::Connection => "max_requests_per_downstream_connection",
+        }
+    }
 }
 
 /// Why a request did not reach (or did not get an answer from) the upstream.
@@ -129,9 +162,23 @@ impl Cluster {
         Some(self.endpoints[i % self.endpoints.len()].addr)
     }
 
-    /// A concurrency slot, or `None` when `circuit_breakers.max_requests` are in flight.
-    pub fn try_acquire(&self) -> Option<OwnedSemaphorePermit> {
-        self.in_flight.clone().try_acquire_owned().ok()
+    /// A concurrency slot for a request from `downstream`, or the limit that refuses it:
+    /// `circuit_breakers.max_requests` in flight, or the connection already holding its share.
+    pub fn try_acquire(&self, downstream: &Arc<Downstream>) -> Result<ClusterSlot, SlotLimit> {
+        let share = self.config.max_requests_per_downstream_connection;
+        if downstream.held_slots.fetch_add(1, Ordering::Relaxed) >= share {
+            downstream.held_slots.fetch_sub(1, Ordering::Relaxed);
+            return Err(SlotLimit::Connection);
+        }
+        // From here the slot counts against the connection; dropping it gives it back.
+        let held = HeldSlot(downstream.clone());
+        match self.in_flight.clone().try_acquire_owned() {
+            Ok(permit) => Ok(ClusterSlot {
+                _permit: permit,
+                _held: held,
+            }),
+            Err(_) => Err(SlotLimit::Cluster),
+        }
     }
 
     /// Whether an original-destination address is allowed by `allowed_destinations` and
