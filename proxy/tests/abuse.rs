@@ -1,0 +1,362 @@
+//! Root only: the real lhnet-proxy binary in a 64 MiB memory cgroup (what the injector gives
+//! the sidecar) under the cheap attacks a client on the management network can make, while a
+//! fresh client's unary call on the same forwarded route must keep succeeding within 2 s:
+//! - 2000 connections that never send a byte, plus 5 connections holding 1000 header-only
+//!   streams each, for 20 s;
+//! - the same with 2000 slow-headers (slowloris) connections that send one byte a second.
+//!
+//! Everything is on loopback; the upstream is the test's own echo service (outside the cgroup).
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+mod common;
+
+use common::KillOnDrop;
+use lhnet_proto::echo::echo_client::EchoClient;
+use lhnet_proto::echo::EchoRequest;
+use lhnet_proto::echo_server;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const LIMIT: u64 = 64 << 20;
+const ATTACK: Duration = Duration::from_secs(20);
+const SILENT: usize = 2000;
+const STREAM_CONNECTIONS: usize = 5;
+const STREAMS_EACH: u32 = 1000;
+const PATH: &str = "/lhnet.echo.v1.Echo/Unary";
+
+/// A memory cgroup (v2 or v1) with a 64 MiB limit, removed when dropped.
+struct MemoryCgroup {
+    dir: PathBuf,
+    v2: bool,
+}
+
+impl MemoryCgroup {
+    fn new(tag: &str) -> MemoryCgroup {
+        let name = format!("lhnet-{tag}-{}", std::process::id());
+        let v2 = std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+        let dir = if v2 {
+            PathBuf::from("/sys/fs/cgroup").join(&name)
+        } else {
+            // v1: a child of this process's own memory cgroup.
+            let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+            let path = own
+                .lines()
+                .find_map(|l| {
+                    let mut parts = l.splitn(3, ':');
+                    let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+                    controllers
+                        .split(',')
+                        .any(|c| c == "memory")
+                        .then(|| path.to_string())
+                })
+                .expect("a memory cgroup (v1) or cgroup v2");
+            PathBuf::from("/sys/fs/cgroup/memory")
+                .join(path.trim_start_matches('/'))
+                .join(&name)
+        };
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        let (limit, swap) = if v2 {
+            ("memory.max", Some("memory.swap.max"))
+        } else {
+            ("memory.limit_in_bytes", None)
+        };
+        std::fs::write(dir.join(limit), LIMIT.to_string()).unwrap();
+        if let Some(swap) = swap {
+            let _ = std::fs::write(dir.join(swap), "0");
+        }
+        MemoryCgroup { dir, v2 }
+    }
+
+    /// The command, run inside the cgroup (a shell moves itself in, then execs it).
+    fn command(&self, program: &str, args: &[&str]) -> Command {
+        let procs = self.dir.join("cgroup.procs");
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!(
+                "echo $$ > {} && exec \"$0\" \"$@\"",
+                procs.display()
+            ))
+            .arg(program)
+            .args(args);
+        cmd
+    }
+
+    /// The most memory the cgroup has used, in bytes.
+    fn peak(&self) -> u64 {
+        let file = if self.v2 {
+            "memory.peak"
+        } else {
+            "memory.max_usage_in_bytes"
+        };
+        std::fs::read_to_string(self.dir.join(file))
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        // The proxy was killed by its KillOnDrop first; the directory goes once it is empty.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Enough descriptors for this test's own sockets.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    let want = hard.max(65536);
+    let _ = setrlimit(Resource::RLIMIT_NOFILE, want, want)
+        .or_else(|_| setrlimit(Resource::RLIMIT_NOFILE, hard, hard));
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A HEADERS frame opening `stream` for a unary call, END_HEADERS and no END_STREAM: HPACK
+/// written by hand (indexed :method POST and :scheme http, literals without indexing).
+fn headers_frame(stream: u32) -> Vec<u8> {
+    let mut block = vec![0x83, 0x86];
+    let mut literal = |prefix: &[u8], value: &[u8]| {
+        block.extend_from_slice(prefix);
+        block.push(value.len() as u8);
+        block.extend_from_slice(value);
+    };
+    literal(&[0x04], PATH.as_bytes()); // :path (static index 4)
+    literal(&[0x01], b"lhnet"); // :authority (static index 1)
+    literal(&[0x0f, 0x10], b"application/grpc"); // content-type (static index 31)
+    literal(&[0x00, 0x02, b't', b'e'], b"trailers");
+    let mut frame = Vec::with_capacity(9 + block.len());
+    frame.extend_from_slice(&(block.len() as u32).to_be_bytes()[1..]);
+    frame.push(0x1); // HEADERS
+    frame.push(0x4); // END_HEADERS
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(&block);
+    frame
+}
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const EMPTY_SETTINGS: [u8; 9] = [0, 0, 0, 4, 0, 0, 0, 0, 0];
+
+/// One connection opening `streams` header-only streams at once, then reading (and dropping)
+/// whatever lhnet sends until the attack ends.
+async fn header_only_streams(
+    proxy: SocketAddr,
+    streams: u32,
+    until: Instant,
+) -> std::io::Result<()> {
+    let mut s = TcpStream::connect(proxy).await?;
+    let mut out = PREFACE.to_vec();
+    out.extend_from_slice(&EMPTY_SETTINGS);
+    for i in 0..streams {
+        out.extend_from_slice(&headers_frame(2 * i + 1));
+    }
+    s.write_all(&out).await?;
+    let mut buf = vec![0u8; 16 << 10];
+    let deadline = tokio::time::Instant::from_std(until);
+    while let Ok(read) = tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+        if read? == 0 {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// A fresh client's unary call through lhnet: its time, or why it failed.
+async fn fresh_call(proxy: SocketAddr) -> Result<Duration, String> {
+    let started = Instant::now();
+    let call = async {
+        let mut client = EchoClient::connect(format!("http://{proxy}"))
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let reply = client
+            .unary(EchoRequest {
+                payload: b"probe".to_vec(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| format!("call: {e}"))?;
+        if reply.get_ref().payload != b"probe" {
+            return Err("wrong payload".to_string());
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(Duration::from_secs(2), call).await {
+        Ok(Ok(())) => Ok(started.elapsed()),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err("no answer within 2 s".into()),
+    }
+}
+
+/// How the attackers' connections behave.
+#[derive(Clone, Copy)]
+enum Flood {
+    /// Connect and never send a byte.
+    Silent,
+    /// Send the preface and then one byte of a HEADERS frame per second.
+    SlowHeaders,
+}
+
+async fn flood_connection(proxy: SocketAddr, kind: Flood, until: Instant) {
+    let Ok(mut s) = TcpStream::connect(proxy).await else {
+        return;
+    };
+    let deadline = tokio::time::Instant::from_std(until);
+    match kind {
+        Flood::Silent => {
+            let mut buf = [0u8; 64];
+            // Holds the connection (reading only to notice lhnet closing it).
+            while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        }
+        Flood::SlowHeaders => {
+            if s.write_all(PREFACE).await.is_err() || s.write_all(&EMPTY_SETTINGS).await.is_err() {
+                return;
+            }
+            for byte in headers_frame(1) {
+                if tokio::time::Instant::now() >= deadline || s.write_all(&[byte]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+fn admin_metrics(admin: SocketAddr) -> String {
+    let mut s = std::net::TcpStream::connect(admin).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut s, &mut out).unwrap();
+    out
+}
+
+/// One attack at a time: each is the whole load the machine should carry.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn survive(tag: &str, kind: Flood) {
+    if !common::root() {
+        return;
+    }
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    raise_fd_limit();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let echo = rt
+        .block_on(echo_server::spawn("127.0.0.1:0".parse().unwrap(), "up"))
+        .unwrap();
+    let (listen, admin_port) = (free_port(), free_port());
+    let proxy: SocketAddr = ([127, 0, 0, 1], listen).into();
+    let admin: SocketAddr = ([127, 0, 0, 1], admin_port).into();
+    let config = common::write_config(
+        &format!("abuse-{tag}"),
+        &format!(
+            "admin: {{ address: {admin} }}\nstorage_network: {{ interface: lo }}\n\
+             listeners:\n  - name: management\n    address: {proxy}\n    routes:\n      \
+             - {{ match: {{ prefix: /lhnet.echo.v1.Echo/ }}, cluster: echo }}\n\
+             clusters:\n  - {{ name: echo, endpoints: [{}] }}\n",
+            echo.addr
+        ),
+    );
+    let cgroup = MemoryCgroup::new(tag);
+    let config_arg = config.display().to_string();
+    let child = cgroup
+        .command(
+            env!("CARGO_BIN_EXE_lhnet-proxy"),
+            &["--config", &config_arg, "--threads", "1"],
+        )
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(child);
+    let up = Instant::now() + Duration::from_secs(15);
+    while std::net::TcpStream::connect(admin).is_err() {
+        assert!(Instant::now() < up, "lhnet-proxy did not start");
+        assert!(
+            child.0.try_wait().unwrap().is_none(),
+            "lhnet-proxy exited at start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    rt.block_on(async {
+        assert!(fresh_call(proxy).await.is_ok(), "a call before the attack");
+        let until = Instant::now() + ATTACK;
+        let mut attackers = Vec::new();
+        for _ in 0..SILENT {
+            attackers.push(tokio::spawn(flood_connection(proxy, kind, until)));
+        }
+        for _ in 0..STREAM_CONNECTIONS {
+            attackers.push(tokio::spawn(async move {
+                let _ = header_only_streams(proxy, STREAMS_EACH, until).await;
+            }));
+        }
+        let mut probes = Vec::new();
+        while Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            probes.push(fresh_call(proxy).await);
+        }
+        for a in attackers {
+            let _ = a.await;
+        }
+        let failed: Vec<&String> = probes.iter().filter_map(|p| p.as_ref().err()).collect();
+        let slowest = probes.iter().filter_map(|p| p.as_ref().ok()).max();
+        eprintln!(
+            "{tag}: {} probes during the attack, {} failed, slowest {slowest:?}; peak memory {:.1} MiB of {} MiB",
+            probes.len(),
+            failed.len(),
+            cgroup.peak() as f64 / (1 << 20) as f64,
+            LIMIT >> 20
+        );
+        assert!(probes.len() >= 20, "{} probes", probes.len());
+        assert!(failed.is_empty(), "fresh calls failed during the attack: {failed:?}");
+    });
+    assert!(
+        child.0.try_wait().unwrap().is_none(),
+        "lhnet-proxy died during the attack (peak {} bytes of {LIMIT})",
+        cgroup.peak()
+    );
+    let metrics = admin_metrics(admin);
+    assert!(
+        metrics.contains(
+            "lhnet_limits_reached_total{limit=\"max_connections\",listener=\"management\"}"
+        ) || metrics.contains(
+            "lhnet_limits_reached_total{limit=\"request_headers_timeout\",listener=\"management\"}"
+        ),
+        "no limit was counted:\n{metrics}"
+    );
+    drop(child);
+    drop(cgroup);
+}
+
+#[test]
+fn silent_connections_and_header_only_streams_do_not_take_lhnet_down() {
+    survive("silent", Flood::Silent);
+}
+
+#[test]
+fn slow_headers_do_not_take_lhnet_down() {
+    survive("slowloris", Flood::SlowHeaders);
+}
