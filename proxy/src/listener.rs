@@ -396,15 +396,19 @@ impl Admitted {
         let conn = &self.conn;
         let mut closing: Option<Instant> = None;
         loop {
+            // When to look again: the instant a limit falls due, or within `idle_timeout` when
+            // requests come and go meanwhile (so an idle connection is closed after between
+            // one and two idle_timeouts).
+            let recheck = Instant::now() + limits.idle_timeout;
             let wake = match closing {
                 Some(at) => at,
                 None if !conn.established.load(Ordering::Relaxed) => {
-                    conn.accepted + limits.request_headers_timeout
+                    recheck.min(conn.accepted + limits.request_headers_timeout)
                 }
                 None if conn.active.load(Ordering::Relaxed) == 0 => {
                     conn.idle_since() + limits.idle_timeout
                 }
-                None => Instant::now() + limits.idle_timeout,
+                None => recheck,
             };
             tokio::select! {
                 ended = connection.as_mut() => {

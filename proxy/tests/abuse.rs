@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
+use common::raw_h2::{headers_frame, EMPTY_SETTINGS, PREFACE};
 use common::KillOnDrop;
 use lhnet_proto::echo::echo_client::EchoClient;
 use lhnet_proto::echo::EchoRequest;
@@ -27,7 +28,7 @@ const ATTACK: Duration = Duration::from_secs(20);
 const SILENT: usize = 2000;
 const STREAM_CONNECTIONS: usize = 5;
 const STREAMS_EACH: u32 = 1000;
-const PATH: &str = "/lhnet.echo.v1.Echo/Unary";
+const UNARY: &str = "/lhnet.echo.v1.Echo/Unary";
 
 /// A memory cgroup (v2 or v1) with a 64 MiB limit, removed when dropped.
 struct MemoryCgroup {
@@ -129,31 +130,6 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A HEADERS frame opening `stream` for a unary call, END_HEADERS and no END_STREAM: HPACK
-/// written by hand (indexed :method POST and :scheme http, literals without indexing).
-fn headers_frame(stream: u32) -> Vec<u8> {
-    let mut block = vec![0x83, 0x86];
-    let mut literal = |prefix: &[u8], value: &[u8]| {
-        block.extend_from_slice(prefix);
-        block.push(value.len() as u8);
-        block.extend_from_slice(value);
-    };
-    literal(&[0x04], PATH.as_bytes()); // :path (static index 4)
-    literal(&[0x01], b"lhnet"); // :authority (static index 1)
-    literal(&[0x0f, 0x10], b"application/grpc"); // content-type (static index 31)
-    literal(&[0x00, 0x02, b't', b'e'], b"trailers");
-    let mut frame = Vec::with_capacity(9 + block.len());
-    frame.extend_from_slice(&(block.len() as u32).to_be_bytes()[1..]);
-    frame.push(0x1); // HEADERS
-    frame.push(0x4); // END_HEADERS
-    frame.extend_from_slice(&stream.to_be_bytes());
-    frame.extend_from_slice(&block);
-    frame
-}
-
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const EMPTY_SETTINGS: [u8; 9] = [0, 0, 0, 4, 0, 0, 0, 0, 0];
-
 /// One connection opening `streams` header-only streams at once, then reading (and dropping)
 /// whatever lhnet sends until the attack ends.
 async fn header_only_streams(
@@ -165,7 +141,7 @@ async fn header_only_streams(
     let mut out = PREFACE.to_vec();
     out.extend_from_slice(&EMPTY_SETTINGS);
     for i in 0..streams {
-        out.extend_from_slice(&headers_frame(2 * i + 1));
+        out.extend_from_slice(&headers_frame(2 * i + 1, UNARY));
     }
     s.write_all(&out).await?;
     let mut buf = vec![0u8; 16 << 10];
@@ -232,7 +208,7 @@ async fn flood_connection(proxy: SocketAddr, kind: Flood, until: Instant) {
             if s.write_all(PREFACE).await.is_err() || s.write_all(&EMPTY_SETTINGS).await.is_err() {
                 return;
             }
-            for byte in headers_frame(1) {
+            for byte in headers_frame(1, UNARY) {
                 if tokio::time::Instant::now() >= deadline || s.write_all(&[byte]).await.is_err() {
                     return;
                 }

@@ -5,6 +5,7 @@
 
 pub mod longhorn;
 pub mod moto;
+pub mod raw_h2;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
