@@ -129,6 +129,7 @@ pub struct ListenerConfig {
     pub routes: Vec<RouteConfig>,
     /// Largest gRPC message a client may send, in bytes.
     pub max_message_size: usize,
+    #[serde(rename = "http2_protocol_options")]
     pub http2: Http2Options,
     #[serde(flatten)]
     pub limits: ListenerLimits,
@@ -433,6 +434,19 @@ impl Config {
         std::fs::File::open(path)
             .and_then(|f| f.take(MAX_CONFIG_BYTES as u64 + 1).read_to_end(&mut bytes))
             .map_err(|e| fail(format!("cannot read the file: {e}")))?;
+        Config::from_bytes(bytes, &source)
+    }
+
+    /// Parses a file's bytes: refused past [`MAX_CONFIG_BYTES`] or when not UTF-8 (naming the
+    /// line and column of the first bad byte).
+    pub fn from_bytes(bytes: Vec<u8>, source: &str) -> Result<Config, ConfigErrors> {
+        let fail = |message: String| ConfigErrors {
+            source: source.to_string(),
+            errors: vec![ConfigError {
+                path: String::new(),
+                message,
+            }],
+        };
         if bytes.len() > MAX_CONFIG_BYTES {
             return Err(fail(format!(
                 "the file is larger than the limit of {MAX_CONFIG_BYTES} bytes (a ConfigMap holds 1 MiB)"
@@ -447,7 +461,7 @@ impl Config {
                 "line {line} column {column}: not UTF-8 text (YAML must be UTF-8)"
             ))
         })?;
-        Config::parse(&text, &source)
+        Config::parse(&text, source)
     }
 
     /// Parses YAML text; `source` names it in errors.

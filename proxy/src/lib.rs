@@ -11,6 +11,8 @@ pub mod body;
 pub mod cluster;
 pub mod config;
 pub mod engine_proxy;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod health;
 pub mod inject;
 pub mod listener;

@@ -324,10 +324,22 @@ async fn metrics_pass_promtool_and_show_the_request() {
     let p = proxy(&routes, &static_cluster("up", &[up.addr])).await;
     let mut c = client(&p).await;
     c.unary(req(b"m")).await.unwrap();
+    // An HTTP/1 client: a limit counted (and the series checked by promtool below).
+    let mut h1 = tokio::net::TcpStream::connect(p.listener_addr("m").unwrap())
+        .await
+        .unwrap();
+    h1.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    h1.read_to_end(&mut reply).await.unwrap();
+    assert!(reply.starts_with(b"HTTP/1.1 505"));
 
     let (status, text) = admin_get(&p, "/metrics").await;
     assert_eq!(status, 200);
     for line in [
+        "lhnet_limits_reached_total{limit=\"http2_only\",listener=\"m\"} 1",
+        "lhnet_downstream_connections{listener=\"m\"} 1",
         "lhnet_requests_total{grpc_code=\"0\",grpc_method=\"Unary\",grpc_service=\"lhnet.echo.v1.Echo\",listener=\"m\",route=\"m/0\"} 1",
         "lhnet_request_duration_seconds_count{listener=\"m\",route=\"m/0\"} 1",
         "lhnet_upstream_connections{cluster=\"up\",network=\"loopback\"} 1",

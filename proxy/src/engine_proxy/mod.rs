@@ -9,7 +9,7 @@
 //! [`dispatch`] decides, from a request's bytes, which calls lhnet answers and which go byte for
 //! byte to the instance-manager's own proxy (`data_engine` v2, SPDK, the IM's own mounts).
 
-mod address;
+pub mod address;
 mod backup;
 mod backup_target;
 mod channel;
