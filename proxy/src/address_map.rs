@@ -6,10 +6,11 @@
 //! replies are mapped back. An address that maps to nothing is an error that says so; there is
 //! never a silent fallback to the management network.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
@@ -60,17 +61,19 @@ impl AddressMap {
     /// Takes a reloaded config's `peers` and `peer_lookup`; forgets what was learned.
     pub fn update(&self, config: &Config) {
         self.settings.store(Arc::new(Settings::from(config)));
-        if let Ok(mut cache) = self.cache.lock() {
+        {
+            let mut cache = self.cache.lock();
             cache.clear();
         }
-        if let Ok(mut f) = self.failed.lock() {
+        {
+            let mut f = self.failed.lock();
             f.clear();
         }
     }
 
     fn cached(&self, direction: Direction, ip: IpAddr) -> Option<IpAddr> {
         let ttl = self.settings.load().lookup.cache_ttl;
-        let cache = self.cache.lock().ok()?;
+        let cache = self.cache.lock();
         cache
             .get(&(direction, ip))
             .filter(|(_, at)| at.elapsed() < ttl)
@@ -84,7 +87,7 @@ impl AddressMap {
         ip: IpAddr,
         ttl: std::time::Duration,
     ) -> Option<(std::time::Duration, String)> {
-        let failed = self.failed.lock().ok()?;
+        let failed = self.failed.lock();
         failed
             .get(&(direction, ip))
             .filter(|(at, _)| at.elapsed() < ttl)
@@ -95,19 +98,22 @@ impl AddressMap {
     fn remember_failure(&self, direction: Direction, ip: IpAddr, error: String) {
         let lookup = &self.settings.load().lookup;
         let keep = lookup.cache_ttl.max(lookup.failure_ttl);
-        if let Ok(mut failed) = self.failed.lock() {
+        {
+            let mut failed = self.failed.lock();
             failed.retain(|_, (at, _)| at.elapsed() < keep);
             failed.insert((direction, ip), (Instant::now(), error));
         }
     }
 
     fn learn(&self, management: IpAddr, storage: IpAddr) {
-        if let Ok(mut cache) = self.cache.lock() {
+        {
+            let mut cache = self.cache.lock();
             let now = Instant::now();
             cache.insert((Direction::ToStorage, management), (storage, now));
             cache.insert((Direction::ToManagement, storage), (management, now));
         }
-        if let Ok(mut failed) = self.failed.lock() {
+        {
+            let mut failed = self.failed.lock();
             failed.remove(&(Direction::ToStorage, management));
             failed.remove(&(Direction::ToManagement, storage));
         }

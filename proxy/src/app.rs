@@ -1,9 +1,10 @@
 //! Wiring only: builds metrics, the storage address, clusters, route tables, listeners and the
 //! admin server from a config, and runs them until shutdown.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
@@ -248,7 +249,7 @@ impl RunningProxy {
                 self.storage_grpc
                     .iter()
                     .find(|(n, _)| n == name)
-                    .and_then(|(_, b)| b.lock().ok().and_then(|b| *b))
+                    .and_then(|(_, b)| *b.lock())
             })
             .or_else(|| self.tcp_listener_addrs(name).into_iter().next())
     }
@@ -258,7 +259,7 @@ impl RunningProxy {
         self.tcp_bound
             .iter()
             .find(|(n, _)| n == name)
-            .and_then(|(_, b)| b.lock().ok().map(|b| b.clone()))
+            .map(|(_, b)| b.lock().clone())
             .unwrap_or_default()
     }
 

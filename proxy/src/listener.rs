@@ -7,13 +7,14 @@
 //! takes the place of the oldest that has not yet sent a whole request, or else of the
 //! longest idle one, so a flood of silent or slow clients cannot keep a real one out.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -64,7 +65,8 @@ pub struct Downstream {
     idle_since_ms: AtomicU64,
     /// Cluster slots this connection's requests hold (all clusters together).
     pub held_slots: AtomicUsize,
-    /// Cancelled when the listener needs the place for a new connection.
+    /// Cancelled when the listener needs the place for a new connection, or drains (a child
+    /// of the listener's shutdown token: one future to watch on every wake-up, not two).
     evict: CancellationToken,
 }
 
@@ -164,7 +166,7 @@ impl GrpcListener {
                 let table = self.routes.load();
                 (table.limits.clone(), table.http2.clone())
             };
-            let Some(admitted) = shared.admit(&limits) else {
+            let Some(admitted) = shared.admit(&limits, &shutdown) else {
                 metrics.limit_reached(&self.name, "max_connections", || {
                     format!(
                         "listener {}: {} connections are open and every one has a request in progress; refusing {peer}",
@@ -185,7 +187,7 @@ impl GrpcListener {
             let routes = self.routes.clone();
             let drain = shutdown.clone();
             tasks.spawn(async move {
-                let Some(stream) = admitted.preface(stream, peer, &limits, &drain).await else {
+                let Some(stream) = admitted.preface(stream, peer, &limits).await else {
                     return;
                 };
                 let io = TokioIo::new(CountedIo::new(Replayed::new(stream), counters, None));
@@ -216,7 +218,11 @@ impl Shared {
     /// A place for a new connection: free, or taken from the oldest connection that has not
     /// sent a whole request yet, or else from the longest idle one. `None` when every open
     /// connection has a request in progress.
-    fn admit(self: &Arc<Self>, limits: &ListenerLimits) -> Option<Admitted> {
+    fn admit(
+        self: &Arc<Self>,
+        limits: &ListenerLimits,
+        shutdown: &CancellationToken,
+    ) -> Option<Admitted> {
         let mut open = self.open.lock();
         if open.len() >= limits.max_connections {
             let victim = open
@@ -251,7 +257,7 @@ impl Shared {
             active: AtomicUsize::new(0),
             idle_since_ms: AtomicU64::new(0),
             held_slots: AtomicUsize::new(0),
-            evict: CancellationToken::new(),
+            evict: shutdown.child_token(),
         });
         open.insert(conn.id, conn.clone());
         Some(Admitted {
@@ -292,7 +298,6 @@ impl Admitted {
         mut stream: TcpStream,
         peer: SocketAddr,
         limits: &ListenerLimits,
-        drain: &CancellationToken,
     ) -> Option<TcpStream> {
         let name = &self.shared.name;
         let read = tokio::select! {
@@ -305,7 +310,6 @@ impl Admitted {
                 return None;
             }
             _ = self.conn.evict.cancelled() => return None,
-            _ = drain.cancelled() => return None,
         };
         match read {
             Ok(Preface::Http2) => Some(stream),
@@ -353,8 +357,8 @@ impl Admitted {
         let service = service_fn(move |request| {
             let table = routes.load_full();
             let counted = InProgress::start(&shared, &conn);
-            let shared = shared.clone();
             async move {
+                let shared = &counted.shared;
                 let over = shared.requests.load(Ordering::Relaxed) > table.limits.max_requests;
                 let response = if over {
                     let max = table.limits.max_requests;
@@ -417,13 +421,10 @@ impl Admitted {
                     }
                     return;
                 }
-                _ = drain.cancelled(), if closing.is_none() => {
-                    connection.as_mut().graceful_shutdown();
-                    closing = Some(Instant::now() + drain_timeout);
-                }
                 _ = conn.evict.cancelled(), if closing.is_none() => {
                     connection.as_mut().graceful_shutdown();
-                    closing = Some(Instant::now() + CLOSE_GRACE);
+                    let grace = if drain.is_cancelled() { drain_timeout } else { CLOSE_GRACE };
+                    closing = Some(Instant::now() + grace);
                 }
                 _ = tokio::time::sleep_until(wake) => {
                     if closing.is_some() {
@@ -667,7 +668,8 @@ impl StorageGrpcListener {
     }
 
     fn set_bound(&self, addr: Option<SocketAddr>) {
-        if let Ok(mut b) = self.bound.lock() {
+        {
+            let mut b = self.bound.lock();
             *b = addr;
         }
     }

@@ -1,9 +1,10 @@
 //! The live storage address: discovered at start, re-checked on netlink address events and
 //! periodically (for network-status file refreshes), and used to label local addresses.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -76,7 +77,7 @@ impl StorageState {
 
     /// Why there is no storage address, when there is none.
     pub fn last_error(&self) -> Option<String> {
-        self.last_error.lock().ok()?.clone()
+        self.last_error.lock().clone()
     }
 
     /// Ready unless `fallback: wait` and the storage interface has no address yet.
@@ -91,7 +92,8 @@ impl StorageState {
             Ok(addr) => Some(addr.clone()),
             Err(_) => None,
         };
-        if let Ok(mut last) = self.last_error.lock() {
+        {
+            let mut last = self.last_error.lock();
             let err = found.as_ref().err().map(|e| e.to_string());
             if err.is_some() && *last != err {
                 tracing::warn!(interface = %self.spec.interface, "{}", err.as_deref().unwrap_or_default());
@@ -116,7 +118,8 @@ impl StorageState {
             true
         });
         if changed {
-            if let Ok(mut cache) = self.device_cache.lock() {
+            {
+                let mut cache = self.device_cache.lock();
                 cache.clear();
             }
             let labels = next.as_ref().map(|a| {
@@ -208,12 +211,7 @@ impl StorageState {
         if local.is_loopback() {
             return ("lo".into(), Network::Loopback);
         }
-        if let Some(hit) = self
-            .device_cache
-            .lock()
-            .ok()
-            .and_then(|c| c.get(&local).cloned())
-        {
+        if let Some(hit) = self.device_cache.lock().get(&local).cloned() {
             return hit;
         }
         let device =
@@ -229,7 +227,8 @@ impl StorageState {
         } else {
             Network::Management
         };
-        if let Ok(mut cache) = self.device_cache.lock() {
+        {
+            let mut cache = self.device_cache.lock();
             cache.insert(local, (device.clone(), network));
         }
         (device, network)

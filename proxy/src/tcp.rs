@@ -5,10 +5,11 @@
 //! address follow it: when it changes they rebind on the new one, and connections accepted on
 //! the old one run on until they end (or `drain_timeout` at shutdown).
 
+use parking_lot::Mutex;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::OwnedFd;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use lhnet_netns::StorageAddress;
@@ -280,7 +281,8 @@ impl TcpForwarder {
     }
 
     fn add_bound(&self, addrs: Vec<SocketAddr>) {
-        if let Ok(mut b) = self.bound.lock() {
+        {
+            let mut b = self.bound.lock();
             b.extend(addrs);
             b.sort();
             b.dedup();
@@ -288,7 +290,8 @@ impl TcpForwarder {
     }
 
     fn set_bound(&self, addrs: Vec<SocketAddr>) {
-        if let Ok(mut b) = self.bound.lock() {
+        {
+            let mut b = self.bound.lock();
             *b = addrs;
         }
     }

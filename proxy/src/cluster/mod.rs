@@ -5,10 +5,11 @@
 mod connect;
 mod pool;
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -217,10 +218,7 @@ impl Cluster {
             return Ok(p.clone());
         }
         let fail = |cause: String| UpstreamError::Connect { destination, cause };
-        let mut dynamic = self
-            .dynamic
-            .lock()
-            .map_err(|_| fail("connection pool lock poisoned".into()))?;
+        let mut dynamic = self.dynamic.lock();
         if let Some(p) = dynamic.get(&destination) {
             return Ok(p.clone());
         }
@@ -271,7 +269,8 @@ impl Cluster {
         for p in &self.endpoints {
             p.reap();
         }
-        if let Ok(mut dynamic) = self.dynamic.lock() {
+        {
+            let mut dynamic = self.dynamic.lock();
             dynamic.retain(|_, p| !p.reap());
         }
     }
@@ -423,7 +422,7 @@ mod tests {
             failed += usize::from(c.send(addr, req).await.is_err());
         }
         assert_eq!(failed, MAX_DYNAMIC_ENDPOINTS + 904);
-        let held = c.dynamic.lock().unwrap().len();
+        let held = c.dynamic.lock().len();
         assert!(held <= MAX_DYNAMIC_ENDPOINTS, "{held}");
         // A new address still gets a pool (the table made room instead of refusing it).
         assert!(c.pool_for("127.0.0.1:10000".parse().unwrap()).is_ok());

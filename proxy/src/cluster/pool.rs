@@ -1,9 +1,10 @@
 //! The connections to one upstream address: HTTP/2, multiplexed, reused, bounded in number,
 //! closed when idle, and dialled again only after a back-off when dialling fails.
 
+use parking_lot::Mutex;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
@@ -182,9 +183,7 @@ impl EndpointPool {
     }
 
     fn pick(&self, wanted: Option<IpAddr>) -> Pick {
-        let Ok(mut state) = self.state.lock() else {
-            return Pick::Fail("connection pool lock poisoned".into());
-        };
+        let mut state = self.state.lock();
         let addr = self.addr;
         state.conns.retain(|c| {
             let moved = matches!((wanted, c.source), (Some(w), Some(s)) if w != s);
@@ -235,12 +234,7 @@ impl EndpointPool {
 
     async fn dial(&self, connector: &Connector) -> Result<Arc<Conn>, UpstreamError> {
         let result = self.open(connector).await;
-        let Ok(mut state) = self.state.lock() else {
-            return Err(UpstreamError::Connect {
-                destination: self.addr,
-                cause: "connection pool lock poisoned".into(),
-            });
-        };
+        let mut state = self.state.lock();
         state.dialling -= 1;
         let outcome = match result {
             Ok((send, source)) => {
@@ -310,9 +304,7 @@ impl EndpointPool {
     pub fn reap(&self) -> bool {
         let now = self.now_ms();
         let idle_ms = self.limits.idle_timeout.as_millis() as u64;
-        let Ok(mut state) = self.state.lock() else {
-            return false;
-        };
+        let mut state = self.state.lock();
         state.conns.retain(|c| {
             let busy = c.in_flight.load(Ordering::Relaxed) > 0;
             let fresh = now.saturating_sub(c.idle_since_ms.load(Ordering::Relaxed)) < idle_ms;
@@ -325,9 +317,7 @@ impl EndpointPool {
 
     /// How much the pool is worth keeping when the address table is full.
     pub fn standing(&self) -> Standing {
-        let Ok(mut state) = self.state.lock() else {
-            return Standing::Busy;
-        };
+        let mut state = self.state.lock();
         state.conns.retain(|c| !c.send.is_closed());
         if state.dialling > 0
             || state
@@ -345,6 +335,6 @@ impl EndpointPool {
 
     /// Open connections (for tests and status).
     pub fn connections(&self) -> usize {
-        self.state.lock().map(|s| s.conns.len()).unwrap_or(0)
+        self.state.lock().conns.len()
     }
 }

@@ -10,8 +10,9 @@
 //! ends, also after a timeout), each call under `backup_target.timeout`, so a slow target never
 //! blocks other RPCs or other targets.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use lhnet_proto::imrpc::*;
@@ -49,13 +50,13 @@ impl BackupTargets {
         if *old != *config {
             self.config.store(Arc::new(config.clone()));
             if old.max_concurrent != config.max_concurrent {
-                self.slots.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                self.slots.lock().clear();
             }
         }
     }
 
     fn slots_of(&self, target: &str, size: usize) -> Arc<Semaphore> {
-        let mut map = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.slots.lock();
         if map.len() >= KEPT_TARGETS {
             map.retain(|_, s| s.available_permits() < size);
         }

@@ -5,11 +5,13 @@
 //! without a restart. `webhook-cert` makes a CA and serving certificate for clusters without
 //! cert-manager.
 
+use parking_lot::Mutex;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use bytes::Bytes;
@@ -17,15 +19,20 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::inject::{document_patch, Decision, InjectOptions};
+
+/// A webhook connection with no review in progress for this long is closed (the API server
+/// opens a new one when it needs it); also the time a client has to send a request's headers.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Largest AdmissionReview body read (the API server's own request limit is 3 MiB).
 pub const MAX_BODY: usize = 3 << 20;
@@ -126,19 +133,21 @@ fn modified(cert: &Path, key: &Path) -> Option<SystemTime> {
 }
 
 fn load_tls(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, String> {
-    let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut std::io::BufReader::new(
-        std::fs::File::open(cert).map_err(|e| format!("{}: {e}", cert.display()))?,
-    ))
-    .collect::<Result<_, _>>()
-    .map_err(|e| format!("{}: {e}", cert.display()))?;
+    let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+    let cert_pem = read(cert)?;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
     if certs.is_empty() {
         return Err(format!("{}: no PEM certificate in it", cert.display()));
     }
-    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut std::io::BufReader::new(
-        std::fs::File::open(key).map_err(|e| format!("{}: {e}", key.display()))?,
-    ))
-    .map_err(|e| format!("{}: {e}", key.display()))?
-    .ok_or_else(|| format!("{}: no PEM private key in it", key.display()))?;
+    let key: PrivateKeyDer<'static> =
+        PrivateKeyDer::from_pem_slice(&read(key)?).map_err(|e| match e {
+            tokio_rustls::rustls::pki_types::pem::Error::NoItemsFound => {
+                format!("{}: no PEM private key in it", key.display())
+            }
+            e => format!("{}: {e}", key.display()),
+        })?;
     let mut config = ServerConfig::builder_with_provider(Arc::new(
         tokio_rustls::rustls::crypto::ring::default_provider(),
     ))
@@ -166,7 +175,7 @@ impl Tls {
     /// that does not load keeps the old one and says why.
     fn current(&self) -> Arc<ServerConfig> {
         // Nothing panics while holding it; if something did, the data is still whole.
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.state.lock();
         let stamp = modified(&self.cert, &self.key);
         if stamp.is_some() && stamp != state.0 {
             match load_tls(&self.cert, &self.key) {
@@ -261,15 +270,51 @@ pub async fn serve(
                 }
                 Err(_) => return,
             };
+            // Requests in progress, and when the last one ended: an idle connection closes.
+            let busy = Arc::new(AtomicUsize::new(0));
+            let last = Arc::new(parking_lot::Mutex::new(tokio::time::Instant::now()));
+            let (busy_in, last_in) = (busy.clone(), last.clone());
             let service = service_fn(move |r| {
                 let opts = opts.clone();
-                async move { Ok::<_, Infallible>(handle(r, opts).await) }
+                let (busy, last) = (busy_in.clone(), last_in.clone());
+                busy.fetch_add(1, Ordering::Relaxed);
+                async move {
+                    let response = handle(r, opts).await;
+                    *last.lock() = tokio::time::Instant::now();
+                    busy.fetch_sub(1, Ordering::Relaxed);
+                    Ok::<_, Infallible>(response)
+                }
             });
-            if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(peer = %peer, error = %e, "webhook connection ended with an error");
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(IDLE_TIMEOUT);
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .keep_alive_interval(Some(IDLE_TIMEOUT))
+                .keep_alive_timeout(Duration::from_secs(5));
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            let mut closing = false;
+            loop {
+                let idle_until = *last.lock() + IDLE_TIMEOUT;
+                tokio::select! {
+                    ended = connection.as_mut() => {
+                        if let Err(e) = ended {
+                            tracing::debug!(peer = %peer, error = %e, "webhook connection ended with an error");
+                        }
+                        return;
+                    }
+                    _ = tokio::time::sleep_until(idle_until), if !closing => {
+                        if busy.load(Ordering::Relaxed) == 0 && tokio::time::Instant::now() >= idle_until {
+                            connection.as_mut().graceful_shutdown();
+                            closing = true;
+                        }
+                    }
+                    _ = tokio::time::sleep(IDLE_TIMEOUT), if closing => return,
+                }
             }
         });
     }
