@@ -237,17 +237,19 @@ fn capture_mode_adds_the_capture_init_container_with_net_admin_only() {
     validate(&pod, "im-capture");
 }
 
-/// POSTs `body` to the webhook over TLS, trusting only `ca`.
-async fn post_https(addr: std::net::SocketAddr, ca: &Path, body: Vec<u8>) -> Result<Value, String> {
-    use http_body_util::{BodyExt, Full};
+/// A TLS connection to the webhook, trusting only `ca`.
+async fn tls_connect(
+    addr: std::net::SocketAddr,
+    ca: &Path,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
     use std::sync::Arc;
-    use tokio_rustls::rustls::pki_types::ServerName;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
     use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 
     let mut roots = RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut std::io::BufReader::new(
-        std::fs::File::open(ca).unwrap(),
-    )) {
+    let pem = std::fs::read(ca).unwrap();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
         roots.add(cert.unwrap()).unwrap();
     }
     let config = ClientConfig::builder_with_provider(Arc::new(
@@ -259,10 +261,17 @@ async fn post_https(addr: std::net::SocketAddr, ca: &Path, body: Vec<u8>) -> Res
     .with_no_client_auth();
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = ServerName::try_from("lhnet-injector.longhorn-system.svc").unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
         .await
-        .map_err(|e| format!("TLS: {e}"))?;
+        .map_err(|e| format!("TLS: {e}"))
+}
+
+/// POSTs `body` to the webhook over TLS, trusting only `ca`.
+async fn post_https(addr: std::net::SocketAddr, ca: &Path, body: Vec<u8>) -> Result<Value, String> {
+    use http_body_util::{BodyExt, Full};
+
+    let tls = tls_connect(addr, ca).await?;
     let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
         .await
         .map_err(|e| e.to_string())?;
@@ -318,6 +327,20 @@ async fn the_webhook_answers_over_https_and_picks_up_a_renewed_certificate() {
         stale.as_ref().is_err_and(|e| e.starts_with("TLS")),
         "the old CA still verifies: {stale:?}"
     );
+    // A connection that has done its handshake and then says nothing is closed (10 s).
+    let mut idle = tls_connect(addr, &renewed.ca).await.unwrap();
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(15), async {
+        use tokio::io::AsyncReadExt;
+        loop {
+            match idle.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "an idle webhook connection stays open");
     shutdown.cancel();
     let _ = std::fs::remove_dir_all(&dir);
 }
