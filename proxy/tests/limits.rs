@@ -328,3 +328,78 @@ async fn an_http1_client_is_told_in_http1() {
         "{text}"
     );
 }
+
+/// A reload of a 40,000-level nested file is refused (naming the limit, in lhnet's log) while
+/// another client's calls go on; the binary, since the file watcher lives in `main`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deeply_nested_reload_is_refused_while_calls_go_on() {
+    let echo = echo_server::spawn("127.0.0.1:0".parse().unwrap(), "up")
+        .await
+        .unwrap();
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let (listen, admin) = (free(), free());
+    let good = format!(
+        "admin: {{ address: {admin} }}\nstorage_network: {{ interface: lo }}\n\
+         listeners:\n  - name: m\n    address: {listen}\n    routes:\n      \
+         - {{ match: {{ prefix: /lhnet.echo.v1.Echo/ }}, cluster: echo }}\n\
+         clusters:\n  - {{ name: echo, endpoints: [{}] }}\n",
+        echo.addr
+    );
+    let config = common::write_config("deep-reload", &good);
+    let log = config.with_file_name("lhnet.log");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_lhnet-proxy"))
+        .arg("--config")
+        .arg(&config)
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
+        .spawn()
+        .unwrap();
+    let _child = common::KillOnDrop(child);
+    let mut client = None;
+    for _ in 0..100 {
+        if let Ok(c) = EchoClient::connect(format!("http://{listen}")).await {
+            client = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut client = client.expect("lhnet-proxy serves");
+    let deep = format!("listeners: {}{}\n", "[".repeat(40_000), "]".repeat(40_000));
+    std::fs::write(&config, deep).unwrap();
+    // The watcher looks every 2 s; calls go on meanwhile and after.
+    let mut times = Vec::new();
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tokio::time::Instant::now() < until {
+        let started = std::time::Instant::now();
+        client
+            .unary(call(0))
+            .await
+            .expect("a call during the reload");
+        times.push(started.elapsed());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    times.sort();
+    let p99 = times[times.len() * 99 / 100];
+    eprintln!("{} calls during the reload, p99 {p99:?}", times.len());
+    let text = std::fs::read_to_string(log.with_extension("err")).unwrap()
+        + &std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("nested deeper than 64 levels (the limit on config nesting)"),
+        "the refusal is not in the log:\n{text}"
+    );
+    let mut s = TcpStream::connect(admin).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut m = String::new();
+    s.read_to_string(&mut m).await.unwrap();
+    assert!(
+        m.contains("lhnet_config_reloads_total{result=\"failure\"} 1"),
+        "{m}"
+    );
+}
