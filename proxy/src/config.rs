@@ -480,11 +480,22 @@ impl Config {
             )));
         }
         check_nesting(text).map_err(fail)?;
-        let mut value: Value =
-            serde_yaml_ng::from_str(text).map_err(|e| fail(format!("not valid YAML: {e}")))?;
-        value
-            .apply_merge()
-            .map_err(|e| fail(format!("bad YAML merge key: {e}")))?;
+        let mut value: Value = serde_yaml_ng::from_str(text).map_err(|e| {
+            // The parser gives most errors a place; alias expansion it cannot place.
+            let text_of = e.to_string();
+            match (e.location(), first_line_with(text, "*")) {
+                (None, Some(line)) if text_of.contains("repetition limit") => fail(format!(
+                    "not valid YAML: {text_of}: aliases expand to too many nodes (the first alias is on line {line})"
+                )),
+                _ => fail(format!("not valid YAML: {text_of}")),
+            }
+        })?;
+        value.apply_merge().map_err(|e| {
+            let place = first_line_with(text, "<<")
+                .map(|l| format!(" (the first merge key, <<, is on line {l})"))
+                .unwrap_or_default();
+            fail(format!("bad YAML merge key: {e}{place}"))
+        })?;
         let mut cx = Cx::default();
         let config = parse_config(&value, &mut cx);
         match config {
@@ -499,6 +510,17 @@ impl Config {
     pub fn cluster(&self, name: &str) -> Option<&ClusterConfig> {
         self.clusters.iter().find(|c| c.name == name)
     }
+}
+
+/// The first line (from 1) where `pattern` starts a key or value, outside comments.
+fn first_line_with(text: &str, pattern: &str) -> Option<usize> {
+    text.lines()
+        .position(|line| {
+            let code = line.split(" #").next().unwrap_or(line);
+            code.split([' ', '[', '{', ',', '-'])
+                .any(|token| token.starts_with(pattern))
+        })
+        .map(|i| i + 1)
 }
 
 /// Largest config text lhnet reads.
@@ -2550,6 +2572,27 @@ clusters: [{ name: engines, type: original_dst }]
         let text = Config::load(&dir).unwrap_err().to_string();
         let _ = std::fs::remove_file(&dir);
         assert!(text.contains("line 3 column 14: not UTF-8"), "{text}");
+        let mut laughs = vec!["a0: &a0 [x, x, x, x, x, x, x, x, x, x]".to_string()];
+        for i in 1..9 {
+            laughs.push(format!(
+                "a{i}: &a{i} [{}]",
+                vec![format!("*a{}", i - 1); 10].join(", ")
+            ));
+        }
+        laughs.push("listeners: *a8".into());
+        let text = Config::parse(&laughs.join("\n"), "x")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains("repetition limit") && text.contains("on line 2"),
+            "{text}"
+        );
+        let merge = "listeners:\n  # a comment\n  - <<: 5\n    name: x\n";
+        let text = Config::parse(merge, "x").unwrap_err().to_string();
+        assert!(
+            text.contains("bad YAML merge key") && text.contains("on line 3"),
+            "{text}"
+        );
         let big = format!("listeners: []\n#{}\n", "x".repeat(MAX_CONFIG_BYTES));
         assert!(Config::parse(&big, "big")
             .unwrap_err()
