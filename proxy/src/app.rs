@@ -57,6 +57,8 @@ struct Shared {
     config: Arc<ArcSwap<Config>>,
     tables: HashMap<String, Arc<ArcSwap<RouteTable>>>,
     locals: LocalServices,
+    /// The clusters in use, so a reload keeps the unchanged ones and their connections.
+    clusters: Mutex<HashMap<String, Arc<Cluster>>>,
 }
 
 /// Starts everything the config describes. Errors say which part could not start.
@@ -194,6 +196,7 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Str
             config,
             tables,
             locals,
+            clusters: Mutex::new(clusters),
         }),
     })
 }
@@ -211,6 +214,31 @@ fn build_clusters(
                 c.name.clone(),
                 Cluster::new(c.clone(), storage.clone(), metrics.clone()),
             )
+        })
+        .collect()
+}
+
+/// The clusters of `config`: an old one whose config is unchanged (same name, every key the
+/// same) is kept with its pools and connections; the others are built anew.
+fn reuse_clusters(
+    old: &HashMap<String, Arc<Cluster>>,
+    config: &Config,
+    storage: &Arc<StorageState>,
+    metrics: &Arc<Metrics>,
+) -> HashMap<String, Arc<Cluster>> {
+    let same = |a: &crate::config::ClusterConfig, b: &crate::config::ClusterConfig| {
+        // The config dump's form: every key, and not the place in the file.
+        serde_json::to_value(a).ok() == serde_json::to_value(b).ok()
+    };
+    config
+        .clusters
+        .iter()
+        .map(|c| {
+            let cluster = match old.get(&c.name) {
+                Some(kept) if same(&kept.config, c) => kept.clone(),
+                _ => Cluster::new(c.clone(), storage.clone(), metrics.clone()),
+            };
+            (c.name.clone(), cluster)
         })
         .collect()
 }
@@ -338,7 +366,13 @@ impl Reloader {
         if shape(&old) != shape(&new) || old.admin.address != new.admin.address {
             return Err("listeners (names, kinds, addresses or tcp clusters) or the admin address changed; restart lhnet-proxy to apply".into());
         }
-        let clusters = build_clusters(&new, &self.shared.storage, &self.shared.metrics);
+        let clusters = {
+            let mut in_use = self.shared.clusters.lock();
+            let clusters =
+                reuse_clusters(&in_use, &new, &self.shared.storage, &self.shared.metrics);
+            *in_use = clusters.clone();
+            clusters
+        };
         self.shared.locals.address_map.update(&new);
         self.shared
             .locals

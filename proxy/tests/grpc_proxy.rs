@@ -822,3 +822,37 @@ async fn a_tcp_forward_never_reaches_the_admin_port() {
     assert!(out.is_empty(), "{}", String::from_utf8_lossy(&out));
     assert_eq!(admin_get(&p, "/live").await.0, 200, "lhnet is still up");
 }
+
+/// A reload keeps a cluster whose config did not change, with its upstream connections; a
+/// changed cluster is built anew (and dials anew).
+#[tokio::test]
+async fn reload_keeps_unchanged_clusters_and_their_connections() {
+    let up = echo("up").await;
+    let p = proxy(&echo_route_to("up"), &static_cluster("up", &[up.addr])).await;
+    let mut c = client(&p).await;
+    c.unary(req(b"1")).await.unwrap();
+    assert_eq!(up.accepted(), 1);
+    let yaml = |cluster: String| {
+        format!(
+            "admin: {{ address: 127.0.0.1:0 }}\nstorage_network: {{ interface: lo }}\n\
+             listeners:\n  - name: m\n    address: 127.0.0.1:0\n    routes:\n{}\nclusters:\n{cluster}\n",
+            echo_route_to("up")
+        )
+    };
+    // The same cluster (the routes' table is rebuilt): the pooled connection carries on.
+    p.reload(Config::parse(&yaml(static_cluster("up", &[up.addr])), "same").unwrap())
+        .unwrap();
+    c.unary(req(b"2")).await.unwrap();
+    assert_eq!(up.accepted(), 1, "an unchanged cluster dialled again");
+    // A changed cluster: new pools, a new connection.
+    let changed =
+        static_cluster("up", &[up.addr]).replace("connect_timeout: 1s", "connect_timeout: 2s");
+    p.reload(Config::parse(&yaml(changed), "changed").unwrap())
+        .unwrap();
+    c.unary(req(b"3")).await.unwrap();
+    assert_eq!(
+        up.accepted(),
+        2,
+        "a changed cluster kept its old connections"
+    );
+}
