@@ -228,9 +228,17 @@ pub struct Http2Options {
     pub max_concurrent_streams: u32,
     pub initial_stream_window_size: u32,
     pub initial_connection_window_size: u32,
-    /// HTTP/2 PING every `interval`; no answer within `timeout` closes the connection.
-    pub connection_keepalive: Keepalive,
+    /// HTTP/2 PING every `interval`; no answer within `timeout` closes the connection. Off
+    /// unless set, as in Envoy: hyper then times every frame it reads. Accepted sockets always
+    /// have TCP keepalive ([`TCP_KEEPALIVE`]), which finds a vanished peer at no cost per frame.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connection_keepalive: Option<Keepalive>,
 }
+
+/// TCP keepalive of accepted client connections: first probe after `.0` idle, then every
+/// `.1`, closed after `.2` unanswered probes (a vanished peer is found within about a minute).
+pub const TCP_KEEPALIVE: (Duration, Duration, u32) =
+    (Duration::from_secs(30), Duration::from_secs(10), 3);
 
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Keepalive {
@@ -1691,10 +1699,7 @@ impl Default for Http2Options {
             max_concurrent_streams: 100,
             initial_stream_window_size: 1 << 20,
             initial_connection_window_size: 4 << 20,
-            connection_keepalive: Keepalive {
-                interval: Duration::from_secs(30),
-                timeout: Duration::from_secs(10),
-            },
+            connection_keepalive: None,
         }
     }
 }
@@ -1724,9 +1729,15 @@ fn parse_http2(v: &Value, path: &str, cx: &mut Cx) -> Option<Http2Options> {
     if let Some((p, v)) = f.take("connection_keepalive") {
         match Fields::new(v, &p, cx) {
             Some(mut k) => {
+                // Envoy's defaults for what is not given: timeout 20 s; interval required there,
+                // 30 s here.
+                let keepalive = opts.connection_keepalive.insert(Keepalive {
+                    interval: Duration::from_secs(30),
+                    timeout: Duration::from_secs(20),
+                });
                 for (key, slot) in [
-                    ("interval", &mut opts.connection_keepalive.interval),
-                    ("timeout", &mut opts.connection_keepalive.timeout),
+                    ("interval", &mut keepalive.interval),
+                    ("timeout", &mut keepalive.timeout),
                 ] {
                     if let Some((p, v)) = k.take(key) {
                         match duration(v, &p, cx) {

@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::Code;
 
-use crate::config::{format_duration, Http2Options, ListenerLimits};
+use crate::config::{format_duration, Http2Options, ListenerLimits, TCP_KEEPALIVE};
 use crate::metrics::{CountedIo, Metrics};
 use crate::reply::{BoxError, LocalReply, ProxyBody};
 use crate::route::RouteTable;
@@ -177,6 +177,13 @@ impl GrpcListener {
                 continue;
             };
             let _ = stream.set_nodelay(true);
+            let (idle, interval, retries) = TCP_KEEPALIVE;
+            let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(
+                &socket2::TcpKeepalive::new()
+                    .with_time(idle)
+                    .with_interval(interval)
+                    .with_retries(retries),
+            );
             let local = stream.local_addr().unwrap_or(self.local_addr);
             let (device, network) = storage.classify(local.ip());
             tracing::debug!(
@@ -392,8 +399,11 @@ impl Admitted {
             .max_concurrent_streams(h2.max_concurrent_streams)
             .initial_stream_window_size(h2.initial_stream_window_size)
             .initial_connection_window_size(h2.initial_connection_window_size)
-            .keep_alive_interval(Some(h2.connection_keepalive.interval))
-            .keep_alive_timeout(h2.connection_keepalive.timeout)
+            .keep_alive_interval(h2.connection_keepalive.map(|k| k.interval))
+            .keep_alive_timeout(
+                h2.connection_keepalive
+                    .map_or(Duration::from_secs(20), |k| k.timeout),
+            )
             .max_header_list_size(limits.max_request_headers_kb.saturating_mul(1024))
             .serve_connection(io, service);
         tokio::pin!(connection);
