@@ -243,6 +243,7 @@ where
         }
     }
     Ok(Buffered::Partial(Prefixed {
+        head: None,
         prefix: buffered.chunks.into(),
         trailers: None,
         inner: body,
@@ -284,6 +285,7 @@ where
     Ok((
         message,
         Prefixed {
+            head: None,
             prefix: chunks,
             trailers,
             inner: body,
@@ -367,6 +369,8 @@ impl Body for ReplayBody {
 pin_project_lite::pin_project! {
     /// Buffered chunks first, then the rest of the original body.
     pub struct Prefixed<B> {
+        // The first frame read by `started` (no allocation for the common one-frame case).
+        head: Option<Bytes>,
         prefix: VecDeque<Bytes>,
         // Trailers read while buffering (the inner body has ended then).
         trailers: Option<HeaderMap>,
@@ -379,6 +383,7 @@ impl<B> Prefixed<B> {
     /// `inner` with nothing read ahead of it.
     pub fn new(inner: B) -> Prefixed<B> {
         Prefixed {
+            head: None,
             prefix: VecDeque::new(),
             trailers: None,
             inner,
@@ -395,12 +400,16 @@ where
     /// or the body has ended.
     pub async fn started(mut self) -> Result<Prefixed<B>, BoxError> {
         use http_body_util::BodyExt;
-        if !self.prefix.is_empty() || self.trailers.is_some() || self.inner.is_end_stream() {
+        if self.head.is_some()
+            || !self.prefix.is_empty()
+            || self.trailers.is_some()
+            || self.inner.is_end_stream()
+        {
             return Ok(self);
         }
         if let Some(frame) = self.inner.frame().await {
             match frame.map_err(Into::into)?.into_data() {
-                Ok(data) => self.prefix.push_back(data),
+                Ok(data) => self.head = Some(data),
                 Err(frame) => self.trailers = frame.into_trailers().ok(),
             }
         }
@@ -421,6 +430,9 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
+        if let Some(chunk) = this.head.take() {
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        }
         if let Some(chunk) = this.prefix.pop_front() {
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
@@ -433,7 +445,10 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.prefix.is_empty() && self.trailers.is_none() && self.inner.is_end_stream()
+        self.head.is_none()
+            && self.prefix.is_empty()
+            && self.trailers.is_none()
+            && self.inner.is_end_stream()
     }
 }
 

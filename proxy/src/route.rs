@@ -348,14 +348,29 @@ impl RouteTable {
         let method = uri.path().rsplit('/').next().unwrap_or("");
         // One concrete body type on every path, so the local call needs no boxing.
         let (decision, body): (Decision, Prefixed<CheckedBody>) = match dispatch::route_of(method) {
-            dispatch::Route::Local => (Decision::Local, Prefixed::new(body)),
+            dispatch::Route::Local => {
+                // Every ProxyEngineService call is unary: its body must start within
+                // stream_idle_timeout, so header-only streams do not pile up here either.
+                match self
+                    .body_started(Prefixed::new(body), uri.path(), (verdict, context))
+                    .await
+                {
+                    Ok(body) => (Decision::Local, body),
+                    Err(reply) => return Served::Reply(reply),
+                }
+            }
             dispatch::Route::Passthrough(why) => {
                 (Decision::Passthrough(why.into()), Prefixed::new(body))
             }
             dispatch::Route::ByDataEngine(shape) => {
                 // Decided from the first message as soon as it is whole (the checked body
                 // bounds it by max_message_size); its bytes travel on unchanged either way.
-                match read_first_message(body).await {
+                let first = read_first_message(body);
+                let Ok(read) = tokio::time::timeout(self.limits.stream_idle_timeout, first).await
+                else {
+                    return Served::Reply(self.body_timeout(context));
+                };
+                match read {
                     Ok((message, body)) => {
                         let decision = match message {
                             Some(message) => dispatch::decide(method, shape, &message),
@@ -574,16 +589,20 @@ impl RouteTable {
                     format!("reading the request body failed: {e} ({context})"),
                 )
             })),
-            Err(_) => {
-                let text = format!(
-                    "the request body did not start within stream_idle_timeout {} ({context})",
-                    format_duration(wait)
-                );
-                self.metrics
-                    .limit_reached(&self.listener, "stream_idle_timeout", || text.clone());
-                Err(LocalReply::new(Code::DeadlineExceeded, text))
-            }
+            Err(_) => Err(self.body_timeout(context)),
         }
+    }
+
+    /// The reply (and the count) when a request's body did not come within
+    /// `stream_idle_timeout`.
+    fn body_timeout(&self, context: &RouteContext) -> LocalReply {
+        let text = format!(
+            "the request body did not start within stream_idle_timeout {} ({context})",
+            format_duration(self.limits.stream_idle_timeout)
+        );
+        self.metrics
+            .limit_reached(&self.listener, "stream_idle_timeout", || text.clone());
+        LocalReply::new(Code::DeadlineExceeded, text)
     }
 }
 

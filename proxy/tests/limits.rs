@@ -92,6 +92,23 @@ async fn read_until_closed(s: &mut TcpStream, within: Duration) -> Option<Vec<u8
     .map(|_| out)
 }
 
+/// Reads until lhnet ends `stream` with a HEADERS frame (its answer's trailers).
+async fn stream_ends(raw: &mut TcpStream, stream: u32) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = raw.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before answering");
+        got.extend_from_slice(&buf[..n]);
+        if frames(&got)
+            .iter()
+            .any(|(kind, flags, id, _)| *kind == 0x1 && flags & 0x1 != 0 && *id == stream)
+        {
+            return;
+        }
+    }
+}
+
 #[tokio::test]
 async fn one_connection_cannot_hold_a_whole_cluster() {
     // max_requests 8: one connection may hold a quarter, 2.
@@ -183,22 +200,7 @@ async fn a_header_only_stream_takes_no_slot_and_times_out() {
         .await
         .expect("the slot is free");
     // Its own answer comes when stream_idle_timeout passes: HEADERS ending stream 1.
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    let ended = tokio::time::timeout(Duration::from_secs(3), async {
-        loop {
-            let n = raw.read(&mut buf).await.unwrap();
-            assert!(n > 0, "closed before answering");
-            got.extend_from_slice(&buf[..n]);
-            if frames(&got)
-                .iter()
-                .any(|(kind, flags, stream, _)| *kind == 0x1 && flags & 0x1 != 0 && *stream == 1)
-            {
-                return;
-            }
-        }
-    })
-    .await;
+    let ended = tokio::time::timeout(Duration::from_secs(3), stream_ends(&mut raw, 1)).await;
     assert!(ended.is_ok(), "no answer to the header-only stream");
     assert_eq!(
         limit_count(&metrics(&p).await, "m", "stream_idle_timeout"),
@@ -401,5 +403,31 @@ async fn a_deeply_nested_reload_is_refused_while_calls_go_on() {
     assert!(
         m.contains("lhnet_config_reloads_total{result=\"failure\"} 1"),
         "{m}"
+    );
+}
+
+/// The engine proxy answers locally, so no cluster slot bounds it: a header-only VolumeGet
+/// ends at stream_idle_timeout too, instead of holding a place among the listener's requests.
+#[tokio::test]
+async fn a_header_only_engine_call_ends_at_stream_idle_timeout() {
+    let yaml = "admin: { address: 127.0.0.1:0 }\nstorage_network: { interface: lo }\n\
+         listeners:\n  - name: m\n    address: 127.0.0.1:0\n    stream_idle_timeout: 300ms\n    routes:\n      \
+         - { match: { prefix: /imrpc.ProxyEngineService/ }, local: longhorn_engine_proxy }\n\
+         clusters:\n  - { name: engines, type: original_dst, allowed_destinations: [127.0.0.1] }\n";
+    let p = app::start(Config::parse(yaml, "test").unwrap(), Options::default())
+        .await
+        .unwrap();
+    let mut raw = TcpStream::connect(p.listener_addr("m").unwrap())
+        .await
+        .unwrap();
+    let mut out = PREFACE.to_vec();
+    out.extend_from_slice(&EMPTY_SETTINGS);
+    out.extend_from_slice(&headers_frame(1, "/imrpc.ProxyEngineService/VolumeGet"));
+    raw.write_all(&out).await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(3), stream_ends(&mut raw, 1)).await;
+    assert!(ended.is_ok(), "no answer to the header-only engine call");
+    assert_eq!(
+        limit_count(&metrics(&p).await, "m", "stream_idle_timeout"),
+        1.0
     );
 }
