@@ -738,7 +738,8 @@ pub fn quote_short(text: &str) -> String {
 
 /// gRPC's `grpc-timeout`: 1 to 8 ASCII digits and a unit (H, M, S, m, u, n).
 pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
-    if value.len() < 2 || value.len() > 9 {
+    // ASCII first: the unit is split off by bytes (found by fuzz/run addresses: "ӆ" panicked).
+    if !value.is_ascii() || value.len() < 2 || value.len() > 9 {
         return None;
     }
     let (digits, unit) = value.split_at(value.len() - 1);
@@ -791,6 +792,8 @@ mod tests {
         assert_eq!(parse_grpc_timeout("-5S"), None);
         assert_eq!(parse_grpc_timeout("+5S"), None);
         assert_eq!(parse_grpc_timeout(" 5S"), None);
+        assert_eq!(parse_grpc_timeout("ӆ"), None);
+        assert_eq!(parse_grpc_timeout("5ӆ"), None);
         assert_eq!(encode_grpc_timeout(Duration::from_millis(1500)), "1500000u");
         assert_eq!(
             encode_grpc_timeout(Duration::from_secs(3600 * 24)),
