@@ -61,14 +61,8 @@ impl AddressMap {
     /// Takes a reloaded config's `peers` and `peer_lookup`; forgets what was learned.
     pub fn update(&self, config: &Config) {
         self.settings.store(Arc::new(Settings::from(config)));
-        {
-            let mut cache = self.cache.lock();
-            cache.clear();
-        }
-        {
-            let mut f = self.failed.lock();
-            f.clear();
-        }
+        self.cache.lock().clear();
+        self.failed.lock().clear();
     }
 
     fn cached(&self, direction: Direction, ip: IpAddr) -> Option<IpAddr> {
@@ -98,11 +92,9 @@ impl AddressMap {
     fn remember_failure(&self, direction: Direction, ip: IpAddr, error: String) {
         let lookup = &self.settings.load().lookup;
         let keep = lookup.cache_ttl.max(lookup.failure_ttl);
-        {
-            let mut failed = self.failed.lock();
-            failed.retain(|_, (at, _)| at.elapsed() < keep);
-            failed.insert((direction, ip), (Instant::now(), error));
-        }
+        let mut failed = self.failed.lock();
+        failed.retain(|_, (at, _)| at.elapsed() < keep);
+        failed.insert((direction, ip), (Instant::now(), error));
     }
 
     fn learn(&self, management: IpAddr, storage: IpAddr) {
@@ -112,11 +104,9 @@ impl AddressMap {
             cache.insert((Direction::ToStorage, management), (storage, now));
             cache.insert((Direction::ToManagement, storage), (management, now));
         }
-        {
-            let mut failed = self.failed.lock();
-            failed.remove(&(Direction::ToStorage, management));
-            failed.remove(&(Direction::ToManagement, storage));
-        }
+        let mut failed = self.failed.lock();
+        failed.remove(&(Direction::ToStorage, management));
+        failed.remove(&(Direction::ToManagement, storage));
     }
 
     /// The storage IP for `ip`; `Ok(None)` when it needs no mapping (loopback, or already on

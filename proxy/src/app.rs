@@ -73,7 +73,7 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Str
         address_map: AddressMap::new(storage.clone(), &config),
         backup_targets: BackupTargets::new(&config.backup_target),
     };
-    let clusters = build_clusters(&config, &storage, &metrics);
+    let clusters = reuse_clusters(&HashMap::new(), &config, &storage, &metrics);
     let admin_listener = admin::bind(config.admin.address).map_err(|e| e.to_string())?;
     let admin_port = admin_listener
         .local_addr()
@@ -201,25 +201,9 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Str
     })
 }
 
-fn build_clusters(
-    config: &Config,
-    storage: &Arc<StorageState>,
-    metrics: &Arc<Metrics>,
-) -> HashMap<String, Arc<Cluster>> {
-    config
-        .clusters
-        .iter()
-        .map(|c| {
-            (
-                c.name.clone(),
-                Cluster::new(c.clone(), storage.clone(), metrics.clone()),
-            )
-        })
-        .collect()
-}
-
-/// The clusters of `config`: an old one whose config is unchanged (same name, every key the
-/// same) is kept with its pools and connections; the others are built anew.
+/// The clusters of `config`: one of `old` whose config is unchanged (same name, every key the
+/// same) is kept with its pools and connections; the others are built anew (all of them at
+/// start, from an empty `old`).
 fn reuse_clusters(
     old: &HashMap<String, Arc<Cluster>>,
     config: &Config,

@@ -430,36 +430,18 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         use std::io::Read;
         let source = path.display().to_string();
-        let fail = |message: String| ConfigErrors {
-            source: source.clone(),
-            errors: vec![ConfigError {
-                path: String::new(),
-                message,
-            }],
-        };
         // At most one byte past the limit is read: a huge file is refused without loading it.
         let mut bytes = Vec::new();
         std::fs::File::open(path)
             .and_then(|f| f.take(MAX_CONFIG_BYTES as u64 + 1).read_to_end(&mut bytes))
-            .map_err(|e| fail(format!("cannot read the file: {e}")))?;
+            .map_err(|e| ConfigErrors::one(&source, format!("cannot read the file: {e}")))?;
         Config::from_bytes(bytes, &source)
     }
 
-    /// Parses a file's bytes: refused past [`MAX_CONFIG_BYTES`] or when not UTF-8 (naming the
-    /// line and column of the first bad byte).
+    /// Parses a file's bytes: refused when not UTF-8 (naming the line and column of the first
+    /// bad byte), or as [`Config::parse`] refuses the text.
     pub fn from_bytes(bytes: Vec<u8>, source: &str) -> Result<Config, ConfigErrors> {
-        let fail = |message: String| ConfigErrors {
-            source: source.to_string(),
-            errors: vec![ConfigError {
-                path: String::new(),
-                message,
-            }],
-        };
-        if bytes.len() > MAX_CONFIG_BYTES {
-            return Err(fail(format!(
-                "the file is larger than the limit of {MAX_CONFIG_BYTES} bytes (a ConfigMap holds 1 MiB)"
-            )));
-        }
+        let fail = |message| ConfigErrors::one(source, message);
         let text = String::from_utf8(bytes).map_err(|e| {
             let good = &e.as_bytes()[..e.utf8_error().valid_up_to()];
             let line = good.iter().filter(|&&b| b == b'\n').count() + 1;
@@ -474,16 +456,10 @@ impl Config {
 
     /// Parses YAML text; `source` names it in errors.
     pub fn parse(text: &str, source: &str) -> Result<Config, ConfigErrors> {
-        let fail = |message: String| ConfigErrors {
-            source: source.to_string(),
-            errors: vec![ConfigError {
-                path: String::new(),
-                message,
-            }],
-        };
+        let fail = |message| ConfigErrors::one(source, message);
         if text.len() > MAX_CONFIG_BYTES {
             return Err(fail(format!(
-                "the config is {} bytes; the limit is {MAX_CONFIG_BYTES} (a ConfigMap holds 1 MiB)",
+                "the config is {} bytes; the limit is {MAX_CONFIG_BYTES} (a ConfigMap holds 1 MiB): split it or leave out what is not needed",
                 text.len()
             )));
         }
@@ -612,6 +588,19 @@ fn check_nesting(text: &str) -> Result<(), String> {
 }
 
 // === impl ConfigErrors ===
+
+impl ConfigErrors {
+    /// One error about the whole of `source` (it could not be read or parsed at all).
+    fn one(source: &str, message: String) -> ConfigErrors {
+        ConfigErrors {
+            source: source.to_string(),
+            errors: vec![ConfigError {
+                path: String::new(),
+                message,
+            }],
+        }
+    }
+}
 
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -937,6 +926,28 @@ fn duration(v: &Value, path: &str, cx: &mut Cx) -> Option<Duration> {
         }
     };
     parse_duration(&text).map_err(|e| cx.err(path, e)).ok()
+}
+
+/// An integer from 1 to `max`.
+fn positive(v: &Value, path: &str, max: u64, cx: &mut Cx) -> Option<u64> {
+    match unsigned(v, path, max, cx)? {
+        0 => {
+            cx.err(path, "must be at least 1");
+            None
+        }
+        n => Some(n),
+    }
+}
+
+/// A duration longer than 0.
+fn nonzero_duration(v: &Value, path: &str, cx: &mut Cx) -> Option<Duration> {
+    match duration(v, path, cx)? {
+        d if d.is_zero() => {
+            cx.err(path, "must be more than 0");
+            None
+        }
+        d => Some(d),
+    }
 }
 
 /// Bytes: an integer, or `64Ki`, `4Mi`, `1Gi`.
@@ -1633,7 +1644,8 @@ fn parse_listener(v: &Value, path: &str, cx: &mut Cx) -> Option<ListenerConfig> 
     })
 }
 
-/// The listener keys of [`ListenerLimits`], one table for parsing and "did you mean".
+/// The listener keys [`parse_listener_limits`] takes: `parse_listener` hands them to
+/// `finish`, so "unknown key" and "did you mean" know them.
 const LISTENER_LIMIT_KEYS: [&str; 6] = [
     "max_connections",
     "max_requests",
@@ -1646,16 +1658,12 @@ const LISTENER_LIMIT_KEYS: [&str; 6] = [
 fn parse_listener_limits(f: &mut Fields<'_>, cx: &mut Cx) -> Option<ListenerLimits> {
     let mut limits = ListenerLimits::default();
     let mut ok = true;
-    for (key, slot, max) in [
-        ("max_connections", &mut limits.max_connections, 1 << 20),
-        ("max_requests", &mut limits.max_requests, 1 << 20),
+    for (key, slot) in [
+        ("max_connections", &mut limits.max_connections),
+        ("max_requests", &mut limits.max_requests),
     ] {
         if let Some((p, v)) = f.take(key) {
-            match unsigned(v, &p, max, cx) {
-                Some(0) => {
-                    cx.err(&p, "must be at least 1");
-                    ok = false;
-                }
+            match positive(v, &p, 1 << 20, cx) {
                 Some(n) => *slot = n as usize,
                 None => ok = false,
             }
@@ -1670,22 +1678,14 @@ fn parse_listener_limits(f: &mut Fields<'_>, cx: &mut Cx) -> Option<ListenerLimi
         ("stream_idle_timeout", &mut limits.stream_idle_timeout),
     ] {
         if let Some((p, v)) = f.take(key) {
-            match duration(v, &p, cx) {
-                Some(d) if d.is_zero() => {
-                    cx.err(&p, "must be more than 0");
-                    ok = false;
-                }
+            match nonzero_duration(v, &p, cx) {
                 Some(d) => *slot = d,
                 None => ok = false,
             }
         }
     }
     if let Some((p, v)) = f.take("max_request_headers_kb") {
-        match unsigned(v, &p, 8192, cx) {
-            Some(0) => {
-                cx.err(&p, "must be at least 1");
-                ok = false;
-            }
+        match positive(v, &p, 8192, cx) {
             Some(n) => limits.max_request_headers_kb = n as u32,
             None => ok = false,
         }
@@ -1740,11 +1740,7 @@ fn parse_http2(v: &Value, path: &str, cx: &mut Cx) -> Option<Http2Options> {
                     ("timeout", &mut keepalive.timeout),
                 ] {
                     if let Some((p, v)) = k.take(key) {
-                        match duration(v, &p, cx) {
-                            Some(d) if d.is_zero() => {
-                                cx.err(&p, "must be more than 0");
-                                ok = false;
-                            }
+                        match nonzero_duration(v, &p, cx) {
                             Some(d) => *slot = d,
                             None => ok = false,
                         }
@@ -2162,13 +2158,7 @@ fn parse_cluster(v: &Value, path: &str, cx: &mut Cx) -> Option<ClusterConfig> {
             let mut cb = Fields::new(v, &p, cx)?;
             let mut take = |key: &str, cx: &mut Cx| {
                 cb.take(key)
-                    .and_then(|(p, v)| match unsigned(v, &p, 1 << 20, cx) {
-                        Some(0) => {
-                            cx.err(&p, "must be at least 1");
-                            None
-                        }
-                        n => n,
-                    })
+                    .and_then(|(p, v)| positive(v, &p, 1 << 20, cx))
                     .map(|n| n as usize)
             };
             let n = take("max_requests", cx);

@@ -44,7 +44,7 @@ pub fn addresses(data: &[u8]) {
         let _ = (replica.sync_agent(), replica.url());
     }
     let _ = crate::route::parse_grpc_timeout(text);
-    let _ = crate::route::quote_short(text);
+    let _ = crate::reply::quote_short(text);
     let _ = crate::config::parse_duration(text);
     let _ = crate::inject::capture::parse_redirect(text);
     let _ = crate::inject::parse_storage_network(text);

@@ -59,10 +59,8 @@ pub struct Downstream {
     accepted: Instant,
     /// Set when the first request's headers have arrived.
     established: AtomicBool,
-    /// Requests in progress (until their response body ends).
-    active: AtomicUsize,
-    /// Milliseconds after `accepted` when `active` last fell to 0.
-    idle_since_ms: AtomicU64,
+    /// Requests in progress (until their response body ends), and since when there are none.
+    activity: Activity,
     /// Cluster slots this connection's requests hold (all clusters together).
     pub held_slots: AtomicUsize,
     /// Cancelled when the listener needs the place for a new connection, or drains (a child
@@ -70,12 +68,24 @@ pub struct Downstream {
     evict: CancellationToken,
 }
 
+/// Requests in progress on one connection, and since when there have been none: what an idle
+/// timeout is measured from (the listener's connections and the webhook's).
+pub struct Activity {
+    since: Instant,
+    active: AtomicUsize,
+    /// Milliseconds after `since` when `active` last fell to 0.
+    idle_since_ms: AtomicU64,
+}
+
+/// One request counted in an [`Activity`] until it drops.
+pub struct Active(Arc<Activity>);
+
 /// What the listener's connections share.
 struct Shared {
     name: Arc<str>,
     metrics: Arc<Metrics>,
     /// Open connections, by id.
-    open: parking_lot::Mutex<HashMap<u64, Arc<Downstream>>>,
+    open: Mutex<HashMap<u64, Arc<Downstream>>>,
     next_id: AtomicU64,
     /// Requests in progress on the listener.
     requests: AtomicUsize,
@@ -96,7 +106,7 @@ struct InProgress {
 /// A response body that keeps its request counted while it streams.
 pub struct TrackedBody {
     inner: ProxyBody,
-    _counted: Option<InProgress>,
+    counted: Option<InProgress>,
 }
 
 /// How a connection began.
@@ -143,7 +153,7 @@ impl GrpcListener {
         let shared = Arc::new(Shared {
             name: self.name.clone(),
             metrics: metrics.clone(),
-            open: parking_lot::Mutex::new(HashMap::new()),
+            open: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
             requests: AtomicUsize::new(0),
         });
@@ -238,8 +248,8 @@ impl Shared {
                 .min_by_key(|c| c.accepted)
                 .or_else(|| {
                     open.values()
-                        .filter(|c| c.active.load(Ordering::Relaxed) == 0)
-                        .min_by_key(|c| c.idle_since())
+                        .filter(|c| c.activity.is_idle())
+                        .min_by_key(|c| c.activity.idle_since())
                 })
                 .cloned()?;
             open.remove(&victim.id);
@@ -261,8 +271,7 @@ impl Shared {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             accepted: Instant::now(),
             established: AtomicBool::new(false),
-            active: AtomicUsize::new(0),
-            idle_since_ms: AtomicU64::new(0),
+            activity: Activity::new(),
             held_slots: AtomicUsize::new(0),
             evict: shutdown.child_token(),
         });
@@ -274,24 +283,82 @@ impl Shared {
     }
 }
 
+// === impl Activity ===
+
+impl Activity {
+    pub fn new() -> Activity {
+        Activity {
+            since: Instant::now(),
+            active: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts one request in progress until the returned guard drops.
+    pub fn begin(self: &Arc<Self>) -> Active {
+        self.start();
+        Active(self.clone())
+    }
+
+    fn start(&self) {
+        self.active.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn end(&self) {
+        if self.active.fetch_sub(1, Ordering::Relaxed) == 1 {
+            let ms = self.since.elapsed().as_millis() as u64;
+            self.idle_since_ms.store(ms, Ordering::Relaxed);
+        }
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.active.load(Ordering::Relaxed) == 0
+    }
+
+    pub fn idle_since(&self) -> Instant {
+        self.since + Duration::from_millis(self.idle_since_ms.load(Ordering::Relaxed))
+    }
+
+    /// When to look at an idle timeout of `after` next: when it falls due if there is nothing
+    /// in progress, else `after` from now (a request may end meanwhile), so a connection is
+    /// closed between one and two `after`s after its last request, and a busy one never
+    /// wakes its task more often than every `after`.
+    pub fn next_idle_check(&self, after: Duration) -> Instant {
+        if self.is_idle() {
+            self.idle_since() + after
+        } else {
+            Instant::now() + after
+        }
+    }
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity::new()
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.end();
+    }
+}
+
 // === impl Downstream ===
 
 impl Downstream {
-    fn idle_since(&self) -> Instant {
-        self.accepted + Duration::from_millis(self.idle_since_ms.load(Ordering::Relaxed))
-    }
-
-    /// A connection that no listener tracks: for requests made inside lhnet and for tests.
-    pub fn detached() -> Arc<Downstream> {
-        Arc::new(Downstream {
-            id: u64::MAX,
-            accepted: Instant::now(),
-            established: AtomicBool::new(true),
-            active: AtomicUsize::new(0),
-            idle_since_ms: AtomicU64::new(0),
-            held_slots: AtomicUsize::new(0),
-            evict: CancellationToken::new(),
-        })
+    /// The limit that closes this connection if nothing changes, and when: the first request's
+    /// headers while none has come, else the idle timeout while nothing is in progress.
+    fn due(&self, limits: &ListenerLimits) -> Option<(&'static str, Duration, Instant)> {
+        if !self.established.load(Ordering::Relaxed) {
+            let after = limits.request_headers_timeout;
+            Some(("request_headers_timeout", after, self.accepted + after))
+        } else if self.activity.is_idle() {
+            let after = limits.idle_timeout;
+            Some(("idle_timeout", after, self.activity.idle_since() + after))
+        } else {
+            None
+        }
     }
 }
 
@@ -380,7 +447,7 @@ impl Admitted {
                     LocalReply::new(
                         Code::ResourceExhausted,
                         format!(
-                            "listener {} has max_requests ({max}) requests in progress",
+                            "listener {} has max_requests ({max}) requests in progress; retry when some finish (operators: listeners[].max_requests)",
                             shared.name
                         ),
                     )
@@ -390,7 +457,7 @@ impl Admitted {
                 };
                 Ok::<_, Infallible>(response.map(|inner| TrackedBody {
                     inner,
-                    _counted: Some(counted),
+                    counted: Some(counted),
                 }))
             }
         });
@@ -410,20 +477,13 @@ impl Admitted {
         let conn = &self.conn;
         let mut closing: Option<Instant> = None;
         loop {
-            // When to look again: the instant a limit falls due, or within `idle_timeout` when
-            // requests come and go meanwhile (so an idle connection is closed after between
-            // one and two idle_timeouts).
-            let recheck = Instant::now() + limits.idle_timeout;
-            let wake = match closing {
-                Some(at) => at,
-                None if !conn.established.load(Ordering::Relaxed) => {
-                    recheck.min(conn.accepted + limits.request_headers_timeout)
-                }
-                None if conn.active.load(Ordering::Relaxed) == 0 => {
-                    conn.idle_since() + limits.idle_timeout
-                }
-                None => recheck,
-            };
+            // When to look again: when a limit falls due, and within `idle_timeout` anyway,
+            // since requests come and go meanwhile (Activity::next_idle_check).
+            let recheck = conn.activity.next_idle_check(limits.idle_timeout);
+            let wake = closing.unwrap_or_else(|| {
+                conn.due(limits)
+                    .map_or(recheck, |(_, _, at)| at.min(recheck))
+            });
             tokio::select! {
                 ended = connection.as_mut() => {
                     if let Err(e) = ended {
@@ -442,14 +502,7 @@ impl Admitted {
                         return;
                     }
                     let now = Instant::now();
-                    let limit = if !conn.established.load(Ordering::Relaxed) {
-                        (now >= conn.accepted + limits.request_headers_timeout).then_some(("request_headers_timeout", limits.request_headers_timeout))
-                    } else if conn.active.load(Ordering::Relaxed) == 0 {
-                        (now >= conn.idle_since() + limits.idle_timeout).then_some(("idle_timeout", limits.idle_timeout))
-                    } else {
-                        None
-                    };
-                    if let Some((key, after)) = limit {
+                    if let Some((key, after, _)) = conn.due(limits).filter(|(_, _, at)| now >= *at) {
                         self.shared.metrics.limit_reached(&name, key, || format!(
                             "listener {name}: {peer} reached {key} {}; GOAWAY", format_duration(after)
                         ));
@@ -480,7 +533,7 @@ impl Drop for Admitted {
 impl InProgress {
     fn start(shared: &Arc<Shared>, conn: &Arc<Downstream>) -> InProgress {
         conn.established.store(true, Ordering::Relaxed);
-        conn.active.fetch_add(1, Ordering::Relaxed);
+        conn.activity.start();
         shared.requests.fetch_add(1, Ordering::Relaxed);
         InProgress {
             shared: shared.clone(),
@@ -492,10 +545,7 @@ impl InProgress {
 impl Drop for InProgress {
     fn drop(&mut self) {
         self.shared.requests.fetch_sub(1, Ordering::Relaxed);
-        if self.conn.active.fetch_sub(1, Ordering::Relaxed) == 1 {
-            let ms = self.conn.accepted.elapsed().as_millis() as u64;
-            self.conn.idle_since_ms.store(ms, Ordering::Relaxed);
-        }
+        self.conn.activity.end();
     }
 }
 
@@ -512,7 +562,7 @@ impl Body for TrackedBody {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if let Poll::Ready(None) = polled {
             // The response is done: the request no longer counts as in progress.
-            self._counted = None;
+            self.counted = None;
         }
         polled
     }
@@ -678,10 +728,7 @@ impl StorageGrpcListener {
     }
 
     fn set_bound(&self, addr: Option<SocketAddr>) {
-        {
-            let mut b = self.bound.lock();
-            *b = addr;
-        }
+        *self.bound.lock() = addr;
     }
 
     /// Serves until `shutdown`, following the storage address; returns when every generation

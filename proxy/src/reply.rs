@@ -160,6 +160,16 @@ pub fn grpc_status(headers: &HeaderMap) -> Option<i32> {
         .ok()
 }
 
+/// `text` in quotes, cut to its first 32 characters: what a client sent, fit for an error
+/// (a hostile 10 KB value must not make the reply itself too large to send).
+pub fn quote_short(text: &str) -> String {
+    const KEEP: usize = 32;
+    match text.char_indices().nth(KEEP) {
+        Some((cut, _)) => format!("{:?}… ({} bytes)", &text[..cut], text.len()),
+        None => format!("{text:?}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

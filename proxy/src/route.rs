@@ -31,8 +31,8 @@ use crate::health::HealthService;
 use crate::listener::Downstream;
 use crate::metrics::Metrics;
 use crate::reply::{
-    grpc_status, names, undecodable_to_invalid_argument, BoxError, LocalReply, ProxyBody,
-    RouteContext,
+    grpc_status, names, quote_short, undecodable_to_invalid_argument, BoxError, LocalReply,
+    ProxyBody, RouteContext,
 };
 use lhnet_proto::imrpc::proxy_engine_service_server::ProxyEngineServiceServer;
 
@@ -349,10 +349,11 @@ impl RouteTable {
         // One concrete body type on every path, so the local call needs no boxing.
         let (decision, body): (Decision, Prefixed<CheckedBody>) = match dispatch::route_of(method) {
             dispatch::Route::Local => {
-                // Every ProxyEngineService call is unary: its body must start within
-                // stream_idle_timeout, so header-only streams do not pile up here either.
+                // Every ProxyEngineService call is unary (no method lookup needed): its body
+                // must start within stream_idle_timeout, so header-only streams do not pile up
+                // here either.
                 match self
-                    .body_started(Prefixed::new(body), uri.path(), (verdict, context))
+                    .await_body(Prefixed::new(body), (verdict, context))
                     .await
                 {
                     Ok(body) => (Decision::Local, body),
@@ -378,14 +379,7 @@ impl RouteTable {
                         };
                         (decision, body)
                     }
-                    Err(e) => {
-                        return Served::Reply(verdict.get().cloned().unwrap_or_else(|| {
-                            LocalReply::new(
-                                Code::Cancelled,
-                                format!("reading the request body failed: {e} ({context})"),
-                            )
-                        }))
-                    }
+                    Err(e) => return Served::Reply(body_failed(verdict, &e, context)),
                 }
             }
         };
@@ -452,7 +446,7 @@ impl RouteTable {
                     c.name, c.max_requests
                 ),
                 SlotLimit::Connection => format!(
-                    "this connection holds circuit_breakers.max_requests_per_downstream_connection ({}) of cluster {}'s requests in flight ({context})",
+                    "this connection holds circuit_breakers.max_requests_per_downstream_connection ({}) of cluster {}'s requests in flight; wait for some to finish or spread calls over more connections ({context})",
                     c.max_requests_per_downstream_connection, c.name
                 ),
             };
@@ -499,14 +493,7 @@ impl RouteTable {
                     .map(|r| (r, permit))
                     .map_err(upstream_reply);
             }
-            Err(e) => {
-                return Err(verdict.get().cloned().unwrap_or_else(|| {
-                    LocalReply::new(
-                        Code::Cancelled,
-                        format!("reading the request body failed: {e} ({context})"),
-                    )
-                }))
-            }
+            Err(e) => return Err(body_failed(verdict, &e, context)),
         };
 
         let mut attempt = 0u32;
@@ -580,15 +567,24 @@ impl RouteTable {
         if !self.metrics.client_sends_one_message(path) {
             return Ok(body);
         }
+        self.await_body(body, (verdict, context)).await
+    }
+
+    /// Waits up to `stream_idle_timeout` for the body to start (see [`Self::body_started`]),
+    /// for a call known to be unary.
+    async fn await_body<B>(
+        &self,
+        body: Prefixed<B>,
+        (verdict, context): (&Verdict, &RouteContext),
+    ) -> Result<Prefixed<B>, LocalReply>
+    where
+        B: Body<Data = bytes::Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
         let wait = self.limits.stream_idle_timeout;
         match tokio::time::timeout(wait, body.started()).await {
             Ok(Ok(body)) => Ok(body),
-            Ok(Err(e)) => Err(verdict.get().cloned().unwrap_or_else(|| {
-                LocalReply::new(
-                    Code::Cancelled,
-                    format!("reading the request body failed: {e} ({context})"),
-                )
-            })),
+            Ok(Err(e)) => Err(body_failed(verdict, &e, context)),
             Err(_) => Err(self.body_timeout(context)),
         }
     }
@@ -597,13 +593,24 @@ impl RouteTable {
     /// `stream_idle_timeout`.
     fn body_timeout(&self, context: &RouteContext) -> LocalReply {
         let text = format!(
-            "the request body did not start within stream_idle_timeout {} ({context})",
+            "the request body did not start within stream_idle_timeout {}; a unary call sends its message with its headers ({context})",
             format_duration(self.limits.stream_idle_timeout)
         );
         self.metrics
             .limit_reached(&self.listener, "stream_idle_timeout", || text.clone());
         LocalReply::new(Code::DeadlineExceeded, text)
     }
+}
+
+/// The reply when reading the request body failed: the checked body's own verdict when it
+/// refused the body, else CANCELLED with the cause.
+fn body_failed(verdict: &Verdict, e: &BoxError, context: &RouteContext) -> LocalReply {
+    verdict.get().cloned().unwrap_or_else(|| {
+        LocalReply::new(
+            Code::Cancelled,
+            format!("reading the request body failed: {e} ({context})"),
+        )
+    })
 }
 
 /// Calls a tonic service of the proxy's own with the request as it streams in.
@@ -725,15 +732,6 @@ fn effective_deadline(
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     })
-}
-
-/// `text` in quotes, cut to its first 32 characters: what a client sent, fit for an error.
-pub fn quote_short(text: &str) -> String {
-    const KEEP: usize = 32;
-    match text.char_indices().nth(KEEP) {
-        Some((cut, _)) => format!("{:?}… ({} bytes)", &text[..cut], text.len()),
-        None => format!("{text:?}"),
-    }
 }
 
 /// gRPC's `grpc-timeout`: 1 to 8 ASCII digits and a unit (H, M, S, m, u, n).

@@ -118,10 +118,7 @@ impl StorageState {
             true
         });
         if changed {
-            {
-                let mut cache = self.device_cache.lock();
-                cache.clear();
-            }
+            self.device_cache.lock().clear();
             let labels = next.as_ref().map(|a| {
                 (
                     a.device.clone().unwrap_or_else(|| "unknown".into()),
@@ -227,10 +224,9 @@ impl StorageState {
         } else {
             Network::Management
         };
-        {
-            let mut cache = self.device_cache.lock();
-            cache.insert(local, (device.clone(), network));
-        }
+        self.device_cache
+            .lock()
+            .insert(local, (device.clone(), network));
         (device, network)
     }
 }

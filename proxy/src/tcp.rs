@@ -281,19 +281,14 @@ impl TcpForwarder {
     }
 
     fn add_bound(&self, addrs: Vec<SocketAddr>) {
-        {
-            let mut b = self.bound.lock();
-            b.extend(addrs);
-            b.sort();
-            b.dedup();
-        }
+        let mut b = self.bound.lock();
+        b.extend(addrs);
+        b.sort();
+        b.dedup();
     }
 
     fn set_bound(&self, addrs: Vec<SocketAddr>) {
-        {
-            let mut b = self.bound.lock();
-            *b = addrs;
-        }
+        *self.bound.lock() = addrs;
     }
 
     fn serve_all(
@@ -369,7 +364,7 @@ impl TcpForwarder {
                 self.metrics
                     .upstream_connect_error("loopback", "admin_port");
                 Err(format!(
-                    "port {admin_port} is lhnet's admin port; a tcp listener does not forward to it"
+                    "port {admin_port} is lhnet's admin port; a tcp listener does not forward to it (leave it out of the listener's ports)"
                 ))
             }
             Upstream::Loopback { .. } => self.connect_loopback(local.port()).await,

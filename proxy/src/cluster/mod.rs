@@ -224,7 +224,7 @@ impl Cluster {
         }
         if dynamic.len() >= MAX_DYNAMIC_ENDPOINTS && !make_room(&mut dynamic) {
             return Err(fail(format!(
-                "cluster {} has requests in flight to all of the {MAX_DYNAMIC_ENDPOINTS} addresses it may hold connections to",
+                "cluster {} has requests in flight to all of the {MAX_DYNAMIC_ENDPOINTS} addresses it may hold connections to; retry when some finish",
                 self.config.name
             )));
         }

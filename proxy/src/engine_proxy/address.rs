@@ -26,7 +26,7 @@ pub fn parse_address(field: &str, text: &str) -> Result<SocketAddr, Status> {
     let refuse = |why: &str| {
         Status::invalid_argument(format!(
             "{field} {} is not an address{why}; use IP:PORT, tcp://IP:PORT or http://IP:PORT/v1",
-            crate::route::quote_short(text)
+            crate::reply::quote_short(text)
         ))
     };
     let rest = text

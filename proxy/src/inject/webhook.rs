@@ -9,7 +9,6 @@ use parking_lot::Mutex;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -29,6 +28,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::inject::{document_patch, Decision, InjectOptions};
+use crate::listener::Activity;
 
 /// A webhook connection with no review in progress for this long is closed (the API server
 /// opens a new one when it needs it); also the time a client has to send a request's headers.
@@ -270,18 +270,15 @@ pub async fn serve(
                 }
                 Err(_) => return,
             };
-            // Requests in progress, and when the last one ended: an idle connection closes.
-            let busy = Arc::new(AtomicUsize::new(0));
-            let last = Arc::new(parking_lot::Mutex::new(tokio::time::Instant::now()));
-            let (busy_in, last_in) = (busy.clone(), last.clone());
+            // Reviews in progress, and since when none: an idle connection closes.
+            let activity = Arc::new(Activity::new());
+            let counted = activity.clone();
             let service = service_fn(move |r| {
                 let opts = opts.clone();
-                let (busy, last) = (busy_in.clone(), last_in.clone());
-                busy.fetch_add(1, Ordering::Relaxed);
+                let active = counted.begin();
                 async move {
                     let response = handle(r, opts).await;
-                    *last.lock() = tokio::time::Instant::now();
-                    busy.fetch_sub(1, Ordering::Relaxed);
+                    drop(active);
                     Ok::<_, Infallible>(response)
                 }
             });
@@ -299,7 +296,7 @@ pub async fn serve(
             tokio::pin!(connection);
             let mut closing = false;
             loop {
-                let idle_until = *last.lock() + IDLE_TIMEOUT;
+                let check = activity.next_idle_check(IDLE_TIMEOUT);
                 tokio::select! {
                     ended = connection.as_mut() => {
                         if let Err(e) = ended {
@@ -307,8 +304,8 @@ pub async fn serve(
                         }
                         return;
                     }
-                    _ = tokio::time::sleep_until(idle_until), if !closing => {
-                        if busy.load(Ordering::Relaxed) == 0 && tokio::time::Instant::now() >= idle_until {
+                    _ = tokio::time::sleep_until(check), if !closing => {
+                        if activity.is_idle() && tokio::time::Instant::now() >= activity.idle_since() + IDLE_TIMEOUT {
                             connection.as_mut().graceful_shutdown();
                             closing = true;
                         }
