@@ -109,18 +109,31 @@ async fn stream_ends(raw: &mut TcpStream, stream: u32) {
     }
 }
 
+/// Starts `n` calls on `client`'s one connection, each answered after `delay_ms`, and gives
+/// them time to reach lhnet: their results, to await.
+async fn hold(
+    client: &EchoClient<Channel>,
+    n: usize,
+    delay_ms: u32,
+) -> Vec<
+    tokio::task::JoinHandle<Result<tonic::Response<lhnet_proto::echo::EchoReply>, tonic::Status>>,
+> {
+    let held = (0..n)
+        .map(|_| {
+            let mut c = client.clone();
+            tokio::spawn(async move { c.unary(call(delay_ms)).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    held
+}
+
 #[tokio::test]
 async fn one_connection_cannot_hold_a_whole_cluster() {
     // max_requests 8: one connection may hold a quarter, 2.
     let (p, _echo) = proxy("", ", circuit_breakers: { max_requests: 8 }").await;
     let greedy = connection(&p).await;
-    let held: Vec<_> = (0..8)
-        .map(|_| {
-            let mut c = greedy.clone();
-            tokio::spawn(async move { c.unary(call(1500)).await })
-        })
-        .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let held = hold(&greedy, 8, 1500).await;
     // Another client is served while the greedy one holds all it may.
     let mut other = connection(&p).await;
     other.unary(call(0)).await.expect("another client's call");
@@ -159,13 +172,7 @@ async fn without_the_share_one_connection_locks_the_cluster() {
         ", circuit_breakers: { max_requests: 4, max_requests_per_downstream_connection: 4 }";
     let (p, _echo) = proxy("", breakers).await;
     let greedy = connection(&p).await;
-    let held: Vec<_> = (0..4)
-        .map(|_| {
-            let mut c = greedy.clone();
-            tokio::spawn(async move { c.unary(call(1000)).await })
-        })
-        .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let held = hold(&greedy, 4, 1000).await;
     let status = connection(&p).await.unary(call(0)).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted);
     assert!(

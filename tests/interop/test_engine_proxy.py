@@ -74,6 +74,18 @@ def wait_port(port, proc, what):
     raise RuntimeError(f"{what} did not listen on {port}")
 
 
+def start_proxy(routes, clusters):
+    """lhnet-proxy with one listener, `management` on a free port, carrying `routes` (YAML list
+    items) and `clusters`: (the process, the listener's port, the config file to remove)."""
+    listen, admin = free_port(), free_port()
+    config = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
+    config.write(f"admin: {{ address: 127.0.0.1:{admin} }}\nstorage_network: {{ interface: lo }}\n"
+                 f"listeners:\n  - name: management\n    address: 127.0.0.1:{listen}\n"
+                 f"    routes:\n{routes}clusters:\n{clusters}")
+    config.close()
+    return subprocess.Popen([str(TARGET / "lhnet-proxy"), "--config", config.name]), listen, config.name
+
+
 @pytest.fixture(scope="module")
 def world(stubs):
     for binary in ("lhnet-proxy", "lhnet-loadtest"):
@@ -84,25 +96,10 @@ def world(stubs):
                             "--engine", f"127.0.0.1:{engine}", "--replica", f"127.0.0.1:{r1}",
                             "--replica", f"127.0.0.1:{r2}", "--spare", f"127.0.0.1:{spare}"],
                            stdout=subprocess.DEVNULL)
-    listen, admin = free_port(), free_port()
-    config = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
-    config.write(f"""
-admin: {{ address: 127.0.0.1:{admin} }}
-storage_network: {{ interface: lo }}
-listeners:
-  - name: management
-    address: 127.0.0.1:{listen}
-    routes:
-      - match: {{ prefix: /imrpc.ProxyEngineService/ }}
-        local: longhorn_engine_proxy
-clusters:
-  - name: engines
-    type: original_dst
-    upstream_bind_config: {{ source_address: storage }}
-    allowed_destinations: [127.0.0.1]
-""")
-    config.close()
-    proxy = subprocess.Popen([str(TARGET / "lhnet-proxy"), "--config", config.name])
+    proxy, listen, config = start_proxy(
+        "      - match: { prefix: /imrpc.ProxyEngineService/ }\n        local: longhorn_engine_proxy\n",
+        "  - name: engines\n    type: original_dst\n    upstream_bind_config: { source_address: storage }\n"
+        "    allowed_destinations: [127.0.0.1]\n")
     try:
         wait_port(engine, sim, "lhnet-loadtest sim")
         wait_port(listen, proxy, "lhnet-proxy")
@@ -115,7 +112,7 @@ clusters:
         for p in (proxy, sim):
             p.terminate()
             p.wait(timeout=10)
-        os.unlink(config.name)
+        os.unlink(config)
 
 
 # imrpc/common.proto's enums (DataEngine, BackendStoreDriver).

@@ -6,9 +6,8 @@ The upstream is Python's grpcio server (a stack other than lhnet's own); the hos
 speaks HTTP/2 through the `h2` library so it can send what grpcio's client would refuse to.
 """
 
+import os
 import socket
-import subprocess
-import tempfile
 from concurrent import futures
 
 import grpc
@@ -17,7 +16,7 @@ import h2.connection
 import h2.events
 import pytest
 
-from test_engine_proxy import TARGET, free_port, wait_port
+from test_engine_proxy import TARGET, start_proxy, wait_port
 
 
 def echo_server():
@@ -35,23 +34,9 @@ def proxy():
     if not (TARGET / "lhnet-proxy").exists():
         pytest.fail(f"{TARGET / 'lhnet-proxy'} is missing: run cargo build --bins first")
     server, upstream = echo_server()
-    listen, admin = free_port(), free_port()
-    config = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
-    config.write(f"""
-admin: {{ address: 127.0.0.1:{admin} }}
-storage_network: {{ interface: lo }}
-listeners:
-  - name: management
-    address: 127.0.0.1:{listen}
-    routes:
-      - match: {{ prefix: /echo.Echo/ }}
-        cluster: echo
-clusters:
-  - name: echo
-    endpoints: [127.0.0.1:{upstream}]
-""")
-    config.close()
-    proc = subprocess.Popen([str(TARGET / "lhnet-proxy"), "--config", config.name])
+    proc, listen, config = start_proxy(
+        "      - match: { prefix: /echo.Echo/ }\n        cluster: echo\n",
+        f"  - name: echo\n    endpoints: [127.0.0.1:{upstream}]\n")
     try:
         wait_port(listen, proc, "lhnet-proxy")
         yield listen
@@ -59,6 +44,7 @@ clusters:
         proc.terminate()
         proc.wait(timeout=10)
         server.stop(None)
+        os.unlink(config)
 
 
 def raw_call(port, timeout_header):
