@@ -8,6 +8,7 @@ Needs the binaries built (`cargo build --bins`); .ci/run does that and installs 
 
 import os
 import pathlib
+import select
 import socket
 import subprocess
 import sys
@@ -38,27 +39,32 @@ def stubs():
     return proxy_pb2, proxy_pb2_grpc, controller_pb2
 
 
-def free_port_pair():
-    """A port P with P+2 free too (replica layout)."""
-    for _ in range(100):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            if port + 2 > 65535:
-                continue
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 2))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free port pair")
-
-
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def sim_addresses(sim):
+    """What `lhnet-loadtest sim` bound, from its stdout: {"engine": "IP:PORT", "spare": "IP:PORT"}
+    once the engine (started last) is up."""
+    found, deadline = {}, time.time() + 15
+    while time.time() < deadline:
+        ready, _, _ = select.select([sim.stdout], [], [], 0.2)
+        if not ready:
+            if sim.poll() is not None:
+                raise RuntimeError(f"lhnet-loadtest sim exited with {sim.returncode}")
+            continue
+        line = sim.stdout.readline()
+        if not line:
+            raise RuntimeError(f"lhnet-loadtest sim exited with {sim.wait(timeout=10)}")
+        words = line.split()
+        if words[0] == "replica" and line.rstrip().endswith(" spare"):
+            found["spare"] = words[1].removeprefix("tcp://")
+        elif words[0] == "engine":
+            found["engine"] = words[1]
+            return found
+    raise RuntimeError("lhnet-loadtest sim did not report its engine within 15 s")
 
 
 def wait_port(port, proc, what):
@@ -91,21 +97,28 @@ def world(stubs):
     for binary in ("lhnet-proxy", "lhnet-loadtest"):
         if not (TARGET / binary).exists():
             pytest.fail(f"{TARGET / binary} is missing: run cargo build --bins first")
-    engine, r1, r2, spare = free_port(), free_port_pair(), free_port_pair(), free_port_pair()
+    # The simulator binds every port itself (port 0: a replica takes P with P+1 and P+2 free) and
+    # prints what it bound, so no port it needs can be handed to anyone else meanwhile.
     sim = subprocess.Popen([str(TARGET / "lhnet-loadtest"), "sim", "--volume", "vol-py", "--size", "64Mi",
-                            "--engine", f"127.0.0.1:{engine}", "--replica", f"127.0.0.1:{r1}",
-                            "--replica", f"127.0.0.1:{r2}", "--spare", f"127.0.0.1:{spare}"],
-                           stdout=subprocess.DEVNULL)
+                            "--engine", "127.0.0.1:0", "--replica", "127.0.0.1:0",
+                            "--replica", "127.0.0.1:0", "--spare", "127.0.0.1:0"],
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        bound = sim_addresses(sim)
+    except BaseException:
+        sim.kill()
+        sim.wait(timeout=10)
+        raise
+    engine, spare = bound["engine"], bound["spare"]
     proxy, listen, config = start_proxy(
         "      - match: { prefix: /imrpc.ProxyEngineService/ }\n        local: longhorn_engine_proxy\n",
         "  - name: engines\n    type: original_dst\n    upstream_bind_config: { source_address: storage }\n"
         "    allowed_destinations: [127.0.0.1]\n")
     try:
-        wait_port(engine, sim, "lhnet-loadtest sim")
         wait_port(listen, proxy, "lhnet-proxy")
         channel = grpc.insecure_channel(f"127.0.0.1:{listen}")
         yield {"stub": stubs[1].ProxyEngineServiceStub(channel), "pb": stubs[0], "ptypes": stubs[2],
-               "engine": f"127.0.0.1:{engine}", "spare": f"tcp://127.0.0.1:{spare}",
+               "engine": engine, "spare": f"tcp://{spare}",
                "spare_name": "vol-py-r-2"}
         channel.close()
     finally:
