@@ -14,9 +14,7 @@ use tokio::time::{Instant, Sleep};
 use tonic::Code;
 
 use crate::metrics::Metrics;
-use crate::reply::{
-    grpc_status, undecodable_to_invalid_argument, BoxError, LocalReply, RouteContext,
-};
+use crate::reply::{grpc_status, BoxError, LocalReply, RouteContext};
 
 /// Set once when the proxy itself decides how a request ends (a bad request body, a deadline).
 /// The response path reads it to answer with that status instead of the upstream's reaction.
@@ -250,47 +248,13 @@ where
     }))
 }
 
-/// Reads `body` until its first gRPC message is whole, and no further: the message's payload
-/// (after its 5-byte header; `None` when the body ends first), and a body that yields every
-/// byte read and then the rest of the stream. The caller bounds the message's size (a checked
-/// body refuses an oversized one as it arrives).
-pub async fn read_first_message<B>(mut body: B) -> Result<(Option<Bytes>, Prefixed<B>), BoxError>
+/// Reads `body` until its first gRPC message is whole (see [`Prefixed::first_message`]).
+pub async fn read_first_message<B>(body: B) -> Result<(Option<Bytes>, Prefixed<B>), BoxError>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
-    use http_body_util::BodyExt;
-    let mut chunks = VecDeque::new();
-    let mut read = 0usize;
-    let mut trailers = None;
-    let message = loop {
-        if let Some(message) = whole_first_message(&chunks, read) {
-            break Some(message);
-        }
-        match body.frame().await {
-            None => break None,
-            Some(Err(e)) => return Err(e.into()),
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) => {
-                    read += data.len();
-                    chunks.push_back(data);
-                }
-                Err(frame) => {
-                    trailers = frame.into_trailers().ok();
-                    break None;
-                }
-            },
-        }
-    };
-    Ok((
-        message,
-        Prefixed {
-            head: None,
-            prefix: chunks,
-            trailers,
-            inner: body,
-        },
-    ))
+    Prefixed::new(body).first_message().await
 }
 
 /// The first message's payload once `chunks` (`read` bytes in all) hold it whole; sliced, not
@@ -337,7 +301,8 @@ impl Replayable {
     }
 }
 
-/// One replay of a [`Replayable`].
+/// One replay of a [`Replayable`]; a clone of one not yet read is a fresh replay.
+#[derive(Clone)]
 pub struct ReplayBody {
     chunks: VecDeque<Bytes>,
     trailers: Option<HeaderMap>,
@@ -415,6 +380,41 @@ where
         }
         Ok(self)
     }
+
+    /// Reads on until the first gRPC message is whole, and no further: the message's payload
+    /// (after its 5-byte header; `None` when the body ends first), and the body, which yields
+    /// every byte read and then the rest of the stream. The caller bounds the message's size
+    /// (a checked body refuses an oversized one as it arrives).
+    pub async fn first_message(mut self) -> Result<(Option<Bytes>, Prefixed<B>), BoxError> {
+        use http_body_util::BodyExt;
+        if let Some(head) = self.head.take() {
+            self.prefix.push_front(head);
+        }
+        let mut read: usize = self.prefix.iter().map(Bytes::len).sum();
+        let message = loop {
+            if let Some(message) = whole_first_message(&self.prefix, read) {
+                break Some(message);
+            }
+            if self.trailers.is_some() {
+                break None;
+            }
+            match self.inner.frame().await {
+                None => break None,
+                Some(Err(e)) => return Err(e.into()),
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        read += data.len();
+                        self.prefix.push_back(data);
+                    }
+                    Err(frame) => {
+                        self.trailers = frame.into_trailers().ok();
+                        break None;
+                    }
+                },
+            }
+        };
+        Ok((message, self))
+    }
 }
 
 impl<B> Body for Prefixed<B>
@@ -478,8 +478,7 @@ impl RequestLog {
 pin_project_lite::pin_project! {
     /// A response body on its way downstream. It records the final grpc-status in the metrics,
     /// ends the stream with DEADLINE_EXCEEDED trailers when the deadline passes, turns an
-    /// upstream reset into proper gRPC trailers, and holds `permit` (a cluster's concurrency
-    /// slot) until the stream ends.
+    /// upstream reset into proper gRPC trailers.
     pub struct ObservedBody<B> {
         #[pin]
         inner: B,
@@ -489,9 +488,6 @@ pin_project_lite::pin_project! {
         verdict: Verdict,
         context: RouteContext,
         log: Option<RequestLog>,
-        permit: Option<crate::cluster::ClusterSlot>,
-        // Set for local (tonic) services, whose decode failures are the caller's malformed request.
-        local: bool,
         done: bool,
     }
 
@@ -513,8 +509,6 @@ impl<B> ObservedBody<B> {
         verdict: Verdict,
         context: RouteContext,
         log: RequestLog,
-        permit: Option<crate::cluster::ClusterSlot>,
-        local: bool,
     ) -> Self {
         let (deadline, deadline_reply) = match deadline {
             Some((at, reply)) => (Some(tokio::time::sleep_until(at)), Some(reply)),
@@ -527,8 +521,6 @@ impl<B> ObservedBody<B> {
             verdict,
             context,
             log: Some(log),
-            permit,
-            local,
             done: false,
         }
     }
@@ -573,12 +565,7 @@ where
         }
         match this.inner.poll_frame(cx) {
             Poll::Pending => Poll::Pending,
-            Poll::Ready(Some(Ok(mut frame))) => {
-                if *this.local {
-                    if let Some(trailers) = frame.trailers_mut() {
-                        undecodable_to_invalid_argument(trailers);
-                    }
-                }
+            Poll::Ready(Some(Ok(frame))) => {
                 if let Some(trailers) = frame.trailers_ref() {
                     *this.done = true;
                     if let Some(log) = this.log.take() {

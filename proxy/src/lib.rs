@@ -20,5 +20,6 @@ pub mod metrics;
 pub mod peer;
 pub mod reply;
 pub mod route;
+pub mod stack;
 pub mod storage;
 pub mod tcp;

@@ -1,40 +1,31 @@
-//! The router: matches each gRPC request to a route (first match wins) and carries it out,
-//! forwarding to a cluster or calling a local service, under the route's deadline and retries.
+//! The router: matches each gRPC request to a route (first match wins) and calls the route's
+//! service, built once from config as a stack of tower layers ([`crate::stack`]).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::HeaderValue;
-use http::request::Parts;
 use http::{HeaderMap, Request, Response};
 use http_body::Body;
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 use tonic::Code;
+use tower::ServiceExt;
 
-use crate::body::{
-    buffer_up_to, read_first_message, Buffered, GrpcRequestBody, ObservedBody, Prefixed,
-    RequestLog, Verdict,
-};
-use crate::cluster::{Cluster, ClusterSlot, SlotLimit, UpstreamError};
+use crate::body::{GrpcRequestBody, ObservedBody, Prefixed, RequestLog, Verdict};
+use crate::cluster::Cluster;
 use crate::config::{
-    format_duration, HeaderMatcher, HeaderRule, Http2Options, ListenerConfig, ListenerLimits,
-    LocalService, PathMatch, RetryOn, RetryPolicy, RouteAction, RouteConfig,
+    HeaderMatcher, HeaderRule, Http2Options, ListenerConfig, ListenerLimits, LocalService,
+    PathMatch, RouteAction, RouteConfig,
 };
-use crate::engine_proxy::dispatch::{self, Decision};
-use crate::engine_proxy::version::{VersionPatchBody, VERSION_GET_PATH};
 use crate::engine_proxy::{BackupTargets, EngineProxy};
 use crate::health::HealthService;
 use crate::listener::Downstream;
 use crate::metrics::Metrics;
 use crate::reply::{
-    grpc_status, names, quote_short, undecodable_to_invalid_argument, BoxError, LocalReply,
-    ProxyBody, RouteContext,
+    grpc_status, names, quote_short, BoxError, LocalReply, ProxyBody, RouteContext,
 };
-use lhnet_proto::imrpc::proxy_engine_service_server::ProxyEngineServiceServer;
+use crate::stack::{self, Call, CallDeadline, EngineDispatch, ListenerInfo, Local, RouteService};
 
 use crate::address_map::{AddressMap, MappedEngineProxy};
 use crate::peer::PeerService;
@@ -48,34 +39,13 @@ pub struct RouteTable {
     pub http2: Http2Options,
     routes: Vec<Route>,
     metrics: Arc<Metrics>,
-    locals: LocalServices,
 }
 
 struct Route {
     name: Arc<str>,
     context: RouteContext,
     config: RouteConfig,
-    target: Target,
-}
-
-enum Target {
-    Cluster(Arc<Cluster>),
-    Health,
-    EngineProxy(EngineProxyRoute),
-    Peer,
-}
-
-/// `local: longhorn_engine_proxy`: lhnet's service, and where what it does not serve goes.
-struct EngineProxyRoute {
-    server: ProxyEngineServiceServer<MappedEngineProxy>,
-    passthrough: Option<Arc<Cluster>>,
-}
-
-/// How a request was answered, before the response is observed on its way down.
-enum Served {
-    Local(Response<ProxyBody>),
-    Upstream(Response<Incoming>, ClusterSlot),
-    Reply(LocalReply),
+    service: RouteService,
 }
 
 /// The tonic services answered inside the proxy.
@@ -90,85 +60,27 @@ pub struct LocalServices {
 /// The cluster `local: longhorn_engine_proxy` dials through unless the route names another.
 pub const DEFAULT_ENGINE_CLUSTER: &str = "engines";
 
-/// The request body as it travels up: checked frame by frame.
-type CheckedBody = GrpcRequestBody<Incoming>;
-
 // === impl RouteTable ===
 
 impl RouteTable {
-    /// Builds the table; every `cluster:` route must name a cluster in `clusters` (config
-    /// validation guarantees it, and a missing one is skipped with an error log).
+    /// Builds the table, each route into its service; every `cluster:` route must name a
+    /// cluster in `clusters` (config validation guarantees it, and a missing one is skipped
+    /// with an error log).
     pub fn new(
         listener: &ListenerConfig,
         clusters: &HashMap<String, Arc<Cluster>>,
         locals: LocalServices,
         metrics: Arc<Metrics>,
     ) -> RouteTable {
+        let info = ListenerInfo {
+            name: listener.name.as_str().into(),
+            stream_idle_timeout: listener.limits.stream_idle_timeout,
+            metrics: metrics.clone(),
+        };
         let routes = listener
             .routes
             .iter()
-            .filter_map(|r| {
-                let target = match &r.action {
-                    RouteAction::Local(LocalService::Health) => Target::Health,
-                    RouteAction::Local(LocalService::Peer) => Target::Peer,
-                    RouteAction::Local(LocalService::LonghornEngineProxy) => {
-                        let name = r.upstream_cluster.as_deref().unwrap_or(DEFAULT_ENGINE_CLUSTER);
-                        let passthrough = r.passthrough_cluster.as_ref().and_then(|p| {
-                            let found = clusters.get(p).cloned();
-                            if found.is_none() {
-                                tracing::error!(route = %r.name, cluster = %p, "passthrough_cluster names an unknown cluster; calls lhnet does not serve are refused");
-                            }
-                            found
-                        });
-                        match clusters.get(name) {
-                            Some(c) => Target::EngineProxy(EngineProxyRoute {
-                                server: MappedEngineProxy::server(
-                                    EngineProxy::new(c.clone(), locals.backup_targets.clone()),
-                                    locals.address_map.clone(),
-                                )
-                                .max_decoding_message_size(listener.max_message_size)
-                                .max_encoding_message_size(usize::MAX),
-                                passthrough,
-                            }),
-                            None => {
-                                tracing::error!(route = %r.name, cluster = %name, "engine proxy route names an unknown cluster; skipped");
-                                return None;
-                            }
-                        }
-                    }
-                    RouteAction::Cluster(name) => match clusters.get(name) {
-                        Some(c) => Target::Cluster(c.clone()),
-                        None => {
-                            tracing::error!(route = %r.name, cluster = %name, "route names an unknown cluster; skipped");
-                            return None;
-                        }
-                    },
-                };
-                let name: Arc<str> = r.name.as_str().into();
-                let target_text = match &target {
-                    Target::Cluster(c) => format!("cluster {}", c.name()),
-                    Target::Health => "local health".to_string(),
-                    Target::Peer => "local peer".to_string(),
-                    Target::EngineProxy(e) => format!(
-                        "local longhorn_engine_proxy (cluster {}{})",
-                        r.upstream_cluster.as_deref().unwrap_or(DEFAULT_ENGINE_CLUSTER),
-                        e.passthrough
-                            .as_ref()
-                            .map(|c| format!(", passthrough {}", c.name()))
-                            .unwrap_or_default()
-                    ),
-                };
-                Some(Route {
-                    context: RouteContext {
-                        listener: listener.name.as_str().into(),
-                        route: name.clone(),
-                        target: target_text.into(),
-                    },
-                    name,
-                    config: r.clone(),
-                    target,
-                })
-            })
+            .filter_map(|r| build_route(r, listener, clusters, &locals, &info))
             .collect();
         RouteTable {
             listener: listener.name.as_str().into(),
@@ -177,7 +89,6 @@ impl RouteTable {
             http2: listener.http2.clone(),
             routes,
             metrics,
-            locals,
         }
     }
 
@@ -228,7 +139,7 @@ impl RouteTable {
             path,
             started,
         };
-        let context = route.context.clone();
+        let context = &route.context;
 
         let is_grpc = request
             .headers()
@@ -244,7 +155,10 @@ impl RouteTable {
         }
 
         let deadline = match effective_deadline(&route.config, request.headers()) {
-            Ok(d) => d,
+            Ok(d) => d.map(|total| CallDeadline {
+                at: started + total,
+                total,
+            }),
             Err(bad) => {
                 let reply = LocalReply::new(
                     Code::InvalidArgument,
@@ -255,377 +169,107 @@ impl RouteTable {
                 return finish_local(reply, log);
             }
         };
-        let deadline_at = deadline.map(|d| started + d);
         let verdict = Verdict::default();
         let compressed_ok = request.headers().contains_key(names::GRPC_ENCODING);
         let (parts, body) = request.into_parts();
         let body =
             GrpcRequestBody::new(body, self.max_message_size, compressed_ok, verdict.clone());
-        let deadline_reply = |waited: Duration| {
-            LocalReply::new(
-                Code::DeadlineExceeded,
-                format!(
-                    "deadline of {} exceeded ({context})",
-                    format_duration(waited)
-                ),
-            )
+        let call = Call {
+            parts,
+            body: Prefixed::new(body),
+            downstream: downstream.clone(),
+            deadline,
+            verdict: verdict.clone(),
         };
-
-        let work = async {
-            match &route.target {
-                Target::Health => Served::Local(
-                    call_service(self.locals.health.clone(), Request::from_parts(parts, body))
-                        .await,
-                ),
-                Target::Peer => Served::Local(
-                    call_service(self.locals.peer.clone(), Request::from_parts(parts, body)).await,
-                ),
-                Target::EngineProxy(engine) => {
-                    let call = (route, deadline, &verdict, &context, downstream);
-                    self.engine_proxy(engine, call, parts, body).await
-                }
-                Target::Cluster(cluster) => match self
-                    .body_started(Prefixed::new(body), parts.uri.path(), (&verdict, &context))
-                    .await
-                {
-                    Ok(body) => self
-                        .forward(
-                            cluster,
-                            &route.config,
-                            parts,
-                            body.boxed_unsync(),
-                            (deadline, &verdict, &context, downstream),
-                        )
-                        .await
-                        .map_or_else(Served::Reply, |(r, p)| Served::Upstream(r, p)),
-                    Err(reply) => Served::Reply(reply),
-                },
-            }
-        };
-        let served = match deadline_at {
-            Some(at) => match tokio::time::timeout_at(at, work).await {
-                Ok(s) => s,
-                Err(_) => return finish_local(deadline_reply(deadline.unwrap_or_default()), log),
-            },
-            None => work.await,
-        };
-        let deadline = deadline_at.map(|at| (at, deadline_reply(deadline.unwrap_or_default())));
-        match served {
-            Served::Local(response) => finish(response, &verdict, deadline, context, log, None),
-            Served::Upstream(response, permit) if log.path.path() == VERSION_GET_PATH => finish(
-                response.map(VersionPatchBody::new),
-                &verdict,
-                deadline,
-                context,
-                log,
-                Some(permit),
-            ),
-            Served::Upstream(response, permit) => {
-                finish(response, &verdict, deadline, context, log, Some(permit))
-            }
-            Served::Reply(reply) => finish_local(reply, log),
+        match route.service.clone().oneshot(call).await {
+            Ok(response) => finish(response, &verdict, deadline, context.clone(), log),
+            Err(reply) => finish_local(reply, log),
         }
-    }
-
-    /// `local: longhorn_engine_proxy`: lhnet answers what it serves; the rest goes byte for
-    /// byte to the passthrough cluster (the instance-manager's own proxy), or is UNIMPLEMENTED
-    /// naming the key that would forward it ([`dispatch`]).
-    async fn engine_proxy(
-        &self,
-        engine: &EngineProxyRoute,
-        (route, deadline, verdict, context, downstream): (
-            &Route,
-            Option<Duration>,
-            &Verdict,
-            &RouteContext,
-            &Arc<Downstream>,
-        ),
-        parts: Parts,
-        body: CheckedBody,
-    ) -> Served {
-        // A clone of the URI (reference-counted) to name the method after `parts` moves on.
-        let uri = parts.uri.clone();
-        let method = uri.path().rsplit('/').next().unwrap_or("");
-        // One concrete body type on every path, so the local call needs no boxing.
-        let (decision, body): (Decision, Prefixed<CheckedBody>) = match dispatch::route_of(method) {
-            dispatch::Route::Local => {
-                // Every ProxyEngineService call is unary (no method lookup needed): its body
-                // must start within stream_idle_timeout, so header-only streams do not pile up
-                // here either.
-                match self
-                    .await_body(Prefixed::new(body), (verdict, context))
-                    .await
-                {
-                    Ok(body) => (Decision::Local, body),
-                    Err(reply) => return Served::Reply(reply),
-                }
-            }
-            dispatch::Route::Passthrough(why) => {
-                (Decision::Passthrough(why.into()), Prefixed::new(body))
-            }
-            dispatch::Route::ByDataEngine(shape) => {
-                // Decided from the first message as soon as it is whole (the checked body
-                // bounds it by max_message_size); its bytes travel on unchanged either way.
-                let first = read_first_message(body);
-                let Ok(read) = tokio::time::timeout(self.limits.stream_idle_timeout, first).await
-                else {
-                    return Served::Reply(self.body_timeout(context));
-                };
-                match read {
-                    Ok((message, body)) => {
-                        let decision = match message {
-                            Some(message) => dispatch::decide(method, shape, &message),
-                            None => Decision::Local,
-                        };
-                        (decision, body)
-                    }
-                    Err(e) => return Served::Reply(body_failed(verdict, &e, context)),
-                }
-            }
-        };
-        match decision {
-            Decision::Local => Served::Local(
-                call_service(engine.server.clone(), Request::from_parts(parts, body)).await,
-            ),
-            Decision::Refuse(status) => Served::Reply(LocalReply::new(
-                status.code(),
-                status.message().to_string(),
-            )),
-            Decision::Passthrough(why) => match &engine.passthrough {
-                Some(cluster) => {
-                    tracing::debug!(%method, reason = %why, cluster = %cluster.name(), "passing through to the instance-manager's proxy");
-                    // Boxed: the rare path, and forward's future is kilobytes that would
-                    // otherwise sit in every served call's future.
-                    Box::pin(async move {
-                        let body = self
-                            .body_started(body, uri.path(), (verdict, context))
-                            .await?;
-                        self.forward(
-                            cluster,
-                            &route.config,
-                            parts,
-                            body.boxed_unsync(),
-                            (deadline, verdict, context, downstream),
-                        )
-                        .await
-                    })
-                    .await
-                    .map_or_else(Served::Reply, |(r, p)| Served::Upstream(r, p))
-                }
-                None => Served::Reply(LocalReply::new(
-                    Code::Unimplemented,
-                    format!(
-                        "imrpc.ProxyEngineService/{method} is not served by lhnet ({why}); set passthrough_cluster on this route to forward it to the instance-manager's own proxy (127.0.0.1:8501) ({context})"
-                    ),
-                )),
-            },
-        }
-    }
-
-    /// Sends the request to the cluster, retrying as the route's policy allows. Headers pass
-    /// as they are: HTTP/2 forbids connection-specific headers (RFC 9113 §8.2.2) and h2 refuses
-    /// them on receipt, so there is nothing hop-by-hop to strip.
-    async fn forward(
-        &self,
-        cluster: &Arc<Cluster>,
-        route: &RouteConfig,
-        mut parts: Parts,
-        body: ProxyBody,
-        (deadline, verdict, context, downstream): (
-            Option<Duration>,
-            &Verdict,
-            &RouteContext,
-            &Arc<Downstream>,
-        ),
-    ) -> Result<(Response<Incoming>, ClusterSlot), LocalReply> {
-        let permit = cluster.try_acquire(downstream).map_err(|limit| {
-            let c = &cluster.config;
-            let text = match limit {
-                SlotLimit::Cluster => format!(
-                    "cluster {} has circuit_breakers.max_requests ({}) requests in flight ({context})",
-                    c.name, c.max_requests
-                ),
-                SlotLimit::Connection => format!(
-                    "this connection holds circuit_breakers.max_requests_per_downstream_connection ({}) of cluster {}'s requests in flight; wait for some to finish or spread calls over more connections ({context})",
-                    c.max_requests_per_downstream_connection, c.name
-                ),
-            };
-            self.metrics.limit_reached(&c.name, limit.key(), || text.clone());
-            LocalReply::new(Code::ResourceExhausted, text)
-        })?;
-        // The client's grpc-timeout never travels as sent: lhnet re-encodes the deadline it
-        // enforces, so a value only some servers accept cannot reach a shared connection.
-        parts.headers.remove(names::GRPC_TIMEOUT);
-        if let Some(d) = deadline {
-            if let Ok(v) = HeaderValue::from_str(&encode_grpc_timeout(d)) {
-                parts.headers.insert(names::GRPC_TIMEOUT, v);
-            }
-        }
-        let upstream_reply = |e: UpstreamError| {
-            verdict
-                .get()
-                .cloned()
-                .unwrap_or_else(|| LocalReply::new(Code::Unavailable, format!("{e} ({context})")))
-        };
-
-        let policy = match &route.retry_policy {
-            Some(p) if p.num_retries > 0 => p,
-            _ => {
-                let destination = self.destination(cluster, context)?;
-                let request = Request::from_parts(parts, body);
-                return cluster
-                    .send(destination, request)
-                    .await
-                    .map(|r| (r, permit))
-                    .map_err(upstream_reply);
-            }
-        };
-
-        let replayable = match buffer_up_to(body, policy.max_buffered_bytes).await {
-            Ok(Buffered::Complete(r)) => r,
-            Ok(Buffered::Partial(rest)) => {
-                // Too large to replay: one attempt, streamed.
-                let destination = self.destination(cluster, context)?;
-                let request = Request::from_parts(parts, rest.boxed_unsync());
-                return cluster
-                    .send(destination, request)
-                    .await
-                    .map(|r| (r, permit))
-                    .map_err(upstream_reply);
-            }
-            Err(e) => return Err(body_failed(verdict, &e, context)),
-        };
-
-        let mut attempt = 0u32;
-        loop {
-            let destination = self.destination(cluster, context)?;
-            let request = rebuild(&parts, replayable.replay().boxed_unsync());
-            let sent = cluster.send(destination, request);
-            let outcome = match policy.per_try_timeout {
-                Some(t) => tokio::time::timeout(t, sent).await.map_err(|_| t),
-                None => Ok(sent.await),
-            };
-            let retry_reason = match &outcome {
-                Err(t) => Some(format!("per_try_timeout {} expired", format_duration(*t))),
-                Ok(Err(e)) if retryable_error(policy, e) => Some(e.to_string()),
-                Ok(Ok(response)) => grpc_status(response.headers())
-                    .filter(|code| retryable_code(policy, *code))
-                    .map(|code| format!("upstream answered grpc-status {code}")),
-                Ok(Err(_)) => None,
-            };
-            if retry_reason.is_none() || attempt >= policy.num_retries {
-                return match outcome {
-                    Ok(Ok(response)) => Ok((response, permit)),
-                    Ok(Err(e)) => Err(upstream_reply(e)),
-                    Err(t) => Err(LocalReply::new(
-                        Code::DeadlineExceeded,
-                        format!(
-                            "per_try_timeout {} expired on every attempt ({context})",
-                            format_duration(t)
-                        ),
-                    )),
-                };
-            }
-            attempt += 1;
-            tracing::debug!(attempt, reason = retry_reason.as_deref().unwrap_or(""), %context, "retrying");
-            // Envoy's default back-off: 25 ms base, doubling.
-            tokio::time::sleep(Duration::from_millis(25u64 << attempt.min(3))).await;
-        }
-    }
-
-    fn destination(
-        &self,
-        cluster: &Cluster,
-        context: &RouteContext,
-    ) -> Result<SocketAddr, LocalReply> {
-        cluster.pick_endpoint().ok_or_else(|| {
-            LocalReply::new(
-                Code::Unavailable,
-                format!("cluster {} has no endpoints ({context})", cluster.name()),
-            )
-        })
     }
 }
 
-impl RouteTable {
-    /// For a method whose client sends one message (unary, server-streaming: a real client
-    /// sends it with the headers), waits up to the listener's `stream_idle_timeout` until the
-    /// request body has started (a frame is read ahead, or the body has ended): a stream that
-    /// sends headers and nothing more then takes no cluster slot and sends nothing upstream.
-    /// Client-streaming and unknown methods go at once: their client may wait for the server's
-    /// headers first (tonic's does); the per-connection share of slots bounds those.
-    async fn body_started<B>(
-        &self,
-        body: Prefixed<B>,
-        path: &str,
-        (verdict, context): (&Verdict, &RouteContext),
-    ) -> Result<Prefixed<B>, LocalReply>
-    where
-        B: Body<Data = bytes::Bytes> + Unpin,
-        B::Error: Into<BoxError>,
-    {
-        if !self.metrics.client_sends_one_message(path) {
-            return Ok(body);
+/// Builds one route's service; `None` (logged) when it names a cluster that does not exist.
+fn build_route(
+    r: &RouteConfig,
+    listener: &ListenerConfig,
+    clusters: &HashMap<String, Arc<Cluster>>,
+    locals: &LocalServices,
+    info: &ListenerInfo,
+) -> Option<Route> {
+    let name: Arc<str> = r.name.as_str().into();
+    let context = |target: String| RouteContext {
+        listener: listener.name.as_str().into(),
+        route: name.clone(),
+        target: target.into(),
+    };
+    let cluster = |wanted: &str, what: &str| {
+        let found = clusters.get(wanted).cloned();
+        if found.is_none() {
+            tracing::error!(route = %r.name, cluster = %wanted, "{what}");
         }
-        self.await_body(body, (verdict, context)).await
-    }
-
-    /// Waits up to `stream_idle_timeout` for the body to start (see [`Self::body_started`]),
-    /// for a call known to be unary.
-    async fn await_body<B>(
-        &self,
-        body: Prefixed<B>,
-        (verdict, context): (&Verdict, &RouteContext),
-    ) -> Result<Prefixed<B>, LocalReply>
-    where
-        B: Body<Data = bytes::Bytes> + Unpin,
-        B::Error: Into<BoxError>,
-    {
-        let wait = self.limits.stream_idle_timeout;
-        match tokio::time::timeout(wait, body.started()).await {
-            Ok(Ok(body)) => Ok(body),
-            Ok(Err(e)) => Err(body_failed(verdict, &e, context)),
-            Err(_) => Err(self.body_timeout(context)),
+        found
+    };
+    let (context, service) = match &r.action {
+        RouteAction::Local(LocalService::Health) => {
+            let context = context("local health".into());
+            let service = RouteService::new(Local::new(locals.health.clone()));
+            (context, service)
         }
-    }
-
-    /// The reply (and the count) when a request's body did not come within
-    /// `stream_idle_timeout`.
-    fn body_timeout(&self, context: &RouteContext) -> LocalReply {
-        let text = format!(
-            "the request body did not start within stream_idle_timeout {}; a unary call sends its message with its headers ({context})",
-            format_duration(self.limits.stream_idle_timeout)
-        );
-        self.metrics
-            .limit_reached(&self.listener, "stream_idle_timeout", || text.clone());
-        LocalReply::new(Code::DeadlineExceeded, text)
-    }
-}
-
-/// The reply when reading the request body failed: the checked body's own verdict when it
-/// refused the body, else CANCELLED with the cause.
-fn body_failed(verdict: &Verdict, e: &BoxError, context: &RouteContext) -> LocalReply {
-    verdict.get().cloned().unwrap_or_else(|| {
-        LocalReply::new(
-            Code::Cancelled,
-            format!("reading the request body failed: {e} ({context})"),
-        )
+        RouteAction::Local(LocalService::Peer) => {
+            let context = context("local peer".into());
+            let service = RouteService::new(Local::new(locals.peer.clone()));
+            (context, service)
+        }
+        RouteAction::Local(LocalService::LonghornEngineProxy) => {
+            let engines_name = r
+                .upstream_cluster
+                .as_deref()
+                .unwrap_or(DEFAULT_ENGINE_CLUSTER);
+            let engines = cluster(
+                engines_name,
+                "engine proxy route names an unknown cluster; skipped",
+            )?;
+            let passthrough = r.passthrough_cluster.as_deref().and_then(|p| {
+                cluster(
+                    p,
+                    "passthrough_cluster names an unknown cluster; calls lhnet does not serve are refused",
+                )
+            });
+            let context = context(format!(
+                "local longhorn_engine_proxy (cluster {engines_name}{})",
+                passthrough
+                    .as_ref()
+                    .map(|c| format!(", passthrough {}", c.name()))
+                    .unwrap_or_default()
+            ));
+            let server = MappedEngineProxy::server(
+                EngineProxy::new(engines, locals.backup_targets.clone()),
+                locals.address_map.clone(),
+            )
+            .max_decoding_message_size(listener.max_message_size)
+            .max_encoding_message_size(usize::MAX);
+            let passthrough = passthrough.map(|c| stack::forwarding(&c, r, &context, info));
+            let dispatch = EngineDispatch::new(
+                Local::new(server),
+                passthrough,
+                info.clone(),
+                context.clone(),
+            );
+            (context, RouteService::new(dispatch))
+        }
+        RouteAction::Cluster(wanted) => {
+            let c = cluster(wanted, "route names an unknown cluster; skipped")?;
+            let context = context(format!("cluster {}", c.name()));
+            let service = stack::forwarding(&c, r, &context, info);
+            (context, service)
+        }
+    };
+    Some(Route {
+        service: stack::with_deadline(service, &context),
+        context,
+        name,
+        config: r.clone(),
     })
-}
-
-/// Calls a tonic service of the proxy's own with the request as it streams in.
-async fn call_service<S, B>(mut service: S, request: Request<B>) -> Response<ProxyBody>
-where
-    S: tonic::codegen::Service<
-        Request<B>,
-        Response = Response<tonic::body::Body>,
-        Error = std::convert::Infallible,
-    >,
-{
-    match service.call(request).await {
-        Ok(response) => response.map(|b| b.map_err(BoxError::from).boxed_unsync()),
-        Err(never) => match never {},
-    }
 }
 
 /// Completes a local reply: records it and returns it.
@@ -634,14 +278,13 @@ fn finish_local(reply: LocalReply, log: RequestLog) -> Response<ProxyBody> {
     reply.into_response()
 }
 
-/// Turns an upstream (or local service) response into the downstream one.
+/// Turns the route's response into the downstream one, observed to its end.
 fn finish<B>(
     response: Response<B>,
     verdict: &Verdict,
-    deadline: Option<(Instant, LocalReply)>,
+    deadline: Option<CallDeadline>,
     context: RouteContext,
     log: RequestLog,
-    permit: Option<ClusterSlot>,
 ) -> Response<ProxyBody>
 where
     B: Body<Data = bytes::Bytes> + Send + 'static,
@@ -651,51 +294,19 @@ where
     if let Some(reply) = verdict.get() {
         return finish_local(reply.clone(), log);
     }
-    // A local service's response has no cluster permit; an upstream's always has one.
-    let local = permit.is_none();
-    let mut response = response;
-    if local {
-        undecodable_to_invalid_argument(response.headers_mut());
-    }
     if let Some(code) = grpc_status(response.headers()) {
         // Trailers-Only: the status is in the headers and the stream has ended.
         log.finish(code);
-        return response.map(|b| b.map_err(|e| BoxError::from(e.to_string())).boxed_unsync());
+        return response.map(|b| {
+            http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(b, |e| {
+                BoxError::from(e.to_string())
+            }))
+        });
     }
+    let deadline = deadline.map(|d| (d.at, d.reply(&context)));
     let (parts, body) = response.into_parts();
-    let body = ObservedBody::new(body, deadline, verdict.clone(), context, log, permit, local);
-    Response::from_parts(parts, body.boxed_unsync())
-}
-
-/// Copies what an upstream request needs from the downstream parts.
-fn rebuild(parts: &Parts, body: ProxyBody) -> Request<ProxyBody> {
-    let mut request = Request::new(body);
-    *request.method_mut() = parts.method.clone();
-    *request.uri_mut() = parts.uri.clone();
-    *request.version_mut() = parts.version;
-    *request.headers_mut() = parts.headers.clone();
-    request
-}
-
-fn retryable_error(policy: &RetryPolicy, e: &UpstreamError) -> bool {
-    let token = match e {
-        UpstreamError::Connect { .. } => RetryOn::ConnectFailure,
-        UpstreamError::Refused { .. } => RetryOn::RefusedStream,
-        UpstreamError::Reset { .. } => RetryOn::Reset,
-    };
-    policy.retry_on.contains(&token)
-}
-
-fn retryable_code(policy: &RetryPolicy, code: i32) -> bool {
-    let token = match code {
-        1 => RetryOn::Cancelled,
-        4 => RetryOn::DeadlineExceeded,
-        8 => RetryOn::ResourceExhausted,
-        13 => RetryOn::Internal,
-        14 => RetryOn::Unavailable,
-        _ => return false,
-    };
-    policy.retry_on.contains(&token)
+    let body = ObservedBody::new(body, deadline, verdict.clone(), context, log);
+    Response::from_parts(parts, http_body_util::BodyExt::boxed_unsync(body))
 }
 
 fn header_matches(m: &HeaderMatcher, headers: &HeaderMap) -> bool {
@@ -778,6 +389,7 @@ pub fn encode_grpc_timeout(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header::HeaderValue;
 
     #[test]
     fn grpc_timeout_round_trip() {

@@ -4,6 +4,7 @@
 
 mod connect;
 mod pool;
+mod service;
 
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -19,9 +20,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use connect::{ConnectError, Connector};
 use pool::{EndpointPool, PoolLimits, Standing};
+pub use service::{ClusterService, EndpointService};
 use tokio::time::Instant;
 
-use crate::config::{ClusterConfig, Destination};
+use crate::config::{format_duration, ClusterConfig, Destination};
 use crate::listener::Downstream;
 use crate::metrics::{CountedIo, Metrics};
 use crate::reply::ProxyBody;
@@ -77,23 +79,37 @@ impl SlotLimit {
 }
 
 /// Why a request did not reach (or did not get an answer from) the upstream.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     /// Connecting failed: refused, unreachable, timed out, or no source address to bind.
+    #[error("upstream connect error to {destination}: {cause}")]
     Connect {
         destination: SocketAddr,
         cause: String,
     },
     /// The upstream refused the stream before processing it (REFUSED_STREAM).
+    #[error("upstream {destination} refused the stream: {cause}")]
     Refused {
         destination: SocketAddr,
         cause: String,
     },
-    /// The connection or stream broke before a response arrived.
+    /// The connection or stream broke before a response arrived; `reason` is the HTTP/2 error
+    /// code when the break was an HTTP/2 reset or GOAWAY.
+    #[error("upstream {destination} reset before responding: {cause}")]
     Reset {
         destination: SocketAddr,
+        reason: Option<h2::Reason>,
         cause: String,
     },
+    /// A static cluster with no endpoint to send to.
+    #[error("cluster {cluster} has no endpoints")]
+    NoEndpoints { cluster: String },
+    /// The request body broke while it was buffered for retries.
+    #[error("reading the request body failed: {cause}")]
+    RequestBody { cause: String },
+    /// One attempt took longer than the route's `retry_policy.per_try_timeout`.
+    #[error("per_try_timeout {} expired", format_duration(*after))]
+    TryTimeout { after: Duration },
 }
 
 // === impl Cluster ===
@@ -346,34 +362,6 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
-}
-
-// === impl UpstreamError ===
-
-impl UpstreamError {
-    pub fn destination(&self) -> SocketAddr {
-        match self {
-            UpstreamError::Connect { destination, .. }
-            | UpstreamError::Refused { destination, .. }
-            | UpstreamError::Reset { destination, .. } => *destination,
-        }
-    }
-}
-
-impl std::fmt::Display for UpstreamError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            UpstreamError::Connect { destination, cause } => {
-                write!(f, "upstream connect error to {destination}: {cause}")
-            }
-            UpstreamError::Refused { destination, cause } => {
-                write!(f, "upstream {destination} refused the stream: {cause}")
-            }
-            UpstreamError::Reset { destination, cause } => {
-                write!(f, "upstream {destination} reset before responding: {cause}")
-            }
-        }
-    }
 }
 
 #[cfg(test)]

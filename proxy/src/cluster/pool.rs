@@ -138,8 +138,8 @@ impl EndpointPool {
         let mut send = conn.send.clone();
         send.send_request(request).await.map_err(|e| {
             let cause = error_chain(&e);
-            if cause.contains("refused stream") {
-                // hyper does not expose h2's reason code; h2 words REFUSED_STREAM this way.
+            let reason = h2_reason(&e);
+            if reason == Some(h2::Reason::REFUSED_STREAM) {
                 UpstreamError::Refused {
                     destination: self.addr,
                     cause,
@@ -147,6 +147,7 @@ impl EndpointPool {
             } else {
                 UpstreamError::Reset {
                     destination: self.addr,
+                    reason,
                     cause,
                 }
             }
@@ -337,4 +338,16 @@ impl EndpointPool {
     pub fn connections(&self) -> usize {
         self.state.lock().conns.len()
     }
+}
+
+/// The HTTP/2 error code behind a failed request: hyper keeps h2's error as a source.
+fn h2_reason(e: &hyper::Error) -> Option<h2::Reason> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.reason();
+        }
+        source = err.source();
+    }
+    None
 }

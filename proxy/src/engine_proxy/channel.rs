@@ -4,17 +4,15 @@
 //! code (UNAVAILABLE for connect errors).
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::header::{HeaderName, HeaderValue};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tonic::Status;
+use tower::Service;
 
-use crate::cluster::Cluster;
+use crate::cluster::EndpointService;
 use crate::reply::BoxError;
 
 const VOLUME_NAME: HeaderName = HeaderName::from_static("volume-name");
@@ -81,15 +79,14 @@ fn header(field: &str, name: &str) -> Result<Option<HeaderValue>, Status> {
     }
 }
 
-/// Sends gRPC requests to `destination` through `cluster`.
+/// Sends gRPC requests to one address through the cluster's [`EndpointService`].
 #[derive(Clone)]
 pub struct EngineChannel {
-    pub cluster: Arc<Cluster>,
-    pub destination: SocketAddr,
+    pub endpoint: EndpointService,
     pub identity: Identity,
 }
 
-impl tonic::codegen::Service<http::Request<tonic::body::Body>> for EngineChannel {
+impl Service<http::Request<tonic::body::Body>> for EngineChannel {
     type Response = http::Response<Incoming>;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
@@ -99,9 +96,7 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for EngineChannel
     }
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        let cluster = self.cluster.clone();
-        let destination = self.destination;
-        let mut request = request.map(|b| b.map_err(BoxError::from).boxed_unsync());
+        let mut request = request;
         let headers = request.headers_mut();
         if let Some(v) = &self.identity.volume {
             headers.insert(VOLUME_NAME, v.clone());
@@ -109,10 +104,9 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for EngineChannel
         if let Some(v) = &self.identity.instance {
             headers.insert(INSTANCE_NAME, v.clone());
         }
+        let sent = self.endpoint.call(request);
         Box::pin(async move {
-            cluster
-                .send(destination, request)
-                .await
+            sent.await
                 // tonic keeps the code of a boxed Status it gets back as an error.
                 .map_err(|e| Box::new(Status::unavailable(e.to_string())) as BoxError)
         })

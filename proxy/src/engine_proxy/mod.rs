@@ -43,7 +43,7 @@ use channel::EngineChannel;
 pub use channel::Identity;
 pub use envs::{credential_map, target_credentials, CREDENTIAL_KEYS};
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, EndpointService};
 
 type Empty = ();
 
@@ -126,8 +126,7 @@ impl EngineProxy {
 
     fn channel(&self, destination: SocketAddr, identity: Identity) -> EngineChannel {
         EngineChannel {
-            cluster: self.engines.clone(),
-            destination,
+            endpoint: EndpointService::new(self.engines.clone(), destination),
             identity,
         }
     }

@@ -1,0 +1,94 @@
+//! A cluster behind a tower [`Service`]: [`ClusterService`] sends to a static cluster's
+//! endpoints round robin, [`EndpointService`] to one address (original destination). Either
+//! boxes the request body into the pool's one body type.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use http::{Request, Response};
+use http_body::Body;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tower::Service;
+
+use super::{Cluster, UpstreamError};
+use crate::reply::BoxError;
+
+/// A static cluster: each request goes to its next endpoint.
+#[derive(Clone, Debug)]
+pub struct ClusterService {
+    cluster: Arc<Cluster>,
+}
+
+/// One address of a cluster (its pool is made on first use).
+#[derive(Clone, Debug)]
+pub struct EndpointService {
+    cluster: Arc<Cluster>,
+    destination: SocketAddr,
+}
+
+impl ClusterService {
+    pub fn new(cluster: Arc<Cluster>) -> Self {
+        ClusterService { cluster }
+    }
+}
+
+impl EndpointService {
+    pub fn new(cluster: Arc<Cluster>, destination: SocketAddr) -> Self {
+        EndpointService {
+            cluster,
+            destination,
+        }
+    }
+}
+
+impl<B> Service<Request<B>> for ClusterService
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<Incoming>;
+    type Error = UpstreamError;
+    type Future = BoxFuture<'static, Result<Response<Incoming>, UpstreamError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let cluster = self.cluster.clone();
+        Box::pin(async move {
+            let destination =
+                cluster
+                    .pick_endpoint()
+                    .ok_or_else(|| UpstreamError::NoEndpoints {
+                        cluster: cluster.name().to_string(),
+                    })?;
+            let request = request.map(|b| b.map_err(Into::into).boxed_unsync());
+            cluster.send(destination, request).await
+        })
+    }
+}
+
+impl<B> Service<Request<B>> for EndpointService
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<Incoming>;
+    type Error = UpstreamError;
+    type Future = BoxFuture<'static, Result<Response<Incoming>, UpstreamError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let (cluster, destination) = (self.cluster.clone(), self.destination);
+        let request = request.map(|b| b.map_err(Into::into).boxed_unsync());
+        Box::pin(async move { cluster.send(destination, request).await })
+    }
+}

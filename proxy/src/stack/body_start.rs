@@ -1,0 +1,118 @@
+//! Unary and server-streaming calls take nothing upstream until their message has started.
+
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use http::Response;
+use http_body::Body;
+use tower::Service;
+
+use super::{body_failed, Call, ListenerInfo};
+use crate::body::{Prefixed, Verdict};
+use crate::config::format_duration;
+use crate::reply::{BoxError, LocalReply, ProxyBody, RouteContext};
+
+/// For a method whose client sends one message (unary, server-streaming: a real client sends
+/// it with the headers), waits up to the listener's `stream_idle_timeout` until the request
+/// body has started (a frame is read ahead, or the body has ended): a stream that sends
+/// headers and nothing more then takes no cluster slot and sends nothing upstream.
+/// Client-streaming and unknown methods go at once (their client may wait for the server's
+/// headers first, as tonic's does); the per-connection share of slots bounds those.
+#[derive(Clone)]
+pub struct BodyStart<S> {
+    inner: S,
+    listener: ListenerInfo,
+    context: RouteContext,
+    /// Every call is unary here (the engine proxy): no method lookup.
+    always: bool,
+}
+
+impl<S> BodyStart<S> {
+    pub fn new(inner: S, listener: ListenerInfo, context: RouteContext, always: bool) -> Self {
+        BodyStart {
+            inner,
+            listener,
+            context,
+            always,
+        }
+    }
+}
+
+impl<S> Service<Call> for BodyStart<S>
+where
+    S: Service<Call, Response = Response<ProxyBody>, Error = LocalReply> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<ProxyBody>;
+    type Error = LocalReply;
+    type Future = BoxFuture<'static, Result<Response<ProxyBody>, LocalReply>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), LocalReply>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, call: Call) -> Self::Future {
+        let waits = self.always
+            || self
+                .listener
+                .metrics
+                .client_sends_one_message(call.parts.uri.path());
+        if !waits {
+            return Box::pin(self.inner.call(call));
+        }
+        // The clone is ready (Slots and below always are); it serves this call alone.
+        let mut inner = self.inner.clone();
+        let (listener, context) = (self.listener.clone(), self.context.clone());
+        Box::pin(async move {
+            let Call {
+                parts,
+                body,
+                downstream,
+                deadline,
+                verdict,
+            } = call;
+            let body = await_body(body, &verdict, &listener, &context).await?;
+            inner
+                .call(Call {
+                    parts,
+                    body,
+                    downstream,
+                    deadline,
+                    verdict,
+                })
+                .await
+        })
+    }
+}
+
+/// Waits up to `stream_idle_timeout` for the body to start; the reply (and the count in
+/// `lhnet_limits_reached_total`) when it does not.
+pub async fn await_body<B>(
+    body: Prefixed<B>,
+    verdict: &Verdict,
+    listener: &ListenerInfo,
+    context: &RouteContext,
+) -> Result<Prefixed<B>, LocalReply>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    match tokio::time::timeout(listener.stream_idle_timeout, body.started()).await {
+        Ok(Ok(body)) => Ok(body),
+        Ok(Err(e)) => Err(body_failed(verdict, &e, context)),
+        Err(_) => Err(body_timeout(listener, context)),
+    }
+}
+
+/// The reply (and the count) when a request's body did not come within `stream_idle_timeout`.
+pub fn body_timeout(listener: &ListenerInfo, context: &RouteContext) -> LocalReply {
+    let text = format!(
+        "the request body did not start within stream_idle_timeout {}; a unary call sends its message with its headers ({context})",
+        format_duration(listener.stream_idle_timeout)
+    );
+    listener
+        .metrics
+        .limit_reached(&listener.name, "stream_idle_timeout", || text.clone());
+    LocalReply::new(tonic::Code::DeadlineExceeded, text)
+}

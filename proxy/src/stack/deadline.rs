@@ -1,0 +1,53 @@
+//! The call's deadline over the whole stack below.
+
+use std::task::{Context, Poll};
+
+use futures_util::future::BoxFuture;
+use http::Response;
+use tower::Service;
+
+use super::Call;
+use crate::reply::{LocalReply, ProxyBody, RouteContext};
+
+/// Ends the call with DEADLINE_EXCEEDED when its deadline passes before a response; the
+/// response body is held to the same deadline downstream (`ObservedBody`).
+#[derive(Clone)]
+pub struct Deadline<S> {
+    inner: S,
+    context: RouteContext,
+}
+
+impl<S> Deadline<S> {
+    pub fn new(inner: S, context: RouteContext) -> Self {
+        Deadline { inner, context }
+    }
+}
+
+impl<S> Service<Call> for Deadline<S>
+where
+    S: Service<Call, Response = Response<ProxyBody>, Error = LocalReply>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<ProxyBody>;
+    type Error = LocalReply;
+    type Future = BoxFuture<'static, Result<Response<ProxyBody>, LocalReply>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), LocalReply>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, call: Call) -> Self::Future {
+        let deadline = call.deadline;
+        let served = self.inner.call(call);
+        let Some(deadline) = deadline else {
+            return Box::pin(served);
+        };
+        let context = self.context.clone();
+        Box::pin(async move {
+            match tokio::time::timeout_at(deadline.at, served).await {
+                Ok(result) => result,
+                Err(_) => Err(deadline.reply(&context)),
+            }
+        })
+    }
+}

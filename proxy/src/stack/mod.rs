@@ -1,0 +1,155 @@
+//! The request path as tower layers. Each route is built once, when its config is loaded, into
+//! one boxed [`RouteService`]; `RouteTable::handle` only picks the route, checks the request is
+//! gRPC, reads its deadline and calls the route's service.
+//!
+//! A forwarding route (`cluster:`; also the engine proxy's `passthrough_cluster`), outermost
+//! first:
+//!
+//! | layer | does |
+//! |---|---|
+//! | [`Deadline`] | the route `timeout` / `grpc-timeout`, whichever is shorter, over the whole call |
+//! | [`BodyStart`] | unary and server-streaming calls wait (up to `stream_idle_timeout`) for their message before taking anything upstream |
+//! | [`VersionPatch`] | routes that can carry `ProxyEngineService/VersionGet` (response layer) |
+//! | [`Slots`] | load shedding at the cluster's `circuit_breakers` and the connection's share of them: a call past either is refused at once, RESOURCE_EXHAUSTED naming the limit |
+//! | [`Upstream`] | error mapping (upstream errors become gRPC statuses naming the route), `grpc-timeout` re-encoded |
+//! | [`Replay`] | buffers a body up to `retry_policy.max_buffered_bytes` so it can be sent again |
+//! | `tower::retry::Retry` with [`RetryPolicy`] | `retry_on` (HTTP/2 reasons from `h2::Error`), `num_retries`, jittered back-off, a retry budget |
+//! | [`PerTryTimeout`] | `retry_policy.per_try_timeout` |
+//! | [`ClusterService`](crate::cluster::ClusterService) | the cluster's endpoints, round robin, over the multi-connection HTTP/2 pool |
+//!
+//! A local route: [`Deadline`] then [`Local`] (a tonic server). The engine proxy:
+//! [`Deadline`] then [`EngineDispatch`], which calls its [`Local`] server or the forwarding
+//! stack of `passthrough_cluster`.
+
+mod body_start;
+mod deadline;
+mod local;
+mod retry;
+mod slots;
+mod upstream;
+mod version;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::request::Parts;
+use http::Response;
+use hyper::body::Incoming;
+use tokio::time::Instant;
+use tower::util::BoxCloneSyncService;
+use tower::ServiceBuilder;
+
+pub use body_start::BodyStart;
+pub use deadline::Deadline;
+pub use local::{EngineDispatch, Local};
+pub use retry::{PerTryTimeout, Replay, RetryPolicy};
+pub use slots::Slots;
+pub use upstream::Upstream;
+pub use version::VersionPatch;
+
+use crate::body::{GrpcRequestBody, Prefixed, Verdict};
+use crate::cluster::{Cluster, ClusterService};
+use crate::config::{format_duration, PathMatch, RouteConfig};
+use crate::engine_proxy::version::VERSION_GET_PATH;
+use crate::listener::Downstream;
+use crate::metrics::Metrics;
+use crate::reply::{BoxError, LocalReply, ProxyBody, RouteContext};
+
+/// The request body on the route stack: checked frame by frame, with what a layer read ahead
+/// (the first frame, the first message) yielded first.
+pub type RequestBody = Prefixed<GrpcRequestBody<Incoming>>;
+
+/// A route, built: one gRPC call in, its response (or the status the proxy answers) out.
+pub type RouteService = BoxCloneSyncService<Call, Response<ProxyBody>, LocalReply>;
+
+/// One gRPC call as the route stack carries it.
+pub struct Call<B = RequestBody> {
+    pub parts: Parts,
+    pub body: B,
+    /// The downstream connection, whose share of a cluster's slots the call counts against.
+    pub downstream: Arc<Downstream>,
+    pub deadline: Option<CallDeadline>,
+    /// Set when the checked body refuses the request; its status wins over the upstream's.
+    pub verdict: Verdict,
+}
+
+/// When a call must be over, and the timeout it came from (for messages).
+#[derive(Debug, Clone, Copy)]
+pub struct CallDeadline {
+    pub at: Instant,
+    pub total: Duration,
+}
+
+impl CallDeadline {
+    /// The DEADLINE_EXCEEDED reply for this deadline.
+    pub fn reply(&self, context: &RouteContext) -> LocalReply {
+        LocalReply::new(
+            tonic::Code::DeadlineExceeded,
+            format!(
+                "deadline of {} exceeded ({context})",
+                format_duration(self.total)
+            ),
+        )
+    }
+}
+
+/// What the layers that wait for a request body, or count a limit, need of the listener.
+#[derive(Clone)]
+pub struct ListenerInfo {
+    pub name: Arc<str>,
+    pub stream_idle_timeout: Duration,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The forwarding stack of a `cluster:` route or of `passthrough_cluster`, below [`Deadline`].
+pub fn forwarding(
+    cluster: &Arc<Cluster>,
+    route: &RouteConfig,
+    context: &RouteContext,
+    listener: &ListenerInfo,
+) -> RouteService {
+    let retry = RetryPolicy::new(route.retry_policy.as_ref());
+    let service = ServiceBuilder::new()
+        .layer_fn(|s| BodyStart::new(s, listener.clone(), context.clone(), false))
+        .option_layer(carries_version_get(route).then(|| tower::layer::layer_fn(VersionPatch::new)))
+        .layer_fn(|s| {
+            Slots::new(
+                s,
+                cluster.clone(),
+                listener.metrics.clone(),
+                context.clone(),
+            )
+        })
+        .layer_fn(|s| Upstream::new(s, context.clone()))
+        .layer_fn(|s| Replay::new(s, retry.buffered_bytes()))
+        .layer(tower::retry::RetryLayer::new(retry.clone()))
+        .layer_fn(|s| PerTryTimeout::new(s, retry.per_try_timeout()))
+        .service(ClusterService::new(cluster.clone()));
+    BoxCloneSyncService::new(service)
+}
+
+/// A route's whole stack: [`Deadline`] over `inner`.
+pub fn with_deadline(inner: RouteService, context: &RouteContext) -> RouteService {
+    BoxCloneSyncService::new(Deadline::new(inner, context.clone()))
+}
+
+/// Whether a route's path match can select `ProxyEngineService/VersionGet` (whose answer the
+/// [`VersionPatch`] layer completes).
+fn carries_version_get(route: &RouteConfig) -> bool {
+    match &route.matcher.path {
+        PathMatch::Path(p) => p == VERSION_GET_PATH,
+        PathMatch::Prefix(p) => VERSION_GET_PATH.starts_with(p.as_str()),
+        PathMatch::SafeRegex(re) => re.is_match(VERSION_GET_PATH),
+    }
+}
+
+/// The reply when reading the request body failed: the checked body's own verdict when it
+/// refused the body, else CANCELLED with the cause.
+pub fn body_failed(verdict: &Verdict, e: &BoxError, context: &RouteContext) -> LocalReply {
+    verdict.get().cloned().unwrap_or_else(|| {
+        LocalReply::new(
+            tonic::Code::Cancelled,
+            format!("reading the request body failed: {e} ({context})"),
+        )
+    })
+}

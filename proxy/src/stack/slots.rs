@@ -1,0 +1,129 @@
+//! Load shedding at a cluster's concurrency limit (`circuit_breakers`).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures_util::future::{BoxFuture, FutureExt, TryFutureExt};
+use http::Response;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use tower::Service;
+
+use super::Call;
+use crate::cluster::{Cluster, ClusterSlot, SlotLimit};
+use crate::metrics::Metrics;
+use crate::reply::{BoxError, LocalReply, ProxyBody, RouteContext};
+
+/// Takes one of the cluster's `circuit_breakers.max_requests` slots for the call, within the
+/// downstream connection's share (`max_requests_per_downstream_connection`), and holds it
+/// until the response body ends. Past either limit the call is shed at once with
+/// RESOURCE_EXHAUSTED naming the limit (Envoy's circuit breakers queue nothing either):
+/// tower's own `ConcurrencyLimit` waits for a permit and knows nothing of connections.
+#[derive(Clone)]
+pub struct Slots<S> {
+    inner: S,
+    cluster: Arc<Cluster>,
+    metrics: Arc<Metrics>,
+    context: RouteContext,
+}
+
+impl<S> Slots<S> {
+    pub fn new(
+        inner: S,
+        cluster: Arc<Cluster>,
+        metrics: Arc<Metrics>,
+        context: RouteContext,
+    ) -> Self {
+        Slots {
+            inner,
+            cluster,
+            metrics,
+            context,
+        }
+    }
+
+    fn refused(&self, limit: SlotLimit) -> LocalReply {
+        let c = &self.cluster.config;
+        let context = &self.context;
+        let text = match limit {
+            SlotLimit::Cluster => format!(
+                "cluster {} has circuit_breakers.max_requests ({}) requests in flight ({context})",
+                c.name, c.max_requests
+            ),
+            SlotLimit::Connection => format!(
+                "this connection holds circuit_breakers.max_requests_per_downstream_connection ({}) of cluster {}'s requests in flight; wait for some to finish or spread calls over more connections ({context})",
+                c.max_requests_per_downstream_connection, c.name
+            ),
+        };
+        self.metrics
+            .limit_reached(&c.name, limit.key(), || text.clone());
+        LocalReply::new(tonic::Code::ResourceExhausted, text)
+    }
+}
+
+impl<S, B> Service<Call> for Slots<S>
+where
+    S: Service<Call, Response = Response<B>, Error = LocalReply>,
+    S::Future: Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<ProxyBody>;
+    type Error = LocalReply;
+    type Future = BoxFuture<'static, Result<Response<ProxyBody>, LocalReply>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), LocalReply>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, call: Call) -> Self::Future {
+        let slot = match self.cluster.try_acquire(&call.downstream) {
+            Ok(slot) => slot,
+            Err(limit) => return futures_util::future::ready(Err(self.refused(limit))).boxed(),
+        };
+        self.inner
+            .call(call)
+            .map_ok(move |response| {
+                response.map(|inner| WithSlot { inner, _slot: slot }.boxed_unsync())
+            })
+            .boxed()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that gives its cluster slot back when it is dropped.
+    struct WithSlot<B> {
+        #[pin]
+        inner: B,
+        _slot: ClusterSlot,
+    }
+}
+
+impl<B> Body for WithSlot<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.project()
+            .inner
+            .poll_frame(cx)
+            .map(|f| f.map(|r| r.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
