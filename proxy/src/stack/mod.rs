@@ -9,7 +9,7 @@
 //! |---|---|
 //! | [`Deadline`] | the route `timeout` / `grpc-timeout`, whichever is shorter, over the whole call |
 //! | [`BodyStart`] | unary and server-streaming calls wait (up to `stream_idle_timeout`) for their message before taking anything upstream |
-//! | [`VersionPatch`] | routes that can carry `ProxyEngineService/VersionGet` (response layer) |
+//! | [`VersionPatch`] | routes that can carry the instance-manager's `ProcessManagerService/VersionGet` (response layer: lhnet's proxy API version) |
 //! | [`Slots`] | load shedding at the cluster's `circuit_breakers` and the connection's share of them: a call past either is refused at once, RESOURCE_EXHAUSTED naming the limit |
 //! | [`Upstream`] | error mapping (upstream errors become gRPC statuses naming the route), `grpc-timeout` re-encoded |
 //! | [`Replay`] | buffers a body up to `retry_policy.max_buffered_bytes` so it can be sent again |
@@ -108,7 +108,11 @@ pub fn forwarding(
     context: &RouteContext,
     listener: &ListenerInfo,
 ) -> RouteService {
-    let retry = RetryPolicy::new(route.retry_policy.as_ref());
+    let retry = RetryPolicy::new(
+        route.retry_policy.as_ref(),
+        cluster.name(),
+        &listener.metrics,
+    );
     let service = ServiceBuilder::new()
         .layer_fn(|s| BodyStart::new(s, listener.clone(), context.clone(), false))
         .option_layer(carries_version_get(route).then(|| tower::layer::layer_fn(VersionPatch::new)))
@@ -133,8 +137,8 @@ pub fn with_deadline(inner: RouteService, context: &RouteContext) -> RouteServic
     BoxCloneSyncService::new(Deadline::new(inner, context.clone()))
 }
 
-/// Whether a route's path match can select `ProxyEngineService/VersionGet` (whose answer the
-/// [`VersionPatch`] layer completes).
+/// Whether a route's path match can select `ProcessManagerService/VersionGet` (whose answer
+/// the [`VersionPatch`] layer completes).
 fn carries_version_get(route: &RouteConfig) -> bool {
     match &route.matcher.path {
         PathMatch::Path(p) => p == VERSION_GET_PATH,
@@ -152,4 +156,36 @@ pub fn body_failed(verdict: &Verdict, e: &BoxError, context: &RouteContext) -> L
             format!("reading the request body failed: {e} ({context})"),
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_routes_that_can_carry_version_get_get_the_patch() {
+        let config = crate::config::Config::parse(
+            r#"
+listeners:
+  - name: l
+    address: 127.0.0.1:0
+    routes:
+      - { match: { path: /ProcessManagerService/VersionGet }, local: health }
+      - { match: { prefix: /ProcessManagerService/ }, local: health }
+      - { match: { prefix: / }, local: health }
+      - { match: { safe_regex: "^/Process[A-Za-z]+/Version.*" }, local: health }
+      - { match: { prefix: /ProcessManagerService/Process }, local: health }
+      - { match: { path: /ProcessManagerService/ProcessGet }, local: health }
+      - { match: { safe_regex: "^/lhnet\\..*" }, local: health }
+"#,
+            "t",
+        )
+        .unwrap();
+        let carries: Vec<bool> = config.listeners[0]
+            .routes
+            .iter()
+            .map(carries_version_get)
+            .collect();
+        assert_eq!(carries, [true, true, true, true, false, false, false]);
+    }
 }

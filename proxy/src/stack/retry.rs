@@ -20,6 +20,7 @@ use tower::Service;
 use crate::body::{buffer_up_to, Buffered, ReplayBody};
 use crate::cluster::UpstreamError;
 use crate::config::{self, RetryOn};
+use crate::metrics::Metrics;
 use crate::reply::{grpc_status, BoxError, ProxyBody};
 
 /// Envoy's default back-off: 25 ms base; at most ten times that; full jitter.
@@ -121,29 +122,41 @@ where
 }
 
 /// A route's `retry_policy` for tower's `Retry`. One is cloned per call (its attempt count and
-/// back-off are the call's); the budget is the route's.
+/// back-off are the call's); the budget is the route's. Without retries configured it holds
+/// nothing and buffers nothing.
 #[derive(Clone)]
 pub struct RetryPolicy {
-    config: Option<Arc<config::RetryPolicy>>,
-    budget: Arc<TpsBudget>,
+    route: Option<Arc<RouteRetries>>,
     backoff: ExponentialBackoff,
     attempts: u32,
 }
 
+/// What every call of a route shares: its policy, its budget, where a spent budget is counted.
+struct RouteRetries {
+    config: config::RetryPolicy,
+    budget: TpsBudget,
+    cluster: Arc<str>,
+    metrics: Arc<Metrics>,
+}
+
 impl RetryPolicy {
-    pub fn new(config: Option<&config::RetryPolicy>) -> RetryPolicy {
+    pub fn new(
+        config: Option<&config::RetryPolicy>,
+        cluster: &str,
+        metrics: &Arc<Metrics>,
+    ) -> RetryPolicy {
         let mut maker =
             ExponentialBackoffMaker::new(BACKOFF_BASE, BACKOFF_MAX, 1.0, HasherRng::default())
                 .expect("the back-off constants are valid");
         RetryPolicy {
-            config: config
-                .filter(|c| c.num_retries > 0)
-                .map(|c| Arc::new(c.clone())),
-            budget: Arc::new(TpsBudget::new(
-                BUDGET_WINDOW,
-                BUDGET_MIN_PER_SECOND,
-                BUDGET_PERCENT,
-            )),
+            route: config.filter(|c| c.num_retries > 0).map(|c| {
+                Arc::new(RouteRetries {
+                    config: c.clone(),
+                    budget: TpsBudget::new(BUDGET_WINDOW, BUDGET_MIN_PER_SECOND, BUDGET_PERCENT),
+                    cluster: cluster.into(),
+                    metrics: metrics.clone(),
+                })
+            }),
             backoff: maker.make_backoff(),
             attempts: 0,
         }
@@ -151,11 +164,11 @@ impl RetryPolicy {
 
     /// How much of a body [`Replay`] buffers: `None` when the route does not retry.
     pub fn buffered_bytes(&self) -> Option<usize> {
-        self.config.as_ref().map(|c| c.max_buffered_bytes)
+        self.route.as_ref().map(|r| r.config.max_buffered_bytes)
     }
 
     pub fn per_try_timeout(&self) -> Option<Duration> {
-        self.config.as_ref().and_then(|c| c.per_try_timeout)
+        self.route.as_ref().and_then(|r| r.config.per_try_timeout)
     }
 
     /// Why this outcome may be retried under the policy, if it may.
@@ -198,13 +211,19 @@ impl tower::retry::Policy<Request<AttemptBody>, Response<Incoming>, UpstreamErro
         _request: &mut Request<AttemptBody>,
         result: &mut Result<Response<Incoming>, UpstreamError>,
     ) -> Option<tokio::time::Sleep> {
-        let config = self.config.as_ref()?;
-        let reason = Self::reason(config, result)?;
-        if self.attempts >= config.num_retries {
+        let route = self.route.as_ref()?;
+        let reason = Self::reason(&route.config, result)?;
+        if self.attempts >= route.config.num_retries {
             return None;
         }
-        if !self.budget.withdraw() {
-            tracing::debug!(%reason, "not retried: the route's retry budget is spent");
+        if !route.budget.withdraw() {
+            route.metrics.limit_reached(&route.cluster, "retry_budget", || {
+                format!(
+                    "cluster {}: not retried ({reason}): retries already add {}% to this route's calls",
+                    route.cluster,
+                    BUDGET_PERCENT * 100.0
+                )
+            });
             return None;
         }
         self.attempts += 1;
@@ -213,10 +232,10 @@ impl tower::retry::Policy<Request<AttemptBody>, Response<Incoming>, UpstreamErro
     }
 
     fn clone_request(&mut self, request: &Request<AttemptBody>) -> Option<Request<AttemptBody>> {
-        self.config.as_ref()?;
+        let route = self.route.as_ref()?;
         if self.attempts == 0 {
             // Each call (not each attempt) earns the budget its share of retries.
-            self.budget.deposit();
+            route.budget.deposit();
         }
         let AttemptBody::Replay(body) = request.body() else {
             return None;
@@ -267,5 +286,163 @@ where
                 .await
                 .unwrap_or(Err(UpstreamError::TryTimeout { after }))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::{Cluster, ClusterService};
+    use crate::metrics::Metrics;
+    use crate::storage::StorageState;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tower::ServiceExt;
+
+    /// What the raw HTTP/2 upstream does with its first stream; later ones get grpc-status 0.
+    #[derive(Clone, Copy)]
+    enum First {
+        Refuse,
+        Hang,
+    }
+
+    /// An HTTP/2 server (h2 directly, so it can reset a stream with any code) counting the
+    /// streams it sees.
+    async fn upstream(first: First) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(AtomicUsize::new(0));
+        let counter = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let Ok(mut conn) = h2::server::handshake(socket).await else {
+                        return;
+                    };
+                    let mut held = Vec::new();
+                    while let Some(Ok((_request, mut respond))) = conn.accept().await {
+                        if counter.fetch_add(1, Ordering::SeqCst) == 0 {
+                            match first {
+                                First::Refuse => respond.send_reset(h2::Reason::REFUSED_STREAM),
+                                First::Hang => held.push(respond),
+                            }
+                            continue;
+                        }
+                        let ok = http::Response::builder()
+                            .header("content-type", "application/grpc")
+                            .header("grpc-status", "0")
+                            .body(())
+                            .unwrap();
+                        let _ = respond.send_response(ok, true);
+                    }
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    fn cluster(addr: std::net::SocketAddr) -> Arc<Cluster> {
+        let text = format!("storage_network: {{ interface: lo }}\nlisteners: []\nclusters:\n  - {{ name: c, endpoints: [{addr}] }}\n");
+        let config = crate::config::Config::parse(&text, "test").unwrap();
+        let metrics = Metrics::new();
+        let storage = StorageState::new(&config.storage_network, None, metrics.clone());
+        Cluster::new(config.clusters[0].clone(), storage, metrics)
+    }
+
+    fn policy(retry_on: Vec<RetryOn>, per_try_timeout: Option<Duration>) -> RetryPolicy {
+        let config = config::RetryPolicy {
+            retry_on,
+            num_retries: 1,
+            per_try_timeout,
+            max_buffered_bytes: 1024,
+        };
+        RetryPolicy::new(Some(&config), "c", &Metrics::new())
+    }
+
+    async fn send(
+        policy: RetryPolicy,
+        addr: std::net::SocketAddr,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let stack = tower::retry::Retry::new(
+            policy.clone(),
+            PerTryTimeout::new(ClusterService::new(cluster(addr)), policy.per_try_timeout()),
+        );
+        let request = Request::builder()
+            .uri("/x.Y/Z")
+            .header("content-type", "application/grpc")
+            .body(AttemptBody::Replay(
+                crate::body::Replayable::default().replay(),
+            ))
+            .unwrap();
+        stack.oneshot(request).await
+    }
+
+    #[tokio::test]
+    async fn a_refused_stream_is_known_by_its_http2_reason_and_retried() {
+        let (addr, seen) = upstream(First::Refuse).await;
+        let answered = send(policy(vec![RetryOn::RefusedStream], None), addr).await;
+        assert_eq!(grpc_status(answered.unwrap().headers()), Some(0));
+        assert_eq!(seen.load(Ordering::SeqCst), 2);
+
+        // Not asked for: the REFUSED_STREAM reset is not taken for a plain `reset`.
+        let (addr, seen) = upstream(First::Refuse).await;
+        let failed = send(policy(vec![RetryOn::Reset], None), addr).await;
+        assert!(
+            matches!(failed, Err(UpstreamError::Refused { .. })),
+            "{failed:?}"
+        );
+        assert_eq!(seen.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn an_attempt_past_per_try_timeout_is_retried() {
+        let (addr, seen) = upstream(First::Hang).await;
+        let timeout = Some(Duration::from_millis(200));
+        let answered = send(policy(Vec::new(), timeout), addr).await;
+        assert_eq!(grpc_status(answered.unwrap().headers()), Some(0));
+        assert_eq!(seen.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn the_retry_budget_bounds_retries_when_every_call_fails() {
+        let config = config::RetryPolicy {
+            retry_on: vec![RetryOn::ConnectFailure],
+            num_retries: 3,
+            per_try_timeout: None,
+            max_buffered_bytes: 1024,
+        };
+        let metrics = Metrics::new();
+        let base = RetryPolicy::new(Some(&config), "c", &metrics);
+        let failing = || {
+            Err(UpstreamError::Connect {
+                destination: ([127, 0, 0, 1], 9).into(),
+                cause: "refused".into(),
+            })
+        };
+        let (calls, mut retried) = (2000, 0);
+        for _ in 0..calls {
+            // As tower's Retry does: clone_request on the route's policy, retry on the call's.
+            let mut route = base.clone();
+            let mut request = Request::new(AttemptBody::Replay(
+                crate::body::Replayable::default().replay(),
+            ));
+            assert!(tower::retry::Policy::clone_request(&mut route, &request).is_some());
+            let mut call = route.clone();
+            while tower::retry::Policy::retry(&mut call, &mut request, &mut failing()).is_some() {
+                retried += 1;
+            }
+        }
+        // Unbudgeted, 3 retries of each of 2000 calls; the budget allows 20% of the calls plus
+        // its reserve of 10 a second over 10 s.
+        assert!(retried <= calls / 5 + 100 + 10, "{retried} retries");
+        assert!(retried >= 100, "{retried} retries");
+        // Each call the budget cut short is counted once.
+        let text = metrics.render();
+        let spent: usize = text
+            .lines()
+            .find(|l| l.starts_with("lhnet_limits_reached_total") && l.contains("retry_budget"))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no retry_budget count in:\n{text}"));
+        assert!(spent > 0 && spent <= calls, "{spent} calls refused a retry");
     }
 }

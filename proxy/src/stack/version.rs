@@ -11,7 +11,7 @@ use super::Call;
 use crate::engine_proxy::version::{VersionPatchBody, VERSION_GET_PATH};
 use crate::reply::{LocalReply, ProxyBody};
 
-/// On routes that can carry `ProxyEngineService/VersionGet`: the answer of that method goes
+/// On routes that can carry `ProcessManagerService/VersionGet`: the answer of that method goes
 /// through [`VersionPatchBody`]; every other method passes untouched.
 #[derive(Clone)]
 pub struct VersionPatch<S> {
