@@ -6,12 +6,15 @@
 //! - the same with 2000 slow-headers (slowloris) connections that send one byte a second.
 //!
 //! Everything is on loopback; the upstream is the test's own echo service (outside the cgroup).
+// Its synchronous helpers (threads, Drop, the wait before the runtime starts) sleep with std.
+#![allow(clippy::disallowed_methods)]
 
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 mod common;
 
@@ -145,7 +148,7 @@ async fn header_only_streams(
     }
     s.write_all(&out).await?;
     let mut buf = vec![0u8; 16 << 10];
-    let deadline = tokio::time::Instant::from_std(until);
+    let deadline = until;
     while let Ok(read) = tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
         if read? == 0 {
             break;
@@ -193,7 +196,7 @@ async fn flood_connection(proxy: SocketAddr, kind: Flood, until: Instant) {
     let Ok(mut s) = TcpStream::connect(proxy).await else {
         return;
     };
-    let deadline = tokio::time::Instant::from_std(until);
+    let deadline = until;
     match kind {
         Flood::Silent => {
             let mut buf = [0u8; 64];

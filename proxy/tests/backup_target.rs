@@ -1,6 +1,8 @@
 //! The original design's backup-target RPCs through lhnet-proxy, over a backupstore tree
 //! written by the simulator's backup code and over hand-written cfgs with Longhorn's JSON
 //! quirks (`spec/longhorn-backupstore-bim.md` §2).
+// Its synchronous helpers (threads, Drop, the wait before the runtime starts) sleep with std.
+#![allow(clippy::disallowed_methods)]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -604,8 +606,8 @@ async fn a_stalled_s3_target_times_out_without_holding_up_others() {
     let held = std::thread::spawn(move || {
         let mut conns = Vec::new();
         stall.set_nonblocking(true).unwrap();
-        let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while std::time::Instant::now() < until && stopped.try_recv().is_err() {
+        let until = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        while tokio::time::Instant::now() < until && stopped.try_recv().is_err() {
             match stall.accept() {
                 Ok((c, _)) => conns.push(c),
                 Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
@@ -619,7 +621,7 @@ async fn a_stalled_s3_target_times_out_without_holding_up_others() {
     let t = Target::parse(&vfs).unwrap();
     backup(&t, "vol1", "backup-a", "2022-06-01T00:00:00Z", &[1u8; 16]);
 
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let stalled: Vec<_> = (0..3)
         .map(|_| {
             let mut c = c.clone();

@@ -629,7 +629,7 @@ async fn a_64_mib_backup_and_restore_with_a_v1_12_1_manager_s_settings() {
         .into_inner();
     assert_eq!((zero.state.as_str(), zero.progress), ("in_progress", 0));
 
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     p.client
         .snapshot_backup(backup(&v, m, "big", "backup-big", &target))
         .await

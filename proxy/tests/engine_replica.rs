@@ -602,14 +602,14 @@ async fn a_rebuild_whose_target_dies_mid_sync_fails_and_the_volume_keeps_serving
     let request = add(&v, m, &url, &replica_name("vol-d", 2), false);
     let call = tokio::spawn(async move { client.replica_add(request).await });
 
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
         let (got, total) = target.replica.rebuild_progress();
         if got > 0 && got < total {
             break;
         }
         assert!(
-            std::time::Instant::now() < deadline,
+            tokio::time::Instant::now() < deadline,
             "the rebuild never started moving bytes: {got}/{total}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
@@ -631,10 +631,10 @@ async fn a_rebuild_whose_target_dies_mid_sync_fails_and_the_volume_keeps_serving
         "{err:?}"
     );
     // The engine's replica monitor notices the dead data connection and marks it ERR.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
     while mode_of(&mut p.client, &v, &url).await != Some(ReplicaMode::Err as i32) {
         assert!(
-            std::time::Instant::now() < deadline,
+            tokio::time::Instant::now() < deadline,
             "target still {:?}",
             mode_of(&mut p.client, &v, &url).await
         );

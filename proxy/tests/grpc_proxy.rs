@@ -179,7 +179,7 @@ async fn dead_upstream_is_unavailable_quickly_and_says_where() {
     let dead = dead_port();
     let p = proxy(&echo_route_to("gone"), &static_cluster("gone", &[dead])).await;
     let mut c = client(&p).await;
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let status = c.unary(req(b"a")).await.unwrap_err();
     assert!(
         started.elapsed() < Duration::from_secs(1),
@@ -221,7 +221,7 @@ async fn grpc_timeout_gives_deadline_exceeded() {
         delay_ms: 3000,
     });
     r.set_timeout(Duration::from_secs(10));
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let status = c.unary(r).await.unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     assert!(
@@ -558,7 +558,7 @@ async fn a_stalled_client_does_not_hold_others_back() {
     }
 
     let mut c = client(&p).await;
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     for _ in 0..50 {
         c.unary(req(b"ok")).await.unwrap();
     }

@@ -318,7 +318,7 @@ async fn the_webhook_answers_over_https_and_picks_up_a_renewed_certificate() {
     // Renewal: a new CA and certificate written over the files (as a Secret update would).
     let old_ca = dir.join("old-ca.crt");
     std::fs::copy(&files.ca, &old_ca).unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(1100)); // a different mtime
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await; // a different mtime
     let renewed = webhook::make_certs("lhnet-injector", "longhorn-system", &dir).unwrap();
     let answer = post_https(addr, &renewed.ca, body).await.unwrap();
     assert!(patch_of(&answer).is_some());

@@ -384,7 +384,7 @@ async fn a_deeply_nested_reload_is_refused_while_calls_go_on() {
     let mut times = Vec::new();
     let until = tokio::time::Instant::now() + Duration::from_secs(5);
     while tokio::time::Instant::now() < until {
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         client
             .unary(call(0))
             .await

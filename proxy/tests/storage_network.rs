@@ -5,7 +5,8 @@
 //! the pod's eth0, and the replica only the storage bridge.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 mod common;
 
@@ -15,6 +16,8 @@ use lhnet_proto::echo::echo_client::EchoClient;
 use lhnet_proto::echo::EchoRequest;
 
 #[test]
+// A synchronous test driving namespaces: std's sleep between polls.
+#[allow(clippy::disallowed_methods)]
 fn storage_traffic_leaves_on_lhnet1_from_the_lhnet1_address() {
     if !common::root() {
         return;

@@ -2,11 +2,14 @@
 //!
 //! pod (lhnet1 10.31.0.2) ──storage bridge── client (lhnet1 10.31.0.3). A process in the pod
 //! listens on 127.0.0.1 only; lhnet-proxy exposes it on the pod's storage address.
+// Synchronous tests driving namespaces and threads: std's sleep between polls.
+#![allow(clippy::disallowed_methods)]
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 mod common;
 

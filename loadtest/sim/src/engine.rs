@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use tokio::time::Instant;
 
 use lhnet_proto::ptypes::controller_service_server::{ControllerService, ControllerServiceServer};
 use lhnet_proto::ptypes::replica_service_client::ReplicaServiceClient;

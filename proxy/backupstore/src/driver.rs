@@ -10,7 +10,9 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+#[allow(clippy::disallowed_types)]
+use std::time::Instant;
+use std::time::{Duration, SystemTime};
 
 /// What the backupstore needs from storage (Longhorn's `BackupStoreDriver`, without the
 /// single-file upload and download lhnet does not serve).
@@ -339,7 +341,9 @@ fn mount_nfs(url: &str, source: &str, dir: &Path) -> Result<(), String> {
     ))
 }
 
-/// Runs a command to its end or kills it after `limit`; the error holds its stderr.
+/// Runs a command to its end or kills it after `limit`; the error holds its stderr. The
+/// backup-store drivers are synchronous (they run on blocking threads), hence std's clock.
+#[allow(clippy::disallowed_types, clippy::disallowed_methods)]
 fn run_bounded(mut cmd: Command, limit: Duration) -> Result<(), String> {
     // Its own process group, so a timeout also ends the mount.nfs helper it starts.
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);

@@ -11,7 +11,8 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use lhnet_netns::{run_in, Namespace, Topology};
 
@@ -47,6 +48,8 @@ pub fn runtime() -> tokio::runtime::Runtime {
 
 /// Starts the lhnet-proxy binary in `ns` with `--threads 1` and waits until its admin server
 /// (127.0.0.1:9901 in the config) answers; listeners bind before the admin server does.
+// Synchronous, like the namespace helpers it uses: std's sleep.
+#[allow(clippy::disallowed_methods)]
 pub fn spawn_proxy(
     topo: &Topology,
     ns: &Namespace,
