@@ -20,6 +20,7 @@ use lhnet_proto::imrpc::proxy_engine_service_server::{
 use lhnet_proto::imrpc::*;
 use tonic::{Request, Response, Status};
 
+use crate::addr::{ManagementIp, Peer, StorageIp};
 use crate::config::{Config, PeerLookupConfig};
 use crate::engine_proxy::EngineProxy;
 use crate::peer;
@@ -29,16 +30,31 @@ use crate::storage::StorageState;
 pub struct AddressMap {
     storage: Arc<StorageState>,
     settings: ArcSwap<Settings>,
-    /// Learned pairs, both ways: management → storage and storage → management.
-    cache: Mutex<HashMap<(Direction, IpAddr), (IpAddr, Instant)>>,
+    /// Learned pairs, both ways, and when.
+    cache: Mutex<Learned>,
     /// Lookups a peer's lhnet did not answer: when, and the error. Not asked again within
     /// `failure_ttl` (forward: the error is repeated at once) or `cache_ttl` (reverse: the
     /// storage address is shown, without another warning).
     failed: Mutex<HashMap<(Direction, IpAddr), (Instant, String)>>,
 }
 
+/// What lookups taught: management → storage and storage → management.
+#[derive(Default)]
+struct Learned {
+    storage_of: HashMap<ManagementIp, (StorageIp, Instant)>,
+    management_of: HashMap<StorageIp, (ManagementIp, Instant)>,
+}
+
+/// Why an address the manager named has no storage address.
+#[derive(Debug, thiserror::Error)]
+#[error("no storage address known for {ip}; {why}")]
+pub struct NoStorageAddress {
+    ip: IpAddr,
+    why: String,
+}
+
 struct Settings {
-    peers: Vec<(IpAddr, IpAddr)>,
+    peers: Vec<Peer>,
     lookup: PeerLookupConfig,
 }
 
@@ -53,7 +69,7 @@ impl AddressMap {
         Arc::new(AddressMap {
             storage,
             settings: ArcSwap::from_pointee(Settings::from(config)),
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(Learned::default()),
             failed: Mutex::new(HashMap::new()),
         })
     }
@@ -61,17 +77,22 @@ impl AddressMap {
     /// Takes a reloaded config's `peers` and `peer_lookup`; forgets what was learned.
     pub fn update(&self, config: &Config) {
         self.settings.store(Arc::new(Settings::from(config)));
-        self.cache.lock().clear();
+        *self.cache.lock() = Learned::default();
         self.failed.lock().clear();
     }
 
-    fn cached(&self, direction: Direction, ip: IpAddr) -> Option<IpAddr> {
+    fn cached_storage(&self, ip: ManagementIp) -> Option<StorageIp> {
         let ttl = self.settings.load().lookup.cache_ttl;
         let cache = self.cache.lock();
-        cache
-            .get(&(direction, ip))
-            .filter(|(_, at)| at.elapsed() < ttl)
-            .map(|(to, _)| *to)
+        let (to, at) = cache.storage_of.get(&ip)?;
+        (at.elapsed() < ttl).then_some(*to)
+    }
+
+    fn cached_management(&self, ip: StorageIp) -> Option<ManagementIp> {
+        let ttl = self.settings.load().lookup.cache_ttl;
+        let cache = self.cache.lock();
+        let (to, at) = cache.management_of.get(&ip)?;
+        (at.elapsed() < ttl).then_some(*to)
     }
 
     /// How long ago a lookup of `ip` failed, and its error, when that was within `ttl`.
@@ -97,49 +118,59 @@ impl AddressMap {
         failed.insert((direction, ip), (Instant::now(), error));
     }
 
-    fn learn(&self, management: IpAddr, storage: IpAddr) {
+    fn learn(&self, peer: Peer) {
         {
             let mut cache = self.cache.lock();
             let now = Instant::now();
-            cache.insert((Direction::ToStorage, management), (storage, now));
-            cache.insert((Direction::ToManagement, storage), (management, now));
+            cache
+                .storage_of
+                .insert(peer.management, (peer.storage, now));
+            cache
+                .management_of
+                .insert(peer.storage, (peer.management, now));
         }
         let mut failed = self.failed.lock();
-        failed.remove(&(Direction::ToStorage, management));
-        failed.remove(&(Direction::ToManagement, storage));
+        failed.remove(&(Direction::ToStorage, peer.management.ip()));
+        failed.remove(&(Direction::ToManagement, peer.storage.ip()));
     }
 
     /// The storage IP for `ip`; `Ok(None)` when it needs no mapping (loopback, or already on
     /// the storage network).
-    pub async fn to_storage(&self, ip: IpAddr) -> Result<Option<IpAddr>, String> {
+    pub async fn to_storage(&self, ip: IpAddr) -> Result<Option<StorageIp>, NoStorageAddress> {
         if ip.is_loopback() || ip.is_unspecified() || self.storage.on_storage_network(ip) {
             return Ok(None);
         }
+        let fail = |why: String| NoStorageAddress { ip, why };
+        let management = ManagementIp::new(ip);
         let settings = self.settings.load_full();
-        if let Some((_, s)) = settings.peers.iter().find(|(m, _)| *m == ip) {
-            return Ok(Some(*s));
+        if let Some(peer) = settings.peers.iter().find(|p| p.management == management) {
+            return Ok(Some(peer.storage));
         }
-        if let Some(s) = self.cached(Direction::ToStorage, ip) {
+        if let Some(s) = self.cached_storage(management) {
             return Ok(Some(s));
         }
         if self.storage.is_own_management_address(ip) {
             let current = self.storage.current().ok_or_else(|| {
-                format!(
-                    "no storage address known for {ip} (this pod): {}",
+                fail(format!(
+                    "this pod has none: {}",
                     self.storage.last_error().unwrap_or_default()
-                )
+                ))
             })?;
-            self.learn(ip, current.ip);
-            return Ok(Some(current.ip));
+            let storage = StorageIp::new(current.ip);
+            self.learn(Peer {
+                management,
+                storage,
+            });
+            return Ok(Some(storage));
         }
         if !settings.lookup.enabled {
-            return Err(format!(
-                "no storage address known for {ip}; it is not in peers and peer_lookup is disabled (add it to peers: or enable peer_lookup)"
+            return Err(fail(
+                "it is not in peers and peer_lookup is disabled (add it to peers: or enable peer_lookup)".into(),
             ));
         }
         if !self.may_ask(&settings, ip) {
-            return Err(format!(
-                "no storage address known for {ip}; it is not in peers and outside peer_lookup.networks ({}); add it to peers: or widen peer_lookup.networks",
+            return Err(fail(format!(
+                "it is not in peers and outside peer_lookup.networks ({}); add it to peers: or widen peer_lookup.networks",
                 if settings.lookup.networks.is_empty() {
                     "default: this pod's management subnets".to_string()
                 } else {
@@ -151,15 +182,15 @@ impl AddressMap {
                         .collect::<Vec<_>>()
                         .join(", ")
                 }
-            ));
+            )));
         }
         let failure_ttl = settings.lookup.failure_ttl;
         if let Some((ago, e)) = self.recent_failure(Direction::ToStorage, ip, failure_ttl) {
-            return Err(format!(
-                "no storage address known for {ip}; peer lhnet did not answer {:.1} s ago: {e} (not asked again within peer_lookup.failure_ttl, {:.1} s)",
+            return Err(fail(format!(
+                "peer lhnet did not answer {:.1} s ago: {e} (not asked again within peer_lookup.failure_ttl, {:.1} s)",
                 ago.as_secs_f64(),
                 failure_ttl.as_secs_f64()
-            ));
+            )));
         }
         let at = SocketAddr::new(ip, settings.lookup.port);
         // Boxed: the lookup's future is kilobytes and only a cache miss needs it; unboxed it
@@ -167,15 +198,16 @@ impl AddressMap {
         match Box::pin(peer::ask(at, settings.lookup.timeout)).await {
             Ok(answer) => {
                 tracing::debug!(management = %ip, storage = %answer.storage, "peer storage address learned");
-                self.learn(ip, answer.storage);
+                self.learn(Peer {
+                    management,
+                    storage: answer.storage,
+                });
                 Ok(Some(answer.storage))
             }
             Err(e) => {
                 let e = e.to_string();
                 self.remember_failure(Direction::ToStorage, ip, e.clone());
-                Err(format!(
-                    "no storage address known for {ip}; peer lhnet did not answer: {e}"
-                ))
+                Err(fail(format!("peer lhnet did not answer: {e}")))
             }
         }
     }
@@ -189,18 +221,19 @@ impl AddressMap {
     }
 
     /// The management IP of the pod that holds storage IP `ip`, when it can be known.
-    pub async fn to_management(&self, ip: IpAddr) -> Option<IpAddr> {
+    pub async fn to_management(&self, ip: IpAddr) -> Option<ManagementIp> {
         if !self.storage.on_storage_network(ip) {
             return None;
         }
+        let storage = StorageIp::new(ip);
         if self.storage.current().is_some_and(|a| a.ip == ip) {
-            return self.storage.own_management_address();
+            return self.storage.own_management_address().map(ManagementIp::new);
         }
         let settings = self.settings.load_full();
-        if let Some((m, _)) = settings.peers.iter().find(|(_, s)| *s == ip) {
-            return Some(*m);
+        if let Some(peer) = settings.peers.iter().find(|p| p.storage == storage) {
+            return Some(peer.management);
         }
-        if let Some(m) = self.cached(Direction::ToManagement, ip) {
+        if let Some(m) = self.cached_management(storage) {
             return Some(m);
         }
         if !settings.lookup.enabled {
@@ -222,7 +255,10 @@ impl AddressMap {
                 management: Some(m),
                 ..
             }) => {
-                self.learn(m, ip);
+                self.learn(Peer {
+                    management: m,
+                    storage,
+                });
                 Some(m)
             }
             Ok(_) => None,
@@ -493,7 +529,7 @@ impl MappedEngineProxy {
             }
             match self.map.to_storage(ip).await {
                 Ok(Some(storage)) => {
-                    forward.insert(ip, storage);
+                    forward.insert(ip, storage.ip());
                 }
                 Ok(None) => {}
                 Err(e) => return Err(Status::unavailable(format!("{field}: {e}"))),
@@ -525,7 +561,7 @@ impl MappedEngineProxy {
                 continue;
             }
             if let Some(m) = self.map.to_management(ip).await {
-                back.insert(ip, m);
+                back.insert(ip, m.ip());
             }
         }
         response

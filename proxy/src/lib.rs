@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod addr;
 pub mod address_map;
 pub mod admin;
 pub mod app;

@@ -2,7 +2,9 @@
 //! addresses, and asks theirs. This is how a manager that knows only management IPs gets its
 //! calls to the right storage address (see `address_map`).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
+
+use crate::addr::{ManagementIp, StorageIp};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -52,8 +54,8 @@ impl Peer for PeerService {
 /// A peer's answer, parsed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerAddresses {
-    pub storage: IpAddr,
-    pub management: Option<IpAddr>,
+    pub storage: StorageIp,
+    pub management: Option<ManagementIp>,
 }
 
 /// Asks the lhnet at `addr` for its pod's addresses; the whole exchange (connect included)
@@ -78,8 +80,8 @@ pub async fn ask(addr: SocketAddr, timeout: Duration) -> Result<PeerAddresses, S
             )
         })?;
         Ok(PeerAddresses {
-            storage,
-            management: reply.management_address.parse().ok(),
+            storage: StorageIp::new(storage),
+            management: reply.management_address.parse().ok().map(ManagementIp::new),
         })
     };
     match tokio::time::timeout(timeout, exchange).await {

@@ -52,14 +52,11 @@ pub fn summary(config: &Config) -> BTreeMap<&'static str, usize> {
     ])
 }
 
-pub(super) fn ser_peers<S: Serializer>(
-    peers: &[(IpAddr, IpAddr)],
-    s: S,
-) -> Result<S::Ok, S::Error> {
+pub(super) fn ser_peers<S: Serializer>(peers: &[Peer], s: S) -> Result<S::Ok, S::Error> {
     use serde::ser::SerializeMap;
     let mut map = s.serialize_map(Some(peers.len()))?;
-    for (m, st) in peers {
-        map.serialize_entry(&m.to_string(), &st.to_string())?;
+    for peer in peers {
+        map.serialize_entry(&peer.management.to_string(), &peer.storage.to_string())?;
     }
     map.end()
 }

@@ -17,6 +17,9 @@ use std::time::Duration;
 
 use http::header::HeaderName;
 use lhnet_netns::Fallback;
+
+pub use crate::addr::Peer;
+use crate::addr::{ManagementIp, StorageIp};
 use regex::Regex;
 use serde::{Serialize, Serializer};
 use serde_yaml_ng::{Mapping, Value};
@@ -40,7 +43,7 @@ pub struct Config {
     pub clusters: Vec<ClusterConfig>,
     /// `peers`: management IP → storage IP of other pods, known without asking them.
     #[serde(serialize_with = "ser_peers")]
-    pub peers: Vec<(IpAddr, IpAddr)>,
+    pub peers: Vec<Peer>,
     pub peer_lookup: PeerLookupConfig,
     /// How the backup-target RPCs reach backup targets.
     pub backup_target: BackupTargetConfig,

@@ -655,7 +655,7 @@ pub(super) fn ip_addr(v: &Value, path: &str, cx: &mut Cx) -> Option<IpAddr> {
 }
 
 /// `peers: { MANAGEMENT_IP: STORAGE_IP, ... }`.
-pub(super) fn parse_peers(v: &Value, path: &str, cx: &mut Cx) -> Option<Vec<(IpAddr, IpAddr)>> {
+pub(super) fn parse_peers(v: &Value, path: &str, cx: &mut Cx) -> Option<Vec<Peer>> {
     let Value::Mapping(map) = v else {
         cx.err(
             path,
@@ -671,7 +671,10 @@ pub(super) fn parse_peers(v: &Value, path: &str, cx: &mut Cx) -> Option<Vec<(IpA
     for (k, val) in map {
         let key_path = format!("{path}.{}", k.as_str().unwrap_or("?"));
         match (ip_addr(k, path, cx), ip_addr(val, &key_path, cx)) {
-            (Some(m), Some(st)) if m.is_ipv4() == st.is_ipv4() => peers.push((m, st)),
+            (Some(m), Some(st)) if m.is_ipv4() == st.is_ipv4() => peers.push(Peer {
+                management: ManagementIp::new(m),
+                storage: StorageIp::new(st),
+            }),
             (Some(_), Some(_)) => {
                 cx.err(
                     &key_path,
