@@ -160,12 +160,7 @@ impl RouteTable {
                 total,
             }),
             Err(bad) => {
-                let reply = LocalReply::new(
-                    Code::InvalidArgument,
-                    format!(
-                        "header grpc-timeout {bad} is not a gRPC timeout (1 to 8 digits and one of H M S m u n) ({context})"
-                    ),
-                );
+                let reply = LocalReply::new(Code::InvalidArgument, format!("{bad} ({context})"));
                 return finish_local(reply, log);
             }
         };
@@ -321,18 +316,28 @@ fn header_matches(m: &HeaderMatcher, headers: &HeaderMap) -> bool {
     hit != m.invert_match
 }
 
+/// A `grpc-timeout` header that is not one; the value is quoted and shortened for a reply.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "header grpc-timeout {quoted} is not a gRPC timeout (1 to 8 digits and one of H M S m u n)"
+)]
+pub struct BadGrpcTimeout {
+    quoted: String,
+}
+
 /// The route `timeout` and the client's `grpc-timeout` (capped by
-/// `max_stream_duration.grpc_timeout_header_max`), whichever is shorter; a `grpc-timeout`
-/// that is not one is an error carrying the value, quoted and shortened for a reply.
+/// `max_stream_duration.grpc_timeout_header_max`), whichever is shorter.
 fn effective_deadline(
     route: &RouteConfig,
     headers: &HeaderMap,
-) -> Result<Option<Duration>, String> {
+) -> Result<Option<Duration>, BadGrpcTimeout> {
     let from_header = match headers.get(names::GRPC_TIMEOUT) {
         None => None,
         Some(v) => {
             let parsed = v.to_str().ok().and_then(parse_grpc_timeout);
-            let d = parsed.ok_or_else(|| quote_short(&String::from_utf8_lossy(v.as_bytes())))?;
+            let d = parsed.ok_or_else(|| BadGrpcTimeout {
+                quoted: quote_short(&String::from_utf8_lossy(v.as_bytes())),
+            })?;
             Some(match route.grpc_timeout_header_max {
                 Some(max) => d.min(max),
                 None => d,
@@ -463,10 +468,10 @@ listeners:
             Ok(Some(Duration::from_millis(300)))
         );
         h.insert("grpc-timeout", HeaderValue::from_static("-5S"));
-        assert_eq!(effective_deadline(route, &h), Err("\"-5S\"".to_string()));
+        assert_eq!(effective_deadline(route, &h).unwrap_err().quoted, "\"-5S\"");
         let long = "9".repeat(10_000);
         h.insert("grpc-timeout", HeaderValue::from_str(&long).unwrap());
-        let quoted = effective_deadline(route, &h).unwrap_err();
+        let quoted = effective_deadline(route, &h).unwrap_err().quoted;
         assert!(
             quoted.len() < 64 && quoted.contains("10000 bytes"),
             "{quoted}"

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cluster::Cluster;
+use crate::cluster::TcpConnectError;
 use crate::config::{format_duration, ListenAddress, ListenerConfig};
 use crate::metrics::{ByteCounters, ConnectionGuard, Metrics, Network};
 use crate::storage::StorageState;
@@ -363,12 +364,14 @@ impl TcpForwarder {
             Upstream::Loopback { admin_port } if local.port() == *admin_port => {
                 self.metrics
                     .upstream_connect_error("loopback", "admin_port");
-                Err(format!(
-                    "port {admin_port} is lhnet's admin port; a tcp listener does not forward to it (leave it out of the listener's ports)"
-                ))
+                Err(TcpUpstreamError::AdminPort { port: *admin_port })
             }
             Upstream::Loopback { .. } => self.connect_loopback(local.port()).await,
-            Upstream::Cluster(c) => c.connect_tcp().await.map(|io| io.into_parts()),
+            Upstream::Cluster(c) => c
+                .connect_tcp()
+                .await
+                .map(|io| io.into_parts())
+                .map_err(TcpUpstreamError::from),
         };
         let (up, up_counters, _guard) = match upstream {
             Ok(parts) => parts,
@@ -401,7 +404,7 @@ impl TcpForwarder {
     async fn connect_loopback(
         &self,
         port: u16,
-    ) -> Result<(TcpStream, ByteCounters, Option<ConnectionGuard>), String> {
+    ) -> Result<(TcpStream, ByteCounters, Option<ConnectionGuard>), TcpUpstreamError> {
         let ip = match self.storage.current().map(|a| a.ip) {
             Some(IpAddr::V6(_)) => IpAddr::V6(Ipv6Addr::LOCALHOST),
             _ => IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -421,14 +424,20 @@ impl TcpForwarder {
                     "other"
                 };
                 self.metrics.upstream_connect_error("loopback", reason);
-                return Err(format!("connecting to {target}: {e}"));
+                return Err(TcpUpstreamError::Loopback {
+                    target,
+                    cause: e.to_string(),
+                });
             }
             Err(_) => {
                 self.metrics.upstream_connect_error("loopback", "timeout");
-                return Err(format!(
-                    "connecting to {target}: no answer within {}",
-                    format_duration(LOOPBACK_CONNECT_TIMEOUT)
-                ));
+                return Err(TcpUpstreamError::Loopback {
+                    target,
+                    cause: format!(
+                        "no answer within {}",
+                        format_duration(LOOPBACK_CONNECT_TIMEOUT)
+                    ),
+                });
             }
         };
         let _ = stream.set_nodelay(true);
@@ -572,4 +581,15 @@ async fn copy_loop(from: &TcpStream, to: &TcpStream, count: &impl Fn(u64)) -> io
         total += n as u64;
         count(n as u64);
     }
+}
+
+/// Why a `kind: tcp` connection could not be forwarded.
+#[derive(Debug, thiserror::Error)]
+pub enum TcpUpstreamError {
+    #[error("port {port} is lhnet's admin port; a tcp listener does not forward to it (leave it out of the listener's ports)")]
+    AdminPort { port: u16 },
+    #[error("connecting to {target}: {cause}")]
+    Loopback { target: SocketAddr, cause: String },
+    #[error(transparent)]
+    Cluster(#[from] TcpConnectError),
 }

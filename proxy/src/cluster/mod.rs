@@ -78,6 +78,16 @@ impl SlotLimit {
     }
 }
 
+/// Why a `kind: tcp` connection found no endpoint of its cluster to forward to.
+#[derive(Debug, thiserror::Error)]
+pub enum TcpConnectError {
+    #[error("cluster {cluster} has no endpoints")]
+    NoEndpoints { cluster: String },
+    /// Every endpoint was tried once; each failure names its endpoint.
+    #[error("{}", failures.join("; "))]
+    Failed { failures: Vec<String> },
+}
+
 /// Why a request did not reach (or did not get an answer from) the upstream.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -251,7 +261,7 @@ impl Cluster {
 
     /// A raw TCP connection to a static cluster's endpoints for `kind: tcp` listeners: round
     /// robin, each endpoint tried once; the error names every endpoint that failed.
-    pub async fn connect_tcp(&self) -> Result<CountedIo<TcpStream>, String> {
+    pub async fn connect_tcp(&self) -> Result<CountedIo<TcpStream>, TcpConnectError> {
         let mut failures = Vec::new();
         for _ in 0..self.endpoints.len() {
             let Some(endpoint) = self.pick_endpoint() else {
@@ -268,9 +278,11 @@ impl Cluster {
             }
         }
         Err(if failures.is_empty() {
-            format!("cluster {} has no endpoints", self.config.name)
+            TcpConnectError::NoEndpoints {
+                cluster: self.config.name.clone(),
+            }
         } else {
-            failures.join("; ")
+            TcpConnectError::Failed { failures }
         })
     }
 
