@@ -6,13 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderMap, Request, Response};
-use http_body::Body;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 use tonic::Code;
 use tower::ServiceExt;
 
-use crate::body::{GrpcRequestBody, ObservedBody, Prefixed, RequestLog, Verdict};
+use crate::body::{GrpcRequestBody, Prefixed, RequestLog, Verdict};
 use crate::cluster::Cluster;
 use crate::config::{
     HeaderMatcher, HeaderRule, Http2Options, ListenerConfig, ListenerLimits, LocalService,
@@ -22,10 +21,11 @@ use crate::engine_proxy::{BackupTargets, EngineProxy};
 use crate::health::HealthService;
 use crate::listener::Downstream;
 use crate::metrics::Metrics;
-use crate::reply::{
-    grpc_status, names, quote_short, BoxError, LocalReply, ProxyBody, RouteContext,
+use crate::reply::{names, quote_short, LocalReply, ProxyBody, RouteContext};
+use crate::stack::{
+    self, finish_local, Call, CallDeadline, EngineDispatch, ListenerInfo, Local, RouteRequest,
+    RouteService,
 };
-use crate::stack::{self, Call, CallDeadline, EngineDispatch, ListenerInfo, Local, RouteService};
 
 use crate::address_map::{AddressMap, MappedEngineProxy};
 use crate::peer::PeerService;
@@ -174,12 +174,14 @@ impl RouteTable {
             body: Prefixed::new(body),
             downstream: downstream.clone(),
             deadline,
-            verdict: verdict.clone(),
+            verdict,
         };
-        match route.service.clone().oneshot(call).await {
-            Ok(response) => finish(response, &verdict, deadline, context.clone(), log),
-            Err(reply) => finish_local(reply, log),
-        }
+        let Ok(response) = route
+            .service
+            .clone()
+            .oneshot(RouteRequest { call, log })
+            .await;
+        response
     }
 }
 
@@ -207,12 +209,12 @@ fn build_route(
     let (context, service) = match &r.action {
         RouteAction::Local(LocalService::Health) => {
             let context = context("local health".into());
-            let service = RouteService::new(Local::new(locals.health.clone()));
+            let service = stack::route(Local::new(locals.health.clone()), &context);
             (context, service)
         }
         RouteAction::Local(LocalService::Peer) => {
             let context = context("local peer".into());
-            let service = RouteService::new(Local::new(locals.peer.clone()));
+            let service = stack::route(Local::new(locals.peer.clone()), &context);
             (context, service)
         }
         RouteAction::Local(LocalService::LonghornEngineProxy) => {
@@ -243,65 +245,29 @@ fn build_route(
             )
             .max_decoding_message_size(listener.max_message_size)
             .max_encoding_message_size(usize::MAX);
-            let passthrough = passthrough.map(|c| stack::forwarding(&c, r, &context, info));
+            let passthrough = passthrough.map(|c| stack::passthrough(&c, r, &context, info));
             let dispatch = EngineDispatch::new(
                 Local::new(server),
                 passthrough,
                 info.clone(),
                 context.clone(),
             );
-            (context, RouteService::new(dispatch))
+            let service = stack::route(dispatch, &context);
+            (context, service)
         }
         RouteAction::Cluster(wanted) => {
             let c = cluster(wanted, "route names an unknown cluster; skipped")?;
             let context = context(format!("cluster {}", c.name()));
-            let service = stack::forwarding(&c, r, &context, info);
+            let service = stack::route(stack::forwarding(&c, r, &context, info), &context);
             (context, service)
         }
     };
     Some(Route {
-        service: stack::with_deadline(service, &context),
+        service,
         context,
         name,
         config: r.clone(),
     })
-}
-
-/// Completes a local reply: records it and returns it.
-fn finish_local(reply: LocalReply, log: RequestLog) -> Response<ProxyBody> {
-    log.finish(reply.code as i32);
-    reply.into_response()
-}
-
-/// Turns the route's response into the downstream one, observed to its end.
-fn finish<B>(
-    response: Response<B>,
-    verdict: &Verdict,
-    deadline: Option<CallDeadline>,
-    context: RouteContext,
-    log: RequestLog,
-) -> Response<ProxyBody>
-where
-    B: Body<Data = bytes::Bytes> + Send + 'static,
-    B::Error: std::fmt::Display,
-{
-    // The proxy rejected the request body: its status wins over the upstream's reaction.
-    if let Some(reply) = verdict.get() {
-        return finish_local(reply.clone(), log);
-    }
-    if let Some(code) = grpc_status(response.headers()) {
-        // Trailers-Only: the status is in the headers and the stream has ended.
-        log.finish(code);
-        return response.map(|b| {
-            http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(b, |e| {
-                BoxError::from(e.to_string())
-            }))
-        });
-    }
-    let deadline = deadline.map(|d| (d.at, d.reply(&context)));
-    let (parts, body) = response.into_parts();
-    let body = ObservedBody::new(body, deadline, verdict.clone(), context, log);
-    Response::from_parts(parts, http_body_util::BodyExt::boxed_unsync(body))
 }
 
 fn header_matches(m: &HeaderMatcher, headers: &HeaderMap) -> bool {

@@ -4,14 +4,13 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use http::Response;
 use http_body::Body;
 use tower::Service;
 
 use super::{body_failed, Call, ListenerInfo};
 use crate::body::{Prefixed, Verdict};
 use crate::config::format_duration;
-use crate::reply::{BoxError, LocalReply, ProxyBody, RouteContext};
+use crate::reply::{BoxError, LocalReply, RouteContext};
 
 /// For a method whose client sends one message (unary, server-streaming: a real client sends
 /// it with the headers), waits up to the listener's `stream_idle_timeout` until the request
@@ -39,14 +38,14 @@ impl<S> BodyStart<S> {
     }
 }
 
-impl<S> Service<Call> for BodyStart<S>
+impl<S, R> Service<Call> for BodyStart<S>
 where
-    S: Service<Call, Response = Response<ProxyBody>, Error = LocalReply> + Clone + Send + 'static,
+    S: Service<Call, Response = R, Error = LocalReply> + Clone + Send + 'static,
     S::Future: Send + 'static,
 {
-    type Response = Response<ProxyBody>;
+    type Response = R;
     type Error = LocalReply;
-    type Future = BoxFuture<'static, Result<Response<ProxyBody>, LocalReply>>;
+    type Future = BoxFuture<'static, Result<R, LocalReply>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), LocalReply>> {
         self.inner.poll_ready(cx)

@@ -3,11 +3,10 @@
 use std::task::{Context, Poll};
 
 use futures_util::future::BoxFuture;
-use http::Response;
 use tower::Service;
 
 use super::Call;
-use crate::reply::{LocalReply, ProxyBody, RouteContext};
+use crate::reply::{LocalReply, RouteContext};
 
 /// Ends the call with DEADLINE_EXCEEDED when its deadline passes before a response; the
 /// response body is held to the same deadline downstream (`ObservedBody`).
@@ -23,14 +22,14 @@ impl<S> Deadline<S> {
     }
 }
 
-impl<S> Service<Call> for Deadline<S>
+impl<S, R> Service<Call> for Deadline<S>
 where
-    S: Service<Call, Response = Response<ProxyBody>, Error = LocalReply>,
+    S: Service<Call, Response = R, Error = LocalReply>,
     S::Future: Send + 'static,
 {
-    type Response = Response<ProxyBody>;
+    type Response = R;
     type Error = LocalReply;
-    type Future = BoxFuture<'static, Result<Response<ProxyBody>, LocalReply>>;
+    type Future = BoxFuture<'static, Result<R, LocalReply>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), LocalReply>> {
         self.inner.poll_ready(cx)

@@ -4,18 +4,19 @@
 use std::convert::Infallible;
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use futures_util::future::{BoxFuture, FutureExt};
 use http::{Request, Response};
-use http_body_util::BodyExt;
+use http_body::Frame;
+use http_body_util::combinators::MapFrame;
+use http_body_util::{BodyExt, Either};
 use tonic::Code;
 use tower::{Service, ServiceExt};
 
 use super::body_start::{await_body, body_timeout};
-use super::{body_failed, Call, ListenerInfo, RequestBody, RouteService};
+use super::{body_failed, Call, ListenerInfo, PassthroughService, RequestBody};
 use crate::engine_proxy::dispatch::{self, Decision};
-use crate::reply::{
-    undecodable_to_invalid_argument, BoxError, LocalReply, ProxyBody, RouteContext,
-};
+use crate::reply::{undecodable_to_invalid_argument, LocalReply, ProxyBody, RouteContext};
 
 /// A tonic server of the proxy's own, called with the request as it streams in. A message it
 /// cannot decode is the caller's malformed request: its INTERNAL becomes INVALID_ARGUMENT.
@@ -30,6 +31,17 @@ impl<S> Local<S> {
     }
 }
 
+/// The response body of a [`Local`] service: tonic's, with decode failures in the trailers
+/// made INVALID_ARGUMENT.
+pub type LocalBody = MapFrame<tonic::body::Body, fn(Frame<Bytes>) -> Frame<Bytes>>;
+
+fn undecodable_in_trailers(mut frame: Frame<Bytes>) -> Frame<Bytes> {
+    if let Some(trailers) = frame.trailers_mut() {
+        undecodable_to_invalid_argument(trailers);
+    }
+    frame
+}
+
 impl<S> Service<Call> for Local<S>
 where
     S: Service<Request<RequestBody>, Response = Response<tonic::body::Body>, Error = Infallible>
@@ -38,9 +50,9 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    type Response = Response<ProxyBody>;
+    type Response = Response<LocalBody>;
     type Error = LocalReply;
-    type Future = BoxFuture<'static, Result<Response<ProxyBody>, LocalReply>>;
+    type Future = BoxFuture<'static, Result<Response<LocalBody>, LocalReply>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), LocalReply>> {
         Poll::Ready(Ok(()))
@@ -55,16 +67,8 @@ where
             .map(|answered| {
                 let Ok(mut response) = answered;
                 undecodable_to_invalid_argument(response.headers_mut());
-                Ok(response.map(|body| {
-                    body.map_frame(|mut frame| {
-                        if let Some(trailers) = frame.trailers_mut() {
-                            undecodable_to_invalid_argument(trailers);
-                        }
-                        frame
-                    })
-                    .map_err(BoxError::from)
-                    .boxed_unsync()
-                }))
+                let trailers: fn(Frame<Bytes>) -> Frame<Bytes> = undecodable_in_trailers;
+                Ok(response.map(|body| body.map_frame(trailers)))
             })
             .boxed()
     }
@@ -88,7 +92,7 @@ impl<S> Clone for EngineDispatch<S> {
 struct DispatchInner<S> {
     local: Local<S>,
     /// The forwarding stack of `passthrough_cluster`, when the route names one.
-    passthrough: Option<RouteService>,
+    passthrough: Option<PassthroughService>,
     listener: ListenerInfo,
     context: RouteContext,
 }
@@ -96,7 +100,7 @@ struct DispatchInner<S> {
 impl<S> EngineDispatch<S> {
     pub fn new(
         local: Local<S>,
-        passthrough: Option<RouteService>,
+        passthrough: Option<PassthroughService>,
         listener: ListenerInfo,
         context: RouteContext,
     ) -> Self {
@@ -113,16 +117,16 @@ impl<S> EngineDispatch<S> {
 
 impl<S> Service<Call> for EngineDispatch<S>
 where
-    Local<S>: Service<Call, Response = Response<ProxyBody>, Error = LocalReply>
+    Local<S>: Service<Call, Response = Response<LocalBody>, Error = LocalReply>
         + Clone
         + Send
         + Sync
         + 'static,
     <Local<S> as Service<Call>>::Future: Send + 'static,
 {
-    type Response = Response<ProxyBody>;
+    type Response = Response<Either<LocalBody, ProxyBody>>;
     type Error = LocalReply;
-    type Future = BoxFuture<'static, Result<Response<ProxyBody>, LocalReply>>;
+    type Future = BoxFuture<'static, Result<Self::Response, LocalReply>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), LocalReply>> {
         Poll::Ready(Ok(()))
@@ -171,7 +175,12 @@ where
                 verdict,
             };
             match decision {
-                Decision::Local => this.local.clone().oneshot(call).await,
+                Decision::Local => Ok(this
+                    .local
+                    .clone()
+                    .oneshot(call)
+                    .await?
+                    .map(Either::Left)),
                 Decision::Refuse(status) => Err(LocalReply::new(
                     status.code(),
                     status.message().to_string(),
@@ -179,7 +188,7 @@ where
                 Decision::Passthrough(why) => match &this.passthrough {
                     Some(passthrough) => {
                         tracing::debug!(path = %call.parts.uri.path(), reason = %why, "passing through to the instance-manager's proxy");
-                        passthrough.clone().oneshot(call).await
+                        Ok(passthrough.clone().oneshot(call).await?.map(Either::Right))
                     }
                     None => Err(LocalReply::new(
                         Code::Unimplemented,

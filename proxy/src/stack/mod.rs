@@ -7,50 +7,59 @@
 //!
 //! | layer | does |
 //! |---|---|
+//! | [`Observe`] | error mapping: a status from any layer becomes its Trailers-Only answer; metrics at the stream's end; the one box of the response body |
 //! | [`Deadline`] | the route `timeout` / `grpc-timeout`, whichever is shorter, over the whole call |
 //! | [`BodyStart`] | unary and server-streaming calls wait (up to `stream_idle_timeout`) for their message before taking anything upstream |
 //! | [`VersionPatch`] | routes that can carry the instance-manager's `ProcessManagerService/VersionGet` (response layer: lhnet's proxy API version) |
 //! | [`Slots`] | load shedding at the cluster's `circuit_breakers` and the connection's share of them: a call past either is refused at once, RESOURCE_EXHAUSTED naming the limit |
-//! | [`Upstream`] | error mapping (upstream errors become gRPC statuses naming the route), `grpc-timeout` re-encoded |
+//! | [`Upstream`] | upstream errors become statuses naming the route; `grpc-timeout` re-encoded |
 //! | [`Replay`] | buffers a body up to `retry_policy.max_buffered_bytes` so it can be sent again |
 //! | `tower::retry::Retry` with [`RetryPolicy`] | `retry_on` (HTTP/2 reasons from `h2::Error`), `num_retries`, jittered back-off, a retry budget |
 //! | [`PerTryTimeout`] | `retry_policy.per_try_timeout` |
 //! | [`ClusterService`](crate::cluster::ClusterService) | the cluster's endpoints, round robin, over the multi-connection HTTP/2 pool |
 //!
-//! A local route: [`Deadline`] then [`Local`] (a tonic server). The engine proxy:
-//! [`Deadline`] then [`EngineDispatch`], which calls its [`Local`] server or the forwarding
-//! stack of `passthrough_cluster`.
+//! A local route: [`Observe`], [`Deadline`], then [`Local`] (a tonic server). The engine
+//! proxy: [`Observe`], [`Deadline`], then [`EngineDispatch`], which calls its [`Local`] server
+//! or the forwarding stack of `passthrough_cluster`.
+//!
+//! Bodies stay concrete types down the stack (the request body is boxed once, for the pool;
+//! the response body once, in [`Observe`]): a body is polled per frame, and a box per layer
+//! cost 1 MiB calls 6% (docs/benchmarks.md).
 
 mod body_start;
 mod deadline;
 mod local;
+mod observe;
 mod retry;
 mod slots;
 mod upstream;
 mod version;
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::request::Parts;
 use http::Response;
+use http_body_util::{BodyExt, Either};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 use tower::util::BoxCloneSyncService;
-use tower::ServiceBuilder;
+use tower::{Service, ServiceBuilder, ServiceExt};
 
 pub use body_start::BodyStart;
 pub use deadline::Deadline;
-pub use local::{EngineDispatch, Local};
+pub use local::{EngineDispatch, Local, LocalBody};
+pub use observe::{finish_local, Observe};
 pub use retry::{PerTryTimeout, Replay, RetryPolicy};
-pub use slots::Slots;
+pub use slots::{Slots, WithSlot};
 pub use upstream::Upstream;
 pub use version::VersionPatch;
 
-use crate::body::{GrpcRequestBody, Prefixed, Verdict};
+use crate::body::{GrpcRequestBody, Prefixed, RequestLog, Verdict};
 use crate::cluster::{Cluster, ClusterService};
 use crate::config::{format_duration, PathMatch, RouteConfig};
-use crate::engine_proxy::version::VERSION_GET_PATH;
+use crate::engine_proxy::version::{VersionPatchBody, VERSION_GET_PATH};
 use crate::listener::Downstream;
 use crate::metrics::Metrics;
 use crate::reply::{BoxError, LocalReply, ProxyBody, RouteContext};
@@ -59,8 +68,22 @@ use crate::reply::{BoxError, LocalReply, ProxyBody, RouteContext};
 /// (the first frame, the first message) yielded first.
 pub type RequestBody = Prefixed<GrpcRequestBody<Incoming>>;
 
-/// A route, built: one gRPC call in, its response (or the status the proxy answers) out.
-pub type RouteService = BoxCloneSyncService<Call, Response<ProxyBody>, LocalReply>;
+/// A route, built: one gRPC call in, its response (the upstream's, a local service's, or the
+/// status the proxy answers) out.
+pub type RouteService = BoxCloneSyncService<RouteRequest, Response<ProxyBody>, Infallible>;
+
+/// The forwarding stack of `passthrough_cluster`, as the engine proxy's dispatch holds it.
+pub type PassthroughService = BoxCloneSyncService<Call, Response<ProxyBody>, LocalReply>;
+
+/// The response body of the forwarding stack: the upstream's, holding its cluster slot, and
+/// patched when it is a VersionGet answer on a route that can carry one.
+pub type ForwardBody = Either<VersionPatchBody<WithSlot<Incoming>>, WithSlot<Incoming>>;
+
+/// What a route's service takes: the call, and what its metrics record at the end.
+pub struct RouteRequest {
+    pub call: Call,
+    pub log: RequestLog,
+}
 
 /// One gRPC call as the route stack carries it.
 pub struct Call<B = RequestBody> {
@@ -107,15 +130,20 @@ pub fn forwarding(
     route: &RouteConfig,
     context: &RouteContext,
     listener: &ListenerInfo,
-) -> RouteService {
+) -> impl Service<Call, Response = Response<ForwardBody>, Error = LocalReply, Future: Send>
+       + Clone
+       + Send
+       + Sync
+       + 'static {
     let retry = RetryPolicy::new(
         route.retry_policy.as_ref(),
         cluster.name(),
         &listener.metrics,
     );
-    let service = ServiceBuilder::new()
+    let patch = carries_version_get(route);
+    ServiceBuilder::new()
         .layer_fn(|s| BodyStart::new(s, listener.clone(), context.clone(), false))
-        .option_layer(carries_version_get(route).then(|| tower::layer::layer_fn(VersionPatch::new)))
+        .layer_fn(|s| VersionPatch::new(s, patch))
         .layer_fn(|s| {
             Slots::new(
                 s,
@@ -128,13 +156,34 @@ pub fn forwarding(
         .layer_fn(|s| Replay::new(s, retry.buffered_bytes()))
         .layer(tower::retry::RetryLayer::new(retry.clone()))
         .layer_fn(|s| PerTryTimeout::new(s, retry.per_try_timeout()))
-        .service(ClusterService::new(cluster.clone()));
-    BoxCloneSyncService::new(service)
+        .service(ClusterService::new(cluster.clone()))
 }
 
-/// A route's whole stack: [`Deadline`] over `inner`.
-pub fn with_deadline(inner: RouteService, context: &RouteContext) -> RouteService {
-    BoxCloneSyncService::new(Deadline::new(inner, context.clone()))
+/// [`forwarding`] for the engine proxy's dispatch (a rare path: its body is boxed here).
+pub fn passthrough(
+    cluster: &Arc<Cluster>,
+    route: &RouteConfig,
+    context: &RouteContext,
+    listener: &ListenerInfo,
+) -> PassthroughService {
+    let stack = forwarding(cluster, route, context, listener);
+    BoxCloneSyncService::new(
+        stack.map_response(|r: Response<ForwardBody>| r.map(|b| b.boxed_unsync())),
+    )
+}
+
+/// A route's whole stack: [`Observe`] and [`Deadline`] over `inner`, boxed once.
+pub fn route<S, B>(inner: S, context: &RouteContext) -> RouteService
+where
+    S: Service<Call, Response = Response<B>, Error = LocalReply> + Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: std::fmt::Display,
+{
+    BoxCloneSyncService::new(Observe::new(
+        Deadline::new(inner, context.clone()),
+        context.clone(),
+    ))
 }
 
 /// Whether a route's path match can select `ProcessManagerService/VersionGet` (whose answer

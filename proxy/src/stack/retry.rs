@@ -17,11 +17,12 @@ use tower::retry::budget::{Budget, TpsBudget};
 use tower::util::rng::HasherRng;
 use tower::Service;
 
-use crate::body::{buffer_up_to, Buffered, ReplayBody};
+use super::RequestBody;
+use crate::body::{buffer_up_to, Buffered, Prefixed, ReplayBody};
 use crate::cluster::UpstreamError;
 use crate::config::{self, RetryOn};
 use crate::metrics::Metrics;
-use crate::reply::{grpc_status, BoxError, ProxyBody};
+use crate::reply::{grpc_status, BoxError};
 
 /// Envoy's default back-off: 25 ms base; at most ten times that; full jitter.
 const BACKOFF_BASE: Duration = Duration::from_millis(25);
@@ -32,10 +33,12 @@ const BUDGET_PERCENT: f32 = 0.2;
 const BUDGET_MIN_PER_SECOND: u32 = 10;
 const BUDGET_WINDOW: Duration = Duration::from_secs(10);
 
-/// A request body on its way to an attempt: replayable, or streamed (sent once, never retried).
+/// A request body on its way to an attempt: replayable, or streamed (sent once, never retried):
+/// as it came, or after the part read while trying to buffer it.
 pub enum AttemptBody {
     Replay(ReplayBody),
-    Stream(ProxyBody),
+    Stream(RequestBody),
+    Partial(Prefixed<RequestBody>),
 }
 
 impl Body for AttemptBody {
@@ -49,6 +52,7 @@ impl Body for AttemptBody {
         match self.get_mut() {
             AttemptBody::Replay(b) => Pin::new(b).poll_frame(cx),
             AttemptBody::Stream(b) => Pin::new(b).poll_frame(cx),
+            AttemptBody::Partial(b) => Pin::new(b).poll_frame(cx),
         }
     }
 
@@ -56,6 +60,7 @@ impl Body for AttemptBody {
         match self {
             AttemptBody::Replay(b) => b.is_end_stream(),
             AttemptBody::Stream(b) => b.is_end_stream(),
+            AttemptBody::Partial(b) => b.is_end_stream(),
         }
     }
 
@@ -63,6 +68,7 @@ impl Body for AttemptBody {
         match self {
             AttemptBody::Replay(b) => b.size_hint(),
             AttemptBody::Stream(b) => b.size_hint(),
+            AttemptBody::Partial(b) => b.size_hint(),
         }
     }
 }
@@ -81,7 +87,7 @@ impl<S> Replay<S> {
     }
 }
 
-impl<S> Service<Request<ProxyBody>> for Replay<S>
+impl<S> Service<Request<RequestBody>> for Replay<S>
 where
     S: Service<Request<AttemptBody>, Response = Response<Incoming>, Error = UpstreamError>
         + Clone
@@ -97,7 +103,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<ProxyBody>) -> Self::Future {
+    fn call(&mut self, request: Request<RequestBody>) -> Self::Future {
         let Some(limit) = self.limit else {
             return self.inner.call(request.map(AttemptBody::Stream)).boxed();
         };
@@ -106,9 +112,7 @@ where
             let (parts, body) = request.into_parts();
             let body = match buffer_up_to(body, limit).await {
                 Ok(Buffered::Complete(whole)) => AttemptBody::Replay(whole.replay()),
-                Ok(Buffered::Partial(rest)) => {
-                    AttemptBody::Stream(http_body_util::BodyExt::boxed_unsync(rest))
-                }
+                Ok(Buffered::Partial(rest)) => AttemptBody::Partial(rest),
                 // The checked body's verdict (if it refused the body) is what the client gets.
                 Err(e) => {
                     return Err(UpstreamError::RequestBody {

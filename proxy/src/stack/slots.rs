@@ -8,13 +8,12 @@ use bytes::Bytes;
 use futures_util::future::{BoxFuture, FutureExt, TryFutureExt};
 use http::Response;
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::BodyExt;
 use tower::Service;
 
 use super::Call;
 use crate::cluster::{Cluster, ClusterSlot, SlotLimit};
 use crate::metrics::Metrics;
-use crate::reply::{BoxError, LocalReply, ProxyBody, RouteContext};
+use crate::reply::{BoxError, LocalReply, RouteContext};
 
 /// Takes one of the cluster's `circuit_breakers.max_requests` slots for the call, within the
 /// downstream connection's share (`max_requests_per_downstream_connection`), and holds it
@@ -70,9 +69,9 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    type Response = Response<ProxyBody>;
+    type Response = Response<WithSlot<B>>;
     type Error = LocalReply;
-    type Future = BoxFuture<'static, Result<Response<ProxyBody>, LocalReply>>;
+    type Future = BoxFuture<'static, Result<Response<WithSlot<B>>, LocalReply>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), LocalReply>> {
         self.inner.poll_ready(cx)
@@ -85,16 +84,14 @@ where
         };
         self.inner
             .call(call)
-            .map_ok(move |response| {
-                response.map(|inner| WithSlot { inner, _slot: slot }.boxed_unsync())
-            })
+            .map_ok(move |response| response.map(|inner| WithSlot { inner, _slot: slot }))
             .boxed()
     }
 }
 
 pin_project_lite::pin_project! {
     /// A response body that gives its cluster slot back when it is dropped.
-    struct WithSlot<B> {
+    pub struct WithSlot<B> {
         #[pin]
         inner: B,
         _slot: ClusterSlot,

@@ -6,16 +6,15 @@ use std::task::{Context, Poll};
 use futures_util::future::{BoxFuture, FutureExt, TryFutureExt};
 use http::header::HeaderValue;
 use http::{Request, Response};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 use tonic::Code;
 use tower::Service;
 
-use super::Call;
+use super::{Call, RequestBody};
 use crate::body::Verdict;
 use crate::cluster::UpstreamError;
-use crate::reply::{names, LocalReply, ProxyBody, RouteContext};
+use crate::reply::{names, LocalReply, RouteContext};
 use crate::route::encode_grpc_timeout;
 
 /// Sends the call's request to the stack below. The client's `grpc-timeout` never travels as
@@ -37,7 +36,7 @@ impl<S> Upstream<S> {
 
 impl<S> Service<Call> for Upstream<S>
 where
-    S: Service<Request<ProxyBody>, Response = Response<Incoming>, Error = UpstreamError>,
+    S: Service<Request<RequestBody>, Response = Response<Incoming>, Error = UpstreamError>,
     S::Future: Send + 'static,
 {
     type Response = Response<Incoming>;
@@ -65,7 +64,7 @@ where
                 parts.headers.insert(names::GRPC_TIMEOUT, v);
             }
         }
-        let request = Request::from_parts(parts, body.boxed_unsync());
+        let request = Request::from_parts(parts, body);
         let context = self.context.clone();
         self.inner
             .call(request)

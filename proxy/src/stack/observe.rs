@@ -1,0 +1,94 @@
+//! The outermost layer of every route: the call's end observed (metrics, the body deadline,
+//! the checked body's verdict) and every error answered as a gRPC status.
+
+use std::convert::Infallible;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use http::Response;
+use http_body::Body;
+use http_body_util::BodyExt;
+use tower::Service;
+
+use super::{Call, CallDeadline, RouteRequest};
+use crate::body::{ObservedBody, RequestLog, Verdict};
+use crate::reply::{grpc_status, BoxError, LocalReply, ProxyBody, RouteContext};
+
+/// Error mapping and observation: a [`LocalReply`] from any layer becomes its Trailers-Only
+/// response; a response is recorded when its stream ends (`ObservedBody`), ended with
+/// DEADLINE_EXCEEDED if the deadline passes first. The one place a response body is boxed.
+#[derive(Clone)]
+pub struct Observe<S> {
+    inner: S,
+    context: RouteContext,
+}
+
+impl<S> Observe<S> {
+    pub fn new(inner: S, context: RouteContext) -> Self {
+        Observe { inner, context }
+    }
+}
+
+impl<S, B> Service<RouteRequest> for Observe<S>
+where
+    S: Service<Call, Response = Response<B>, Error = LocalReply>,
+    S::Future: Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: std::fmt::Display,
+{
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response<ProxyBody>, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // Every layer below is always ready.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: RouteRequest) -> Self::Future {
+        let RouteRequest { call, log } = request;
+        let (verdict, deadline) = (call.verdict.clone(), call.deadline);
+        let context = self.context.clone();
+        let served = self.inner.call(call);
+        Box::pin(async move {
+            Ok(match served.await {
+                Ok(response) => finish(response, &verdict, deadline, context, log),
+                Err(reply) => finish_local(reply, log),
+            })
+        })
+    }
+}
+
+/// Completes a reply of the proxy's own: records it and returns it.
+pub fn finish_local(reply: LocalReply, log: RequestLog) -> Response<ProxyBody> {
+    log.finish(reply.code as i32);
+    reply.into_response()
+}
+
+/// Turns the route's response into the downstream one, observed to its end.
+fn finish<B>(
+    response: Response<B>,
+    verdict: &Verdict,
+    deadline: Option<CallDeadline>,
+    context: RouteContext,
+    log: RequestLog,
+) -> Response<ProxyBody>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: std::fmt::Display,
+{
+    // The proxy rejected the request body: its status wins over the upstream's reaction.
+    if let Some(reply) = verdict.get() {
+        return finish_local(reply.clone(), log);
+    }
+    if let Some(code) = grpc_status(response.headers()) {
+        // Trailers-Only: the status is in the headers and the stream has ended.
+        log.finish(code);
+        return response.map(|b| b.map_err(|e| BoxError::from(e.to_string())).boxed_unsync());
+    }
+    let deadline = deadline.map(|d| (d.at, d.reply(&context)));
+    let (parts, body) = response.into_parts();
+    let body = ObservedBody::new(body, deadline, verdict.clone(), context, log);
+    Response::from_parts(parts, body.boxed_unsync())
+}
