@@ -2,7 +2,7 @@
 
 use std::task::{Context, Poll};
 
-use futures_util::future::BoxFuture;
+use futures_util::future::{BoxFuture, Either};
 use tower::Service;
 
 use super::Call;
@@ -29,7 +29,8 @@ where
 {
     type Response = R;
     type Error = LocalReply;
-    type Future = BoxFuture<'static, Result<R, LocalReply>>;
+    /// The inner future as it is when there is no deadline (no box).
+    type Future = Either<S::Future, BoxFuture<'static, Result<R, LocalReply>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), LocalReply>> {
         self.inner.poll_ready(cx)
@@ -39,14 +40,14 @@ where
         let deadline = call.deadline;
         let served = self.inner.call(call);
         let Some(deadline) = deadline else {
-            return Box::pin(served);
+            return Either::Left(served);
         };
         let context = self.context.clone();
-        Box::pin(async move {
+        Either::Right(Box::pin(async move {
             match tokio::time::timeout_at(deadline.at, served).await {
                 Ok(result) => result,
                 Err(_) => Err(deadline.reply(&context)),
             }
-        })
+        }))
     }
 }
