@@ -8,7 +8,7 @@
 //! longest idle one, so a flood of silent or slow clients cannot keep a real one out.
 
 use parking_lot::Mutex;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -66,6 +66,25 @@ pub struct Downstream {
     /// Cancelled when the listener needs the place for a new connection, or drains (a child
     /// of the listener's shutdown token: one future to watch on every wake-up, not two).
     evict: CancellationToken,
+    /// The listener's streams waiting for their request body.
+    pub waiters: Arc<Waiters>,
+}
+
+/// A listener's streams that have sent their headers and are waiting (up to
+/// `stream_idle_timeout`) for their body, oldest first. A listener at `max_requests` evicts
+/// the oldest of them to admit a new request: header-only streams, from however many
+/// connections, cannot keep calls that send their message out.
+#[derive(Default)]
+pub struct Waiters {
+    queue: Mutex<VecDeque<(u64, CancellationToken)>>,
+    next_id: AtomicU64,
+}
+
+/// One waiting stream's place in [`Waiters`]; `evicted` is cancelled when the place is taken.
+pub struct Waiting {
+    waiters: Arc<Waiters>,
+    id: u64,
+    pub evicted: CancellationToken,
 }
 
 /// Requests in progress on one connection, and since when there have been none: what an idle
@@ -89,6 +108,7 @@ struct Shared {
     next_id: AtomicU64,
     /// Requests in progress on the listener.
     requests: AtomicUsize,
+    waiters: Arc<Waiters>,
 }
 
 /// Removes its connection from the open set when the connection's task ends.
@@ -156,6 +176,7 @@ impl GrpcListener {
             open: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
             requests: AtomicUsize::new(0),
+            waiters: Arc::default(),
         });
         tracing::info!(listener = %self.name, address = %self.local_addr, "listening (gRPC, h2c)");
         loop {
@@ -274,6 +295,7 @@ impl Shared {
             activity: Activity::new(),
             held_slots: AtomicUsize::new(0),
             evict: shutdown.child_token(),
+            waiters: self.waiters.clone(),
         });
         open.insert(conn.id, conn.clone());
         Some(Admitted {
@@ -341,6 +363,43 @@ impl Default for Activity {
 impl Drop for Active {
     fn drop(&mut self) {
         self.0.end();
+    }
+}
+
+// === impl Waiters ===
+
+impl Waiters {
+    /// Registers a stream that starts waiting for its body.
+    pub fn wait(self: &Arc<Self>) -> Waiting {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let evicted = CancellationToken::new();
+        self.queue.lock().push_back((id, evicted.clone()));
+        Waiting {
+            waiters: self.clone(),
+            id,
+            evicted,
+        }
+    }
+
+    /// Evicts the stream that has waited longest; false when none waits.
+    fn evict_oldest(&self) -> bool {
+        let oldest = self.queue.lock().pop_front();
+        match oldest {
+            Some((_, evicted)) => {
+                evicted.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        let mut queue = self.waiters.queue.lock();
+        if let Some(i) = queue.iter().position(|(id, _)| *id == self.id) {
+            queue.remove(i);
+        }
     }
 }
 
@@ -433,7 +492,9 @@ impl Admitted {
             let counted = InProgress::start(&shared, &conn);
             async move {
                 let shared = &counted.shared;
-                let over = shared.requests.load(Ordering::Relaxed) > table.limits.max_requests;
+                // At the limit, a stream still waiting for its body gives its place up.
+                let over = shared.requests.load(Ordering::Relaxed) > table.limits.max_requests
+                    && !shared.waiters.evict_oldest();
                 let response = if over {
                     let max = table.limits.max_requests;
                     shared

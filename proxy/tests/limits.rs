@@ -320,6 +320,47 @@ async fn past_max_requests_a_listener_refuses_naming_the_limit() {
 }
 
 #[tokio::test]
+async fn a_full_listener_gives_a_header_only_streams_place_to_a_real_call() {
+    let (p, _echo) = proxy(
+        "    max_requests: 6
+    stream_idle_timeout: 30s
+",
+        "",
+    )
+    .await;
+    let addr = p.listener_addr("m").unwrap();
+    // Two connections, three header-only streams each: the listener's six places.
+    let mut raws = Vec::new();
+    for _ in 0..2 {
+        let mut raw = TcpStream::connect(addr).await.unwrap();
+        let mut out = PREFACE.to_vec();
+        out.extend_from_slice(&EMPTY_SETTINGS);
+        for stream in [1, 3, 5] {
+            out.extend_from_slice(&headers_frame(stream, UNARY));
+        }
+        raw.write_all(&out).await.unwrap();
+        raws.push(raw);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A call that sends its message gets in: the oldest waiting stream gives its place up
+    // (once: five wait on, and the next calls fit beside them).
+    let mut client = connection(&p).await;
+    for _ in 0..3 {
+        client
+            .unary(call(0))
+            .await
+            .expect("a waiting stream gives its place up");
+    }
+    assert_eq!(limit_count(&metrics(&p).await, "m", "max_requests"), 1.0);
+    // The first connection's streams were the oldest: they were answered.
+    let ended = tokio::time::timeout(Duration::from_secs(3), stream_ends(&mut raws[0], 1)).await;
+    assert!(
+        ended.is_ok(),
+        "the oldest header-only stream was not answered"
+    );
+}
+
+#[tokio::test]
 async fn an_http1_client_is_told_in_http1() {
     let (p, _echo) = proxy("", "").await;
     let addr: SocketAddr = p.listener_addr("m").unwrap();

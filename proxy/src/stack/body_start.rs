@@ -1,5 +1,7 @@
 //! Unary and server-streaming calls take nothing upstream until their message has started.
 
+use std::future::Future;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -10,6 +12,7 @@ use tower::Service;
 use super::{body_failed, Call, ListenerInfo};
 use crate::body::{Prefixed, Verdict};
 use crate::config::format_duration;
+use crate::listener::Waiters;
 use crate::reply::{BoxError, LocalReply, RouteContext};
 
 /// For a method whose client sends one message (unary, server-streaming: a real client sends
@@ -71,7 +74,7 @@ where
                 deadline,
                 verdict,
             } = call;
-            let body = await_body(body, &verdict, &listener, &context).await?;
+            let body = await_body(body, &verdict, &downstream.waiters, &listener, &context).await?;
             inner
                 .call(Call {
                     parts,
@@ -86,10 +89,11 @@ where
 }
 
 /// Waits up to `stream_idle_timeout` for the body to start; the reply (and the count in
-/// `lhnet_limits_reached_total`) when it does not.
+/// `lhnet_limits_reached_total`) when it does not, or when the listener gave its place away.
 pub async fn await_body<B>(
     body: Prefixed<B>,
     verdict: &Verdict,
+    waiters: &Arc<Waiters>,
     listener: &ListenerInfo,
     context: &RouteContext,
 ) -> Result<Prefixed<B>, LocalReply>
@@ -97,11 +101,45 @@ where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
-    match tokio::time::timeout(listener.stream_idle_timeout, body.started()).await {
-        Ok(Ok(body)) => Ok(body),
-        Ok(Err(e)) => Err(body_failed(verdict, &e, context)),
-        Err(_) => Err(body_timeout(listener, context)),
+    wait_for_body(body.started(), waiters, listener, context)
+        .await?
+        .map_err(|e| body_failed(verdict, &e, context))
+}
+
+/// Runs `reading` (a read of the request body) up to `stream_idle_timeout`. A read that is
+/// not done at once (the message did not come with the headers) waits among the listener's
+/// [`Waiters`], which a full listener evicts, oldest first, to admit new requests.
+pub async fn wait_for_body<F: Future>(
+    reading: F,
+    waiters: &Arc<Waiters>,
+    listener: &ListenerInfo,
+    context: &RouteContext,
+) -> Result<F::Output, LocalReply> {
+    let mut reading = std::pin::pin!(reading);
+    // Most calls carry their message with their headers: they never register.
+    if let Poll::Ready(read) =
+        std::future::poll_fn(|cx| Poll::Ready(reading.as_mut().poll(cx))).await
+    {
+        return Ok(read);
     }
+    let waiting = waiters.wait();
+    tokio::select! {
+        read = &mut reading => Ok(read),
+        () = tokio::time::sleep(listener.stream_idle_timeout) => Err(body_timeout(listener, context)),
+        () = waiting.evicted.cancelled() => Err(evicted(listener, context)),
+    }
+}
+
+/// The reply when a full listener gave a waiting stream's place to a new request.
+fn evicted(listener: &ListenerInfo, context: &RouteContext) -> LocalReply {
+    let text = format!(
+        "listener {} is at max_requests and this stream had not sent its request body: its place went to a request that had; a unary call sends its message with its headers ({context})",
+        listener.name
+    );
+    listener
+        .metrics
+        .limit_reached(&listener.name, "max_requests", || text.clone());
+    LocalReply::new(tonic::Code::ResourceExhausted, text)
 }
 
 /// The reply (and the count) when a request's body did not come within `stream_idle_timeout`.

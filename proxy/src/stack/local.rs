@@ -13,7 +13,7 @@ use http_body_util::{BodyExt, Either};
 use tonic::Code;
 use tower::{Service, ServiceExt};
 
-use super::body_start::{await_body, body_timeout};
+use super::body_start::{await_body, wait_for_body};
 use super::{body_failed, Call, ListenerInfo, PassthroughService, RequestBody};
 use crate::engine_proxy::dispatch::{self, Decision};
 use crate::reply::{undecodable_to_invalid_argument, LocalReply, ProxyBody, RouteContext};
@@ -148,16 +148,26 @@ where
                 // stream_idle_timeout, so header-only streams do not pile up here either.
                 dispatch::Route::Local => (
                     Decision::Local,
-                    await_body(body, &verdict, &this.listener, &this.context).await?,
+                    await_body(
+                        body,
+                        &verdict,
+                        &downstream.waiters,
+                        &this.listener,
+                        &this.context,
+                    )
+                    .await?,
                 ),
                 dispatch::Route::Passthrough(why) => (Decision::Passthrough(why.into()), body),
                 dispatch::Route::ByDataEngine(shape) => {
                     // Decided from the first message as soon as it is whole (the checked body
                     // bounds it by max_message_size); its bytes travel on unchanged either way.
-                    let wait = this.listener.stream_idle_timeout;
-                    let read = tokio::time::timeout(wait, body.first_message())
-                        .await
-                        .map_err(|_| body_timeout(&this.listener, &this.context))?;
+                    let read = wait_for_body(
+                        body.first_message(),
+                        &downstream.waiters,
+                        &this.listener,
+                        &this.context,
+                    )
+                    .await?;
                     match read {
                         Ok((Some(message), body)) => {
                             (dispatch::decide(method, shape, &message), body)
