@@ -50,12 +50,14 @@ pub struct Metrics {
     limits_reached: IntCounterVec,
     downstream_connections: IntGaugeVec,
     /// When each (listener, limit) was last logged, and how often it was reached since.
-    limit_log: parking_lot::Mutex<HashMap<LimitKey, (Instant, u64)>>,
+    limit_log: parking_lot::Mutex<HashMap<&'static str, HashMap<String, LimitLog>>>,
     known_methods: KnownMethods,
 }
 
 /// A listener (or cluster) and the config key of one of its limits.
-type LimitKey = (String, &'static str);
+/// When a limit was last logged for a listener (never: `None`), and how often it was reached
+/// since.
+type LimitLog = (Option<Instant>, u64);
 
 /// A limit is logged at most this often per listener; the line says how often it was reached.
 const LIMIT_LOG_EVERY: Duration = Duration::from_secs(10);
@@ -244,13 +246,19 @@ impl Metrics {
             .inc();
         let now = Instant::now();
         let mut log = self.limit_log.lock();
-        let entry = log
-            .entry((listener.to_string(), limit))
-            .or_insert((now - LIMIT_LOG_EVERY, 0));
+        let by_listener = log.entry(limit).or_default();
+        // Looked up by &str: a listener's name is copied once, not on every event.
+        let entry = match by_listener.get_mut(listener) {
+            Some(entry) => entry,
+            None => by_listener.entry(listener.to_string()).or_insert((None, 0)),
+        };
         entry.1 += 1;
-        if now.duration_since(entry.0) >= LIMIT_LOG_EVERY {
+        if entry
+            .0
+            .is_none_or(|at| now.duration_since(at) >= LIMIT_LOG_EVERY)
+        {
             let times = std::mem::take(&mut entry.1);
-            entry.0 = now;
+            entry.0 = Some(now);
             drop(log);
             tracing::warn!(%listener, limit, times, "{} (reached {times} time(s) in the last {}s)", detail(), LIMIT_LOG_EVERY.as_secs());
         }

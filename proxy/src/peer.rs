@@ -58,27 +58,57 @@ pub struct PeerAddresses {
     pub management: Option<ManagementIp>,
 }
 
+/// Why a peer lhnet did not tell its addresses.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerLookupError {
+    #[error("{addr} is not a usable peer address: {cause}")]
+    BadAddress { addr: SocketAddr, cause: String },
+    #[error("connecting to {addr}: {cause}")]
+    Connect { addr: SocketAddr, cause: String },
+    #[error("{addr} answered {code:?}: {message}")]
+    Refused {
+        addr: SocketAddr,
+        code: tonic::Code,
+        message: String,
+    },
+    #[error("{addr} answered a storage address that is not an IP: {answer:?}")]
+    NotAnIp { addr: SocketAddr, answer: String },
+    #[error("no answer from {addr} within {}", crate::config::format_duration(*timeout))]
+    Timeout { addr: SocketAddr, timeout: Duration },
+}
+
 /// Asks the lhnet at `addr` for its pod's addresses; the whole exchange (connect included)
 /// gets `timeout`.
-pub async fn ask(addr: SocketAddr, timeout: Duration) -> Result<PeerAddresses, String> {
+pub async fn ask(addr: SocketAddr, timeout: Duration) -> Result<PeerAddresses, PeerLookupError> {
     let exchange = async {
         let channel = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| e.to_string())?
+            .map_err(|e| PeerLookupError::BadAddress {
+                addr,
+                cause: e.to_string(),
+            })?
             .connect_timeout(timeout)
             .connect()
             .await
-            .map_err(|e| format!("connecting to {addr}: {}", crate::cluster::error_chain(&e)))?;
+            .map_err(|e| PeerLookupError::Connect {
+                addr,
+                cause: crate::cluster::error_chain(&e),
+            })?;
         let reply = PeerClient::new(channel)
             .storage_address(StorageAddressRequest {})
             .await
-            .map_err(|s| format!("{addr} answered {:?}: {}", s.code(), s.message()))?
+            .map_err(|s| PeerLookupError::Refused {
+                addr,
+                code: s.code(),
+                message: s.message().to_string(),
+            })?
             .into_inner();
-        let storage = reply.storage_address.parse().map_err(|_| {
-            format!(
-                "{addr} answered a storage address that is not an IP: {:?}",
-                reply.storage_address
-            )
-        })?;
+        let storage = reply
+            .storage_address
+            .parse()
+            .map_err(|_| PeerLookupError::NotAnIp {
+                addr,
+                answer: reply.storage_address.clone(),
+            })?;
         Ok(PeerAddresses {
             storage: StorageIp::new(storage),
             management: reply.management_address.parse().ok().map(ManagementIp::new),
@@ -86,9 +116,6 @@ pub async fn ask(addr: SocketAddr, timeout: Duration) -> Result<PeerAddresses, S
     };
     match tokio::time::timeout(timeout, exchange).await {
         Ok(result) => result,
-        Err(_) => Err(format!(
-            "no answer from {addr} within {}",
-            crate::config::format_duration(timeout)
-        )),
+        Err(_) => Err(PeerLookupError::Timeout { addr, timeout }),
     }
 }
