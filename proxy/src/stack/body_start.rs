@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -14,6 +15,7 @@ use crate::body::{Prefixed, Verdict};
 use crate::config::format_duration;
 use crate::listener::Waiters;
 use crate::reply::{BoxError, LocalReply, RouteContext};
+use tokio::time::Instant;
 
 /// For a method whose client sends one message (unary, server-streaming: a real client sends
 /// it with the headers), waits up to the listener's `stream_idle_timeout` until the request
@@ -106,29 +108,32 @@ where
         .map_err(|e| body_failed(verdict, &e, context))
 }
 
-/// Runs `reading` (a read of the request body) up to `stream_idle_timeout`. A read that is
-/// not done at once (the message did not come with the headers) waits among the listener's
-/// [`Waiters`], which a full listener evicts, oldest first, to admit new requests.
+/// Runs `reading` (a read of the request body) up to `stream_idle_timeout`. A read not done
+/// within [`EVICTABLE_AFTER`] (a real client sends its message right after its headers) waits
+/// among the listener's [`Waiters`], which a full listener evicts, oldest first, to admit new
+/// requests; a call whose message comes at once costs one timer, as a plain timeout would.
 pub async fn wait_for_body<F: Future>(
     reading: F,
     waiters: &Arc<Waiters>,
     listener: &ListenerInfo,
     context: &RouteContext,
 ) -> Result<F::Output, LocalReply> {
+    let idle_until = Instant::now() + listener.stream_idle_timeout;
     let mut reading = std::pin::pin!(reading);
-    // Most calls carry their message with their headers: they never register.
-    if let Poll::Ready(read) =
-        std::future::poll_fn(|cx| Poll::Ready(reading.as_mut().poll(cx))).await
-    {
+    let grace = EVICTABLE_AFTER.min(listener.stream_idle_timeout);
+    if let Ok(read) = tokio::time::timeout(grace, &mut reading).await {
         return Ok(read);
     }
     let waiting = waiters.wait();
     tokio::select! {
         read = &mut reading => Ok(read),
-        () = tokio::time::sleep(listener.stream_idle_timeout) => Err(body_timeout(listener, context)),
+        () = tokio::time::sleep_until(idle_until) => Err(body_timeout(listener, context)),
         () = waiting.evicted.cancelled() => Err(evicted(listener, context)),
     }
 }
+
+/// How long a stream may wait for its body before a full listener may evict it.
+pub const EVICTABLE_AFTER: Duration = Duration::from_millis(10);
 
 /// The reply when a full listener gave a waiting stream's place to a new request.
 fn evicted(listener: &ListenerInfo, context: &RouteContext) -> LocalReply {
