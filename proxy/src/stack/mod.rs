@@ -13,7 +13,7 @@
 //! | [`VersionPatch`] | routes that can carry the instance-manager's `ProcessManagerService/VersionGet` (response layer: lhnet's proxy API version) |
 //! | [`Slots`] | load shedding at the cluster's `circuit_breakers` and the connection's share of them: a call past either is refused at once, RESOURCE_EXHAUSTED naming the limit |
 //! | [`Upstream`] | upstream errors become statuses naming the route; `grpc-timeout` re-encoded |
-//! | [`Replay`] | buffers a body up to `retry_policy.max_buffered_bytes` so it can be sent again |
+//! | [`Replay`] | buffers a body up to `retry_policy.max_buffered_bytes` so it can be sent again (this and the next two only on routes with a `retry_policy`) |
 //! | `tower::retry::Retry` with [`RetryPolicy`] | `retry_on` (HTTP/2 reasons from `h2::Error`), `num_retries`, jittered back-off, a retry budget |
 //! | [`PerTryTimeout`] | `retry_policy.per_try_timeout` |
 //! | [`ClusterService`](crate::cluster::ClusterService) | the cluster's endpoints, round robin, over the multi-connection HTTP/2 pool |
@@ -141,6 +141,18 @@ pub fn forwarding(
         &listener.metrics,
     );
     let patch = carries_version_get(route);
+    let cluster_service = ClusterService::new(cluster.clone());
+    // A route without a retry policy has no replay, retry or per-try timeout layers at all.
+    let attempts = match retry.buffered_bytes() {
+        Some(limit) => tower::util::Either::Left(
+            ServiceBuilder::new()
+                .layer_fn(|s| Replay::new(s, Some(limit)))
+                .layer(tower::retry::RetryLayer::new(retry.clone()))
+                .layer_fn(|s| PerTryTimeout::new(s, retry.per_try_timeout()))
+                .service(cluster_service),
+        ),
+        None => tower::util::Either::Right(cluster_service),
+    };
     ServiceBuilder::new()
         .layer_fn(|s| BodyStart::new(s, listener.clone(), context.clone(), false))
         .layer_fn(|s| VersionPatch::new(s, patch))
@@ -153,10 +165,7 @@ pub fn forwarding(
             )
         })
         .layer_fn(|s| Upstream::new(s, context.clone()))
-        .layer_fn(|s| Replay::new(s, retry.buffered_bytes()))
-        .layer(tower::retry::RetryLayer::new(retry.clone()))
-        .layer_fn(|s| PerTryTimeout::new(s, retry.per_try_timeout()))
-        .service(ClusterService::new(cluster.clone()))
+        .service(attempts)
 }
 
 /// [`forwarding`] for the engine proxy's dispatch (a rare path: its body is boxed here).
