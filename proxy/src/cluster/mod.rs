@@ -81,7 +81,7 @@ impl SlotLimit {
 /// Why a `kind: tcp` connection found no endpoint of its cluster to forward to.
 #[derive(Debug, thiserror::Error)]
 pub enum TcpConnectError {
-    #[error("cluster {cluster} has no endpoints")]
+    #[error("cluster {cluster} has no usable endpoints (each was skipped at load; the log says why)")]
     NoEndpoints { cluster: String },
     /// Every endpoint was tried once; each failure names its endpoint.
     #[error("{}", failures.join("; "))]
@@ -112,7 +112,9 @@ pub enum UpstreamError {
         cause: String,
     },
     /// A static cluster with no endpoint to send to.
-    #[error("cluster {cluster} has no endpoints")]
+    #[error(
+        "cluster {cluster} has no usable endpoints (each was skipped at load; the log says why)"
+    )]
     NoEndpoints { cluster: String },
     /// The request body broke while it was buffered for retries.
     #[error("reading the request body failed: {cause}")]

@@ -59,17 +59,14 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let cluster = self.cluster.clone();
-        Box::pin(async move {
-            let destination =
-                cluster
-                    .pick_endpoint()
-                    .ok_or_else(|| UpstreamError::NoEndpoints {
-                        cluster: cluster.name().to_string(),
-                    })?;
-            let request = request.map(|b| b.map_err(Into::into).boxed_unsync());
-            cluster.send(destination, request).await
-        })
+        match self.cluster.pick_endpoint() {
+            Some(destination) => {
+                EndpointService::new(self.cluster.clone(), destination).call(request)
+            }
+            None => Box::pin(std::future::ready(Err(UpstreamError::NoEndpoints {
+                cluster: self.cluster.name().to_string(),
+            }))),
+        }
     }
 }
 

@@ -146,7 +146,7 @@ pub fn forwarding(
     let attempts = match retry.buffered_bytes() {
         Some(limit) => tower::util::Either::Left(
             ServiceBuilder::new()
-                .layer_fn(|s| Replay::new(s, Some(limit)))
+                .layer_fn(|s| Replay::new(s, limit))
                 .layer(tower::retry::RetryLayer::new(retry.clone()))
                 .layer_fn(|s| PerTryTimeout::new(s, retry.per_try_timeout()))
                 .service(cluster_service),

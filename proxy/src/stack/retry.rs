@@ -74,15 +74,15 @@ impl Body for AttemptBody {
 }
 
 /// Buffers a request body of up to `limit` bytes so the retry layer can send it again; a larger
-/// one is streamed on (one attempt). With no retries configured (`limit` 0), nothing is read.
+/// one is streamed on (one attempt). Only on routes with a retry policy.
 #[derive(Clone)]
 pub struct Replay<S> {
     inner: S,
-    limit: Option<usize>,
+    limit: usize,
 }
 
 impl<S> Replay<S> {
-    pub fn new(inner: S, limit: Option<usize>) -> Self {
+    pub fn new(inner: S, limit: usize) -> Self {
         Replay { inner, limit }
     }
 }
@@ -104,9 +104,7 @@ where
     }
 
     fn call(&mut self, request: Request<RequestBody>) -> Self::Future {
-        let Some(limit) = self.limit else {
-            return self.inner.call(request.map(AttemptBody::Stream)).boxed();
-        };
+        let limit = self.limit;
         let mut inner = self.inner.clone();
         Box::pin(async move {
             let (parts, body) = request.into_parts();
