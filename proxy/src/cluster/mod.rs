@@ -81,7 +81,9 @@ impl SlotLimit {
 /// Why a `kind: tcp` connection found no endpoint of its cluster to forward to.
 #[derive(Debug, thiserror::Error)]
 pub enum TcpConnectError {
-    #[error("cluster {cluster} has no usable endpoints (each was skipped at load; the log says why)")]
+    #[error(
+        "cluster {cluster} has no usable endpoints (each was skipped at load; the log says why)"
+    )]
     NoEndpoints { cluster: String },
     /// Every endpoint was tried once; each failure names its endpoint.
     #[error("{}", failures.join("; "))]

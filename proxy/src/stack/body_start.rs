@@ -69,23 +69,10 @@ where
         let mut inner = self.inner.clone();
         let (listener, context) = (self.listener.clone(), self.context.clone());
         Box::pin(async move {
-            let Call {
-                parts,
-                body,
-                downstream,
-                deadline,
-                verdict,
-            } = call;
-            let body = await_body(body, &verdict, &downstream.waiters, &listener, &context).await?;
-            inner
-                .call(Call {
-                    parts,
-                    body,
-                    downstream,
-                    deadline,
-                    verdict,
-                })
-                .await
+            let (body, call) = call.take_body();
+            let waiters = &call.downstream.waiters;
+            let body = await_body(body, &call.verdict, waiters, &listener, &context).await?;
+            inner.call(call.with_body(body)).await
         })
     }
 }

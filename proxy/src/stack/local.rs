@@ -135,55 +135,33 @@ where
     fn call(&mut self, call: Call) -> Self::Future {
         let this = self.inner.clone();
         Box::pin(async move {
-            let Call {
-                parts,
-                body,
-                downstream,
-                deadline,
-                verdict,
-            } = call;
-            let method = parts.uri.path().rsplit('/').next().unwrap_or("");
+            let (body, rest) = call.take_body();
+            let (waiters, verdict) = (&rest.downstream.waiters, &rest.verdict);
+            let method = rest.parts.uri.path().rsplit('/').next().unwrap_or("");
             let (decision, body) = match dispatch::route_of(method) {
                 // Every ProxyEngineService call is unary: its body must start within
                 // stream_idle_timeout, so header-only streams do not pile up here either.
                 dispatch::Route::Local => (
                     Decision::Local,
-                    await_body(
-                        body,
-                        &verdict,
-                        &downstream.waiters,
-                        &this.listener,
-                        &this.context,
-                    )
-                    .await?,
+                    await_body(body, verdict, waiters, &this.listener, &this.context).await?,
                 ),
                 dispatch::Route::Passthrough(why) => (Decision::Passthrough(why.into()), body),
                 dispatch::Route::ByDataEngine(shape) => {
                     // Decided from the first message as soon as it is whole (the checked body
                     // bounds it by max_message_size); its bytes travel on unchanged either way.
-                    let read = wait_for_body(
-                        body.first_message(),
-                        &downstream.waiters,
-                        &this.listener,
-                        &this.context,
-                    )
-                    .await?;
+                    let reading = body.first_message();
+                    let read =
+                        wait_for_body(reading, waiters, &this.listener, &this.context).await?;
                     match read {
                         Ok((Some(message), body)) => {
                             (dispatch::decide(method, shape, &message), body)
                         }
                         Ok((None, body)) => (Decision::Local, body),
-                        Err(e) => return Err(body_failed(&verdict, &e, &this.context)),
+                        Err(e) => return Err(body_failed(verdict, &e, &this.context)),
                     }
                 }
             };
-            let call = Call {
-                parts,
-                body,
-                downstream,
-                deadline,
-                verdict,
-            };
+            let call = rest.with_body(body);
             match decision {
                 Decision::Local => Ok(this
                     .local

@@ -103,6 +103,40 @@ pub struct CallDeadline {
     pub total: Duration,
 }
 
+impl<B> Call<B> {
+    /// The body, and the rest of the call to put it (or what was read of it) back into.
+    pub fn take_body(self) -> (B, Call<()>) {
+        let Call {
+            parts,
+            body,
+            downstream,
+            deadline,
+            verdict,
+        } = self;
+        let rest = Call {
+            parts,
+            body: (),
+            downstream,
+            deadline,
+            verdict,
+        };
+        (body, rest)
+    }
+}
+
+impl Call<()> {
+    /// The call again, with `body`.
+    pub fn with_body<B>(self, body: B) -> Call<B> {
+        Call {
+            parts: self.parts,
+            body,
+            downstream: self.downstream,
+            deadline: self.deadline,
+            verdict: self.verdict,
+        }
+    }
+}
+
 impl CallDeadline {
     /// The DEADLINE_EXCEEDED reply for this deadline.
     pub fn reply(&self, context: &RouteContext) -> LocalReply {
