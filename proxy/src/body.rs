@@ -364,21 +364,28 @@ where
     /// Returns once the body has started: a frame is read ahead (and will be yielded first),
     /// or the body has ended.
     pub async fn started(mut self) -> Result<Prefixed<B>, BoxError> {
-        use http_body_util::BodyExt;
+        std::future::poll_fn(|cx| self.poll_started(cx)).await?;
+        Ok(self)
+    }
+
+    /// [`Self::started`] as a poll: ready once a frame is read ahead or the body has ended.
+    pub fn poll_started(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         if self.head.is_some()
             || !self.prefix.is_empty()
             || self.trailers.is_some()
             || self.inner.is_end_stream()
         {
-            return Ok(self);
+            return Poll::Ready(Ok(()));
         }
-        if let Some(frame) = self.inner.frame().await {
-            match frame.map_err(Into::into)?.into_data() {
-                Ok(data) => self.head = Some(data),
-                Err(frame) => self.trailers = frame.into_trailers().ok(),
-            }
+        let frame = match std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+            None => return Poll::Ready(Ok(())),
+            Some(frame) => frame.map_err(Into::into)?,
+        };
+        match frame.into_data() {
+            Ok(data) => self.head = Some(data),
+            Err(frame) => self.trailers = frame.into_trailers().ok(),
         }
-        Ok(self)
+        Poll::Ready(Ok(()))
     }
 
     /// Reads on until the first gRPC message is whole, and no further: the message's payload

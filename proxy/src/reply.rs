@@ -28,6 +28,15 @@ pub struct LocalReply {
 }
 
 impl LocalReply {
+    /// What a call future answers if polled after it completed (futures must not be; an
+    /// error, never a panic).
+    pub fn polled_again() -> Self {
+        LocalReply::new(
+            Code::Internal,
+            "lhnet polled a finished call future again (a bug in lhnet)",
+        )
+    }
+
     pub fn new(code: Code, message: impl Into<String>) -> Self {
         LocalReply {
             code,
@@ -62,13 +71,36 @@ impl fmt::Display for LocalReply {
     }
 }
 
-/// Where a request went, for error messages: "listener L, route R, cluster C". Cheap to clone.
+/// Where a request went, for error messages: "listener L, route R, cluster C". One `Arc`:
+/// the layers clone it per call.
 #[derive(Debug, Clone)]
-pub struct RouteContext {
+pub struct RouteContext(std::sync::Arc<RouteNames>);
+
+/// The names a [`RouteContext`] carries.
+#[derive(Debug)]
+pub struct RouteNames {
     pub listener: std::sync::Arc<str>,
     pub route: std::sync::Arc<str>,
     /// `cluster NAME` or `local SERVICE`.
     pub target: std::sync::Arc<str>,
+}
+
+impl RouteContext {
+    pub fn new(listener: &str, route: std::sync::Arc<str>, target: &str) -> Self {
+        RouteContext(std::sync::Arc::new(RouteNames {
+            listener: listener.into(),
+            route,
+            target: target.into(),
+        }))
+    }
+}
+
+impl std::ops::Deref for RouteContext {
+    type Target = RouteNames;
+
+    fn deref(&self) -> &RouteNames {
+        &self.0
+    }
 }
 
 impl fmt::Display for RouteContext {

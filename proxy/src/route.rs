@@ -9,7 +9,6 @@ use http::{HeaderMap, Request, Response};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 use tonic::Code;
-use tower::ServiceExt;
 
 use crate::body::{GrpcRequestBody, Prefixed, RequestLog, Verdict};
 use crate::cluster::Cluster;
@@ -176,12 +175,7 @@ impl RouteTable {
             deadline,
             verdict,
         };
-        let Ok(response) = route
-            .service
-            .clone()
-            .oneshot(RouteRequest { call, log })
-            .await;
-        response
+        route.service.serve(RouteRequest { call, log }).await
     }
 }
 
@@ -194,11 +188,7 @@ fn build_route(
     info: &ListenerInfo,
 ) -> Option<Route> {
     let name: Arc<str> = r.name.as_str().into();
-    let context = |target: String| RouteContext {
-        listener: listener.name.as_str().into(),
-        route: name.clone(),
-        target: target.into(),
-    };
+    let context = |target: String| RouteContext::new(&listener.name, name.clone(), &target);
     let cluster = |wanted: &str, what: &str| {
         let found = clusters.get(wanted).cloned();
         if found.is_none() {

@@ -1,6 +1,8 @@
-//! Advertising lhnet's proxy API on `/ProcessManagerService/VersionGet` responses that pass
-//! through to an instance-manager: a manager uses the gRPC proxy only when `VersionResponse`
-//! fields 6/7 (`instanceManagerProxyAPIVersion` / `MinVersion`) are non-zero (spec §7).
+//! Advertising lhnet's proxy API on the instance-manager's `VersionGet` responses that pass
+//! through lhnet (`ProcessManagerService` on 8500, `imrpc.InstanceService` on 8503; both answer
+//! `VersionResponse`): a manager uses the gRPC proxy only when fields 6/7
+//! (`instanceManagerProxyAPIVersion` / `MinVersion`) are non-zero (spec §4, §7), and it reads
+//! them from whichever of the two its IM API version says (InstanceService from API 4 on).
 //!
 //! The message is patched on the wire, not decoded and re-encoded, so fields this code does not
 //! know (newer instance-managers) pass through untouched.
@@ -13,8 +15,11 @@ use http_body::{Body, Frame};
 
 use crate::reply::BoxError;
 
-/// The path whose responses are patched.
-pub const VERSION_GET_PATH: &str = "/ProcessManagerService/VersionGet";
+/// The paths whose responses are patched.
+pub const VERSION_GET_PATHS: [&str; 2] = [
+    "/ProcessManagerService/VersionGet",
+    "/imrpc.InstanceService/VersionGet",
+];
 /// Longhorn v1.3.2+ proxy API (ReplicaAdd fields 4/5), and the oldest one lhnet serves.
 pub const PROXY_API_VERSION: u64 = 2;
 pub const PROXY_API_MIN_VERSION: u64 = 1;

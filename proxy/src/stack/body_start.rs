@@ -26,8 +26,8 @@ use tokio::time::Instant;
 #[derive(Clone)]
 pub struct BodyStart<S> {
     inner: S,
-    listener: ListenerInfo,
-    context: RouteContext,
+    /// One `Arc`: a waiting call clones it.
+    names: Arc<(ListenerInfo, RouteContext)>,
     /// Every call is unary here (the engine proxy): no method lookup.
     always: bool,
 }
@@ -36,8 +36,7 @@ impl<S> BodyStart<S> {
     pub fn new(inner: S, listener: ListenerInfo, context: RouteContext, always: bool) -> Self {
         BodyStart {
             inner,
-            listener,
-            context,
+            names: Arc::new((listener, context)),
             always,
         }
     }
@@ -50,7 +49,7 @@ where
 {
     type Response = R;
     type Error = LocalReply;
-    type Future = BoxFuture<'static, Result<R, LocalReply>>;
+    type Future = BodyStartFuture<S::Future, R>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), LocalReply>> {
         self.inner.poll_ready(cx)
@@ -59,21 +58,77 @@ where
     fn call(&mut self, call: Call) -> Self::Future {
         let waits = self.always
             || self
-                .listener
+                .names
+                .0
                 .metrics
                 .client_sends_one_message(call.parts.uri.path());
         if !waits {
-            return Box::pin(self.inner.call(call));
+            return BodyStartFuture::Now {
+                inner: self.inner.call(call),
+            };
+        }
+        // A real client sends its message with its headers: it is usually here already, and
+        // the call goes on at once (no timer, no box). The waker is replaced by the real one
+        // when the waiting path polls again.
+        let (mut body, call) = call.take_body();
+        let mut now = Context::from_waker(futures_util::task::noop_waker_ref());
+        match body.poll_started(&mut now) {
+            Poll::Ready(Ok(())) => {
+                return BodyStartFuture::Now {
+                    inner: self.inner.call(call.with_body(body)),
+                }
+            }
+            Poll::Ready(Err(e)) => {
+                let reply = body_failed(&call.verdict, &e, &self.names.1);
+                return BodyStartFuture::Failed { reply: Some(reply) };
+            }
+            Poll::Pending => {}
         }
         // The clone is ready (Slots and below always are); it serves this call alone.
         let mut inner = self.inner.clone();
-        let (listener, context) = (self.listener.clone(), self.context.clone());
-        Box::pin(async move {
-            let (body, call) = call.take_body();
-            let waiters = &call.downstream.waiters;
-            let body = await_body(body, &call.verdict, waiters, &listener, &context).await?;
-            inner.call(call.with_body(body)).await
-        })
+        let names = self.names.clone();
+        BodyStartFuture::Waiting {
+            waiting: Box::pin(async move {
+                let (listener, context) = &*names;
+                let waiters = &call.downstream.waiters;
+                let body = await_body(body, &call.verdict, waiters, listener, context).await?;
+                inner.call(call.with_body(body)).await
+            }),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The call below at once, a refusal, or the wait for the body (boxed: the rare path).
+    #[project = BodyStartProj]
+    pub enum BodyStartFuture<F, R> {
+        Now {
+            #[pin]
+            inner: F,
+        },
+        Failed {
+            reply: Option<LocalReply>,
+        },
+        Waiting {
+            waiting: BoxFuture<'static, Result<R, LocalReply>>,
+        },
+    }
+}
+
+impl<F, R> Future for BodyStartFuture<F, R>
+where
+    F: Future<Output = Result<R, LocalReply>>,
+{
+    type Output = Result<R, LocalReply>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            BodyStartProj::Now { inner } => inner.poll(cx),
+            BodyStartProj::Failed { reply } => {
+                Poll::Ready(Err(reply.take().unwrap_or_else(LocalReply::polled_again)))
+            }
+            BodyStartProj::Waiting { waiting } => waiting.as_mut().poll(cx),
+        }
     }
 }
 

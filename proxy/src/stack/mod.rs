@@ -10,7 +10,7 @@
 //! | [`Observe`] | error mapping: a status from any layer becomes its Trailers-Only answer; metrics at the stream's end; the one box of the response body |
 //! | [`Deadline`] | the route `timeout` / `grpc-timeout`, whichever is shorter, over the whole call |
 //! | [`BodyStart`] | unary and server-streaming calls wait (up to `stream_idle_timeout`) for their message before taking anything upstream |
-//! | [`VersionPatch`] | routes that can carry the instance-manager's `ProcessManagerService/VersionGet` (response layer: lhnet's proxy API version) |
+//! | [`VersionPatch`] | routes that can carry the instance-manager's `VersionGet` (`ProcessManagerService`, `imrpc.InstanceService`; response layer: lhnet's proxy API version) |
 //! | [`Slots`] | load shedding at the cluster's `circuit_breakers` and the connection's share of them: a call past either is refused at once, RESOURCE_EXHAUSTED naming the limit |
 //! | [`Upstream`] | upstream errors become statuses naming the route; `grpc-timeout` re-encoded |
 //! | [`Replay`] | buffers a body up to `retry_policy.max_buffered_bytes` so it can be sent again (this and the next two only on routes with a `retry_policy`) |
@@ -39,6 +39,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use http::request::Parts;
 use http::Response;
 use http_body_util::{BodyExt, Either};
@@ -59,7 +60,7 @@ pub use version::VersionPatch;
 use crate::body::{GrpcRequestBody, Prefixed, RequestLog, Verdict};
 use crate::cluster::{Cluster, ClusterService};
 use crate::config::{format_duration, PathMatch, RouteConfig};
-use crate::engine_proxy::version::{VersionPatchBody, VERSION_GET_PATH};
+use crate::engine_proxy::version::{VersionPatchBody, VERSION_GET_PATHS};
 use crate::listener::Downstream;
 use crate::metrics::Metrics;
 use crate::reply::{BoxError, LocalReply, ProxyBody, RouteContext};
@@ -69,8 +70,39 @@ use crate::reply::{BoxError, LocalReply, ProxyBody, RouteContext};
 pub type RequestBody = Prefixed<GrpcRequestBody<Incoming>>;
 
 /// A route, built: one gRPC call in, its response (the upstream's, a local service's, or the
-/// status the proxy answers) out.
-pub type RouteService = BoxCloneSyncService<RouteRequest, Response<ProxyBody>, Infallible>;
+/// status the proxy answers) out. Shared by every connection of the listener: a call is
+/// served by a clone of the stack (reference counts, no allocation) and costs one box, its
+/// future.
+pub type RouteService = Arc<dyn RouteHandler>;
+
+/// A route's stack as the route table calls it, by shared reference.
+pub trait RouteHandler: Send + Sync {
+    fn serve(&self, request: RouteRequest) -> BoxFuture<'static, Response<ProxyBody>>;
+}
+
+/// A stack of tower layers as a [`RouteHandler`].
+struct Shared<S>(S);
+
+impl<S> RouteHandler for Shared<S>
+where
+    S: Service<RouteRequest, Response = Response<ProxyBody>, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    fn serve(&self, request: RouteRequest) -> BoxFuture<'static, Response<ProxyBody>> {
+        // Observe, the outermost layer, is always ready: no poll_ready is needed.
+        let served = self.0.clone().call(request);
+        Box::pin(async move {
+            match served.await {
+                Ok(response) => response,
+                Err(never) => match never {},
+            }
+        })
+    }
+}
 
 /// The forwarding stack of `passthrough_cluster`, as the engine proxy's dispatch holds it.
 pub type PassthroughService = BoxCloneSyncService<Call, Response<ProxyBody>, LocalReply>;
@@ -223,19 +255,19 @@ where
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: std::fmt::Display,
 {
-    BoxCloneSyncService::new(Observe::new(
+    Arc::new(Shared(Observe::new(
         Deadline::new(inner, context.clone()),
         context.clone(),
-    ))
+    )))
 }
 
-/// Whether a route's path match can select `ProcessManagerService/VersionGet` (whose answer
+/// Whether a route's path match can select an instance-manager `VersionGet` (whose answer
 /// the [`VersionPatch`] layer completes).
 fn carries_version_get(route: &RouteConfig) -> bool {
     match &route.matcher.path {
-        PathMatch::Path(p) => p == VERSION_GET_PATH,
-        PathMatch::Prefix(p) => VERSION_GET_PATH.starts_with(p.as_str()),
-        PathMatch::SafeRegex(re) => re.is_match(VERSION_GET_PATH),
+        PathMatch::Path(p) => VERSION_GET_PATHS.contains(&p.as_str()),
+        PathMatch::Prefix(p) => VERSION_GET_PATHS.iter().any(|v| v.starts_with(p.as_str())),
+        PathMatch::SafeRegex(re) => VERSION_GET_PATHS.iter().any(|v| re.is_match(v)),
     }
 }
 
@@ -269,6 +301,9 @@ listeners:
       - { match: { prefix: /ProcessManagerService/Process }, local: health }
       - { match: { path: /ProcessManagerService/ProcessGet }, local: health }
       - { match: { safe_regex: "^/lhnet\\..*" }, local: health }
+      - { match: { prefix: /imrpc.InstanceService/ }, local: health }
+      - { match: { path: /imrpc.InstanceService/VersionGet }, local: health }
+      - { match: { prefix: /imrpc.ProxyEngineService/ }, local: health }
 "#,
             "t",
         )
@@ -278,6 +313,9 @@ listeners:
             .iter()
             .map(carries_version_get)
             .collect();
-        assert_eq!(carries, [true, true, true, true, false, false, false]);
+        assert_eq!(
+            carries,
+            [true, true, true, true, false, false, false, true, true, false]
+        );
     }
 }

@@ -2,10 +2,11 @@
 //! the checked body's verdict) and every error answered as a gRPC status.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use futures_util::future::BoxFuture;
 use http::Response;
 use http_body::Body;
 use http_body_util::BodyExt;
@@ -39,7 +40,7 @@ where
 {
     type Response = Response<ProxyBody>;
     type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Response<ProxyBody>, Infallible>>;
+    type Future = ObserveFuture<S::Future>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         // Every layer below is always ready.
@@ -48,15 +49,55 @@ where
 
     fn call(&mut self, request: RouteRequest) -> Self::Future {
         let RouteRequest { call, log } = request;
-        let (verdict, deadline) = (call.verdict.clone(), call.deadline);
-        let context = self.context.clone();
-        let served = self.inner.call(call);
-        Box::pin(async move {
-            Ok(match served.await {
-                Ok(response) => finish(response, &verdict, deadline, context, log),
-                Err(reply) => finish_local(reply, log),
-            })
-        })
+        let end = End {
+            verdict: call.verdict.clone(),
+            deadline: call.deadline,
+            context: self.context.clone(),
+            log,
+        };
+        ObserveFuture {
+            inner: self.inner.call(call),
+            end: Some(end),
+        }
+    }
+}
+
+/// What [`Observe`] needs when the call below has answered.
+struct End {
+    verdict: Verdict,
+    deadline: Option<CallDeadline>,
+    context: RouteContext,
+    log: RequestLog,
+}
+
+pin_project_lite::pin_project! {
+    /// The call below, its answer turned into the downstream response (a named future: the
+    /// route's one box holds it).
+    pub struct ObserveFuture<F> {
+        #[pin]
+        inner: F,
+        end: Option<End>,
+    }
+}
+
+impl<F, B> Future for ObserveFuture<F>
+where
+    F: Future<Output = Result<Response<B>, LocalReply>>,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: std::fmt::Display,
+{
+    type Output = Result<Response<ProxyBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let answered = std::task::ready!(this.inner.poll(cx));
+        let Some(end) = this.end.take() else {
+            return Poll::Ready(Ok(LocalReply::polled_again().into_response()));
+        };
+        Poll::Ready(Ok(match answered {
+            Ok(response) => finish(response, &end.verdict, end.deadline, end.context, end.log),
+            Err(reply) => finish_local(reply, end.log),
+        }))
     }
 }
 

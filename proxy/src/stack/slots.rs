@@ -1,11 +1,11 @@
 //! Load shedding at a cluster's concurrency limit (`circuit_breakers`).
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use futures_util::future::{BoxFuture, FutureExt, TryFutureExt};
 use http::Response;
 use http_body::{Body, Frame, SizeHint};
 use tower::Service;
@@ -71,21 +71,59 @@ where
 {
     type Response = Response<WithSlot<B>>;
     type Error = LocalReply;
-    type Future = BoxFuture<'static, Result<Response<WithSlot<B>>, LocalReply>>;
+    type Future = SlotFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), LocalReply>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, call: Call) -> Self::Future {
-        let slot = match self.cluster.try_acquire(&call.downstream) {
-            Ok(slot) => slot,
-            Err(limit) => return futures_util::future::ready(Err(self.refused(limit))).boxed(),
-        };
-        self.inner
-            .call(call)
-            .map_ok(move |response| response.map(|inner| WithSlot { inner, _slot: slot }))
-            .boxed()
+        match self.cluster.try_acquire(&call.downstream) {
+            Ok(slot) => SlotFuture::Called {
+                inner: self.inner.call(call),
+                slot: Some(slot),
+            },
+            Err(limit) => SlotFuture::Refused {
+                reply: Some(self.refused(limit)),
+            },
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The call below holding its slot, or the refusal (a named future: no box).
+    #[project = SlotFutureProj]
+    pub enum SlotFuture<F> {
+        Called {
+            #[pin]
+            inner: F,
+            slot: Option<ClusterSlot>,
+        },
+        Refused {
+            reply: Option<LocalReply>,
+        },
+    }
+}
+
+impl<F, B> Future for SlotFuture<F>
+where
+    F: Future<Output = Result<Response<B>, LocalReply>>,
+{
+    type Output = Result<Response<WithSlot<B>>, LocalReply>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            SlotFutureProj::Called { inner, slot } => {
+                let response = std::task::ready!(inner.poll(cx))?;
+                let Some(slot) = slot.take() else {
+                    return Poll::Ready(Err(LocalReply::polled_again()));
+                };
+                Poll::Ready(Ok(response.map(|inner| WithSlot { inner, _slot: slot })))
+            }
+            SlotFutureProj::Refused { reply } => {
+                Poll::Ready(Err(reply.take().unwrap_or_else(LocalReply::polled_again)))
+            }
+        }
     }
 }
 

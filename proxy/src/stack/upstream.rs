@@ -1,9 +1,10 @@
 //! The boundary between the route and the cluster: the call becomes an HTTP/2 request, and
 //! what goes wrong upstream becomes a gRPC status naming the route.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use futures_util::future::{BoxFuture, FutureExt, TryFutureExt};
 use http::header::HeaderValue;
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -41,7 +42,7 @@ where
 {
     type Response = Response<Incoming>;
     type Error = LocalReply;
-    type Future = BoxFuture<'static, Result<Response<Incoming>, LocalReply>>;
+    type Future = UpstreamFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), LocalReply>> {
         self.inner
@@ -65,11 +66,35 @@ where
             }
         }
         let request = Request::from_parts(parts, body);
-        let context = self.context.clone();
-        self.inner
-            .call(request)
-            .map_err(move |e| upstream_reply(&e, Some(&verdict), &context))
-            .boxed()
+        UpstreamFuture {
+            inner: self.inner.call(request),
+            verdict,
+            context: self.context.clone(),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The call below, its error turned into the route's status (a named future: no box).
+    pub struct UpstreamFuture<F> {
+        #[pin]
+        inner: F,
+        verdict: Verdict,
+        context: RouteContext,
+    }
+}
+
+impl<F, R> Future for UpstreamFuture<F>
+where
+    F: Future<Output = Result<R, UpstreamError>>,
+{
+    type Output = Result<R, LocalReply>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        this.inner
+            .poll(cx)
+            .map_err(|e| upstream_reply(&e, Some(this.verdict), this.context))
     }
 }
 

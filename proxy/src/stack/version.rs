@@ -1,19 +1,20 @@
 //! The VersionGet answer of an instance-manager's proxy, completed on its way down.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use futures_util::future::{BoxFuture, FutureExt, TryFutureExt};
 use http::Response;
 use http_body::Body;
 use http_body_util::Either;
 use tower::Service;
 
 use super::Call;
-use crate::engine_proxy::version::{VersionPatchBody, VERSION_GET_PATH};
+use crate::engine_proxy::version::{VersionPatchBody, VERSION_GET_PATHS};
 use crate::reply::{BoxError, LocalReply};
 
-/// On routes that can carry `ProcessManagerService/VersionGet` (`enabled`): the answer of that
+/// On routes that can carry an instance-manager `VersionGet` (`enabled`): the answer of that
 /// method goes through [`VersionPatchBody`]; every other answer passes untouched.
 #[derive(Clone)]
 pub struct VersionPatch<S> {
@@ -36,22 +37,44 @@ where
 {
     type Response = Response<Either<VersionPatchBody<B>, B>>;
     type Error = LocalReply;
-    type Future = BoxFuture<'static, Result<Self::Response, LocalReply>>;
+    type Future = PatchFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), LocalReply>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, call: Call) -> Self::Future {
-        let patch = self.enabled && call.parts.uri.path() == VERSION_GET_PATH;
-        self.inner
-            .call(call)
-            .map_ok(move |response| {
-                response.map(|b| match patch {
-                    true => Either::Left(VersionPatchBody::new(b)),
-                    false => Either::Right(b),
-                })
+        let patch = self.enabled && VERSION_GET_PATHS.contains(&call.parts.uri.path());
+        PatchFuture {
+            inner: self.inner.call(call),
+            patch,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The call below, its response body patched when `patch` (a named future: no box).
+    pub struct PatchFuture<F> {
+        #[pin]
+        inner: F,
+        patch: bool,
+    }
+}
+
+impl<F, B> Future for PatchFuture<F>
+where
+    F: Future<Output = Result<Response<B>, LocalReply>>,
+{
+    type Output = Result<Response<Either<VersionPatchBody<B>, B>>, LocalReply>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let patch = *this.patch;
+        this.inner.poll(cx).map_ok(|response| {
+            response.map(|b| match patch {
+                true => Either::Left(VersionPatchBody::new(b)),
+                false => Either::Right(b),
             })
-            .boxed()
+        })
     }
 }
