@@ -6,6 +6,7 @@
 //! replies are mapped back. An address that maps to nothing is an error that says so; there is
 //! never a silent fallback to the management network.
 
+use crate::tls::ClientTls;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::future::Future;
@@ -56,6 +57,8 @@ pub struct NoStorageAddress {
 struct Settings {
     peers: Vec<Peer>,
     lookup: PeerLookupConfig,
+    /// `peer_lookup.tls`, loaded.
+    tls: Option<Arc<ClientTls>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -195,7 +198,13 @@ impl AddressMap {
         let at = SocketAddr::new(ip, settings.lookup.port);
         // Boxed: the lookup's future is kilobytes and only a cache miss needs it; unboxed it
         // would sit in every engine-proxy call's future.
-        match Box::pin(peer::ask(at, settings.lookup.timeout)).await {
+        match Box::pin(peer::ask(
+            at,
+            settings.lookup.timeout,
+            settings.tls.as_deref(),
+        ))
+        .await
+        {
             Ok(answer) => {
                 tracing::debug!(management = %ip, storage = %answer.storage, "peer storage address learned");
                 self.learn(Peer {
@@ -250,7 +259,13 @@ impl AddressMap {
         let at = SocketAddr::new(ip, settings.lookup.port);
         // Boxed: the lookup's future is kilobytes and only a cache miss needs it; unboxed it
         // would sit in every engine-proxy call's future.
-        match Box::pin(peer::ask(at, settings.lookup.timeout)).await {
+        match Box::pin(peer::ask(
+            at,
+            settings.lookup.timeout,
+            settings.tls.as_deref(),
+        ))
+        .await
+        {
             Ok(peer::PeerAddresses {
                 management: Some(m),
                 ..
@@ -276,6 +291,11 @@ impl From<&Config> for Settings {
         Settings {
             peers: config.peers.clone(),
             lookup: config.peer_lookup.clone(),
+            tls: config
+                .peer_lookup
+                .tls
+                .as_ref()
+                .map(|t| ClientTls::for_cluster("peer_lookup", t)),
         }
     }
 }

@@ -23,6 +23,7 @@ use crate::peer::PeerService;
 use crate::route::{LocalServices, RouteTable};
 use crate::storage::StorageState;
 use crate::tcp::{TcpForwarder, Upstream};
+use crate::tls::ServerTls;
 
 /// What the process supplies that is not in the config file.
 #[derive(Debug, Clone, Default)]
@@ -103,6 +104,13 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Str
             metrics.clone(),
         )));
         tables.insert(l.name.clone(), table.clone());
+        let tls = match &l.tls {
+            Some(t) => Some(
+                ServerTls::for_listener(&l.name, t)
+                    .map_err(|e| format!("listener {}: tls (mode required): {e}", l.name))?,
+            ),
+            None => None,
+        };
         let address = match l.address {
             ListenAddress::Socket(a) => a,
             ListenAddress::Range { .. } => {
@@ -112,13 +120,14 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Str
                 ))
             }
             ListenAddress::Storage(port) => {
-                let follower = StorageGrpcListener::new(&l.name, port, table.clone(), &storage);
+                let follower =
+                    StorageGrpcListener::new(&l.name, port, table.clone(), tls, &storage);
                 let initial = follower.bind_initial(&storage).await;
                 storage_grpc.push((follower, initial));
                 continue;
             }
         };
-        let listener = GrpcListener::bind(&l.name, address, table)
+        let listener = GrpcListener::bind(&l.name, address, table, tls)
             .await
             .map_err(|e| e.to_string())?;
         bound.push(listener);
@@ -342,13 +351,13 @@ impl Reloader {
                 .map(|l| {
                     (
                         l.name.clone(),
-                        format!("{} {:?} {:?}", l.address, l.kind, l.cluster),
+                        format!("{} {:?} {:?} {:?}", l.address, l.kind, l.cluster, l.tls),
                     )
                 })
                 .collect()
         };
         if shape(&old) != shape(&new) || old.admin.address != new.admin.address {
-            return Err("listeners (names, kinds, addresses or tcp clusters) or the admin address changed; restart lhnet-proxy to apply".into());
+            return Err("listeners (names, kinds, addresses, tls or tcp clusters) or the admin address changed; restart lhnet-proxy to apply".into());
         }
         let clusters = {
             let mut in_use = self.shared.clusters.lock();

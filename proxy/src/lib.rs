@@ -24,3 +24,4 @@ pub mod route;
 pub mod stack;
 pub mod storage;
 pub mod tcp;
+pub mod tls;

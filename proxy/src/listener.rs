@@ -29,6 +29,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::Code;
@@ -39,6 +42,7 @@ use crate::reply::{BoxError, LocalReply, ProxyBody};
 use crate::route::RouteTable;
 use crate::storage::StorageState;
 use crate::tcp::REBIND_EVERY;
+use crate::tls::ServerTls;
 
 /// What every HTTP/2 client sends first (RFC 9113 §3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -50,8 +54,14 @@ pub struct GrpcListener {
     pub name: Arc<str>,
     pub local_addr: SocketAddr,
     pub routes: Arc<ArcSwap<RouteTable>>,
+    /// `tls:`: Longhorn's mTLS (`None`: h2c).
+    pub tls: Option<Arc<ServerTls>>,
     listener: TcpListener,
 }
+
+/// A client connection's bytes as the listener reads them: counted on the wire, under TLS
+/// when the listener has it.
+type ClientIo = Either<CountedIo<TcpStream>, TlsStream<CountedIo<TcpStream>>>;
 
 /// One client connection, as its requests and the listener see it.
 pub struct Downstream {
@@ -129,6 +139,14 @@ pub struct TrackedBody {
     counted: Option<InProgress>,
 }
 
+/// Why a connection was closed before HTTP/2 began.
+enum Refused {
+    /// A listener with TLS, and a client that spoke plaintext.
+    Plaintext,
+    Handshake(io::Error),
+    Io,
+}
+
 /// How a connection began.
 enum Preface {
     Http2,
@@ -145,6 +163,7 @@ impl GrpcListener {
         name: &str,
         address: SocketAddr,
         routes: Arc<ArcSwap<RouteTable>>,
+        tls: Option<Arc<ServerTls>>,
     ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(address).await.map_err(|e| {
             std::io::Error::new(
@@ -156,6 +175,7 @@ impl GrpcListener {
             name: name.into(),
             local_addr: listener.local_addr()?,
             routes,
+            tls,
             listener,
         })
     }
@@ -178,7 +198,11 @@ impl GrpcListener {
             requests: AtomicUsize::new(0),
             waiters: Arc::default(),
         });
-        tracing::info!(listener = %self.name, address = %self.local_addr, "listening (gRPC, h2c)");
+        let transport = match &self.tls {
+            Some(tls) => format!("gRPC, mTLS {:?}", tls.config.mode).to_lowercase(),
+            None => "gRPC, h2c".into(),
+        };
+        tracing::info!(listener = %self.name, address = %self.local_addr, "listening ({transport})");
         loop {
             let (stream, peer) = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -224,11 +248,14 @@ impl GrpcListener {
             let counters = metrics.byte_counters(&device, network);
             let routes = self.routes.clone();
             let drain = shutdown.clone();
+            // The files in force when the connection came (re-read when they changed).
+            let tls = self.tls.as_ref().map(|t| t.for_accept(&self.name));
             tasks.spawn(async move {
-                let Some(stream) = admitted.preface(stream, peer, &limits).await else {
+                let stream = CountedIo::new(stream, counters, None);
+                let Some(stream) = admitted.preface(stream, peer, &limits, tls).await else {
                     return;
                 };
-                let io = TokioIo::new(CountedIo::new(Replayed::new(stream), counters, None));
+                let io = TokioIo::new(Replayed::new(stream));
                 // Boxed: the HTTP/2 state lives only on connections that have spoken.
                 let served =
                     admitted.serve_http2(io, peer, routes, (&limits, &h2), &drain, drain_timeout);
@@ -424,20 +451,24 @@ impl Downstream {
 // === impl Admitted ===
 
 impl Admitted {
-    /// Waits for the client's HTTP/2 preface within `request_headers_timeout`. `None` when the
-    /// connection is done with: timed out, evicted, draining, HTTP/1 (answered), or not HTTP.
+    /// Waits for the client's TLS handshake (on a listener with TLS files loaded: `tls` is
+    /// `Some(Some(_))`) and HTTP/2 preface, both within `request_headers_timeout`. `None` when
+    /// the connection is done with: timed out, evicted, draining, refused by TLS, HTTP/1
+    /// (answered), or not HTTP.
     async fn preface(
         &self,
-        mut stream: TcpStream,
+        stream: CountedIo<TcpStream>,
         peer: SocketAddr,
         limits: &ListenerLimits,
-    ) -> Option<TcpStream> {
+        tls: Option<Option<Arc<tokio_rustls::rustls::ServerConfig>>>,
+    ) -> Option<ClientIo> {
         let name = &self.shared.name;
+        let metrics = &self.shared.metrics;
         let read = tokio::select! {
-            read = read_preface(&mut stream) => read,
+            read = open(stream, tls) => read,
             _ = tokio::time::sleep(limits.request_headers_timeout) => {
-                self.shared.metrics.limit_reached(name, "request_headers_timeout", || format!(
-                    "listener {name}: {peer} sent no HTTP/2 preface within request_headers_timeout {}; closed",
+                metrics.limit_reached(name, "request_headers_timeout", || format!(
+                    "listener {name}: {peer} sent no HTTP/2 preface (or did not finish its TLS handshake) within request_headers_timeout {}; closed",
                     format_duration(limits.request_headers_timeout)
                 ));
                 return None;
@@ -445,9 +476,9 @@ impl Admitted {
             _ = self.conn.evict.cancelled() => return None,
         };
         match read {
-            Ok(Preface::Http2) => Some(stream),
-            Ok(Preface::Http1) => {
-                self.shared.metrics.limit_reached(name, "http2_only", || {
+            Ok((stream, Preface::Http2)) => Some(stream),
+            Ok((mut stream, Preface::Http1)) => {
+                metrics.limit_reached(name, "http2_only", || {
                     format!("listener {name}: {peer} spoke HTTP/1; answered 505 and closed")
                 });
                 let text = format!(
@@ -465,7 +496,22 @@ impl Admitted {
                 let _ = stream.shutdown().await;
                 None
             }
-            Ok(Preface::Other) | Err(_) => None,
+            Ok((_, Preface::Other)) | Err(Refused::Io) => None,
+            Err(Refused::Plaintext) => {
+                metrics.tls_refused(name, "plaintext", || {
+                    format!("listener {name}: {peer} did not start TLS (the listener requires mTLS: tls.mode with its files loaded); closed")
+                });
+                None
+            }
+            Err(Refused::Handshake(e)) => {
+                metrics.tls_refused(name, "handshake", || {
+                    format!(
+                        "listener {name}: TLS handshake with {peer} failed: {}; closed",
+                        crate::tls::handshake_error(&e)
+                    )
+                });
+                None
+            }
         }
     }
 
@@ -637,8 +683,32 @@ impl Body for TrackedBody {
     }
 }
 
+/// Starts a connection: the TLS handshake when the listener has TLS (`tls` is `Some`; its
+/// `None` inside: files not loaded, `mode: optional`, plaintext), then the preface.
+async fn open(
+    stream: CountedIo<TcpStream>,
+    tls: Option<Option<Arc<tokio_rustls::rustls::ServerConfig>>>,
+) -> Result<(ClientIo, Preface), Refused> {
+    let mut stream: ClientIo = match tls.flatten() {
+        None => Either::Left(stream),
+        Some(config) => {
+            // A TLS connection begins with a handshake record (type 22).
+            let mut first = [0u8; 1];
+            match stream.get_ref().peek(&mut first).await {
+                Ok(1) if first[0] == 0x16 => {}
+                Ok(1) => return Err(Refused::Plaintext),
+                _ => return Err(Refused::Io),
+            }
+            let accepted = TlsAcceptor::from(config).accept(stream).await;
+            Either::Right(accepted.map_err(Refused::Handshake)?)
+        }
+    };
+    let preface = read_preface(&mut stream).await.map_err(|_| Refused::Io)?;
+    Ok((stream, preface))
+}
+
 /// Reads the first bytes of a connection: the HTTP/2 preface, or enough to tell it is not.
-async fn read_preface(stream: &mut TcpStream) -> io::Result<Preface> {
+async fn read_preface<S: AsyncRead + Unpin>(stream: &mut S) -> io::Result<Preface> {
     let mut buf = [0u8; PREFACE.len()];
     let mut n = 0;
     while n < buf.len() {
@@ -667,13 +737,13 @@ async fn read_preface(stream: &mut TcpStream) -> io::Result<Preface> {
 /// A stream whose HTTP/2 preface was read (and checked) before hyper saw it: hyper reads the
 /// preface again from here, then the stream.
 struct Replayed {
-    stream: TcpStream,
+    stream: ClientIo,
     /// Preface bytes still to give back.
     replay: usize,
 }
 
 impl Replayed {
-    fn new(stream: TcpStream) -> Replayed {
+    fn new(stream: ClientIo) -> Replayed {
         Replayed {
             stream,
             replay: PREFACE.len(),
@@ -736,6 +806,7 @@ pub struct StorageGrpcListener {
     pub name: Arc<str>,
     pub port: u16,
     pub routes: Arc<ArcSwap<RouteTable>>,
+    pub tls: Option<Arc<ServerTls>>,
     /// The address it accepts on now (none while it waits).
     pub bound: Arc<Mutex<Option<SocketAddr>>>,
     /// Subscribed before the first bind, so a change while binding is not missed.
@@ -747,12 +818,14 @@ impl StorageGrpcListener {
         name: &str,
         port: u16,
         routes: Arc<ArcSwap<RouteTable>>,
+        tls: Option<Arc<ServerTls>>,
         storage: &StorageState,
     ) -> StorageGrpcListener {
         StorageGrpcListener {
             name: name.into(),
             port,
             routes,
+            tls,
             bound: Arc::new(Mutex::new(None)),
             changes: storage.subscribe(),
         }
@@ -763,6 +836,7 @@ impl StorageGrpcListener {
             &self.name,
             SocketAddr::new(ip, self.port),
             self.routes.clone(),
+            self.tls.clone(),
         )
         .await
     }

@@ -48,6 +48,7 @@ pub struct Metrics {
     storage_address: IntGaugeVec,
     config_reloads: IntCounterVec,
     limits_reached: IntCounterVec,
+    tls_refused: IntCounterVec,
     downstream_connections: IntGaugeVec,
     /// When each (listener, limit) was last logged, and how often it was reached since.
     limit_log: parking_lot::Mutex<HashMap<&'static str, HashMap<String, LimitLog>>>,
@@ -160,6 +161,11 @@ impl Metrics {
             "Times a listener or cluster limit refused or closed something, by listener (or cluster) and the config key of the limit.",
             &["listener", "limit"],
         );
+        let tls_refused = counter(
+            "lhnet_tls_refused_total",
+            "Client connections a listener with mTLS closed before HTTP/2, by listener and reason (plaintext: the client did not start TLS; handshake: the handshake failed, e.g. no or a wrong client certificate).",
+            &["listener", "reason"],
+        );
         let downstream_connections = gauge(
             "lhnet_downstream_connections",
             "Open client connections, by listener.",
@@ -179,6 +185,7 @@ impl Metrics {
             storage_address,
             config_reloads,
             limits_reached,
+            tls_refused,
             downstream_connections,
             limit_log: parking_lot::Mutex::new(HashMap::new()),
             known_methods: KnownMethods::from_descriptors(lhnet_proto::FILE_DESCRIPTOR_SET),
@@ -244,6 +251,30 @@ impl Metrics {
         self.limits_reached
             .with_label_values(&[listener, limit])
             .inc();
+        self.log_rate_limited(listener, limit, detail);
+    }
+
+    /// Counts a client connection a listener's mTLS refused, with a rate-limited log line.
+    pub fn tls_refused(
+        &self,
+        listener: &str,
+        reason: &'static str,
+        detail: impl FnOnce() -> String,
+    ) {
+        self.tls_refused
+            .with_label_values(&[listener, reason])
+            .inc();
+        self.log_rate_limited(listener, reason, detail);
+    }
+
+    /// Logs `detail` at most once per [`LIMIT_LOG_EVERY`] for each (listener, key), with how
+    /// often it happened since.
+    fn log_rate_limited(
+        &self,
+        listener: &str,
+        limit: &'static str,
+        detail: impl FnOnce() -> String,
+    ) {
         let now = Instant::now();
         let mut log = self.limit_log.lock();
         let by_listener = log.entry(limit).or_default();

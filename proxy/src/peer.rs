@@ -12,6 +12,8 @@ use lhnet_proto::peer::peer_client::PeerClient;
 use lhnet_proto::peer::peer_server::{Peer, PeerServer};
 use lhnet_proto::peer::{StorageAddressRequest, StorageAddressResponse};
 use tonic::transport::Endpoint;
+
+use crate::tls::ClientTls;
 use tonic::{Request, Response, Status};
 
 use crate::storage::StorageState;
@@ -79,20 +81,37 @@ pub enum PeerLookupError {
 
 /// Asks the lhnet at `addr` for its pod's addresses; the whole exchange (connect included)
 /// gets `timeout`.
-pub async fn ask(addr: SocketAddr, timeout: Duration) -> Result<PeerAddresses, PeerLookupError> {
+pub async fn ask(
+    addr: SocketAddr,
+    timeout: Duration,
+    tls: Option<&ClientTls>,
+) -> Result<PeerAddresses, PeerLookupError> {
     let exchange = async {
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| PeerLookupError::BadAddress {
                 addr,
                 cause: e.to_string(),
             })?
-            .connect_timeout(timeout)
-            .connect()
-            .await
-            .map_err(|e| PeerLookupError::Connect {
-                addr,
-                cause: crate::cluster::error_chain(&e),
-            })?;
+            .connect_timeout(timeout);
+        let tls = match tls {
+            Some(t) => t
+                .for_dial("peer_lookup")
+                .map_err(|cause| PeerLookupError::Connect { addr, cause })?
+                .map(|config| (config, t.config.peer_name.clone())),
+            None => None,
+        };
+        let connected = match tls {
+            Some((config, name)) => {
+                endpoint
+                    .connect_with_connector(crate::tls::connector(addr, config, name))
+                    .await
+            }
+            None => endpoint.connect().await,
+        };
+        let channel = connected.map_err(|e| PeerLookupError::Connect {
+            addr,
+            cause: crate::cluster::error_chain(&e),
+        })?;
         let reply = PeerClient::new(channel)
             .storage_address(StorageAddressRequest {})
             .await

@@ -223,7 +223,11 @@ fn capture_mode_adds_the_capture_init_container_with_net_admin_only() {
             "--redirect",
             "8500:8510",
             "--redirect",
-            "8501:8511"
+            "8501:8511",
+            "--redirect",
+            "8502:8512",
+            "--redirect",
+            "8503:8513"
         ])
     );
     assert_eq!(
@@ -355,7 +359,7 @@ fn the_shipped_configmaps_hold_configs_lhnet_accepts() {
     let text = sidecar["data"]["config.yaml"].as_str().unwrap();
     let config = lhnet_proxy::config::Config::parse(text, "configmap-sidecar.yaml").unwrap();
     let names: Vec<&str> = config.listeners.iter().map(|l| l.name.as_str()).collect();
-    assert_eq!(names, ["management", "process_manager"]);
+    assert_eq!(names, ["management", "process_manager", "disk", "instance"]);
     // The ports the injected container declares are the ones the config listens on.
     let opts = InjectOptions::default();
     assert_eq!(
@@ -366,6 +370,16 @@ fn the_shipped_configmaps_hold_configs_lhnet_accepts() {
         config.listeners[1].address.to_string(),
         format!("0.0.0.0:{}", opts.process_manager_port)
     );
+    assert_eq!(
+        config.listeners[2].address.to_string(),
+        format!("0.0.0.0:{}", opts.disk_port)
+    );
+    assert_eq!(
+        config.listeners[3].address.to_string(),
+        format!("0.0.0.0:{}", opts.instance_port)
+    );
+    // Every listener and the instance-manager's clusters take Longhorn's mTLS when it is there.
+    assert!(config.listeners.iter().all(|l| l.tls.is_some()));
     assert_eq!(config.admin.address.port(), opts.admin_port);
 
     let injector: Value = serde_yaml_ng::from_str(

@@ -11,9 +11,18 @@ use nix::sys::socket::{setsockopt, sockopt};
 use socket2::{Domain, Protocol, Socket, TcpKeepalive, Type};
 use tokio::net::{TcpSocket, TcpStream};
 
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::TlsConnector;
+use tokio_util::either::Either;
+
 use crate::config::SourceAddress;
 use crate::metrics::{CountedIo, Metrics};
 use crate::storage::StorageState;
+use crate::tls::ClientTls;
+
+/// An upstream connection's bytes: counted on the wire, under TLS when the cluster has it.
+pub type UpstreamIo = Either<CountedIo<TcpStream>, TlsStream<CountedIo<TcpStream>>>;
 
 /// Makes upstream TCP connections for one cluster.
 pub struct Connector {
@@ -24,6 +33,8 @@ pub struct Connector {
     pub(super) keepalive: Duration,
     pub(super) storage: Arc<StorageState>,
     pub(super) metrics: Arc<Metrics>,
+    /// `tls:` of the cluster (gRPC connections only; `kind: tcp` listeners forward bytes).
+    pub(super) tls: Option<Arc<ClientTls>>,
 }
 
 /// A connect failure, with the reason used as a metric label.
@@ -72,6 +83,44 @@ impl Connector {
                     "no management address to bind (source_address: management): POD_IP is not set"
                         .into(),
             }),
+        }
+    }
+
+    /// [`Connector::connect`], then the TLS handshake when the cluster has TLS (within
+    /// `connect_timeout` too, ServerName `tls.peer_name`).
+    pub async fn connect_grpc(&self, destination: SocketAddr) -> Result<UpstreamIo, ConnectError> {
+        let io = self.connect(destination).await?;
+        let Some(tls) = &self.tls else {
+            return Ok(Either::Left(io));
+        };
+        let config = match tls.for_dial(&self.cluster) {
+            Ok(Some(config)) => config,
+            Ok(None) => return Ok(Either::Left(io)),
+            Err(message) => {
+                return Err(ConnectError {
+                    reason: "tls",
+                    message,
+                })
+            }
+        };
+        let failed = |message: String| ConnectError {
+            reason: "tls",
+            message,
+        };
+        let name = ServerName::try_from(tls.config.peer_name.clone()).map_err(|e| {
+            failed(format!(
+                "tls.peer_name {:?} is not a server name: {e}",
+                tls.config.peer_name
+            ))
+        })?;
+        let handshake = TlsConnector::from(config).connect(name, io);
+        match tokio::time::timeout(self.connect_timeout, handshake).await {
+            Ok(Ok(stream)) => Ok(Either::Right(stream)),
+            Ok(Err(e)) => Err(failed(format!("TLS handshake with {destination}: {e}"))),
+            Err(_) => Err(failed(format!(
+                "TLS handshake with {destination} not done within connect_timeout {}",
+                crate::config::format_duration(self.connect_timeout)
+            ))),
         }
     }
 

@@ -6,6 +6,7 @@ mod connect;
 mod pool;
 mod service;
 
+use crate::tls::ClientTls;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -142,6 +143,10 @@ impl Cluster {
             keepalive: config.tcp_keepalive,
             storage: storage.clone(),
             metrics,
+            tls: config
+                .tls
+                .as_ref()
+                .map(|t| ClientTls::for_cluster(&config.name, t)),
         };
         let limits = PoolLimits {
             max_connections: config.max_connections_per_endpoint,

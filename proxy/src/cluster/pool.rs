@@ -6,6 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::either::Either;
 
 use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri};
@@ -277,8 +278,12 @@ impl EndpointPool {
         &self,
         connector: &Connector,
     ) -> Result<(SendRequest<ProxyBody>, Option<IpAddr>), ConnectError> {
-        let io = connector.connect(self.addr).await?;
-        let source = io.get_ref().local_addr().ok().map(|a| a.ip());
+        let io = connector.connect_grpc(self.addr).await?;
+        let tcp = match &io {
+            Either::Left(plain) => plain.get_ref(),
+            Either::Right(tls) => tls.get_ref().0.get_ref(),
+        };
+        let source = tcp.local_addr().ok().map(|a| a.ip());
         let (send, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_stream_window_size(2 << 20)

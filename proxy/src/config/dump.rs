@@ -117,6 +117,9 @@ impl Serialize for ListenerConfig {
         map.serialize_entry("idle_timeout", &Dur(l.idle_timeout))?;
         map.serialize_entry("stream_idle_timeout", &Dur(l.stream_idle_timeout))?;
         map.serialize_entry("max_request_headers_kb", &l.max_request_headers_kb)?;
+        if let Some(tls) = &self.tls {
+            map.serialize_entry("tls", tls)?;
+        }
         map.end()
     }
 }
@@ -224,6 +227,21 @@ impl Serialize for ClusterConfig {
             &self.max_connections_per_endpoint,
         )?;
         map.serialize_entry("streams_per_connection", &self.streams_per_connection)?;
+        if let Some(tls) = &self.tls {
+            map.serialize_entry("tls", tls)?;
+        }
+        map.end()
+    }
+}
+
+impl Serialize for TlsConfig {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        map.serialize_entry("mode", &self.mode)?;
+        map.serialize_entry("ca", &self.ca)?;
+        map.serialize_entry("cert", &self.cert)?;
+        map.serialize_entry("key", &self.key)?;
+        map.serialize_entry("peer_name", &self.peer_name)?;
         map.end()
     }
 }

@@ -69,6 +69,9 @@ pub struct PeerLookupConfig {
     /// long instead of each waiting `timeout` again.
     #[serde(serialize_with = "ser_duration")]
     pub failure_ttl: Duration,
+    /// `tls:`: lookups use Longhorn's mTLS (the peers' management listener has it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for PeerLookupConfig {
@@ -80,6 +83,7 @@ impl Default for PeerLookupConfig {
             timeout: Duration::from_secs(1),
             cache_ttl: Duration::from_secs(30),
             failure_ttl: Duration::from_secs(5),
+            tls: None,
         }
     }
 }
@@ -138,6 +142,46 @@ pub struct ListenerConfig {
     pub max_message_size: usize,
     pub http2: Http2Options,
     pub limits: ListenerLimits,
+    /// `tls:` (gRPC listeners): Longhorn's mTLS; absent is plaintext.
+    pub tls: Option<TlsConfig>,
+}
+
+/// `tls:` of a gRPC listener or a cluster: Longhorn's mTLS (spec §5, `crate::tls`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub mode: TlsMode,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// A listener: the name a client certificate must carry (DNS SAN or CN). A cluster: the
+    /// name the server's certificate must carry.
+    pub peer_name: String,
+}
+
+/// `tls.mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsMode {
+    /// TLS when the files load, else plaintext with a log line (Longhorn's instance-manager).
+    Optional,
+    /// TLS only: files that do not load are an error, plaintext clients are refused.
+    Required,
+    /// Plaintext, whatever the files.
+    Off,
+}
+
+impl Default for TlsConfig {
+    /// Longhorn's: the `longhorn-grpc-tls` secret as instance-manager pods mount it.
+    fn default() -> Self {
+        let dir = Path::new(crate::tls::LONGHORN_TLS_DIR);
+        TlsConfig {
+            mode: TlsMode::Optional,
+            ca: dir.join("ca.crt"),
+            cert: dir.join("tls.crt"),
+            key: dir.join("tls.key"),
+            peer_name: crate::tls::LONGHORN_TLS_NAME.to_string(),
+        }
+    }
 }
 
 /// What one listener grants its clients at most (gRPC listeners). The defaults keep the
@@ -367,6 +411,8 @@ pub struct ClusterConfig {
     /// `streams_per_connection` requests awaiting their response.
     pub max_connections_per_endpoint: usize,
     pub streams_per_connection: usize,
+    /// `tls:`: connections to the endpoints use Longhorn's mTLS; absent is plaintext.
+    pub tls: Option<TlsConfig>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

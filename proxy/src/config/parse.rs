@@ -186,6 +186,7 @@ pub(super) const PEER_LOOKUP_KEYS: &[&str] = &[
     "timeout",
     "cache_ttl",
     "failure_ttl",
+    "tls",
 ];
 pub(super) const BACKUP_TARGET_KEYS: &[&str] =
     &["nfs_mount_root", "nfs_mount", "max_concurrent", "timeout"];
@@ -207,6 +208,7 @@ pub(super) const GRPC_LISTENER_KEYS: &[&str] = &[
     "idle_timeout",
     "stream_idle_timeout",
     "max_request_headers_kb",
+    "tls",
 ];
 /// What a listener may be asked for before its `kind` is known: both tables.
 pub(super) const LISTENER_KEYS: &[&str] = &[
@@ -224,7 +226,9 @@ pub(super) const LISTENER_KEYS: &[&str] = &[
     "idle_timeout",
     "stream_idle_timeout",
     "max_request_headers_kb",
+    "tls",
 ];
+pub(super) const TLS_KEYS: &[&str] = &["mode", "ca", "cert", "key", "peer_name"];
 const HTTP2_KEYS: &[&str] = &[
     "max_concurrent_streams",
     "initial_stream_window_size",
@@ -277,6 +281,7 @@ pub(super) const CLUSTER_KEYS: &[&str] = &[
     "max_connections_per_endpoint",
     "streams_per_connection",
     "typed_extension_protocol_options",
+    "tls",
 ];
 pub(super) const CIRCUIT_BREAKER_KEYS: &[&str] =
     &["max_requests", "max_requests_per_downstream_connection"];
@@ -729,8 +734,13 @@ pub(super) fn parse_peer_lookup(v: &Value, path: &str, cx: &mut Cx) -> Option<Pe
         }
         None => Some(d.networks.clone()),
     };
+    let tls = match f.take("tls") {
+        Some((p, v)) => parse_tls(v, &p, cx),
+        None => Some(None),
+    };
     f.finish(cx);
     Some(PeerLookupConfig {
+        tls: tls?,
         enabled: enabled?,
         networks: networks?,
         port: port?,
@@ -983,6 +993,7 @@ pub(super) fn parse_listener(v: &Value, path: &str, cx: &mut Cx) -> Option<Liste
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             http2: Http2Options::default(),
             limits: ListenerLimits::default(),
+            tls: None,
         });
     }
     let listener_name = name.clone().unwrap_or_else(|| path.to_string());
@@ -1003,6 +1014,10 @@ pub(super) fn parse_listener(v: &Value, path: &str, cx: &mut Cx) -> Option<Liste
         None => Some(Http2Options::default()),
     };
     let limits = parse_listener_limits(&mut f, cx);
+    let tls = match f.take("tls") {
+        Some((p, v)) => parse_tls(v, &p, cx),
+        None => Some(None),
+    };
     // Envoy's stat_prefix is accepted for familiarity; the listener name is the metric label.
     let _ = f.take("stat_prefix");
     f.finish_as(GRPC_LISTENER_KEYS, cx);
@@ -1016,7 +1031,59 @@ pub(super) fn parse_listener(v: &Value, path: &str, cx: &mut Cx) -> Option<Liste
         max_message_size: max_message_size?,
         http2: http2?,
         limits: limits?,
+        tls: tls?,
     })
+}
+
+/// `tls:` of a listener or a cluster: every key optional (Longhorn's paths and name by
+/// default); `None` inside when `mode: off`.
+pub(super) fn parse_tls(v: &Value, path: &str, cx: &mut Cx) -> Option<Option<TlsConfig>> {
+    let mut f = Fields::new(v, path, TLS_KEYS, cx)?;
+    let mut tls = TlsConfig::default();
+    let mut ok = true;
+    if let Some((p, v)) = f.take("mode") {
+        match string(v, &p, cx).as_deref() {
+            Some("optional") => tls.mode = TlsMode::Optional,
+            Some("required") => tls.mode = TlsMode::Required,
+            Some("off") => tls.mode = TlsMode::Off,
+            Some(other) => {
+                cx.err(
+                    &p,
+                    format!("\"{other}\" is not a TLS mode; use optional, required or off"),
+                );
+                ok = false;
+            }
+            None => ok = false,
+        }
+    }
+    for (key, slot) in [
+        ("ca", &mut tls.ca),
+        ("cert", &mut tls.cert),
+        ("key", &mut tls.key),
+    ] {
+        if let Some((p, v)) = f.take(key) {
+            match string(v, &p, cx) {
+                Some(s) if s.is_empty() => {
+                    cx.err(&p, "must name a file");
+                    ok = false;
+                }
+                Some(s) => *slot = s.into(),
+                None => ok = false,
+            }
+        }
+    }
+    if let Some((p, v)) = f.take("peer_name") {
+        match string(v, &p, cx) {
+            Some(s) if s.is_empty() => {
+                cx.err(&p, "must not be empty");
+                ok = false;
+            }
+            Some(s) => tls.peer_name = s,
+            None => ok = false,
+        }
+    }
+    f.finish(cx);
+    ok.then_some((tls.mode != TlsMode::Off).then_some(tls))
 }
 
 pub(super) fn parse_listener_limits(f: &mut Fields<'_>, cx: &mut Cx) -> Option<ListenerLimits> {
@@ -1497,6 +1564,10 @@ pub(super) fn parse_cluster(v: &Value, path: &str, cx: &mut Cx) -> Option<Cluste
     }
     // Envoy's protocol options: lhnet is HTTP/2 upstream only, so the key is accepted and ignored.
     let _ = f.take("typed_extension_protocol_options");
+    let tls = match f.take("tls") {
+        Some((p, v)) => parse_tls(v, &p, cx),
+        None => Some(None),
+    };
     f.finish(cx);
     Some(ClusterConfig {
         path: path.to_string(),
@@ -1514,6 +1585,7 @@ pub(super) fn parse_cluster(v: &Value, path: &str, cx: &mut Cx) -> Option<Cluste
         max_requests_per_downstream_connection,
         max_connections_per_endpoint: pool[0],
         streams_per_connection: pool[1],
+        tls: tls?,
     })
 }
 

@@ -24,12 +24,15 @@ pub const COMPONENTS: [&str; 2] = ["instance-manager", "backing-image-manager"];
 pub const NETWORKS_ANNOTATION: &str = "k8s.v1.cni.cncf.io/networks";
 const CONFIG_VOLUME: &str = "lhnet-config";
 const PODINFO_VOLUME: &str = "lhnet-podinfo";
+/// Longhorn's mTLS secret as its instance-manager pods mount it (`/tls-files`, optional): the
+/// sidecar mounts the pod's own volume of that name, or adds it.
+pub const TLS_VOLUME: &str = "longhorn-grpc-tls";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
-    /// lhnet on its own ports (8510/8511).
+    /// lhnet on its own ports (8510-8513).
     Sidecar,
-    /// Also an init container that redirects 8500/8501 arriving from outside the pod to lhnet.
+    /// Also an init container that redirects 8500-8503 arriving from outside the pod to lhnet.
     Capture,
 }
 
@@ -54,6 +57,10 @@ pub struct InjectOptions {
     pub proxy_port: u16,
     /// lhnet's process-manager port (8500 is taken).
     pub process_manager_port: u16,
+    /// lhnet's DiskService port (8502 is taken).
+    pub disk_port: u16,
+    /// lhnet's InstanceService port (8503 is taken).
+    pub instance_port: u16,
     pub admin_port: u16,
     /// CPU and memory, requests equal to limits.
     pub cpu: String,
@@ -69,6 +76,8 @@ impl Default for InjectOptions {
             config_map: "lhnet-sidecar".into(),
             proxy_port: 8511,
             process_manager_port: 8510,
+            disk_port: 8512,
+            instance_port: 8513,
             admin_port: 9901,
             cpu: "100m".into(),
             memory: "64Mi".into(),
@@ -233,7 +242,20 @@ pub fn pod_patch(
             json!({"op": "add", "path": format!("{prefix}/spec/initContainers"), "value": inits}),
         ),
     }
-    let volumes = volumes(opts);
+    let mut volumes = volumes(opts);
+    let has_tls = spec
+        .get("volumes")
+        .and_then(Value::as_array)
+        .is_some_and(|vs| {
+            vs.iter()
+                .any(|v| v.get("name").and_then(Value::as_str) == Some(TLS_VOLUME))
+        });
+    if !has_tls {
+        volumes.push(json!({
+            "name": TLS_VOLUME,
+            "secret": {"secretName": TLS_VOLUME, "optional": true}
+        }));
+    }
     match spec.get("volumes").and_then(Value::as_array) {
         Some(existing) => {
             for v in volumes {
@@ -314,6 +336,8 @@ fn sidecar(opts: &InjectOptions) -> Value {
         "ports": [
             {"name": "lhnet-proxy", "containerPort": opts.proxy_port, "protocol": "TCP"},
             {"name": "lhnet-pm", "containerPort": opts.process_manager_port, "protocol": "TCP"},
+            {"name": "lhnet-disk", "containerPort": opts.disk_port, "protocol": "TCP"},
+            {"name": "lhnet-instance", "containerPort": opts.instance_port, "protocol": "TCP"},
             {"name": "lhnet-admin", "containerPort": opts.admin_port, "protocol": "TCP"}
         ],
         "startupProbe": admin_probe("/ready", 1, 120),
@@ -329,7 +353,8 @@ fn sidecar(opts: &InjectOptions) -> Value {
         },
         "volumeMounts": [
             {"name": CONFIG_VOLUME, "mountPath": "/etc/lhnet", "readOnly": true},
-            {"name": PODINFO_VOLUME, "mountPath": "/etc/podinfo", "readOnly": true}
+            {"name": PODINFO_VOLUME, "mountPath": "/etc/podinfo", "readOnly": true},
+            {"name": TLS_VOLUME, "mountPath": crate::tls::LONGHORN_TLS_DIR, "readOnly": true}
         ]
     })
 }
@@ -341,7 +366,9 @@ fn capture(opts: &InjectOptions) -> Value {
         "args": [
             "capture",
             "--redirect", format!("8500:{}", opts.process_manager_port),
-            "--redirect", format!("8501:{}", opts.proxy_port)
+            "--redirect", format!("8501:{}", opts.proxy_port),
+            "--redirect", format!("8502:{}", opts.disk_port),
+            "--redirect", format!("8503:{}", opts.instance_port)
         ],
         "resources": resources(opts),
         "securityContext": {
@@ -632,6 +659,50 @@ mod tests {
     }
 
     #[test]
+    fn the_sidecar_mounts_longhorns_tls_secret_optional_or_the_pods_own_volume() {
+        // A pod without it: the volume is added, optional (the secret may not exist).
+        let mut pod = im_pod();
+        let opts = InjectOptions::default();
+        let Decision::Inject { patch, .. } = document_patch(&pod, &opts).unwrap() else {
+            panic!("not injected")
+        };
+        apply_patch(&mut pod, &patch).unwrap();
+        let tls: Vec<&Value> = pod["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| v["name"] == TLS_VOLUME)
+            .collect();
+        assert_eq!(
+            tls,
+            [&json!({"name": TLS_VOLUME, "secret": {"secretName": TLS_VOLUME, "optional": true}})]
+        );
+        let mounts = &pod["spec"]["initContainers"][0]["volumeMounts"];
+        assert!(mounts
+            .as_array()
+            .unwrap()
+            .contains(&json!({"name": TLS_VOLUME, "mountPath": "/tls-files", "readOnly": true})));
+
+        // Longhorn's instance-manager pod has it already: mounted, not added twice.
+        let mut pod = im_pod();
+        let longhorns =
+            json!({"name": TLS_VOLUME, "secret": {"secretName": TLS_VOLUME, "optional": true}});
+        pod["spec"]["volumes"] = json!([longhorns.clone()]);
+        let Decision::Inject { patch, .. } = document_patch(&pod, &opts).unwrap() else {
+            panic!("not injected: Longhorn's own TLS volume must not block the injection")
+        };
+        apply_patch(&mut pod, &patch).unwrap();
+        let count = pod["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| v["name"] == TLS_VOLUME)
+            .count();
+        assert_eq!(count, 1);
+        assert_eq!(pod["spec"]["volumes"][0], longhorns);
+    }
+
+    #[test]
     fn existing_arrays_are_appended_and_keys_escaped() {
         let mut pod = im_pod();
         pod["metadata"]["annotations"] = json!({"a": "b"});
@@ -650,6 +721,7 @@ mod tests {
             [
                 "/spec/initContainers/0",
                 "/spec/initContainers/0",
+                "/spec/volumes/-",
                 "/spec/volumes/-",
                 "/spec/volumes/-",
                 "/metadata/annotations/lhnet.io~1injected"
