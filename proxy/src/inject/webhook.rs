@@ -21,8 +21,6 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
-use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -133,29 +131,14 @@ fn modified(cert: &Path, key: &Path) -> Option<SystemTime> {
 }
 
 fn load_tls(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, String> {
-    let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
-    let cert_pem = read(cert)?;
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: {e}", cert.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{}: no PEM certificate in it", cert.display()));
-    }
-    let key: PrivateKeyDer<'static> =
-        PrivateKeyDer::from_pem_slice(&read(key)?).map_err(|e| match e {
-            tokio_rustls::rustls::pki_types::pem::Error::NoItemsFound => {
-                format!("{}: no PEM private key in it", key.display())
-            }
-            e => format!("{}: {e}", key.display()),
-        })?;
-    let mut config = ServerConfig::builder_with_provider(Arc::new(
-        tokio_rustls::rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(|e| format!("certificate and key do not make a TLS identity: {e}"))?;
+    let certs = crate::tls::read_certs(cert).map_err(|e| e.to_string())?;
+    let key = crate::tls::read_key(key).map_err(|e| e.to_string())?;
+    let mut config = ServerConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("certificate and key do not make a TLS identity: {e}"))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
