@@ -98,6 +98,15 @@ fn setup(what: &str, e: impl std::fmt::Display) -> TlsError {
     }
 }
 
+fn not_an_identity(tls: &TlsConfig, e: rustls::Error) -> TlsError {
+    let what = format!(
+        "{} and {} do not make a TLS identity",
+        tls.cert.display(),
+        tls.key.display()
+    );
+    setup(&what, e)
+}
+
 fn roots(ca: &Path) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     let (added, _ignored) = roots.add_parsable_certificates(read_certs(ca)?);
@@ -124,16 +133,7 @@ pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
         .map_err(|e| setup("TLS 1.3", e))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(read_certs(&tls.cert)?, read_key(&tls.key)?)
-        .map_err(|e| {
-            setup(
-                &format!(
-                    "{} and {} do not make a TLS identity",
-                    tls.cert.display(),
-                    tls.key.display()
-                ),
-                e,
-            )
-        })?;
+        .map_err(|e| not_an_identity(tls, e))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }
@@ -145,16 +145,7 @@ pub fn client_config(tls: &TlsConfig) -> Result<Arc<ClientConfig>, TlsError> {
         .map_err(|e| setup("TLS 1.3", e))?
         .with_root_certificates(roots(&tls.ca)?)
         .with_client_auth_cert(read_certs(&tls.cert)?, read_key(&tls.key)?)
-        .map_err(|e| {
-            setup(
-                &format!(
-                    "{} and {} do not make a client certificate",
-                    tls.cert.display(),
-                    tls.key.display()
-                ),
-                e,
-            )
-        })?;
+        .map_err(|e| not_an_identity(tls, e))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }

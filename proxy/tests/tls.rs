@@ -498,6 +498,20 @@ async fn a_rotated_certificate_is_used_by_new_connections_while_old_ones_go_on()
     p.shutdown().await;
 }
 
+/// One unary echo call through the proxy's listener `m`, in plaintext.
+async fn echo_through(front: &RunningProxy, payload: &[u8]) -> Result<Vec<u8>, tonic::Status> {
+    let channel = plain_channel(front.listener_addr("m").unwrap())
+        .await
+        .unwrap();
+    let request = EchoRequest {
+        payload: payload.to_vec(),
+        count: 0,
+        delay_ms: 0,
+    };
+    let reply = EchoClient::new(channel).unary(request).await?;
+    Ok(reply.into_inner().payload)
+}
+
 async fn echo(name: &str) -> RunningEcho {
     echo_server::spawn("127.0.0.1:0".parse().unwrap(), name)
         .await
@@ -527,20 +541,10 @@ async fn a_cluster_speaks_mtls_to_a_peer_lhnet() {
         )
     };
     let front = proxy("", &echo_route("peer"), &cluster(&pki.yaml("required"))).await;
-    let mut client = EchoClient::new(
-        plain_channel(front.listener_addr("m").unwrap())
-            .await
-            .unwrap(),
-    );
-    let reply = client
-        .unary(EchoRequest {
-            payload: b"over mtls".to_vec(),
-            count: 0,
-            delay_ms: 0,
-        })
+    let reply = echo_through(&front, b"over mtls")
         .await
         .expect("through lhnet's mTLS cluster to the peer lhnet");
-    assert_eq!(reply.get_ref().payload, b"over mtls");
+    assert_eq!(reply, b"over mtls");
     assert_eq!(
         metric(
             &peer,
@@ -559,19 +563,7 @@ async fn a_cluster_speaks_mtls_to_a_peer_lhnet() {
         pki.path("wrong.key").display()
     );
     let front = proxy("", &echo_route("peer"), &cluster(&wrong)).await;
-    let mut client = EchoClient::new(
-        plain_channel(front.listener_addr("m").unwrap())
-            .await
-            .unwrap(),
-    );
-    let status = client
-        .unary(EchoRequest {
-            payload: b"x".to_vec(),
-            count: 0,
-            delay_ms: 0,
-        })
-        .await
-        .unwrap_err();
+    let status = echo_through(&front, b"x").await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     front.shutdown().await;
 
@@ -582,19 +574,7 @@ async fn a_cluster_speaks_mtls_to_a_peer_lhnet() {
         &cluster("{ mode: required, ca: /nonexistent/ca.crt }"),
     )
     .await;
-    let mut client = EchoClient::new(
-        plain_channel(front.listener_addr("m").unwrap())
-            .await
-            .unwrap(),
-    );
-    let status = client
-        .unary(EchoRequest {
-            payload: b"x".to_vec(),
-            count: 0,
-            delay_ms: 0,
-        })
-        .await
-        .unwrap_err();
+    let status = echo_through(&front, b"x").await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable);
     assert!(
         status.message().contains("/nonexistent/ca.crt"),
