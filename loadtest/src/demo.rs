@@ -1106,7 +1106,8 @@ pub fn print(r: &DemoReport) {
     );
 }
 
-/// Latency over time and bytes per network per pod, as one SVG.
+/// Latency over time (every call, and the p50 / p99 of each second) and bytes per network per
+/// pod, as one SVG with legends and byte axes in KiB / MiB / GiB.
 pub fn plot(r: &DemoReport, path: &std::path::Path) -> Result<(), String> {
     use plotters::prelude::*;
     let root = SVGBackend::new(path, (1000, 800)).into_drawing_area();
@@ -1127,7 +1128,7 @@ pub fn plot(r: &DemoReport, path: &std::path::Path) -> Result<(), String> {
         .map_err(|e| fail(&e))?;
     chart
         .configure_mesh()
-        .x_desc("seconds")
+        .x_desc("seconds since the start")
         .y_desc("ms")
         .draw()
         .map_err(|e| fail(&e))?;
@@ -1135,8 +1136,29 @@ pub fn plot(r: &DemoReport, path: &std::path::Path) -> Result<(), String> {
         .draw_series(
             r.latencies
                 .iter()
-                .map(|(t, ms)| Circle::new((*t, *ms), 2, BLUE.mix(0.4).filled())),
+                .map(|(t, ms)| Circle::new((*t, *ms), 2, BLUE.mix(0.25).filled())),
         )
+        .map_err(|e| fail(&e))?
+        .label("a call")
+        .legend(|(x, y)| Circle::new((x + 10, y), 3, BLUE.mix(0.5).filled()));
+    let seconds = per_second_percentiles(&r.latencies);
+    for (which, color, name) in [
+        (0usize, GREEN, "p50 of each second"),
+        (1, RED, "p99 of each second"),
+    ] {
+        let line = seconds.iter().map(|(t, p)| (*t, p[which]));
+        chart
+            .draw_series(LineSeries::new(line, color.stroke_width(2)))
+            .map_err(|e| fail(&e))?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.3))
+        .draw()
         .map_err(|e| fail(&e))?;
 
     let max_bytes = r
@@ -1150,13 +1172,16 @@ pub fn plot(r: &DemoReport, path: &std::path::Path) -> Result<(), String> {
     let names: Vec<String> = r.pods.iter().map(|p| p.name.clone()).collect();
     let mut bars = ChartBuilder::on(&bottom)
         .caption(
-            "bytes per network per pod (kernel counters; grey eth0 = management, blue lhnet1 = storage)",
+            "bytes per network per pod (kernel counters)",
             ("sans-serif", 18),
         )
         .margin(10)
         .x_label_area_size(35)
         .y_label_area_size(70)
-        .build_cartesian_2d(0f64..n as f64, (1f64..max_bytes * 2.0).log_scale())
+        .build_cartesian_2d(
+            0f64..n as f64,
+            (1f64..max_bytes * 4.0).log_scale().base(1024.0),
+        )
         .map_err(|e| fail(&e))?;
     bars.configure_mesh()
         .disable_x_mesh()
@@ -1169,27 +1194,88 @@ pub fn plot(r: &DemoReport, path: &std::path::Path) -> Result<(), String> {
                 String::new()
             }
         })
-        .y_desc("bytes (log)")
+        .y_label_formatter(&|b| human_bytes(*b))
+        .y_desc("bytes (log scale)")
         .draw()
         .map_err(|e| fail(&e))?;
-    for (i, p) in r.pods.iter().enumerate() {
-        let x = i as f64;
-        let eth0 = p.devices.get("eth0").map(Bytes::total).unwrap_or(0).max(1) as f64;
-        let lhnet1 = p
-            .devices
-            .get("lhnet1")
-            .map(Bytes::total)
-            .unwrap_or(0)
-            .max(1) as f64;
-        bars.draw_series([
-            Rectangle::new(
-                [(x + 0.1, 1.0), (x + 0.45, eth0)],
-                RGBColor(150, 150, 150).filled(),
-            ),
-            Rectangle::new([(x + 0.55, 1.0), (x + 0.9, lhnet1)], BLUE.filled()),
-        ])
-        .map_err(|e| fail(&e))?;
+    let grey = RGBColor(150, 150, 150);
+    for (device, color, offset, name) in [
+        ("eth0", grey, 0.1, "eth0: management network"),
+        ("lhnet1", BLUE, 0.55, "lhnet1: storage network"),
+    ] {
+        let series = r.pods.iter().enumerate().map(|(i, p)| {
+            let total = p.devices.get(device).map(Bytes::total).unwrap_or(0).max(1) as f64;
+            let x = i as f64 + offset;
+            Rectangle::new([(x, 1.0), (x + 0.35, total)], color.filled())
+        });
+        bars.draw_series(series)
+            .map_err(|e| fail(&e))?
+            .label(name)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 15, y + 5)], color.filled()));
     }
+    bars.configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.3))
+        .draw()
+        .map_err(|e| fail(&e))?;
     root.present().map_err(|e| fail(&e))?;
     Ok(())
+}
+
+/// Bytes as an operator reads them: `512 B`, `1.5 KiB`, `20 MiB`, `3.2 GiB`.
+pub fn human_bytes(bytes: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes.max(0.0);
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    match (unit, value < 10.0 && value.fract() > 0.05) {
+        (0, _) => format!("{value:.0} B"),
+        (_, true) => format!("{value:.1} {}", UNITS[unit]),
+        _ => format!("{value:.0} {}", UNITS[unit]),
+    }
+}
+
+/// The p50 and p99 of the calls in each whole second, at the second's middle.
+fn per_second_percentiles(latencies: &[(f64, f64)]) -> Vec<(f64, [f64; 2])> {
+    let mut by_second: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
+    for (t, ms) in latencies {
+        by_second.entry(t.max(0.0) as u64).or_default().push(*ms);
+    }
+    by_second
+        .into_iter()
+        .map(|(second, mut ms)| {
+            ms.sort_by(f64::total_cmp);
+            let at = |q: f64| ms[((ms.len() - 1) as f64 * q).round() as usize];
+            (second as f64 + 0.5, [at(0.5), at(0.99)])
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod plot_tests {
+    use super::*;
+
+    #[test]
+    fn byte_axes_read_in_binary_units() {
+        assert_eq!(human_bytes(0.0), "0 B");
+        assert_eq!(human_bytes(512.0), "512 B");
+        assert_eq!(human_bytes(1536.0), "1.5 KiB");
+        assert_eq!(human_bytes(20.0 * 1024.0 * 1024.0), "20 MiB");
+        assert_eq!(human_bytes(1e9), "954 MiB");
+        assert_eq!(human_bytes(3.2 * (1u64 << 30) as f64), "3.2 GiB");
+    }
+
+    #[test]
+    fn each_second_gets_its_p50_and_p99() {
+        let mut calls: Vec<(f64, f64)> = (0..100).map(|i| (0.3, f64::from(i))).collect();
+        calls.push((1.2, 7.0));
+        let seconds = per_second_percentiles(&calls);
+        assert_eq!(seconds.len(), 2);
+        assert_eq!(seconds[0], (0.5, [50.0, 98.0]));
+        assert_eq!(seconds[1], (1.5, [7.0, 7.0]));
+    }
 }
