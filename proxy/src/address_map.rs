@@ -229,8 +229,9 @@ impl AddressMap {
         settings.lookup.networks.iter().any(|n| n.cidr_contains(ip))
     }
 
-    /// The management IP of the pod that holds storage IP `ip`, when it can be known.
-    pub async fn to_management(&self, ip: IpAddr) -> Option<ManagementIp> {
+    /// The management IP of the pod that holds storage IP `ip`, from what is known already
+    /// (this pod, `peers`, what lookups taught): never asks anyone.
+    pub fn known_management(&self, ip: IpAddr) -> Option<ManagementIp> {
         if !self.storage.on_storage_network(ip) {
             return None;
         }
@@ -238,13 +239,23 @@ impl AddressMap {
         if self.storage.current().is_some_and(|a| a.ip == ip) {
             return self.storage.own_management_address().map(ManagementIp::new);
         }
-        let settings = self.settings.load_full();
+        let settings = self.settings.load();
         if let Some(peer) = settings.peers.iter().find(|p| p.storage == storage) {
             return Some(peer.management);
         }
-        if let Some(m) = self.cached_management(storage) {
+        self.cached_management(storage)
+    }
+
+    /// The management IP of the pod that holds storage IP `ip`, when it can be known.
+    pub async fn to_management(&self, ip: IpAddr) -> Option<ManagementIp> {
+        if !self.storage.on_storage_network(ip) {
+            return None;
+        }
+        if let Some(m) = self.known_management(ip) {
             return Some(m);
         }
+        let storage = StorageIp::new(ip);
+        let settings = self.settings.load_full();
         if !settings.lookup.enabled {
             return None;
         }
@@ -302,7 +313,7 @@ impl From<&Config> for Settings {
 
 /// Where the IP sits in an address as Longhorn writes it (`IP:PORT`, `tcp://IP:PORT`,
 /// `http://IP:PORT/v1`, `[V6]:PORT`): the byte range of the IP and the IP. Host names: `None`.
-fn ip_span(text: &str) -> Option<(usize, usize, IpAddr)> {
+pub(crate) fn ip_span(text: &str) -> Option<(usize, usize, IpAddr)> {
     let start = ["tcp://", "http://", "https://"]
         .iter()
         .find(|p| text.starts_with(*p))

@@ -424,6 +424,37 @@ where
     }
 }
 
+impl<B> Prefixed<B> {
+    /// After [`Prefixed::first_message`] found a message of `old_len` bytes: that message
+    /// replaced by `payload` (uncompressed); what followed it is kept. `false` (and nothing
+    /// changed) when the message read was compressed.
+    pub fn replace_first_message(&mut self, old_len: usize, payload: &[u8]) -> bool {
+        use bytes::BufMut;
+        if self.prefix.front().and_then(|c| c.first()) != Some(&0) {
+            return false;
+        }
+        let mut drop = 5 + old_len;
+        while drop > 0 {
+            let Some(front) = self.prefix.front_mut() else {
+                break;
+            };
+            if front.len() <= drop {
+                drop -= front.len();
+                self.prefix.pop_front();
+            } else {
+                front.advance(drop);
+                drop = 0;
+            }
+        }
+        let mut frame = bytes::BytesMut::with_capacity(5 + payload.len());
+        frame.put_u8(0);
+        frame.put_u32(payload.len() as u32);
+        frame.extend_from_slice(payload);
+        self.prefix.push_front(frame.freeze());
+        true
+    }
+}
+
 impl<B> Body for Prefixed<B>
 where
     B: Body<Data = Bytes>,

@@ -248,7 +248,10 @@ fn build_route(
         RouteAction::Cluster(wanted) => {
             let c = cluster(wanted, "route names an unknown cluster; skipped")?;
             let context = context(format!("cluster {}", c.name()));
-            let service = stack::route(stack::forwarding(&c, r, &context, info), &context);
+            let service = stack::route(
+                stack::forwarding(&c, r, &context, info, Some(&locals.address_map)),
+                &context,
+            );
             (context, service)
         }
     };

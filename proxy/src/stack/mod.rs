@@ -28,6 +28,7 @@
 
 mod body_start;
 mod deadline;
+pub mod instances;
 mod local;
 mod observe;
 mod retry;
@@ -57,6 +58,7 @@ pub use slots::{Slots, WithSlot};
 pub use upstream::Upstream;
 pub use version::VersionPatch;
 
+use crate::address_map::AddressMap;
 use crate::body::{GrpcRequestBody, Prefixed, RequestLog, Verdict};
 use crate::cluster::{Cluster, ClusterService};
 use crate::config::{format_duration, PathMatch, RouteConfig};
@@ -107,9 +109,11 @@ where
 /// The forwarding stack of `passthrough_cluster`, as the engine proxy's dispatch holds it.
 pub type PassthroughService = BoxCloneSyncService<Call, Response<ProxyBody>, LocalReply>;
 
-/// The response body of the forwarding stack: the upstream's, holding its cluster slot, and
-/// patched when it is a VersionGet answer on a route that can carry one.
-pub type ForwardBody = Either<VersionPatchBody<WithSlot<Incoming>>, WithSlot<Incoming>>;
+/// The response body of the forwarding stack: the upstream's, holding its cluster slot,
+/// patched when it is a VersionGet answer on a route that can carry one, and mapped back when
+/// it is an instance-manager's instance answer.
+pub type ForwardBody = Either<instances::MappedBack<UpstreamBody>, UpstreamBody>;
+type UpstreamBody = Either<VersionPatchBody<WithSlot<Incoming>>, WithSlot<Incoming>>;
 
 /// What a route's service takes: the call, and what its metrics record at the end.
 pub struct RouteRequest {
@@ -191,11 +195,13 @@ pub struct ListenerInfo {
 }
 
 /// The forwarding stack of a `cluster:` route or of `passthrough_cluster`, below [`Deadline`].
+/// `map`: the address map, for the instance calls a route to an instance-manager carries.
 pub fn forwarding(
     cluster: &Arc<Cluster>,
     route: &RouteConfig,
     context: &RouteContext,
     listener: &ListenerInfo,
+    map: Option<&Arc<AddressMap>>,
 ) -> impl Service<Call, Response = Response<ForwardBody>, Error = LocalReply, Future: Send>
        + Clone
        + Send
@@ -207,6 +213,8 @@ pub fn forwarding(
         &listener.metrics,
     );
     let patch = carries_version_get(route);
+    let paths: Vec<&str> = instances::METHODS.iter().map(|m| m.0).collect();
+    let instance_map = map.filter(|_| carries(route, &paths)).cloned();
     let cluster_service = ClusterService::new(cluster.clone());
     // A route without a retry policy has no replay, retry or per-try timeout layers at all.
     let attempts = match retry.buffered_bytes() {
@@ -221,6 +229,7 @@ pub fn forwarding(
     };
     ServiceBuilder::new()
         .layer_fn(|s| BodyStart::new(s, listener.clone(), context.clone(), false))
+        .layer_fn(|s| instances::InstanceAddresses::new(s, instance_map.clone(), context.clone()))
         .layer_fn(|s| VersionPatch::new(s, patch))
         .layer_fn(|s| {
             Slots::new(
@@ -241,7 +250,7 @@ pub fn passthrough(
     context: &RouteContext,
     listener: &ListenerInfo,
 ) -> PassthroughService {
-    let stack = forwarding(cluster, route, context, listener);
+    let stack = forwarding(cluster, route, context, listener, None);
     BoxCloneSyncService::new(
         stack.map_response(|r: Response<ForwardBody>| r.map(|b| b.boxed_unsync())),
     )
@@ -264,10 +273,15 @@ where
 /// Whether a route's path match can select an instance-manager `VersionGet` (whose answer
 /// the [`VersionPatch`] layer completes).
 fn carries_version_get(route: &RouteConfig) -> bool {
+    carries(route, &VERSION_GET_PATHS)
+}
+
+/// Whether a route's path match can select one of `paths`.
+fn carries(route: &RouteConfig, paths: &[&str]) -> bool {
     match &route.matcher.path {
-        PathMatch::Path(p) => VERSION_GET_PATHS.contains(&p.as_str()),
-        PathMatch::Prefix(p) => VERSION_GET_PATHS.iter().any(|v| v.starts_with(p.as_str())),
-        PathMatch::SafeRegex(re) => VERSION_GET_PATHS.iter().any(|v| re.is_match(v)),
+        PathMatch::Path(p) => paths.contains(&p.as_str()),
+        PathMatch::Prefix(p) => paths.iter().any(|v| v.starts_with(p.as_str())),
+        PathMatch::SafeRegex(re) => paths.iter().any(|v| re.is_match(v)),
     }
 }
 
