@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use lhnet_loadtest::bench::{self, BenchArgs};
-use lhnet_loadtest::sim;
+use lhnet_loadtest::{parse_size, sim};
 
 #[derive(Parser)]
 #[command(
@@ -75,6 +75,25 @@ enum Cmd {
         /// Also write the report as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+    },
+    /// A simulated instance-manager in the foreground: ProcessManagerService (and health) on
+    /// --listen, InstanceService on --instance-listen; it starts the processes it is asked for
+    /// (a binary named `longhorn` runs `lhnet-loadtest longhorn`, the simulated engine).
+    InstanceManager {
+        #[arg(long, default_value = "0.0.0.0:8500")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "0.0.0.0:8503")]
+        instance_listen: SocketAddr,
+        /// Ports for the processes, FIRST-LAST.
+        #[arg(long, default_value = "10000-30000", value_parser = parse_port_range)]
+        port_range: (u16, u16),
+    },
+    /// The simulated `longhorn` binary an instance-manager runs: `controller VOLUME --listen
+    /// IP:PORT --replica tcp://IP:PORT … --size N` or `replica DIR --listen IP:PORT --size N`.
+    #[command(disable_help_flag = true)]
+    Longhorn {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
     /// Run a simulated Longhorn engine and replicas in the foreground (Ctrl-C stops them).
     /// They are named as Longhorn names them (`<volume>-e-0`, `<volume>-r-<i>`, spares after
@@ -138,17 +157,69 @@ enum Cmd {
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn parse_size(text: &str) -> Result<i64, String> {
-    let (num, mult) = [("Gi", 1i64 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)]
-        .iter()
-        .find_map(|(suffix, m)| text.strip_suffix(suffix).map(|n| (n, *m)))
-        .unwrap_or((text, 1));
-    num.trim()
-        .parse::<i64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .filter(|n| *n > 0)
-        .ok_or_else(|| format!("{text:?} is not a size; write bytes or use Ki, Mi, Gi"))
+fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
+    let bad = || format!("{text:?} is not a port range; write FIRST-LAST, e.g. 10000-30000");
+    let (a, b) = text.split_once('-').ok_or_else(bad)?;
+    let (a, b): (u16, u16) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+    if a == 0 || a > b {
+        return Err(bad());
+    }
+    Ok((a, b))
+}
+
+fn run_instance_manager(
+    listen: SocketAddr,
+    instance_listen: SocketAddr,
+    ports: (u16, u16),
+) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("lhnet-loadtest instance-manager: cannot start a runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let program = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("lhnet-loadtest instance-manager: where am I? {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let binaries = lhnet_loadtest::im::Binaries {
+        longhorn: (program, vec!["longhorn".into()]),
+    };
+    runtime.block_on(async move {
+        let bind = |a: SocketAddr| async move {
+            tokio::net::TcpListener::bind(a)
+                .await
+                .map_err(|e| format!("lhnet-loadtest instance-manager: cannot bind {a}: {e}"))
+        };
+        let (pm, instance) = match (bind(listen).await, bind(instance_listen).await) {
+            (Ok(a), Ok(b)) => (a, b),
+            (Err(e), _) | (_, Err(e)) => {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let (pm_addr, instance_addr) = (pm.local_addr().ok(), instance.local_addr().ok());
+        println!(
+            "instance-manager: process manager {}, instance service {}",
+            pm_addr.map(|a| a.to_string()).unwrap_or_default(),
+            instance_addr.map(|a| a.to_string()).unwrap_or_default()
+        );
+        let im = lhnet_loadtest::im::InstanceManager::new(binaries, ports);
+        tokio::select! {
+            served = im.serve(pm, instance) => match served {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("lhnet-loadtest instance-manager: {e}");
+                    ExitCode::FAILURE
+                }
+            },
+            _ = tokio::signal::ctrl_c() => ExitCode::SUCCESS,
+        }
+    })
 }
 
 fn parse_rate(text: &str) -> Result<u64, String> {
@@ -397,6 +468,27 @@ fn main() -> ExitCode {
             lhnet_loadtest::engine_bench::print,
             json,
         ),
+        Cmd::InstanceManager {
+            listen,
+            instance_listen,
+            port_range,
+        } => run_instance_manager(listen, instance_listen, port_range),
+        Cmd::Longhorn { args } => {
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("longhorn: cannot start a runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(lhnet_loadtest::im::run_longhorn(&args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Cmd::Sim {
             volume,
             release,

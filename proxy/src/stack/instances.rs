@@ -6,7 +6,8 @@
 //! `target_address`), so the engine would dial its replicas over `eth0`. On its way to the
 //! instance-manager this layer puts each such address's storage IP in its place (the address
 //! map of the engine proxy), and on the way back it puts the management IPs back into every
-//! spec the instance-manager answers (create, replace, get, delete, list, watch), so the
+//! spec the instance-manager answers (create, replace, get, delete, list, ProcessWatch; an
+//! InstanceWatch message carries no spec), so the
 //! manager sees what it sent. An address with no storage IP fails the call with UNAVAILABLE
 //! naming it: an engine is never started on the management network unseen.
 //!
@@ -98,7 +99,6 @@ pub const METHODS: &[Method] = &[
     ("/imrpc.InstanceService/InstanceGet", None, INSTANCE),
     ("/imrpc.InstanceService/InstanceDelete", None, INSTANCE),
     ("/imrpc.InstanceService/InstanceList", None, INSTANCE_LIST),
-    ("/imrpc.InstanceService/InstanceWatch", None, INSTANCE),
 ];
 
 /// The IP inside an address as this layer meets it: its byte range and the IP.
