@@ -47,6 +47,11 @@ const REPLICA_PORTS: u16 = 15;
 const FRONTEND_PORT: u16 = 9600;
 /// lhnet's management listener in every pod (Longhorn's proxy port).
 const LHNET_PORT: u16 = 8501;
+/// The engine pod's instance-manager (on 127.0.0.1: a manager reaches it through lhnet) and
+/// lhnet's InstanceService listener in front of it.
+const IM_PORT: u16 = 8500;
+const IM_INSTANCE_PORT: u16 = 8503;
+const LHNET_INSTANCE_PORT: u16 = 8513;
 /// A block write through the frontend.
 const BLOCK: usize = 256 << 10;
 /// How often each volume's monitor polls, like longhorn-manager's engine monitor.
@@ -70,6 +75,9 @@ pub struct DemoArgs {
     pub data_rate: u64,
     pub json: Option<PathBuf>,
     pub plot: Option<PathBuf>,
+    /// The program the engine pod's instance-manager runs for Longhorn's `longhorn` binary
+    /// (`lhnet-loadtest longhorn ...`); `None`: this executable.
+    pub longhorn: Option<PathBuf>,
 }
 
 impl Default for DemoArgs {
@@ -82,6 +90,7 @@ impl Default for DemoArgs {
             data_rate: 64 << 20,
             json: None,
             plot: None,
+            longhorn: None,
         }
     }
 }
@@ -172,10 +181,10 @@ pub struct Segregation {
 /// What runs in a pod besides lhnet.
 #[derive(Clone)]
 enum Role {
+    /// The instance-manager (on 127.0.0.1, reached through lhnet), which starts the engines
+    /// the manager creates, running `longhorn` as this program.
     Engine {
-        volumes: usize,
-        data_volumes: usize,
-        replicas: [Ipv4Addr; 2],
+        longhorn: PathBuf,
     },
     Replicas {
         count: usize,
@@ -210,7 +219,7 @@ fn ip(net: &str, host: u8) -> Ipv4Addr {
         .unwrap_or(Ipv4Addr::UNSPECIFIED)
 }
 
-fn lhnet_config(tcp_ports: Option<(u16, u16)>) -> String {
+fn lhnet_config(tcp_ports: Option<(u16, u16)>, instance_manager: bool) -> String {
     let mut yaml = format!(
         "admin: {{ address: 127.0.0.1:9901 }}\n\
          storage_network: {{ interface: lhnet1, fallback: wait }}\n\
@@ -224,6 +233,17 @@ fn lhnet_config(tcp_ports: Option<(u16, u16)>) -> String {
          \x20     - {{ match: {{ prefix: /lhnet.v1.Peer/ }}, local: peer }}\n\
          \x20     - {{ match: {{ prefix: /grpc.health.v1.Health/ }}, local: health }}\n"
     );
+    if instance_manager {
+        // The instance-manager's InstanceService, passed through (lhnet maps the replica
+        // addresses of the engines it starts to storage addresses).
+        yaml.push_str(&format!(
+            "\x20 - name: instance\n\
+             \x20   address: 0.0.0.0:{LHNET_INSTANCE_PORT}\n\
+             \x20   routes:\n\
+             \x20     - {{ match: {{ prefix: /grpc.health.v1.Health/ }}, local: health }}\n\
+             \x20     - {{ match: {{ prefix: / }}, cluster: instance_service }}\n"
+        ));
+    }
     if let Some((first, last)) = tcp_ports {
         yaml.push_str(&format!(
             "\x20 - {{ name: replica_data, kind: tcp, address: \"storage:{first}-{last}\", cluster: loopback }}\n"
@@ -237,6 +257,11 @@ fn lhnet_config(tcp_ports: Option<(u16, u16)>) -> String {
          \x20   allowed_destinations: [storage]\n\
          \x20   allowed_ports: [10000-30000]\n",
     );
+    if instance_manager {
+        yaml.push_str(&format!(
+            "\x20 - {{ name: instance_service, endpoints: [127.0.0.1:{IM_INSTANCE_PORT}], upstream_bind_config: {{ source_address: none }} }}\n"
+        ));
+    }
     yaml
 }
 
@@ -278,41 +303,20 @@ fn start_pod(
         runtime.block_on(async move {
             let started = async {
                 let mut engines = Vec::new();
-                let mut frontends = Vec::new();
                 let mut replicas = Vec::new();
                 let tcp_ports = match &role {
-                    Role::Engine {
-                        volumes,
-                        data_volumes,
-                        replicas: homes,
-                    } => {
-                        for v in 0..*volumes {
-                            let urls = homes
-                                .iter()
-                                .map(|h| format!("tcp://{h}:{}", replica_port(v)))
-                                .collect();
-                            let at = SocketAddr::new(IpAddr::V4(storage), BASE_PORT + v as u16);
-                            let spec = sim::EngineSpec {
-                                volume: volume_name(v),
-                                instance: engine_name(v),
-                                size,
-                                replicas: urls,
-                                ..Default::default()
-                            };
-                            let engine = sim::start_engine_with(at, spec)
+                    Role::Engine { longhorn } => {
+                        let bind = |port: u16| async move {
+                            tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port)))
                                 .await
-                                .map_err(|e| format!("{name}: engine {at}: {e}"))?;
-                            if v < *data_volumes {
-                                let fe =
-                                    SocketAddr::from(([127, 0, 0, 1], FRONTEND_PORT + v as u16));
-                                frontends.push(
-                                    sim::start_frontend(fe, &engine.engine)
-                                        .await
-                                        .map_err(|e| format!("{name}: frontend {fe}: {e}"))?,
-                                );
-                            }
-                            engines.push(engine);
-                        }
+                                .map_err(|e| format!("{name}: instance-manager port {port}: {e}"))
+                        };
+                        let (pm, instances) = (bind(IM_PORT).await?, bind(IM_INSTANCE_PORT).await?);
+                        let binaries = crate::im::Binaries {
+                            longhorn: (longhorn.clone(), vec!["longhorn".into()]),
+                        };
+                        let im = crate::im::InstanceManager::new(binaries, (BASE_PORT, 30000));
+                        engines.push(tokio::spawn(im.serve(pm, instances)));
                         None
                     }
                     Role::Replicas { count } => {
@@ -333,7 +337,8 @@ fn start_pod(
                         Some((BASE_PORT, replica_port(*count) - 1))
                     }
                 };
-                let config = Config::parse(&lhnet_config(tcp_ports), name)
+                let is_engine = matches!(role, Role::Engine { .. });
+                let config = Config::parse(&lhnet_config(tcp_ports, is_engine), name)
                     .map_err(|e| format!("{name}: lhnet config: {e}"))?;
                 let options = Options {
                     pod_ip: Some(IpAddr::V4(mgmt)),
@@ -354,19 +359,23 @@ fn start_pod(
                     }
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                Ok((engines, frontends, replicas, proxy))
+                Ok((engines, replicas, proxy))
             }
             .await;
             match started {
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
                 }
-                Ok((engines, frontends, replicas, proxy)) => {
+                Ok((engines, replicas, proxy)) => {
                     let handles = replicas.iter().map(|r| r.replica.clone()).collect();
                     let _ = ready_tx.send(Ok((proxy.metrics().clone(), handles)));
                     let _ = stop_rx.await;
                     let _ = lhnet.spawn(proxy.shutdown()).await;
-                    drop((engines, frontends, replicas));
+                    // The instance-manager stops; the processes it started die with it.
+                    for im in &engines {
+                        im.abort();
+                    }
+                    drop((engines, replicas));
                 }
             }
         });
@@ -458,6 +467,101 @@ async fn monitor_round(
     out
 }
 
+/// Creates every volume's engine as a v1.12 manager does in management-only mode:
+/// `InstanceCreate` on the engine pod's instance-manager (through lhnet's InstanceService
+/// listener), its replicas named by their pods' management IPs; then waits until every engine
+/// runs. lhnet gives the engines the replicas' storage addresses on the way. The
+/// instance-manager allocates ports from 10000 in order, so engine `v` is on 10000 + v, as
+/// its answer says (checked).
+async fn create_engines(args: &DemoArgs, engine_pod: Ipv4Addr) -> Result<(), String> {
+    use lhnet_proto::imrpc::instance_service_client::InstanceServiceClient;
+    let endpoint = format!("http://{engine_pod}:{LHNET_INSTANCE_PORT}");
+    let channel = Channel::from_shared(endpoint.clone())
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .map_err(|e| format!("manager cannot reach the instance-manager at {endpoint}: {e}"))?;
+    let mut instances = InstanceServiceClient::new(channel);
+    // The replica pods (replica-a, replica-b), by their management IPs only.
+    let homes = [ip(MGMT_NET, 11), ip(MGMT_NET, 12)];
+    for v in 0..args.volumes {
+        let mut process_args: Vec<String> = vec![
+            "controller".into(),
+            volume_name(v),
+            "--frontend".into(),
+            "tgt-blockdev".into(),
+            "--size".into(),
+            args.volume_size.to_string(),
+            "--engine-instance-name".into(),
+            engine_name(v),
+        ];
+        for home in homes {
+            process_args.push("--replica".into());
+            process_args.push(format!("tcp://{home}:{}", replica_port(v)));
+        }
+        if v < args.data_volumes {
+            process_args.push("--frontend-listen".into());
+            process_args.push(format!("127.0.0.1:{}", FRONTEND_PORT + v as u16));
+        }
+        let spec = InstanceSpec {
+            name: engine_name(v),
+            r#type: "engine".into(),
+            volume_name: volume_name(v),
+            port_count: 1,
+            port_args: vec!["--listen,0.0.0.0:".into()],
+            process_instance_spec: Some(ProcessInstanceSpec {
+                binary: "/engine-binaries/longhornio-longhorn-engine-v1.12.1/longhorn".into(),
+                args: process_args,
+            }),
+            ..Default::default()
+        };
+        let created = instances
+            .instance_create(InstanceCreateRequest {
+                spec: Some(spec),
+                ..Default::default()
+            })
+            .await
+            .map_err(|s| format!("InstanceCreate {}: {}", engine_name(v), s.message()))?
+            .into_inner();
+        let port = created.status.map_or(0, |s| s.port_start);
+        if port != i32::from(BASE_PORT) + v as i32 {
+            return Err(format!(
+                "the instance-manager gave {} port {port}, not {}",
+                engine_name(v),
+                BASE_PORT as usize + v
+            ));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let listed = instances
+            .instance_list(())
+            .await
+            .map_err(|s| format!("InstanceList: {}", s.message()))?
+            .into_inner();
+        let mut waiting = Vec::new();
+        for (name, i) in &listed.instances {
+            let status = i.status.clone().unwrap_or_default();
+            match status.state.as_str() {
+                "running" => {}
+                "error" => return Err(format!("engine {name} failed: {}", status.error_msg)),
+                other => waiting.push(format!("{name} {other}")),
+            }
+        }
+        if waiting.is_empty() && listed.instances.len() == args.volumes {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "engines not running after 30 s: {}",
+                waiting.join(", ")
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The manager: control load on every volume, frontends and snapshots on the data volumes,
 /// and the rebuild onto the spare, all by management IPs.
 async fn manager(
@@ -476,6 +580,7 @@ async fn manager(
         .await
         .map_err(|e| format!("manager cannot reach lhnet at {endpoint}: {e}"))?;
     let client = ProxyEngineServiceClient::new(channel);
+    create_engines(&args, engine_pod).await?;
     let engine_at = move |v: usize| SocketAddr::new(IpAddr::V4(engine_pod), BASE_PORT + v as u16);
 
     for v in 0..args.data_volumes {
@@ -811,6 +916,12 @@ pub fn run(args: &DemoArgs, cancel: Arc<AtomicBool>) -> Result<DemoReport, Strin
         data_volumes: args.data_volumes.clamp(1, args.volumes.max(1)),
         ..args.clone()
     };
+    let longhorn = match &args.longhorn {
+        Some(p) => p.clone(),
+        None => {
+            std::env::current_exe().map_err(|e| format!("the engine binary (this program): {e}"))?
+        }
+    };
     if replica_port(args.volumes) > 30000 {
         return Err(format!(
             "{} volumes do not fit the port range 10000-30000",
@@ -862,9 +973,7 @@ pub fn run(args: &DemoArgs, cancel: Arc<AtomicBool>) -> Result<DemoReport, Strin
     for (name, ns, host) in pod_specs.into_iter().rev() {
         let role = match name {
             "engine" => Role::Engine {
-                volumes: args.volumes,
-                data_volumes: args.data_volumes,
-                replicas: [ip(STORAGE_NET, 11), ip(STORAGE_NET, 12)],
+                longhorn: longhorn.clone(),
             },
             "spare" => Role::Replicas { count: 1 },
             _ => Role::Replicas {

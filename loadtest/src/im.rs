@@ -788,8 +788,10 @@ impl lhnet_proto::health::health_server::Health for Serving {
 /// `lhnet-loadtest longhorn controller VOLUME … | replica DIR …`: the simulated engine or
 /// replica, started from Longhorn's own argument shape (what an instance-manager runs):
 /// `controller VOLUME --listen IP:PORT --replica tcp://IP:PORT … --size N
-/// [--engine-instance-name N]`, `replica DIR --listen IP:PORT --size N [--volume-name V]
-/// [--replica-instance-name R]`. Runs until it is killed.
+/// [--engine-instance-name N] [--frontend-listen IP:PORT]`, `replica DIR --listen IP:PORT
+/// --size N [--volume-name V] [--replica-instance-name R]`. `--frontend-listen` is the
+/// simulator's own: where its block device (a dataconn socket) answers. Runs until it is
+/// killed, or its instance-manager is gone.
 pub async fn run_longhorn(args: &[String]) -> Result<(), String> {
     // Gone with the instance-manager that started it, however that one ended (a real IM's
     // processes die with its container).
@@ -851,6 +853,19 @@ pub async fn run_longhorn(args: &[String]) -> Result<(), String> {
                 "engine {volume} listening on {}",
                 engine.served.addr
             ));
+            // The simulator's block device: a dataconn socket (the real engine's is tgt's).
+            let _frontend = match one("frontend-listen") {
+                Some(at) => {
+                    let at: SocketAddr = at
+                        .parse()
+                        .map_err(|e| format!("longhorn: --frontend-listen: {e}"))?;
+                    let served = lhnet_sim::start_frontend(at, &engine.engine)
+                        .await
+                        .map_err(|e| format!("longhorn controller: frontend {at}: {e}"))?;
+                    Some(served)
+                }
+                None => None,
+            };
             std::future::pending::<()>().await;
             Ok(())
         }

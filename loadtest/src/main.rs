@@ -457,6 +457,7 @@ fn main() -> ExitCode {
             data_rate,
             json,
             plot,
+            longhorn: None,
         }),
         Cmd::BenchEngine {
             streams,

@@ -30,6 +30,8 @@ fn a_short_demo_keeps_storage_bytes_off_eth0_with_no_control_errors() {
         data_rate: 32 << 20,
         json: None,
         plot: None,
+        // The engines the engine pod's instance-manager starts run this binary.
+        longhorn: Some(env!("CARGO_BIN_EXE_lhnet-loadtest").into()),
     };
     let report = demo::run(&args, Arc::new(AtomicBool::new(false))).unwrap();
     demo::print(&report);
