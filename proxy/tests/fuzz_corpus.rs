@@ -57,3 +57,8 @@ fn admission_review() {
 fn backupstore_cfg() {
     replay("backupstore_cfg", fuzzing::backupstore_cfg);
 }
+
+#[test]
+fn instance_messages() {
+    replay("instance_messages", fuzzing::instance_messages);
+}

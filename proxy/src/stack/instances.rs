@@ -145,9 +145,14 @@ pub fn rewrite(
                 let payload = rest.get(..len)?;
                 rest = &rest[len..];
                 let new = rewrite_value(payload, holds, f)?;
-                put_varint(&mut out, key);
-                put_varint(&mut out, new.len() as u64);
-                out.extend_from_slice(&new);
+                if new == payload {
+                    // Unchanged: the field's own bytes (its varints may not be minimal).
+                    out.extend_from_slice(&start[..start.len() - rest.len()]);
+                } else {
+                    put_varint(&mut out, key);
+                    put_varint(&mut out, new.len() as u64);
+                    out.extend_from_slice(&new);
+                }
             }
             _ => {
                 skip_value(&mut rest, wire_type)?;
@@ -636,6 +641,18 @@ mod tests {
         let text = String::from_utf8_lossy(&out);
         assert!(!text.contains("10.42.0.7"), "{text}");
         assert_eq!(text.matches("10.30.0.7").count(), 4);
+    }
+
+    #[test]
+    fn a_field_left_as_it_is_keeps_its_bytes_even_when_its_length_is_not_minimal() {
+        // Field 1, length 13 written in two bytes (0x8d 0x00): valid protobuf.
+        let message = [
+            10, 141, 0, 0, 255, 255, 255, 255, 255, 255, 255, 255, 10, 120, 255, 54, 0, 0, 0, 120,
+        ];
+        assert_eq!(
+            rewrite(&message, PROCESS, &mut |_, _| None).as_deref(),
+            Some(&message[..])
+        );
     }
 
     #[test]
