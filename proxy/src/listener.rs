@@ -60,8 +60,9 @@ pub struct GrpcListener {
 }
 
 /// A client connection's bytes as the listener reads them: counted on the wire, under TLS
-/// when the listener has it.
-type ClientIo = Either<CountedIo<TcpStream>, TlsStream<CountedIo<TcpStream>>>;
+/// when the listener has it. The TLS state (1.2 KiB) is boxed: a plaintext connection, and a
+/// silent one above all, does not carry it.
+type ClientIo = Either<CountedIo<TcpStream>, Box<TlsStream<CountedIo<TcpStream>>>>;
 
 /// One client connection, as its requests and the listener see it.
 pub struct Downstream {
@@ -699,8 +700,9 @@ async fn open(
                 Ok(1) => return Err(Refused::Plaintext),
                 _ => return Err(Refused::Io),
             }
-            let accepted = TlsAcceptor::from(config).accept(stream).await;
-            Either::Right(accepted.map_err(Refused::Handshake)?)
+            // Boxed: the handshake's state lives only on connections that start one.
+            let accepted = Box::pin(TlsAcceptor::from(config).accept(stream)).await;
+            Either::Right(Box::new(accepted.map_err(Refused::Handshake)?))
         }
     };
     let preface = read_preface(&mut stream).await.map_err(|_| Refused::Io)?;
