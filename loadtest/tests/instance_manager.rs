@@ -3,8 +3,9 @@
 //! engines through lhnet with management addresses only, as Longhorn does in management-only
 //! mode, once with ProcessManagerService/ProcessCreate and once with InstanceService/
 //! InstanceCreate: the instance-manager starts them with the replicas' storage addresses, the
-//! engines reach their replicas over lhnet1 (the replica pod's eth0 stays flat), and the
-//! manager's view (ProcessGet, InstanceGet, lists) shows the management addresses it sent.
+//! engines reach their replicas over lhnet1 (the replicas' connections all come from the engine
+//! pod's storage address), and the manager's view (ProcessGet, InstanceGet, lists) shows the
+//! management addresses it sent.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -305,15 +306,33 @@ fn engines_created_through_lhnet_with_management_addresses_use_the_storage_netwo
         grew("eth0")
     );
     assert!(
-        grew("lhnet1") > 2000,
-        "lhnet1 rx grew {} bytes",
-        grew("lhnet1")
+        grew("lhnet1") > grew("eth0"),
+        "lhnet1 rx grew {} bytes, eth0 {}",
+        grew("lhnet1"),
+        grew("eth0")
     );
+    // Who the replicas' connections come from: the engine pod's storage address, only.
+    let ss = topo
+        .command(&replicas, "ss")
+        .args([
+            "-Htn",
+            "state",
+            "established",
+            "( sport = :10000 or sport = :10020 )",
+        ])
+        .output()
+        .unwrap();
+    let ss = String::from_utf8_lossy(&ss.stdout);
+    let peers: Vec<&str> = ss
+        .lines()
+        .filter_map(|l| l.split_whitespace().last())
+        .collect();
+    for port in ["10.30.0.3:10000", "10.30.0.3:10020"] {
+        assert!(ss.contains(port), "no engine connection to {port}:\n{ss}");
+    }
     assert!(
-        grew("eth0") < 1024,
-        "eth0 rx grew {} bytes (lhnet1 {})",
-        grew("eth0"),
-        grew("lhnet1")
+        !peers.is_empty() && peers.iter().all(|p| p.starts_with("10.30.0.2:")),
+        "the replicas' connections come from {peers:?}, not only the engine pod's storage address"
     );
 
     // Deleting through lhnet stops the process.
