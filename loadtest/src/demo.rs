@@ -45,6 +45,8 @@ const BASE_PORT: u16 = 10000;
 const REPLICA_PORTS: u16 = 15;
 /// The engines' frontend sockets (127.0.0.1 inside the engine pod).
 const FRONTEND_PORT: u16 = 9600;
+/// The upgrade pod's host number (`--upgrade`).
+const UPGRADE_HOST: u8 = 14;
 /// lhnet's management listener in every pod (Longhorn's proxy port).
 const LHNET_PORT: u16 = 8501;
 /// The engine pod's instance-manager (on 127.0.0.1: a manager reaches it through lhnet) and
@@ -78,6 +80,8 @@ pub struct DemoArgs {
     /// The program the engine pod's instance-manager runs for Longhorn's `longhorn` binary
     /// (`lhnet-loadtest longhorn ...`); `None`: this executable.
     pub longhorn: Option<PathBuf>,
+    /// Also the upgrade story ([`crate::upgrade`]).
+    pub upgrade: bool,
 }
 
 impl Default for DemoArgs {
@@ -91,6 +95,7 @@ impl Default for DemoArgs {
             json: None,
             plot: None,
             longhorn: None,
+            upgrade: false,
         }
     }
 }
@@ -104,6 +109,9 @@ pub struct DemoReport {
     pub rebuild: RebuildReport,
     pub pods: Vec<PodReport>,
     pub segregation: Segregation,
+    /// `--upgrade`: the instance-manager pod that got lhnet midway.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upgrade: Option<crate::upgrade::UpgradeReport>,
     /// (seconds since start, milliseconds) of every control call, for `--plot`.
     #[serde(skip)]
     pub latencies: Vec<(f64, f64)>,
@@ -394,6 +402,136 @@ fn start_pod(
         stop: Some(stop_tx),
         thread: Some(thread),
     })
+}
+
+/// The `--upgrade` pod: the instance-manager on its own ports from the start (no lhnet), and
+/// lhnet once [`UpgradePod::start_lhnet`] ran (with capture's redirect of 8503, as an
+/// injection in capture mode would set it up).
+struct UpgradePod {
+    ns: Namespace,
+    threads: Vec<(
+        tokio::sync::oneshot::Sender<()>,
+        std::thread::JoinHandle<std::io::Result<()>>,
+    )>,
+}
+
+impl UpgradePod {
+    fn start(ns: Namespace, longhorn: &std::path::Path) -> Result<UpgradePod, String> {
+        let longhorn = longhorn.to_path_buf();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = spawn_in(&ns.name, move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+            else {
+                let _ = ready_tx.send(Err("upgrade pod: cannot start a runtime".into()));
+                return;
+            };
+            runtime.block_on(async move {
+                let bind = |port: u16| async move {
+                    tokio::net::TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port)))
+                        .await
+                        .map_err(|e| format!("upgrade pod: instance-manager port {port}: {e}"))
+                };
+                let (pm, instances) = match (
+                    bind(crate::upgrade::IM_PORT).await,
+                    bind(crate::upgrade::IM_INSTANCE_PORT).await,
+                ) {
+                    (Ok(a), Ok(b)) => (a, b),
+                    (Err(e), _) | (_, Err(e)) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let binaries = crate::im::Binaries {
+                    longhorn: (longhorn, vec!["longhorn".into()]),
+                };
+                let im = crate::im::InstanceManager::new(binaries, (BASE_PORT, 30000));
+                let served = tokio::spawn(im.serve(pm, instances));
+                let _ = ready_tx.send(Ok(()));
+                let _ = stop_rx.await;
+                served.abort();
+            });
+        })
+        .map_err(|e| format!("upgrade pod: {e}"))?;
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .map_err(|_| "upgrade pod: the instance-manager did not start in 10 s".to_string())??;
+        Ok(UpgradePod {
+            ns,
+            threads: vec![(stop_tx, thread)],
+        })
+    }
+
+    fn has_lhnet(&self) -> bool {
+        self.threads.len() > 1
+    }
+
+    /// lhnet in the pod (the instance-manager's InstanceService behind it on 8513, the proxy on
+    /// 8501), then capture's redirect of 8503 from outside the pod to it.
+    fn start_lhnet(&mut self) -> Result<(), String> {
+        let mgmt = ip(MGMT_NET, UPGRADE_HOST);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = spawn_in(&self.ns.name, move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+            else {
+                let _ = ready_tx.send(Err("upgrade pod: cannot start lhnet's runtime".into()));
+                return;
+            };
+            runtime.block_on(async move {
+                let started = async {
+                    let config = Config::parse(&lhnet_config(None, true), "upgrade")
+                        .map_err(|e| format!("upgrade pod: lhnet config: {e}"))?;
+                    let options = Options {
+                        pod_ip: Some(IpAddr::V4(mgmt)),
+                    };
+                    let proxy = app::start(config, options)
+                        .await
+                        .map_err(|e| format!("upgrade pod: lhnet-proxy: {e}"))?;
+                    let redirect = lhnet_proxy::inject::capture::parse_redirect(&format!(
+                        "{}:{}",
+                        crate::upgrade::IM_INSTANCE_PORT,
+                        crate::upgrade::LHNET_INSTANCE_PORT
+                    ))?;
+                    lhnet_proxy::inject::capture::install(&[redirect])
+                        .map_err(|e| format!("upgrade pod: capture: {e}"))?;
+                    Ok::<_, String>(proxy)
+                }
+                .await;
+                match started {
+                    Ok(proxy) => {
+                        let _ = ready_tx.send(Ok(()));
+                        let _ = stop_rx.await;
+                        proxy.shutdown().await;
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            });
+        })
+        .map_err(|e| format!("upgrade pod: {e}"))?;
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .map_err(|_| "upgrade pod: lhnet did not start in 10 s".to_string())??;
+        self.threads.push((stop_tx, thread));
+        Ok(())
+    }
+}
+
+impl Drop for UpgradePod {
+    fn drop(&mut self) {
+        for (stop, thread) in self.threads.drain(..).rev() {
+            let _ = stop.send(());
+            let _ = thread.join();
+        }
+    }
 }
 
 /// Live counters the progress line reads.
@@ -961,6 +1099,28 @@ pub fn run(args: &DemoArgs, cancel: Arc<AtomicBool>) -> Result<DemoReport, Strin
         Ok((manager, pods))
     })();
     let (manager_ns, pod_specs) = built.map_err(|e| format!("topology: {e}"))?;
+    let upgrade_pod = if args.upgrade {
+        let ns = (|| -> std::io::Result<Namespace> {
+            let ns = topo.add_namespace("upgrade")?;
+            topo.attach(
+                &ns,
+                "eth0",
+                "mgmt",
+                Some(&format!("{MGMT_NET}.{UPGRADE_HOST}/24")),
+            )?;
+            topo.attach(
+                &ns,
+                "lhnet1",
+                "stor",
+                Some(&format!("{STORAGE_NET}.{UPGRADE_HOST}/24")),
+            )?;
+            Ok(ns)
+        })()
+        .map_err(|e| format!("topology: {e}"))?;
+        Some(UpgradePod::start(ns, &longhorn)?)
+    } else {
+        None
+    };
 
     eprintln!(
         "starting lhnet and the simulator in each pod: {} volumes ({} with block writes), {} MiB each",
@@ -1030,11 +1190,49 @@ pub fn run(args: &DemoArgs, cancel: Arc<AtomicBool>) -> Result<DemoReport, Strin
         })
         .map_err(|e| format!("data thread: {e}"))?
     };
+    let lhnet_started = Arc::new(Mutex::new(None::<f64>));
+    let upgrade_thread = match &upgrade_pod {
+        Some(_) => {
+            let (cancel, lhnet_started, size) =
+                (cancel.clone(), lhnet_started.clone(), args.volume_size);
+            let until = started + args.duration;
+            let im = ip(MGMT_NET, UPGRADE_HOST);
+            Some(
+                spawn_in(&manager_ns.name, move || {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map_err(|e| e.to_string())?
+                        .block_on(async move {
+                            crate::upgrade::create_volume(im, size).await?;
+                            Ok::<_, String>(
+                                crate::upgrade::manage(im, started, until, lhnet_started, cancel)
+                                    .await,
+                            )
+                        })
+                })
+                .map_err(|e| format!("upgrade manager thread: {e}"))?,
+            )
+        }
+        None => None,
+    };
+    let mut upgrade_pod = upgrade_pod;
     let tty = std::io::stderr().is_terminal();
     let spare = pods[3].replicas.first().cloned();
     let mut last_line = Instant::now();
-    while !(manager_thread.is_finished() && data_thread.is_finished()) {
+    while !(manager_thread.is_finished()
+        && data_thread.is_finished()
+        && upgrade_thread.as_ref().is_none_or(|t| t.is_finished()))
+    {
         std::thread::sleep(Duration::from_millis(250));
+        if let Some(pod) = upgrade_pod.as_mut() {
+            if !pod.has_lhnet() && started.elapsed() >= args.duration / 2 {
+                pod.start_lhnet()?;
+                let at = started.elapsed().as_secs_f64();
+                *lhnet_started.lock().unwrap_or_else(|e| e.into_inner()) = Some(at);
+                eprintln!("[{at:5.1} s] upgrade pod: lhnet started, capture redirects 8503 to it");
+            }
+        }
         let every = if tty {
             Duration::from_secs(1)
         } else {
@@ -1055,6 +1253,15 @@ pub fn run(args: &DemoArgs, cancel: Arc<AtomicBool>) -> Result<DemoReport, Strin
         .map_err(|_| "the manager thread panicked".to_string())?
         .map_err(|e| format!("manager namespace: {e}"))??;
     let _ = data_thread.join();
+    let upgrade = match upgrade_thread {
+        Some(t) => Some(
+            t.join()
+                .map_err(|_| "the upgrade manager thread panicked".to_string())?
+                .map_err(|e| format!("manager namespace: {e}"))??,
+        ),
+        None => None,
+    };
+    drop(upgrade_pod);
 
     let mut pod_reports = Vec::new();
     for (pod, (k0, l0)) in pods.iter().zip(&before) {
@@ -1131,6 +1338,7 @@ pub fn run(args: &DemoArgs, cancel: Arc<AtomicBool>) -> Result<DemoReport, Strin
             worst_share: worst.1,
         },
         pods: pod_reports,
+        upgrade,
         latencies: managed.latencies,
     })
 }
@@ -1213,6 +1421,42 @@ pub fn print(r: &DemoReport) {
         r.segregation.worst_pod,
         r.segregation.worst_share * 100.0
     );
+    if let Some(u) = &r.upgrade {
+        print_upgrade(u);
+    }
+}
+
+fn print_upgrade(u: &crate::upgrade::UpgradeReport) {
+    let at = |t: Option<f64>| t.map_or("never".to_string(), |t| format!("{t:.1} s"));
+    println!();
+    println!(
+        "upgrade: {} (an instance-manager pod without lhnet, then with it: lhnet up at {}, the manager's calls moved to the proxy at {}; {} calls straight to the engine, {} through the proxy, {} failed)",
+        if u.ok { "PASS" } else { "FAIL" },
+        at(u.lhnet_started_s),
+        at(u.switched_s),
+        u.calls.get("fallback").copied().unwrap_or(0),
+        u.calls.get("proxy").copied().unwrap_or(0),
+        u.failed
+    );
+    let mut per: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+    for (t, path) in &u.timeline {
+        let e = per.entry(*t as u64 / 2 * 2).or_default();
+        match *path {
+            "proxy" => e.1 += 1,
+            _ => e.0 += 1,
+        }
+    }
+    let line: Vec<String> = per
+        .iter()
+        .map(|(s, (f, p))| format!("{s}-{}s {f}/{p}", s + 2))
+        .collect();
+    println!(
+        "         calls per 2 s (fallback/proxy): {}",
+        line.join("  ")
+    );
+    for e in &u.error_samples {
+        println!("         error: {e}");
+    }
 }
 
 /// Latency over time (every call, and the p50 / p99 of each second) and bytes per network per
@@ -1261,6 +1505,33 @@ pub fn plot(r: &DemoReport, path: &std::path::Path) -> Result<(), String> {
             .map_err(|e| fail(&e))?
             .label(name)
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
+    }
+    if let Some(u) = &r.upgrade {
+        let marks = [
+            (
+                u.lhnet_started_s,
+                RGBColor(230, 140, 0),
+                "upgrade pod: lhnet started",
+            ),
+            (
+                u.switched_s,
+                MAGENTA,
+                "upgrade pod: manager moved to the proxy",
+            ),
+        ];
+        for (at, color, name) in marks {
+            let Some(at) = at else { continue };
+            chart
+                .draw_series(LineSeries::new(
+                    [(at, 0.0), (at, max_ms * 1.05)],
+                    color.stroke_width(2),
+                ))
+                .map_err(|e| fail(&e))?
+                .label(name)
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+        }
     }
     chart
         .configure_series_labels()

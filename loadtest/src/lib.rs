@@ -11,6 +11,7 @@ pub mod demo;
 pub mod engine_bench;
 pub mod im;
 pub mod peers;
+pub mod upgrade;
 
 /// The simulated Longhorn engine, replicas and instance-manager (its own crate, `lhnet-sim`).
 pub use lhnet_sim as sim;

@@ -51,6 +51,10 @@ enum Cmd {
         /// Draw latency over time and bytes per network per pod as SVG here.
         #[arg(long)]
         plot: Option<PathBuf>,
+        /// Also the upgrade story: an instance-manager pod without lhnet (the manager calls its
+        /// engine directly), then lhnet started in it midway (the manager moves to the proxy).
+        #[arg(long)]
+        upgrade: bool,
     },
     /// BackupVolumeList over a large vfs target through lhnet vs a plain directory walk; Ping.
     BenchBackups {
@@ -284,8 +288,9 @@ fn run_demo(args: lhnet_loadtest::demo::DemoArgs) -> ExitCode {
     if cancel.load(Ordering::SeqCst) {
         return ExitCode::from(130);
     }
-    if !report.segregation.ok || report.control.errors > 0 || !report.rebuild.ok {
-        eprintln!("lhnet-loadtest demo: the run did not pass (segregation, control errors or rebuild above)");
+    let upgrade_failed = report.upgrade.as_ref().is_some_and(|u| !u.ok);
+    if !report.segregation.ok || report.control.errors > 0 || !report.rebuild.ok || upgrade_failed {
+        eprintln!("lhnet-loadtest demo: the run did not pass (segregation, control errors, rebuild or upgrade above)");
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
@@ -449,6 +454,7 @@ fn main() -> ExitCode {
             data_rate,
             json,
             plot,
+            upgrade,
         } => run_demo(lhnet_loadtest::demo::DemoArgs {
             duration,
             volumes,
@@ -458,6 +464,7 @@ fn main() -> ExitCode {
             json,
             plot,
             longhorn: None,
+            upgrade,
         }),
         Cmd::BenchEngine {
             streams,

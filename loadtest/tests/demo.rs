@@ -32,6 +32,7 @@ fn a_short_demo_keeps_storage_bytes_off_eth0_with_no_control_errors() {
         plot: None,
         // The engines the engine pod's instance-manager starts run this binary.
         longhorn: Some(env!("CARGO_BIN_EXE_lhnet-loadtest").into()),
+        upgrade: true,
     };
     let report = demo::run(&args, Arc::new(AtomicBool::new(false))).unwrap();
     demo::print(&report);
@@ -47,6 +48,25 @@ fn a_short_demo_keeps_storage_bytes_off_eth0_with_no_control_errors() {
         report.control.requests
     );
     assert!(report.segregation.ok, "{:?}", report.segregation);
+    // The upgrade story: no call failed across the switch, both paths served, in that order.
+    let upgrade = report.upgrade.as_ref().expect("the upgrade pod's report");
+    assert_eq!(upgrade.failed, 0, "{:?}", upgrade.error_samples);
+    assert!(upgrade.ok, "{upgrade:?}");
+    let first_proxy = upgrade
+        .timeline
+        .iter()
+        .position(|(_, p)| *p == "proxy")
+        .unwrap();
+    assert!(upgrade.timeline[..first_proxy]
+        .iter()
+        .all(|(_, p)| *p == "fallback"));
+    assert!(
+        upgrade.timeline[first_proxy..]
+            .iter()
+            .all(|(_, p)| *p == "proxy"),
+        "{:?}",
+        upgrade.timeline
+    );
     assert!(report.rebuild.ok, "{:?}", report.rebuild);
     assert!(report.rebuild.bytes > 0, "{:?}", report.rebuild);
     assert!(
