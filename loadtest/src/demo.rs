@@ -127,6 +127,9 @@ pub struct ControlReport {
     pub p999_ms: f64,
     /// The first few errors, verbatim.
     pub error_samples: Vec<String>,
+    /// Proxy clients the manager dialled for the engine pod's instance-manager: 1 when the
+    /// first stayed alive (health-checked every tick) for the whole run.
+    pub proxy_dials: u64,
     /// Latency per call type.
     pub by_call: BTreeMap<String, CallStats>,
 }
@@ -539,6 +542,8 @@ impl Drop for UpgradePod {
 struct Live {
     control: AtomicU64,
     control_errors: AtomicU64,
+    /// Proxy clients the manager's handler dialled for the engine pod (1: never re-dialled).
+    proxy_dials: AtomicU64,
     data_bytes: AtomicU64,
     data_errors: AtomicU64,
 }
@@ -719,6 +724,10 @@ async fn manager(
         .map_err(|e| format!("manager cannot reach lhnet at {endpoint}: {e}"))?;
     let client = ProxyEngineServiceClient::new(channel);
     create_engines(&args, engine_pod).await?;
+    // One proxy client for the engine pod's instance-manager, checked alive every tick and
+    // re-dialled when dead (longhorn-manager's proxy handler); the monitors take the current one.
+    let current = Arc::new(Mutex::new(client.clone()));
+    let mut handler = crate::upgrade::ProxyHandler::new(engine_pod, LHNET_INSTANCE_PORT);
     let engine_at = move |v: usize| SocketAddr::new(IpAddr::V4(engine_pod), BASE_PORT + v as u16);
 
     for v in 0..args.data_volumes {
@@ -770,8 +779,30 @@ async fn manager(
     };
 
     let mut tasks = tokio::task::JoinSet::new();
+    {
+        let (current, cancel, live) = (current.clone(), cancel.clone(), live.clone());
+        tasks.spawn(async move {
+            loop {
+                if Instant::now() >= deadline || cancel.load(Ordering::Relaxed) {
+                    break;
+                }
+                match handler.live_proxy().await {
+                    Some(alive) => {
+                        if let Ok(mut c) = current.lock() {
+                            *c = alive.clone();
+                        }
+                    }
+                    None => {
+                        live.control_errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                live.proxy_dials.store(handler.dials, Ordering::Relaxed);
+                tokio::time::sleep(MONITOR_EVERY).await;
+            }
+        });
+    }
     for v in 0..args.volumes {
-        let mut client = client.clone();
+        let current = current.clone();
         let record = record.clone();
         let cancel = cancel.clone();
         let offset = MONITOR_EVERY.mul_f64(v as f64 / args.volumes.max(1) as f64);
@@ -782,6 +813,10 @@ async fn manager(
                 if Instant::now() >= deadline || cancel.load(Ordering::Relaxed) {
                     break;
                 }
+                let mut client = match current.lock() {
+                    Ok(c) => c.clone(),
+                    Err(_) => break,
+                };
                 record(monitor_round(&mut client, v, engine_at(v)).await);
                 next += MONITOR_EVERY;
             }
@@ -1309,6 +1344,7 @@ pub fn run(args: &DemoArgs, cancel: Arc<AtomicBool>) -> Result<DemoReport, Strin
             p99_ms: percentile(&sorted, 0.99),
             p999_ms: percentile(&sorted, 0.999),
             error_samples: managed.error_samples,
+            proxy_dials: live.proxy_dials.load(Ordering::Relaxed),
             by_call: managed
                 .by_call
                 .into_iter()
@@ -1361,6 +1397,11 @@ pub fn print(r: &DemoReport) {
         r.control.p50_ms,
         r.control.p99_ms,
         r.control.p999_ms
+    );
+    println!(
+        "          one proxy client for the engine pod's instance-manager, health-checked every {} s: {} dialled",
+        MONITOR_EVERY.as_secs(),
+        r.control.proxy_dials
     );
     for (name, c) in &r.control.by_call {
         println!(

@@ -55,7 +55,12 @@ pub struct UpgradeReport {
 /// What the manager keeps for one instance-manager.
 pub struct ProxyHandler {
     im: Ipv4Addr,
+    /// Where the IM's InstanceService answers `VersionGet` for the manager, and the proxy.
+    instance_port: u16,
+    proxy_port: u16,
     proxy: Option<(ProxyEngineServiceClient<Channel>, HealthClient<Channel>)>,
+    /// Proxy clients dialled so far (the first one, and every re-dial of a dead one).
+    pub dials: u64,
 }
 
 async fn connect(addr: SocketAddr) -> Result<Channel, String> {
@@ -69,8 +74,18 @@ async fn connect(addr: SocketAddr) -> Result<Channel, String> {
 }
 
 impl ProxyHandler {
-    pub fn new(im: Ipv4Addr) -> ProxyHandler {
-        ProxyHandler { im, proxy: None }
+    pub fn new(im: Ipv4Addr, instance_port: u16) -> ProxyHandler {
+        ProxyHandler::with_proxy_port(im, instance_port, PROXY_PORT)
+    }
+
+    pub fn with_proxy_port(im: Ipv4Addr, instance_port: u16, proxy_port: u16) -> ProxyHandler {
+        ProxyHandler {
+            im,
+            instance_port,
+            proxy_port,
+            proxy: None,
+            dials: 0,
+        }
     }
 
     fn at(&self, port: u16) -> SocketAddr {
@@ -80,7 +95,7 @@ impl ProxyHandler {
     /// The proxy API version the IM advertises (its InstanceService `VersionGet`, IM API 4 on),
     /// on a new connection each time, as the manager's instance-manager sync asks it.
     async fn proxy_api_version(&self) -> Result<i64, String> {
-        let mut im = InstanceServiceClient::new(connect(self.at(IM_INSTANCE_PORT)).await?);
+        let mut im = InstanceServiceClient::new(connect(self.at(self.instance_port)).await?);
         let version = im
             .version_get(())
             .await
@@ -91,7 +106,7 @@ impl ProxyHandler {
 
     /// The proxy client, alive (health Check just answered SERVING), dialled if there is none;
     /// `None` (and the old one dropped) when it cannot be had.
-    async fn live_proxy(&mut self) -> Option<&mut ProxyEngineServiceClient<Channel>> {
+    pub async fn live_proxy(&mut self) -> Option<&mut ProxyEngineServiceClient<Channel>> {
         if let Some((_, health)) = &mut self.proxy {
             let check = health.check(HealthCheckRequest::default()).await;
             if !matches!(check, Ok(ref r) if r.get_ref().status == 1) {
@@ -99,7 +114,8 @@ impl ProxyHandler {
             }
         }
         if self.proxy.is_none() {
-            let channel = connect(self.at(PROXY_PORT)).await.ok()?;
+            self.dials += 1;
+            let channel = connect(self.at(self.proxy_port)).await.ok()?;
             let mut health = HealthClient::new(channel.clone());
             let check = health.check(HealthCheckRequest::default()).await.ok()?;
             if check.get_ref().status != 1 {
@@ -231,7 +247,7 @@ pub async fn manage(
     lhnet_started: std::sync::Arc<std::sync::Mutex<Option<f64>>>,
     cancel: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> UpgradeReport {
-    let mut handler = ProxyHandler::new(im);
+    let mut handler = ProxyHandler::new(im, IM_INSTANCE_PORT);
     let mut calls = BTreeMap::new();
     let mut timeline = Vec::new();
     let (mut failed, mut errors, mut switched) = (0u64, Vec::new(), None);
@@ -269,5 +285,40 @@ pub async fn manage(
         failed,
         error_samples: errors,
         timeline,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn proxy_on(port: u16) -> lhnet_proxy::app::RunningProxy {
+        let yaml = format!(
+            "admin: {{ address: 127.0.0.1:0 }}\nstorage_network: {{ interface: lo }}\n\
+             listeners:\n  - name: m\n    address: 127.0.0.1:{port}\n    routes:\n\
+             \x20     - {{ match: {{ prefix: /grpc.health.v1.Health/ }}, local: health }}\n"
+        );
+        let config = lhnet_proxy::config::Config::parse(&yaml, "t").unwrap();
+        lhnet_proxy::app::start(config, lhnet_proxy::app::Options::default())
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_dead_proxy_client_is_dropped_and_dialled_again() {
+        let first = proxy_on(0).await;
+        let port = first.listener_addr("m").unwrap().port();
+        let mut handler = ProxyHandler::with_proxy_port(Ipv4Addr::LOCALHOST, 1, port);
+        assert!(handler.live_proxy().await.is_some());
+        assert!(handler.live_proxy().await.is_some(), "alive: kept");
+        assert_eq!(handler.dials, 1);
+
+        first.shutdown().await;
+        assert!(handler.live_proxy().await.is_none(), "dead: dropped");
+        assert_eq!(handler.dials, 2, "and dialled again, in vain");
+
+        let _second = proxy_on(port).await;
+        assert!(handler.live_proxy().await.is_some(), "back: dialled again");
+        assert_eq!(handler.dials, 3);
     }
 }

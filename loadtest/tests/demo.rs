@@ -48,6 +48,8 @@ fn a_short_demo_keeps_storage_bytes_off_eth0_with_no_control_errors() {
         report.control.requests
     );
     assert!(report.segregation.ok, "{:?}", report.segregation);
+    // The manager's proxy handler kept its first client: alive at every tick.
+    assert_eq!(report.control.proxy_dials, 1, "{:?}", report.control);
     // The upgrade story: no call failed across the switch, both paths served, in that order.
     let upgrade = report.upgrade.as_ref().expect("the upgrade pod's report");
     assert_eq!(upgrade.failed, 0, "{:?}", upgrade.error_samples);
