@@ -314,3 +314,46 @@ impl tonic::codec::Decoder for RawCodec {
         Ok(Some(bytes::Buf::copy_to_bytes(src, n).to_vec()))
     }
 }
+
+#[tokio::test]
+async fn garbage_on_an_instance_manager_port_is_refused_and_the_manager_is_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (im, processes) = instance_manager().await;
+    let p = proxy(im).await;
+    let addr = p.listener_addr("m").unwrap();
+    let garbage: [&[u8]; 4] = [
+        b"\x16\x03\x01\x00\x05hello",
+        b"GET /ProcessManagerService/ProcessList HTTP/1.1\r\nHost: x\r\n\r\n",
+        // The HTTP/2 preface, then a frame of an unknown type with a length past the limit.
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\xff\xff\xff\xee\x00\x00\x00\x00\x01",
+        &[0u8; 4096],
+    ];
+    for bytes in garbage {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _ = s.write_all(bytes).await;
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            s.read_to_end(&mut answer),
+        )
+        .await;
+        assert!(
+            read.is_ok(),
+            "lhnet closes a connection that sent {:?}",
+            &bytes[..8]
+        );
+    }
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    ProcessManagerServiceClient::new(channel)
+        .process_create(ProcessCreateRequest {
+            spec: Some(engine("vol-e-0", &["10.42.0.7:10010"])),
+        })
+        .await
+        .expect("the manager is served after the garbage");
+    assert!(processes.0.lock().contains_key("vol-e-0"));
+    p.shutdown().await;
+}
