@@ -200,7 +200,7 @@ impl GrpcListener {
             waiters: Arc::default(),
         });
         let transport = match &self.tls {
-            Some(tls) => format!("gRPC, mTLS {:?}", tls.config.mode).to_lowercase(),
+            Some(tls) => format!("gRPC, mTLS, tls.mode {}", tls.config.mode.as_str()),
             None => "gRPC, h2c".into(),
         };
         tracing::info!(listener = %self.name, address = %self.local_addr, "listening ({transport})");

@@ -419,7 +419,12 @@ impl<T> Reloading<T> {
                         self.what
                     ),
                     Err(e) => tracing::warn!(
-                        "{} {name}: TLS files still do not load ({e}); plaintext", self.what
+                        "{} {name}: TLS files still do not load ({e}); {}",
+                        self.what,
+                        match self.config.mode {
+                            TlsMode::Required => "refusing connections",
+                            _ => "plaintext (tls.mode optional)",
+                        }
                     ),
                 }
             }

@@ -170,6 +170,17 @@ pub enum TlsMode {
     Off,
 }
 
+impl TlsMode {
+    /// As the config writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::Optional => "optional",
+            TlsMode::Required => "required",
+            TlsMode::Off => "off",
+        }
+    }
+}
+
 impl Default for TlsConfig {
     /// Longhorn's: the `longhorn-grpc-tls` secret as instance-manager pods mount it.
     fn default() -> Self {
