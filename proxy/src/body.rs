@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
@@ -429,7 +429,6 @@ impl<B> Prefixed<B> {
     /// replaced by `payload` (uncompressed); what followed it is kept. `false` (and nothing
     /// changed) when the message read was compressed.
     pub fn replace_first_message(&mut self, old_len: usize, payload: &[u8]) -> bool {
-        use bytes::BufMut;
         if self.prefix.front().and_then(|c| c.first()) != Some(&0) {
             return false;
         }
@@ -446,7 +445,7 @@ impl<B> Prefixed<B> {
                 drop = 0;
             }
         }
-        let mut frame = bytes::BytesMut::with_capacity(5 + payload.len());
+        let mut frame = BytesMut::with_capacity(5 + payload.len());
         frame.put_u8(0);
         frame.put_u32(payload.len() as u32);
         frame.extend_from_slice(payload);
@@ -635,6 +634,111 @@ where
 
     fn is_end_stream(&self) -> bool {
         self.done
+    }
+}
+
+/// What [`MapMessages`] does to each whole gRPC message of a response: the new message, or
+/// `None` to send it as it came.
+pub trait RewriteMessage {
+    fn rewrite(&mut self, message: &[u8]) -> Option<Vec<u8>>;
+}
+
+pin_project_lite::pin_project! {
+    /// A response body rewritten message by message (the version fill of `VersionGet`, the
+    /// instance specs mapped back): bytes are buffered until a message is whole, then it goes
+    /// out rewritten. A compressed message, or one larger than `max`, and everything after it
+    /// pass as they came; so does a partial message at the end.
+    pub struct MapMessages<B, R> {
+        #[pin]
+        inner: B,
+        rewrite: R,
+        max: usize,
+        buffered: BytesMut,
+        passthrough: bool,
+        trailers: Option<HeaderMap>,
+    }
+}
+
+impl<B, R> MapMessages<B, R> {
+    pub fn new(inner: B, rewrite: R, max: usize) -> Self {
+        MapMessages {
+            inner,
+            rewrite,
+            max,
+            buffered: BytesMut::new(),
+            passthrough: false,
+            trailers: None,
+        }
+    }
+}
+
+impl<B, R> Body for MapMessages<B, R>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+    R: RewriteMessage,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        loop {
+            if !*this.passthrough && this.buffered.len() >= 5 {
+                let compressed = this.buffered[0] != 0;
+                let len = u32::from_be_bytes([
+                    this.buffered[1],
+                    this.buffered[2],
+                    this.buffered[3],
+                    this.buffered[4],
+                ]) as usize;
+                if compressed || len > *this.max {
+                    *this.passthrough = true;
+                } else if this.buffered.len() >= 5 + len {
+                    let mut frame = this.buffered.split_to(5 + len);
+                    if let Some(message) = this.rewrite.rewrite(&frame[5..]) {
+                        let mut out = BytesMut::with_capacity(5 + message.len());
+                        out.put_u8(0);
+                        out.put_u32(message.len() as u32);
+                        out.extend_from_slice(&message);
+                        frame = out;
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(frame.freeze()))));
+                }
+            }
+            if *this.passthrough && !this.buffered.is_empty() {
+                let rest = this.buffered.split().freeze();
+                return Poll::Ready(Some(Ok(Frame::data(rest))));
+            }
+            if let Some(trailers) = this.trailers.take() {
+                return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+            }
+            match std::task::ready!(this.inner.as_mut().poll_frame(cx)) {
+                None if this.buffered.is_empty() => return Poll::Ready(None),
+                // A partial message at the end: sent as it came.
+                None => *this.passthrough = true,
+                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) if *this.passthrough && this.buffered.is_empty() => {
+                        return Poll::Ready(Some(Ok(Frame::data(data))))
+                    }
+                    Ok(data) => this.buffered.extend_from_slice(&data),
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            *this.passthrough = true;
+                            *this.trailers = Some(trailers);
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.buffered.is_empty() && self.trailers.is_none() && self.inner.is_end_stream()
     }
 }
 

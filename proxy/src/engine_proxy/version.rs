@@ -7,13 +7,7 @@
 //! The message is patched on the wire, not decoded and re-encoded, so fields this code does not
 //! know (newer instance-managers) pass through untouched.
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
-use bytes::{BufMut, Bytes, BytesMut};
-use http_body::{Body, Frame};
-
-use crate::reply::BoxError;
+use crate::body::{MapMessages, RewriteMessage};
 
 /// The paths whose responses are patched.
 pub const VERSION_GET_PATHS: [&str; 2] = [
@@ -97,110 +91,21 @@ fn write_varint(out: &mut Vec<u8>, mut value: u64) {
 }
 
 /// Patches one uncompressed gRPC message frame; anything else is returned as it was.
-fn patch_frame(data: Bytes) -> Bytes {
-    if data.len() < 5 || data[0] != 0 {
-        return data;
-    }
-    let len = u32::from_be_bytes([data[1], data[2], data[3], data[4]]) as usize;
-    if data.len() != 5 + len {
-        return data;
-    }
-    match patch_version_response(&data[5..]) {
-        Some(message) => {
-            let mut framed = BytesMut::with_capacity(5 + message.len());
-            framed.put_u8(0);
-            framed.put_u32(message.len() as u32);
-            framed.put_slice(&message);
-            framed.freeze()
-        }
-        None => data,
+/// A `VersionGet` answer with lhnet's proxy API version filled in.
+pub type VersionPatchBody<B> = MapMessages<B, VersionFill>;
+
+/// The rewrite of [`VersionPatchBody`]: [`patch_version_response`].
+pub struct VersionFill;
+
+impl RewriteMessage for VersionFill {
+    fn rewrite(&mut self, message: &[u8]) -> Option<Vec<u8>> {
+        patch_version_response(message)
     }
 }
 
-pin_project_lite::pin_project! {
-    /// Buffers the (single, small) response message, patches it, then passes trailers on.
-    pub struct VersionPatchBody<B> {
-        #[pin]
-        inner: B,
-        buffered: BytesMut,
-        pending: Option<Frame<Bytes>>,
-        passthrough: bool,
-        flushed: bool,
-    }
-}
-
-impl<B> VersionPatchBody<B> {
-    pub fn new(inner: B) -> Self {
-        VersionPatchBody {
-            inner,
-            buffered: BytesMut::new(),
-            pending: None,
-            passthrough: false,
-            flushed: false,
-        }
-    }
-}
-
-impl<B> Body for VersionPatchBody<B>
-where
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let mut this = self.project();
-        if let Some(frame) = this.pending.take() {
-            return Poll::Ready(Some(Ok(frame)));
-        }
-        loop {
-            if *this.passthrough {
-                if !this.buffered.is_empty() {
-                    return Poll::Ready(Some(Ok(Frame::data(this.buffered.split().freeze()))));
-                }
-                return this
-                    .inner
-                    .as_mut()
-                    .poll_frame(cx)
-                    .map(|f| f.map(|r| r.map_err(Into::into)));
-            }
-            match this.inner.as_mut().poll_frame(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
-                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(data) => {
-                        this.buffered.extend_from_slice(&data);
-                        if this.buffered.len() > MAX_BUFFERED {
-                            *this.passthrough = true;
-                        }
-                    }
-                    Err(other) => {
-                        // Trailers: the message is complete.
-                        *this.flushed = true;
-                        let data = patch_frame(this.buffered.split().freeze());
-                        if data.is_empty() {
-                            return Poll::Ready(Some(Ok(other)));
-                        }
-                        *this.pending = Some(other);
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
-                },
-                Poll::Ready(None) => {
-                    if *this.flushed || this.buffered.is_empty() {
-                        return Poll::Ready(None);
-                    }
-                    *this.flushed = true;
-                    return Poll::Ready(Some(Ok(Frame::data(patch_frame(
-                        this.buffered.split().freeze(),
-                    )))));
-                }
-            }
-        }
-    }
+/// `inner` with its `VersionResponse` patched (a larger message passes unpatched).
+pub fn version_patch_body<B>(inner: B) -> VersionPatchBody<B> {
+    MapMessages::new(inner, VersionFill, MAX_BUFFERED)
 }
 
 #[cfg(test)]

@@ -21,10 +21,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::Response;
-use http_body::{Body, Frame, SizeHint};
+use http_body::Body;
 use http_body_util::Either;
 use parking_lot::Mutex;
 use tonic::Code;
@@ -32,7 +32,8 @@ use tower::Service;
 
 use super::{body_failed, Call};
 use crate::address_map::{ip_span, AddressMap};
-use crate::reply::{BoxError, LocalReply, RouteContext};
+use crate::body::{MapMessages, RewriteMessage};
+use crate::reply::{LocalReply, RouteContext};
 
 /// What a length-delimited field holds, for the rewrite.
 #[derive(Clone, Copy)]
@@ -307,7 +308,11 @@ where
                     None => call,
                 };
                 let answer = inner.call(call).await?;
-                Ok(answer.map(|body| Either::Left(MappedBack::new(body, response, shared))))
+                let back = MapBack {
+                    fields: response,
+                    shared,
+                };
+                Ok(answer.map(|body| Either::Left(MapMessages::new(body, back, MAX_MAPPED))))
             }),
         }
     }
@@ -427,109 +432,18 @@ where
 /// The largest answer message mapped back; a larger one passes as it is.
 const MAX_MAPPED: usize = 16 << 20;
 
-pin_project_lite::pin_project! {
-    /// An instance-manager's answer with management IPs put back, message by message.
-    pub struct MappedBack<B> {
-        #[pin]
-        inner: B,
-        fields: &'static [(u32, Holds)],
-        shared: Arc<Shared>,
-        buffered: BytesMut,
-        // Past a message it cannot map (compressed, too large): the rest passes as it is.
-        passthrough: bool,
-        trailers: Option<http::HeaderMap>,
-    }
+/// An instance-manager's answer with management IPs put back, message by message.
+pub type MappedBack<B> = MapMessages<B, MapBack>;
+
+/// The rewrite of [`MappedBack`]: a method's answer fields, mapped to management IPs.
+pub struct MapBack {
+    fields: &'static [(u32, Holds)],
+    shared: Arc<Shared>,
 }
 
-impl<B> MappedBack<B> {
-    fn new(inner: B, fields: &'static [(u32, Holds)], shared: Arc<Shared>) -> Self {
-        MappedBack {
-            inner,
-            fields,
-            shared,
-            buffered: BytesMut::new(),
-            passthrough: false,
-            trailers: None,
-        }
-    }
-}
-
-impl<B> Body for MappedBack<B>
-where
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let mut this = self.project();
-        loop {
-            // A whole message buffered: mapped and sent.
-            if this.buffered.len() >= 5 {
-                let compressed = this.buffered[0] != 0;
-                let len = u32::from_be_bytes([
-                    this.buffered[1],
-                    this.buffered[2],
-                    this.buffered[3],
-                    this.buffered[4],
-                ]) as usize;
-                if compressed || len > MAX_MAPPED {
-                    *this.passthrough = true;
-                } else if this.buffered.len() >= 5 + len {
-                    let mut frame = this.buffered.split_to(5 + len);
-                    let mapped = this.shared.to_management(&frame[5..], this.fields);
-                    if let Some(message) = mapped {
-                        let mut out = BytesMut::with_capacity(5 + message.len());
-                        out.put_u8(0);
-                        out.put_u32(message.len() as u32);
-                        out.extend_from_slice(&message);
-                        frame = out;
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(frame.freeze()))));
-                }
-            }
-            if *this.passthrough && !this.buffered.is_empty() {
-                let rest = this.buffered.split().freeze();
-                return Poll::Ready(Some(Ok(Frame::data(rest))));
-            }
-            if let Some(trailers) = this.trailers.take() {
-                return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
-            }
-            match std::task::ready!(this.inner.as_mut().poll_frame(cx)) {
-                None => {
-                    // A partial message at the end: sent as it came.
-                    if this.buffered.is_empty() {
-                        return Poll::Ready(None);
-                    }
-                    *this.passthrough = true;
-                }
-                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
-                Some(Ok(frame)) => match frame.into_data() {
-                    Ok(mut data) if *this.passthrough && this.buffered.is_empty() => {
-                        return Poll::Ready(Some(Ok(Frame::data(data.copy_to_bytes(data.len())))))
-                    }
-                    Ok(data) => this.buffered.extend_from_slice(&data),
-                    Err(frame) => {
-                        if let Ok(trailers) = frame.into_trailers() {
-                            *this.passthrough = true;
-                            *this.trailers = Some(trailers);
-                        }
-                    }
-                },
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.buffered.is_empty() && self.trailers.is_none() && self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
+impl RewriteMessage for MapBack {
+    fn rewrite(&mut self, message: &[u8]) -> Option<Vec<u8>> {
+        self.shared.to_management(message, self.fields)
     }
 }
 

@@ -11,7 +11,7 @@ use http_body_util::Either;
 use tower::Service;
 
 use super::Call;
-use crate::engine_proxy::version::{VersionPatchBody, VERSION_GET_PATHS};
+use crate::engine_proxy::version::{version_patch_body, VersionPatchBody, VERSION_GET_PATHS};
 use crate::reply::{BoxError, LocalReply};
 
 /// On routes that can carry an instance-manager `VersionGet` (`enabled`): the answer of that
@@ -72,7 +72,7 @@ where
         let patch = *this.patch;
         this.inner.poll(cx).map_ok(|response| {
             response.map(|b| match patch {
-                true => Either::Left(VersionPatchBody::new(b)),
+                true => Either::Left(version_patch_body(b)),
                 false => Either::Right(b),
             })
         })
