@@ -9,8 +9,7 @@ use std::path::{Path, PathBuf};
 
 use lhnet_proto::imrpc::proxy_engine_service_client::ProxyEngineServiceClient;
 use lhnet_proto::imrpc::*;
-use lhnet_proxy::app::{self, Options, RunningProxy};
-use lhnet_proxy::config::Config;
+use lhnet_proxy::app::RunningProxy;
 use lhnet_sim::backupstore::{self, NewBackup, Target, BLOCK_SIZE};
 use tonic::transport::Channel;
 use tonic::Code;
@@ -18,28 +17,10 @@ use tonic::Code;
 mod common;
 use common::moto::{boto3_look, s3_envs, start_moto};
 
+use common::backup_proxy as start_proxy_with;
+
 async fn start_proxy() -> (RunningProxy, ProxyEngineServiceClient<Channel>) {
     start_proxy_with("").await
-}
-
-/// lhnet with the engine proxy on loopback; `extra` is appended to its config.
-async fn start_proxy_with(extra: &str) -> (RunningProxy, ProxyEngineServiceClient<Channel>) {
-    let yaml = format!(
-        "admin: {{ address: 127.0.0.1:0 }}\nstorage_network: {{ interface: lo }}\n\
-        listeners:\n  - name: m\n    address: 127.0.0.1:0\n    routes:\n\
-        \x20     - match: {{ prefix: /imrpc.ProxyEngineService/ }}\n        local: longhorn_engine_proxy\n\
-        clusters:\n  - name: engines\n    type: original_dst\n    allowed_destinations: [127.0.0.1]\n{extra}"
-    );
-    let proxy = app::start(Config::parse(&yaml, "test").unwrap(), Options::default())
-        .await
-        .unwrap();
-    let addr = proxy.listener_addr("m").unwrap();
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    (proxy, ProxyEngineServiceClient::new(channel))
 }
 
 fn scratch(tag: &str) -> PathBuf {
@@ -441,11 +422,14 @@ async fn s3_target_on_a_real_s3_server() {
     let Some(moto) = start_moto("backupbucket") else {
         return;
     };
-    let (_proxy, mut c) = start_proxy().await;
+    // moto listens on loopback, which lhnet refuses unless the config lists it.
+    let (_proxy, mut c) =
+        start_proxy_with("backup_target: { allowed_endpoints: [127.0.0.1] }\n").await;
     let url = "s3://backupbucket@us-east-1/s3-test";
     let envs = s3_envs(&moto.endpoint);
     let options = backupstore::TargetOptions {
         credentials: lhnet_proxy::engine_proxy::target_credentials(&envs).unwrap(),
+        endpoints: std::sync::Arc::new(backupstore::EndpointPolicy::unrestricted()),
         ..Default::default()
     };
 
@@ -615,7 +599,10 @@ async fn a_stalled_s3_target_times_out_without_holding_up_others() {
         }
     });
     let (_proxy, c) =
-        start_proxy_with("backup_target: { timeout: 1500ms, max_concurrent: 2 }\n").await;
+        start_proxy_with(
+            "backup_target: { timeout: 1500ms, max_concurrent: 2, allowed_endpoints: [127.0.0.1] }\n",
+        )
+        .await;
     let dir = scratch("stall");
     let vfs = format!("vfs://{}", dir.display());
     let t = Target::parse(&vfs).unwrap();

@@ -14,6 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use std::time::{Duration, SystemTime};
 
+use crate::endpoints::EndpointPolicy;
+
 /// What the backupstore needs from storage (Longhorn's `BackupStoreDriver`, without the
 /// single-file upload and download lhnet does not serve).
 pub trait Driver: Send + Sync + std::fmt::Debug {
@@ -251,7 +253,11 @@ pub fn parse_nfs(url: &str) -> Result<(String, String), String> {
 }
 
 /// The local directory of an NFS target, mounting it first when `options` say so.
-pub fn nfs_directory(url: &str, options: &NfsOptions) -> Result<PathBuf, String> {
+pub fn nfs_directory(
+    url: &str,
+    options: &NfsOptions,
+    policy: &EndpointPolicy,
+) -> Result<PathBuf, String> {
     let (host, path) = parse_nfs(url)?;
     let dir = options
         .mount_root
@@ -266,7 +272,13 @@ pub fn nfs_directory(url: &str, options: &NfsOptions) -> Result<PathBuf, String>
             "backup target {url}: cannot find its mount at {} (mount the export there, or set backup_target.nfs_mount: auto)",
             dir.display()
         )),
-        NfsMount::Auto => mount_nfs(url, &format!("{host}{path}"), &dir).map(|()| dir),
+        NfsMount::Auto => {
+            // The server is dialled by the kernel's NFS client: checked as any destination.
+            policy
+                .check_host_resolving("the NFS server of", host.trim_end_matches(':'), 2049)
+                .map_err(|refused| format!("backup target {url}: {refused}"))?;
+            mount_nfs(url, &format!("{host}{path}"), &dir).map(|()| dir)
+        }
     }
 }
 
@@ -406,12 +418,13 @@ mod tests {
             mount_root: root.clone(),
             mount: NfsMount::Existing,
         };
-        let err = nfs_directory("nfs://nfs.example:/exports/b", &options).unwrap_err();
+        let strict = EndpointPolicy::default();
+        let err = nfs_directory("nfs://nfs.example:/exports/b", &options, &strict).unwrap_err();
         assert!(err.contains("cannot find its mount at"), "{err}");
         let dir = root.join("nfs_example/exports/b");
         fs::create_dir_all(&dir).unwrap();
         assert_eq!(
-            nfs_directory("nfs://nfs.example:/exports/b", &options).unwrap(),
+            nfs_directory("nfs://nfs.example:/exports/b", &options, &strict).unwrap(),
             dir
         );
         // Nothing serves NFS on loopback here: the mount fails, fast and named.
@@ -419,7 +432,17 @@ mod tests {
             mount_root: root.clone(),
             mount: NfsMount::Auto,
         };
-        let err = nfs_directory("nfs://127.0.0.1:/lhnet-test-export", &auto).unwrap_err();
+        // Mounting a loopback export is refused by the default policy, before the mount runs.
+        let err = nfs_directory("nfs://127.0.0.1:/lhnet-test-export", &auto, &strict).unwrap_err();
+        assert!(
+            err.contains("the NFS server of 127.0.0.1:2049 is")
+                && err.contains(crate::REFUSED)
+                && err.contains("loopback"),
+            "{err}"
+        );
+        let loopback = EndpointPolicy::new(&["127.0.0.1".to_string()], false).unwrap();
+        let err =
+            nfs_directory("nfs://127.0.0.1:/lhnet-test-export", &auto, &loopback).unwrap_err();
         assert!(
             err.contains("cannot mount 127.0.0.1:/lhnet-test-export at")
                 && err.contains("nfsvers=4.2")

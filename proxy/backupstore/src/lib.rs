@@ -9,6 +9,7 @@
 //! there already) and `s3://BUCKET@REGION/PATH` (through `object_store`, credentials per call).
 
 pub mod driver;
+pub mod endpoints;
 pub mod s3;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -19,6 +20,7 @@ use std::time::{Duration, SystemTime};
 
 use driver::{guard_of, unix_nanos, FsDriver, KeyedGuards};
 pub use driver::{Driver, NfsMount, NfsOptions, NFS_MOUNT_ROOT};
+pub use endpoints::{EndpointPolicy, REFUSED};
 use s3::S3Driver;
 
 use serde::{Deserialize, Serialize};
@@ -205,6 +207,9 @@ pub struct Target {
 pub struct TargetOptions {
     pub credentials: HashMap<String, String>,
     pub nfs: NfsOptions,
+    /// Where the target may make lhnet dial (the default refuses loopback, link-local and the
+    /// metadata addresses).
+    pub endpoints: Arc<EndpointPolicy>,
 }
 
 /// A lock file older than this no longer holds (Longhorn's expiry).
@@ -378,14 +383,14 @@ impl Target {
             });
         }
         if url.starts_with("nfs://") {
-            let dir = driver::nfs_directory(url, &options.nfs)?;
+            let dir = driver::nfs_directory(url, &options.nfs, &options.endpoints)?;
             return Ok(Target {
                 url: url.trim_end_matches('/').to_string(),
                 driver: Arc::new(FsDriver::new("nfs", dir)),
             });
         }
         if url.starts_with("s3://") {
-            let driver = S3Driver::open(url, &options.credentials)?;
+            let driver = S3Driver::open(url, &options.credentials, &options.endpoints)?;
             return Ok(Target {
                 url: s3::S3Url::parse(url)?.normalised(),
                 driver: Arc::new(driver),

@@ -20,15 +20,22 @@ use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
-use object_store::client::{HttpClient, HttpConnector};
+use http_body_util::BodyExt;
+use object_store::client::{
+    HttpClient, HttpConnector, HttpError, HttpErrorKind, HttpRequest, HttpResponse,
+    HttpResponseBody, HttpService,
+};
 use object_store::path::Path;
 use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
 
 use super::driver::Driver;
+use super::endpoints::{excerpt, redact, Destination, EndpointPolicy, REFUSED};
 
 /// One S3 request's limit (each retry gets its own).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How much of an S3 error (which quotes the target's answer) goes into lhnet's errors.
+const MAX_ERROR_CHARS: usize = 300;
 /// Stores kept for reuse (their connection pools), keyed by target and settings.
 const CACHED_STORES: usize = 16;
 
@@ -100,11 +107,15 @@ fn setting<'a>(credentials: &'a HashMap<String, String>, key: &str) -> Option<&'
 }
 
 impl S3Driver {
-    pub fn open(url: &str, credentials: &HashMap<String, String>) -> Result<S3Driver, String> {
+    pub fn open(
+        url: &str,
+        credentials: &HashMap<String, String>,
+        policy: &Arc<EndpointPolicy>,
+    ) -> Result<S3Driver, String> {
         let parsed = S3Url::parse(url)?;
         let key = {
             let sorted: BTreeMap<_, _> = credentials.iter().collect();
-            format!("{}|{sorted:?}", parsed.normalised())
+            format!("{}|{sorted:?}|{policy:?}", parsed.normalised())
         };
         static STORES: OnceLock<Mutex<HashMap<String, Arc<AmazonS3>>>> = OnceLock::new();
         let stores = STORES.get_or_init(Default::default);
@@ -116,7 +127,7 @@ impl S3Driver {
         let store = match cached {
             Some(s) => s,
             None => {
-                let store = Arc::new(build_store(url, &parsed, credentials)?);
+                let store = Arc::new(build_store(url, &parsed, credentials, policy)?);
                 let mut map = stores.lock().unwrap_or_else(|p| p.into_inner());
                 if map.len() >= CACHED_STORES {
                     map.clear();
@@ -148,6 +159,7 @@ fn build_store(
     url: &str,
     parsed: &S3Url,
     credentials: &HashMap<String, String>,
+    policy: &Arc<EndpointPolicy>,
 ) -> Result<AmazonS3, String> {
     let region = parsed
         .region
@@ -159,6 +171,13 @@ fn build_store(
         check_endpoint(e).map_err(|why| {
             format!("backup target {url}: AWS_ENDPOINTS {e:?} {why}; write http(s)://HOST[:PORT]")
         })?;
+    }
+    for key in ["HTTPS_PROXY", "HTTP_PROXY"] {
+        if let Some(p) = setting(credentials, key) {
+            check_proxy(p).map_err(|why| {
+                format!("backup target {url}: {key} {why}; write http(s)://[USER:PASSWORD@]HOST[:PORT]")
+            })?;
+        }
     }
     let virtual_hosted = match setting(credentials, "VIRTUAL_HOSTED_STYLE") {
         Some("true") => true,
@@ -185,7 +204,7 @@ fn build_store(
                 .with_timeout(REQUEST_TIMEOUT)
                 .with_connect_timeout(CONNECT_TIMEOUT),
         )
-        .with_http_connector(Connector::new(url, credentials)?);
+        .with_http_connector(Connector::new(url, credentials, policy)?);
     if let Some(endpoint) = endpoint {
         // object_store wants the bucket in a virtual-hosted endpoint; the Go SDK adds it.
         let endpoint = match (virtual_hosted, endpoint.split_once("://")) {
@@ -213,6 +232,7 @@ fn build_store(
             ))
         }
     }
+    check_destinations(url, parsed, region, credentials, policy)?;
     builder
         .build()
         .map_err(|e| format!("backup target {url}: {e}"))
@@ -236,18 +256,51 @@ fn check_endpoint(endpoint: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// Builds the HTTP client from the call's settings only: its proxies (none from the process
-/// environment) and its extra CA.
+/// A proxy URL reqwest can use: `http(s)://[USER:PASSWORD@]HOST[:PORT]`; the error never
+/// shows the password.
+fn check_proxy(proxy: &str) -> Result<(), String> {
+    let url = url::Url::parse(proxy).map_err(|e| format!("is not a URL ({e})"))?;
+    let shown = redact(&url);
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!("{shown} is not http or https"));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{shown} has no host"));
+    }
+    if !matches!(url.path(), "" | "/") || url.query().is_some() {
+        return Err(format!("{shown} has a path"));
+    }
+    Ok(())
+}
+
+/// Builds the HTTP client from the call's settings only (its proxies, none from the process
+/// environment, and its extra CA), guarded by the destination policy: every request's host is
+/// checked before it is sent, every name after it resolves, every redirect before it is
+/// followed, and every answer is cut at [`MAX_RESPONSE_BYTES`] ([`MAX_CFG_BYTES`]).
 #[derive(Debug)]
 struct Connector {
     https_proxy: Option<String>,
     http_proxy: Option<String>,
     no_proxy: Option<String>,
     roots: Vec<reqwest::Certificate>,
+    policy: Arc<EndpointPolicy>,
+    /// Keyless and `instance_metadata`: the credential lookup may dial the metadata address.
+    metadata: bool,
 }
 
+/// The most one S3 answer may hold, so a target answering endless bytes costs bounded memory:
+/// a listing page, an error or a block (at most 16 MiB, compressed less) fits in 64 MiB...
+pub const MAX_RESPONSE_BYTES: usize = 64 << 20;
+/// ... and a `.cfg` object in 512 MiB: a backup.cfg lists every block, about 100 bytes each,
+/// 50 MiB for 1 TiB in 2 MiB blocks.
+pub const MAX_CFG_BYTES: usize = 512 << 20;
+
 impl Connector {
-    fn new(url: &str, credentials: &HashMap<String, String>) -> Result<Connector, String> {
+    fn new(
+        url: &str,
+        credentials: &HashMap<String, String>,
+        policy: &Arc<EndpointPolicy>,
+    ) -> Result<Connector, String> {
         let roots = match setting(credentials, "AWS_CERT") {
             Some(pem) => {
                 let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes()).map_err(|e| {
@@ -268,6 +321,8 @@ impl Connector {
             http_proxy: owned("HTTP_PROXY"),
             no_proxy: owned("NO_PROXY"),
             roots,
+            policy: policy.clone(),
+            metadata: policy.instance_metadata && setting(credentials, "AWS_ACCESS_KEY_ID").is_none(),
         })
     }
 
@@ -279,11 +334,22 @@ impl Connector {
                 .as_deref()
                 .and_then(reqwest::NoProxy::from_string)
         };
+        let redirects = self.policy.clone();
         let mut builder = reqwest::Client::builder()
             .no_proxy()
             .timeout(REQUEST_TIMEOUT)
             .connect_timeout(CONNECT_TIMEOUT)
-            .tls_certs_merge(self.roots.iter().cloned());
+            .tls_certs_merge(self.roots.iter().cloned())
+            .dns_resolver(Arc::new(CheckedResolver(self.policy.clone())))
+            .redirect(reqwest::redirect::Policy::custom(move |attempt| {
+                if attempt.previous().len() >= MAX_REDIRECTS {
+                    return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));
+                }
+                match redirects.check_url("a redirect to", attempt.url()) {
+                    Ok(()) => attempt.follow(),
+                    Err(refused) => attempt.error(refused),
+                }
+            }));
         if let Some(p) = &self.https_proxy {
             builder = builder.proxy(reqwest::Proxy::https(p)?.no_proxy(no_proxy()));
         }
@@ -294,15 +360,152 @@ impl Connector {
     }
 }
 
+const MAX_REDIRECTS: usize = 5;
+
 impl HttpConnector for Connector {
     fn connect(&self, _: &ClientOptions) -> object_store::Result<HttpClient> {
-        self.client()
-            .map(HttpClient::new)
-            .map_err(|e| object_store::Error::Generic {
-                store: "S3",
-                source: Box::new(e),
-            })
+        let client = self.client().map_err(|e| object_store::Error::Generic {
+            store: "S3",
+            source: Box::new(e),
+        })?;
+        Ok(HttpClient::new(Guarded {
+            client,
+            policy: self.policy.clone(),
+            metadata: self.metadata,
+        }))
     }
+}
+
+/// The client object_store calls: the request's destination checked first, the answer
+/// bounded.
+#[derive(Debug)]
+struct Guarded {
+    client: reqwest::Client,
+    policy: Arc<EndpointPolicy>,
+    metadata: bool,
+}
+
+#[async_trait::async_trait]
+impl HttpService for Guarded {
+    async fn call(&self, request: HttpRequest) -> Result<HttpResponse, HttpError> {
+        let uri = request.uri();
+        let host = uri.host().unwrap_or("").trim_start_matches('[').trim_end_matches(']');
+        let metadata_lookup = self.metadata
+            && host
+                .parse()
+                .is_ok_and(EndpointPolicy::metadata_address);
+        if !metadata_lookup {
+            let port = uri
+                .port_u16()
+                .unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
+            self.policy
+                .check(Destination {
+                    key: "an S3 request to",
+                    host,
+                    port,
+                })
+                .map_err(|refused| HttpError::new(HttpErrorKind::Unknown, io::Error::other(refused)))?;
+        }
+        let limit = if uri.path().ends_with(".cfg") {
+            MAX_CFG_BYTES
+        } else {
+            MAX_RESPONSE_BYTES
+        };
+        let answer = self.client.call(request).await?;
+        let (parts, body) = answer.into_parts();
+        let announced = parts
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if announced.is_some_and(|n| n > limit as u64) {
+            return Err(HttpError::new(
+                HttpErrorKind::Decode,
+                io::Error::other(format!(
+                    "the target announced {} bytes, more than lhnet reads in one answer ({} MiB)",
+                    announced.unwrap_or(0),
+                    limit >> 20
+                )),
+            ));
+        }
+        let body = http_body_util::Limited::new(body, limit).map_err(move |e| {
+            let e = match e.downcast::<HttpError>() {
+                Ok(e) => return *e,
+                Err(e) => e,
+            };
+            HttpError::new(
+                HttpErrorKind::Decode,
+                io::Error::other(format!(
+                    "the target answered more than {} MiB ({e}); lhnet stops reading there",
+                    limit >> 20
+                )),
+            )
+        });
+        Ok(HttpResponse::from_parts(parts, HttpResponseBody::new(body)))
+    }
+}
+
+/// The system resolver, with only the addresses the policy allows.
+struct CheckedResolver(Arc<EndpointPolicy>);
+
+impl reqwest::dns::Resolve for CheckedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let policy = self.0.clone();
+        let name = name.as_str().to_string();
+        Box::pin(async move {
+            let found = tokio::net::lookup_host((name.as_str(), 0)).await?;
+            let allowed = policy.check_resolved(&name, found).map_err(io::Error::other)?;
+            Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// Checks every destination the settings name before the first request: the S3 endpoint
+/// (`AWS_ENDPOINTS`, or AWS's own for the region), the proxies, and whether a keyless target
+/// may ask the instance metadata service. Names are resolved here too, so a refused address
+/// is said before anything is sent.
+fn check_destinations(
+    url: &str,
+    parsed: &S3Url,
+    region: &str,
+    credentials: &HashMap<String, String>,
+    policy: &EndpointPolicy,
+) -> Result<(), String> {
+    if policy.is_unrestricted() {
+        return Ok(());
+    }
+    if setting(credentials, "AWS_ACCESS_KEY_ID").is_none() && !policy.instance_metadata {
+        return Err(format!(
+            "backup target {url}: no AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in envs, and asking the instance metadata service (169.254.169.254) for credentials is {REFUSED}; set backup_target.instance_metadata: true in lhnet's config to allow it"
+        ));
+    }
+    let endpoint = match setting(credentials, "AWS_ENDPOINTS") {
+        Some(e) => ("AWS_ENDPOINTS", e.to_string()),
+        None => (
+            "the target URL's endpoint",
+            format!("https://{}.s3.{region}.amazonaws.com", parsed.bucket),
+        ),
+    };
+    // Proxies first; through a proxy, the endpoint's name is the proxy's to resolve.
+    let mut proxied = false;
+    for key in ["HTTPS_PROXY", "HTTP_PROXY"] {
+        if let Some(p) = setting(credentials, key) {
+            proxied = true;
+            let parsed = url::Url::parse(p)
+                .map_err(|e| format!("backup target {url}: {key} is not a URL ({e})"))?;
+            policy
+                .check_url_resolving(key, &parsed)
+                .map_err(|refused| format!("backup target {url}: {refused}"))?;
+        }
+    }
+    let (key, text) = endpoint;
+    let parsed = url::Url::parse(&text)
+        .map_err(|e| format!("backup target {url}: {key} is not a URL ({e})"))?;
+    match proxied {
+        true => policy.check_url(key, &parsed),
+        false => policy.check_url_resolving(key, &parsed),
+    }
+    .map_err(|refused| format!("backup target {url}: {refused}"))?;
+    Ok(())
 }
 
 /// Runs `work` on the S3 runtime and waits for it, from any thread.
@@ -336,16 +539,41 @@ fn run<T: Send + 'static>(work: impl Future<Output = T> + Send + 'static) -> io:
 
 impl S3Driver {
     fn io_error(&self, what: &str, path: &Path, e: object_store::Error) -> io::Error {
-        match e {
-            object_store::Error::NotFound { .. } => {
-                io::Error::new(io::ErrorKind::NotFound, format!("{path} not found"))
-            }
-            e if self.keyless => io::Error::other(format!(
-                "S3 {what} {path}: {e} (no AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in envs: the instance metadata service was asked for credentials)"
-            )),
-            e => io::Error::other(format!("S3 {what} {path}: {e}")),
+        if let object_store::Error::NotFound { .. } = e {
+            return io::Error::new(io::ErrorKind::NotFound, format!("{path} not found"));
         }
+        // The whole chain: a refusal or a limit is said by the innermost error.
+        let mut parts = vec![e.to_string()];
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            let text = s.to_string();
+            if !parts.iter().any(|p| p.contains(&text)) {
+                parts.push(text);
+            }
+            source = s.source();
+        }
+        // lhnet's own refusal is said whole; anything else quotes the target only in part.
+        if let Some(refused) = parts.iter().find(|p| p.contains(REFUSED)) {
+            return io::Error::other(format!("S3 {what} {path}: {refused}"));
+        }
+        // The innermost cause first (a refused connection, a limit), then the rest in part.
+        let inner = parts.pop().unwrap_or_default();
+        let text = match parts.is_empty() {
+            true => excerpt(&inner, MAX_ERROR_CHARS),
+            false => format!(
+                "{} ({})",
+                excerpt(&inner, MAX_ERROR_CHARS),
+                excerpt(&parts.join(": "), MAX_ERROR_CHARS)
+            ),
+        };
+        let keyless = if self.keyless {
+            " (no AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in envs: the instance metadata service was asked for credentials)"
+        } else {
+            ""
+        };
+        io::Error::other(format!("S3 {what} {path}: {text}{keyless}"))
     }
+
 }
 
 /// The last segment of an object path.
@@ -488,16 +716,18 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect()
         };
+        let strict = Arc::new(EndpointPolicy::default());
         let err = S3Driver::open(
             "s3://b@r/p",
             &creds(&[("AWS_CERT", "-----BEGIN CERTIFICATE-----\nnot base64\n")]),
+            &strict,
         )
         .unwrap_err();
         assert!(err.contains("AWS_CERT"), "{err}");
         let err =
-            S3Driver::open("s3://b@r/p", &creds(&[("VIRTUAL_HOSTED_STYLE", "maybe")])).unwrap_err();
+            S3Driver::open("s3://b@r/p", &creds(&[("VIRTUAL_HOSTED_STYLE", "maybe")]), &strict).unwrap_err();
         assert!(err.contains("VIRTUAL_HOSTED_STYLE"), "{err}");
-        let err = S3Driver::open("s3://b@r/p", &creds(&[("AWS_ACCESS_KEY_ID", "a")])).unwrap_err();
+        let err = S3Driver::open("s3://b@r/p", &creds(&[("AWS_ACCESS_KEY_ID", "a")]), &strict).unwrap_err();
         assert!(err.contains("together"), "{err}");
         // A malformed endpoint is refused when the target is opened, never a panic.
         for endpoint in [
@@ -513,7 +743,7 @@ mod tests {
                 ("AWS_ACCESS_KEY_ID", "k"),
                 ("AWS_SECRET_ACCESS_KEY", "s"),
             ]);
-            let result = S3Driver::open("s3://b@r/p", &settings)
+            let result = S3Driver::open("s3://b@r/p", &settings, &strict)
                 .and_then(|d| d.list("backupstore").map_err(|e| e.to_string()));
             let err = result.expect_err(endpoint);
             assert!(
@@ -521,10 +751,33 @@ mod tests {
                 "{endpoint}: the task panicked: {err}"
             );
         }
+        // Proxies: a path or another scheme is refused, and a password never shown.
+        for (proxy, want) in [
+            ("socks5://h:1080", "not http or https"),
+            ("http://user:hunter2@h:3128/p", "has a path"),
+            ("nonsense", "is not a URL"),
+        ] {
+            let settings = creds(&[
+                ("HTTPS_PROXY", proxy),
+                ("AWS_ACCESS_KEY_ID", "k"),
+                ("AWS_SECRET_ACCESS_KEY", "s"),
+            ]);
+            let err = S3Driver::open("s3://b@r/p", &settings, &strict).unwrap_err();
+            assert!(err.contains(want) && err.contains("HTTPS_PROXY"), "{err}");
+            assert!(!err.contains("hunter2"), "{err}");
+        }
+        // Keyless: the metadata lookup only when the config allows it.
+        let err = S3Driver::open("s3://b@r/p", &creds(&[("AWS_ENDPOINTS", "http://10.9.9.9:9000")]), &strict)
+            .unwrap_err();
+        assert!(
+            err.contains("backup_target.instance_metadata: true") && err.contains(REFUSED),
+            "{err}"
+        );
         // Empty values are unset: the manager sends every key.
         S3Driver::open(
             "s3://b@r/p",
             &creds(&[("AWS_ENDPOINTS", ""), ("AWS_CERT", ""), ("HTTPS_PROXY", "")]),
+            &Arc::new(EndpointPolicy::unrestricted()),
         )
         .unwrap();
     }

@@ -101,6 +101,15 @@ pub struct BackupTargetConfig {
     /// The longest one call may take, waiting for a slot included.
     #[serde(serialize_with = "ser_duration")]
     pub timeout: Duration,
+    /// Where a target may make lhnet dial (and the egress listeners connect), as written:
+    /// `HOST[:PORTS]`, `*.DOMAIN[:PORTS]`, `CIDR[:PORTS]`. Empty: anywhere but loopback,
+    /// link-local and the metadata addresses.
+    pub allowed_endpoints: Vec<String>,
+    /// Keyless S3 targets may ask the cloud instance metadata service for credentials.
+    pub instance_metadata: bool,
+    /// The two above, checked and ready.
+    #[serde(skip)]
+    pub endpoints: std::sync::Arc<lhnet_backupstore::EndpointPolicy>,
 }
 
 impl Default for BackupTargetConfig {
@@ -110,6 +119,9 @@ impl Default for BackupTargetConfig {
             nfs_mount: lhnet_backupstore::NfsMount::Auto,
             max_concurrent: 8,
             timeout: Duration::from_secs(60),
+            allowed_endpoints: Vec::new(),
+            instance_metadata: false,
+            endpoints: Default::default(),
         }
     }
 }

@@ -188,8 +188,14 @@ pub(super) const PEER_LOOKUP_KEYS: &[&str] = &[
     "failure_ttl",
     "tls",
 ];
-pub(super) const BACKUP_TARGET_KEYS: &[&str] =
-    &["nfs_mount_root", "nfs_mount", "max_concurrent", "timeout"];
+pub(super) const BACKUP_TARGET_KEYS: &[&str] = &[
+    "nfs_mount_root",
+    "nfs_mount",
+    "max_concurrent",
+    "timeout",
+    "allowed_endpoints",
+    "instance_metadata",
+];
 /// A `kind: tcp` listener's keys.
 pub(super) const TCP_LISTENER_KEYS: &[&str] =
     &["name", "kind", "address", "cluster", "stat_prefix"];
@@ -796,12 +802,41 @@ pub(super) fn parse_backup_target(
         Some((p, v)) => duration(v, &p, cx),
         None => Some(d.timeout),
     };
+    let mut allowed_endpoints = Some(Vec::new());
+    if let Some((p, v)) = f.take("allowed_endpoints") {
+        for (p, v) in list(v, &p, cx) {
+            let entry = string(v, &p, cx).and_then(|e| {
+                match lhnet_backupstore::EndpointPolicy::new(std::slice::from_ref(&e), false) {
+                    Ok(_) => Some(e),
+                    Err(why) => {
+                        cx.err(&p, why);
+                        None
+                    }
+                }
+            });
+            match (entry, allowed_endpoints.as_mut()) {
+                (Some(e), Some(all)) => all.push(e),
+                _ => allowed_endpoints = None,
+            }
+        }
+    }
+    let instance_metadata = match f.take("instance_metadata") {
+        Some((p, v)) => boolean(v, &p, cx),
+        None => Some(d.instance_metadata),
+    };
     f.finish(cx);
+    let (allowed_endpoints, instance_metadata) = (allowed_endpoints?, instance_metadata?);
+    let endpoints = lhnet_backupstore::EndpointPolicy::new(&allowed_endpoints, instance_metadata)
+        .map_err(|why| cx.err(&format!("{path}.allowed_endpoints"), why))
+        .ok()?;
     Some(BackupTargetConfig {
         nfs_mount_root: nfs_mount_root?,
         nfs_mount: nfs_mount?,
         max_concurrent: max_concurrent?,
         timeout: timeout?,
+        allowed_endpoints,
+        instance_metadata,
+        endpoints: std::sync::Arc::new(endpoints),
     })
 }
 

@@ -315,8 +315,21 @@ fn backup_target_settings_and_mistakes() {
         (c.backup_target.max_concurrent, c.backup_target.timeout),
         (2, Duration::from_secs(5))
     );
+    let listed = format!(
+        "{listeners}backup_target: {{ allowed_endpoints: [\"minio.svc:9000\", 10.0.0.0/8, \"[fd00::/8]:9000-9010\"], instance_metadata: true }}\n"
+    );
+    let c = Config::parse(&listed, "x").unwrap();
+    assert_eq!(
+        c.backup_target.allowed_endpoints,
+        ["minio.svc:9000", "10.0.0.0/8", "[fd00::/8]:9000-9010"]
+    );
+    assert!(c.backup_target.instance_metadata && c.backup_target.endpoints.instance_metadata);
+    assert_eq!(
+        c.backup_target.endpoints.entries(),
+        c.backup_target.allowed_endpoints
+    );
     let bad = format!(
-            "{listeners}backup_target: {{ nfs_mount_root: mnt, nfs_mount: maybe, max_concurrent: 0, timeout: 5, s3: x }}\n"
+            "{listeners}backup_target: {{ nfs_mount_root: mnt, nfs_mount: maybe, max_concurrent: 0, timeout: 5, s3: x, allowed_endpoints: [ok.example, \"host:99999\"], instance_metadata: sure }}\n"
         );
     let text = Config::parse(&bad, "x").unwrap_err().to_string();
     for want in [
@@ -325,6 +338,8 @@ fn backup_target_settings_and_mistakes() {
         "backup_target.max_concurrent: must be at least 1",
         "backup_target.timeout",
         "backup_target: unknown key \"s3\"",
+        "backup_target.allowed_endpoints[1]: \"host:99999\" is not HOST[:PORTS]",
+        "backup_target.instance_metadata",
     ] {
         assert!(text.contains(want), "missing {want:?} in\n{text}");
     }

@@ -83,6 +83,10 @@ impl BackupTargets {
         self.run_with(credentials, url, what, work)
             .await
             .map_err(|e| match e {
+                // A destination the policy refuses: said as such, naming the key to change.
+                Failed::Work(text) if text.contains(backupstore::REFUSED) => {
+                    Status::permission_denied(text)
+                }
                 Failed::Work(text) => Status::unknown(text),
                 Failed::Other(status) => status,
             })
@@ -105,6 +109,7 @@ impl BackupTargets {
                 mount_root: config.nfs_mount_root.clone(),
                 mount: config.nfs_mount,
             },
+            endpoints: config.endpoints.clone(),
         };
         let run = async move {
             let slot = slots

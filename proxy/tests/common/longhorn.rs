@@ -36,6 +36,8 @@ pub struct Proxy {
 
 /// The config of an engine-proxy pod on loopback; `passthrough` is the instance-manager's
 /// own proxy, when there is one.
+/// The tests' S3 server (moto) listens on loopback, which lhnet's backup-target policy refuses
+/// unless it is listed: the config lists it.
 pub fn config(passthrough: Option<SocketAddr>) -> String {
     let (route, cluster) = match passthrough {
         Some(addr) => (
@@ -51,7 +53,8 @@ pub fn config(passthrough: Option<SocketAddr>) -> String {
          listeners:\n  - name: m\n    address: 127.0.0.1:0\n    routes:\n\
          \x20     - match: {{ prefix: /imrpc.ProxyEngineService/ }}\n        local: longhorn_engine_proxy\n{route}\
          clusters:\n  - name: engines\n    type: original_dst\n    upstream_bind_config: {{ source_address: storage }}\n\
-         \x20   allowed_destinations: [127.0.0.1]\n    connect_timeout: 1s\n{cluster}"
+         \x20   allowed_destinations: [127.0.0.1]\n    connect_timeout: 1s\n{cluster}\
+         backup_target: {{ allowed_endpoints: [127.0.0.1] }}\n"
     )
 }
 

@@ -16,6 +16,38 @@ use tokio::time::Instant;
 
 use lhnet_netns::{run_in, Namespace, Topology};
 
+/// lhnet with the engine proxy on loopback (listener `m`) and a client of it; `extra` is
+/// appended to its config (a `backup_target:` section, say).
+pub async fn backup_proxy(
+    extra: &str,
+) -> (
+    lhnet_proxy::app::RunningProxy,
+    lhnet_proto::imrpc::proxy_engine_service_client::ProxyEngineServiceClient<
+        tonic::transport::Channel,
+    >,
+) {
+    let yaml = format!(
+        "admin: {{ address: 127.0.0.1:0 }}\nstorage_network: {{ interface: lo }}\n\
+        listeners:\n  - name: m\n    address: 127.0.0.1:0\n    routes:\n\
+        \x20     - match: {{ prefix: /imrpc.ProxyEngineService/ }}\n        local: longhorn_engine_proxy\n\
+        clusters:\n  - name: engines\n    type: original_dst\n    allowed_destinations: [127.0.0.1]\n{extra}"
+    );
+    let config = lhnet_proxy::config::Config::parse(&yaml, "test").unwrap();
+    let proxy = lhnet_proxy::app::start(config, lhnet_proxy::app::Options::default())
+        .await
+        .unwrap();
+    let addr = proxy.listener_addr("m").unwrap();
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    (
+        proxy,
+        lhnet_proto::imrpc::proxy_engine_service_client::ProxyEngineServiceClient::new(channel),
+    )
+}
+
 /// A child process killed (and reaped) when the test ends, also by panic.
 pub struct KillOnDrop(pub Child);
 
