@@ -15,6 +15,7 @@ use crate::address_map::AddressMap;
 use crate::admin::{self, AdminState};
 use crate::cluster::Cluster;
 use crate::config::{Config, ListenAddress, ListenerKind, LOOPBACK_CLUSTER};
+use crate::egress::EgressListener;
 use crate::engine_proxy::BackupTargets;
 use crate::health::HealthService;
 use crate::listener::{GrpcListener, StorageGrpcListener};
@@ -68,11 +69,30 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Str
     let storage = StorageState::new(&config.storage_network, options.pod_ip, metrics.clone());
     let shutdown = CancellationToken::new();
     let (ready_tx, ready_rx) = watch::channel(false);
+    let backup_targets = BackupTargets::new(&config.backup_target);
+    // Backup egress first: engine proxy routes hand its address to replicas.
+    let mut egress = Vec::new();
+    for l in config
+        .listeners
+        .iter()
+        .filter(|l| l.kind == ListenerKind::HttpConnect)
+    {
+        egress.push(
+            EgressListener::bind(l, storage.clone(), metrics.clone(), backup_targets.clone())
+                .await?,
+        );
+    }
     let locals = LocalServices {
         health: HealthService::server(ready_rx.clone()),
         peer: PeerService::server(storage.clone()),
         address_map: AddressMap::new(storage.clone(), &config),
-        backup_targets: BackupTargets::new(&config.backup_target),
+        backup_targets,
+        egress: Arc::new(
+            egress
+                .iter()
+                .map(|e| (e.name().to_string(), e.local_addr()))
+                .collect(),
+        ),
     };
     let clusters = reuse_clusters(&HashMap::new(), &config, &storage, &metrics);
     let admin_listener = admin::bind(config.admin.address).map_err(|e| e.to_string())?;
@@ -86,6 +106,9 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Str
     let mut forwarders = Vec::new();
     let mut storage_grpc = Vec::new();
     for l in &config.listeners {
+        if l.kind == ListenerKind::HttpConnect {
+            continue;
+        }
         if l.kind == ListenerKind::Tcp {
             let cluster = l.cluster.as_deref().unwrap_or(LOOPBACK_CLUSTER);
             let upstream = match clusters.get(cluster) {
@@ -149,6 +172,11 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Str
     let listeners = bound
         .iter()
         .map(|l| (l.name.to_string(), l.local_addr))
+        .chain(
+            egress
+                .iter()
+                .map(|e| (e.name().to_string(), e.local_addr())),
+        )
         .collect();
     let mut tasks = Vec::new();
     let storage_grpc_bound = storage_grpc
@@ -174,6 +202,9 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Str
             shutdown.clone(),
             drain_timeout,
         )));
+    }
+    for e in egress {
+        tasks.push(tokio::spawn(e.run(shutdown.clone(), drain_timeout)));
     }
     for l in bound {
         tasks.push(tokio::spawn(l.serve(

@@ -185,6 +185,7 @@ fn engine() -> &'static Engine {
         let proxy = crate::engine_proxy::EngineProxy::new(
             Arc::clone(&cluster),
             crate::engine_proxy::BackupTargets::new(&config.backup_target),
+            None,
         );
         let server = crate::address_map::MappedEngineProxy::server(
             proxy,

@@ -11,6 +11,7 @@ pub mod app;
 pub mod body;
 pub mod cluster;
 pub mod config;
+pub mod egress;
 pub mod engine_proxy;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -49,6 +49,11 @@ pub struct Metrics {
     config_reloads: IntCounterVec,
     limits_reached: IntCounterVec,
     tls_refused: IntCounterVec,
+    egress_receive: IntCounterVec,
+    egress_transmit: IntCounterVec,
+    egress_connections: IntCounterVec,
+    /// The `target` label values in use, at most [`MAX_EGRESS_TARGETS`] (then `other`).
+    egress_targets: parking_lot::Mutex<HashSet<String>>,
     downstream_connections: IntGaugeVec,
     /// When each (listener, limit) was last logged, and how often it was reached since.
     limit_log: parking_lot::Mutex<HashMap<&'static str, HashMap<String, LimitLog>>>,
@@ -80,6 +85,9 @@ pub struct GrpcLabels<'a> {
 }
 
 const OTHER: &str = "other";
+
+/// Distinct `target` label values of the backup-egress byte counters.
+const MAX_EGRESS_TARGETS: usize = 64;
 
 // === impl Metrics ===
 
@@ -166,6 +174,21 @@ impl Metrics {
             "Client connections a listener with mTLS closed before HTTP/2, by listener and reason (plaintext: the client did not start TLS; handshake: the handshake failed, e.g. no or a wrong client certificate).",
             &["listener", "reason"],
         );
+        let egress_receive = counter(
+            "lhnet_backup_egress_receive_bytes_total",
+            "Bytes an http_connect (backup egress) listener received from backup targets, by listener and target (HOST:PORT as requested).",
+            &["listener", "target"],
+        );
+        let egress_transmit = counter(
+            "lhnet_backup_egress_transmit_bytes_total",
+            "Bytes an http_connect (backup egress) listener sent to backup targets, by listener and target (HOST:PORT as requested).",
+            &["listener", "target"],
+        );
+        let egress_connections = counter(
+            "lhnet_backup_egress_connections_total",
+            "Tunnels and forwarded requests of an http_connect listener, by listener and result (ok; refused: not in backup_target.allowed_endpoints; failed: the target could not be reached; bad_request; limit).",
+            &["listener", "result"],
+        );
         let downstream_connections = gauge(
             "lhnet_downstream_connections",
             "Open client connections, by listener.",
@@ -186,6 +209,10 @@ impl Metrics {
             config_reloads,
             limits_reached,
             tls_refused,
+            egress_receive,
+            egress_transmit,
+            egress_connections,
+            egress_targets: parking_lot::Mutex::new(HashSet::new()),
             downstream_connections,
             limit_log: parking_lot::Mutex::new(HashMap::new()),
             known_methods: KnownMethods::from_descriptors(lhnet_proto::FILE_DESCRIPTOR_SET),
@@ -252,6 +279,32 @@ impl Metrics {
             .with_label_values(&[listener, limit])
             .inc();
         self.log_rate_limited(listener, limit, detail);
+    }
+
+    /// Byte counters of one backup-egress target; past [`MAX_EGRESS_TARGETS`] distinct
+    /// targets, new ones count as `other`, so callers cannot grow the label set without bound.
+    pub fn egress_bytes(&self, listener: &str, target: &str) -> ByteCounters {
+        let target = {
+            let mut known = self.egress_targets.lock();
+            if known.contains(target) || known.len() < MAX_EGRESS_TARGETS {
+                known.insert(target.to_string());
+                target
+            } else {
+                OTHER
+            }
+        };
+        let labels = [listener, target];
+        ByteCounters {
+            received: self.egress_receive.with_label_values(&labels),
+            transmitted: self.egress_transmit.with_label_values(&labels),
+        }
+    }
+
+    /// Counts one tunnel or forwarded request of a backup-egress listener by its result.
+    pub fn egress_connection(&self, listener: &str, result: &'static str) {
+        self.egress_connections
+            .with_label_values(&[listener, result])
+            .inc();
     }
 
     /// Counts a client connection a listener's mTLS refused, with a rate-limited log line.

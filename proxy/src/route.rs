@@ -2,6 +2,7 @@
 //! service, built once from config as a stack of tower layers ([`crate::stack`]).
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,6 +55,9 @@ pub struct LocalServices {
     pub peer: lhnet_proto::peer::peer_server::PeerServer<PeerService>,
     pub address_map: Arc<AddressMap>,
     pub backup_targets: Arc<BackupTargets>,
+    /// The `kind: http_connect` listeners and where they listen (`backup_egress` of engine
+    /// proxy routes names one).
+    pub egress: Arc<HashMap<String, SocketAddr>>,
 }
 
 /// The cluster `local: longhorn_engine_proxy` dials through unless the route names another.
@@ -229,8 +233,15 @@ fn build_route(
                     .map(|c| format!(", passthrough {}", c.name()))
                     .unwrap_or_default()
             ));
+            let egress = r.backup_egress.as_deref().and_then(|name| {
+                let found = locals.egress.get(name).map(|a| format!("http://{a}"));
+                if found.is_none() {
+                    tracing::warn!(route = %r.path, listener = name, "backup_egress names no http_connect listener; replicas' backups go out as the caller set them");
+                }
+                found
+            });
             let server = MappedEngineProxy::server(
-                EngineProxy::new(engines, locals.backup_targets.clone()),
+                EngineProxy::new(engines, locals.backup_targets.clone(), egress),
                 locals.address_map.clone(),
             )
             .max_decoding_message_size(listener.max_message_size)

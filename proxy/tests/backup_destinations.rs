@@ -6,9 +6,8 @@
 // The test servers are plain threads with std sockets and sleeps.
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::io::Write;
+use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,82 +16,7 @@ use tonic::Code;
 
 mod common;
 use common::backup_proxy;
-
-/// A TCP server on 127.0.0.1 that counts the connections it accepts and answers each with
-/// `answer` (after reading the request head), or holds it silent when `answer` is `None`.
-/// Stops when dropped, or after 60 s.
-struct Server {
-    port: u16,
-    accepts: Arc<AtomicUsize>,
-    stop: Arc<AtomicBool>,
-}
-
-type Answer = Arc<dyn Fn(&mut TcpStream) + Send + Sync>;
-
-impl Server {
-    fn start(answer: Option<Answer>) -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let accepts = Arc::new(AtomicUsize::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (count, stopped) = (accepts.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let until = Instant::now() + Duration::from_secs(60);
-            let mut held = Vec::new();
-            while Instant::now() < until && !stopped.load(Ordering::Relaxed) {
-                let Ok((mut conn, _)) = listener.accept() else {
-                    std::thread::sleep(Duration::from_millis(5));
-                    continue;
-                };
-                count.fetch_add(1, Ordering::SeqCst);
-                match &answer {
-                    Some(answer) => {
-                        let answer = answer.clone();
-                        std::thread::spawn(move || {
-                            let _ = conn.set_nonblocking(false);
-                            let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
-                            read_head(&mut conn);
-                            answer(&mut conn);
-                        });
-                    }
-                    None => held.push(conn),
-                }
-            }
-        });
-        Server {
-            port,
-            accepts,
-            stop,
-        }
-    }
-
-    /// Counts and says nothing.
-    fn counting() -> Server {
-        Server::start(None)
-    }
-
-    fn accepts(&self) -> usize {
-        self.accepts.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
-fn read_head(conn: &mut TcpStream) {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") && head.len() < 64 << 10 {
-        match conn.read(&mut byte) {
-            Ok(1) => head.push(byte[0]),
-            _ => return,
-        }
-    }
-}
+use common::servers::{Answer, Server};
 
 fn envs(pairs: &[(&str, &str)]) -> Vec<String> {
     let mut all: Vec<(String, String)> = [
@@ -134,7 +58,11 @@ async fn refused(extra: &str, pairs: &[(&str, &str)], wanted: &[&str]) -> String
         .expect_err("a refused destination");
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     for w in wanted {
-        assert!(err.message().contains(w), "{w:?} not in {:?}", err.message());
+        assert!(
+            err.message().contains(w),
+            "{w:?} not in {:?}",
+            err.message()
+        );
     }
     assert!(
         err.message().contains("backup_target."),
@@ -152,18 +80,35 @@ async fn endpoints_and_proxies_at_refused_addresses_are_never_dialled() {
     for (key, value, wanted) in [
         ("AWS_ENDPOINTS", loopback.as_str(), "loopback"),
         ("AWS_ENDPOINTS", named.as_str(), "loopback"),
-        ("AWS_ENDPOINTS", "http://169.254.169.254", "instance-metadata"),
-        ("AWS_ENDPOINTS", "http://[::ffff:169.254.169.254]", "instance-metadata"),
+        (
+            "AWS_ENDPOINTS",
+            "http://169.254.169.254",
+            "instance-metadata",
+        ),
+        (
+            "AWS_ENDPOINTS",
+            "http://[::ffff:169.254.169.254]",
+            "instance-metadata",
+        ),
         ("AWS_ENDPOINTS", "http://169.254.7.7:9000", "link-local"),
         ("HTTPS_PROXY", loopback.as_str(), "loopback"),
-        ("HTTP_PROXY", "http://169.254.169.254:80", "instance-metadata"),
+        (
+            "HTTP_PROXY",
+            "http://169.254.169.254:80",
+            "instance-metadata",
+        ),
     ] {
         // The proxy case has a lawful-looking endpoint that would never be reached.
         let mut pairs = vec![(key, value)];
         if key != "AWS_ENDPOINTS" {
             pairs.push(("AWS_ENDPOINTS", "http://10.255.255.1:9000"));
         }
-        let text = refused("", &pairs, &[key, wanted, "backup_target.allowed_endpoints"]).await;
+        let text = refused(
+            "",
+            &pairs,
+            &[key, wanted, "backup_target.allowed_endpoints"],
+        )
+        .await;
         assert!(
             text.contains(&format!(":{}", watch.port)) || !value.contains("127.0.0.1"),
             "names the address: {text}"
@@ -319,7 +264,11 @@ async fn a_target_answering_a_gigabyte_of_garbage_costs_bounded_time_and_memory(
             .expect_err("garbage is not a listing");
         let took = started.elapsed();
         assert_eq!(err.code(), Code::Unknown, "{err:?}");
-        let wanted = if announce { "announced" } else { "more than 64 MiB" };
+        let wanted = if announce {
+            "announced"
+        } else {
+            "more than 64 MiB"
+        };
         assert!(err.message().contains(wanted), "{err:?}");
         assert!(err.message().len() < 1200, "a short error: {err:?}");
         assert!(

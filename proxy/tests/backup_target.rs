@@ -598,11 +598,10 @@ async fn a_stalled_s3_target_times_out_without_holding_up_others() {
             }
         }
     });
-    let (_proxy, c) =
-        start_proxy_with(
-            "backup_target: { timeout: 1500ms, max_concurrent: 2, allowed_endpoints: [127.0.0.1] }\n",
-        )
-        .await;
+    let (_proxy, c) = start_proxy_with(
+        "backup_target: { timeout: 1500ms, max_concurrent: 2, allowed_endpoints: [127.0.0.1] }\n",
+    )
+    .await;
     let dir = scratch("stall");
     let vfs = format!("vfs://{}", dir.display());
     let t = Target::parse(&vfs).unwrap();

@@ -213,18 +213,18 @@ impl Rule {
     }
 
     fn port_ok(&self, port: u16) -> bool {
-        self.ports.is_none_or(|(low, high)| (low..=high).contains(&port))
+        self.ports
+            .is_none_or(|(low, high)| (low..=high).contains(&port))
     }
 
     fn names(&self, name: &str) -> bool {
         match &self.host {
             HostRule::Name(n) => n.eq_ignore_ascii_case(name),
-            HostRule::Under(domain) => name
-                .len()
-                .checked_sub(domain.len() + 1)
-                .is_some_and(|cut| {
+            HostRule::Under(domain) => {
+                name.len().checked_sub(domain.len() + 1).is_some_and(|cut| {
                     name.as_bytes()[cut] == b'.' && name[cut + 1..].eq_ignore_ascii_case(domain)
-                }),
+                })
+            }
             HostRule::Net(_) => false,
         }
     }
@@ -353,10 +353,7 @@ impl EndpointPolicy {
         {
             return Ok(());
         }
-        Err(to.refused(format!(
-            "{host} is not in [{}]",
-            self.entries().join(", ")
-        )))
+        Err(to.refused(format!("{host} is not in [{}]", self.entries().join(", "))))
     }
 
     /// Whether `name` was let through by a name entry (then its addresses are not matched
@@ -380,15 +377,13 @@ impl EndpointPolicy {
         let mut first_refusal = None;
         let allowed: Vec<SocketAddr> = addrs
             .into_iter()
-            .filter(
-                |a| match self.address_refusal(a.ip(), a.port(), by_name) {
-                    None => true,
-                    Some(why) => {
-                        first_refusal.get_or_insert(why);
-                        false
-                    }
-                },
-            )
+            .filter(|a| match self.address_refusal(a.ip(), a.port(), by_name) {
+                None => true,
+                Some(why) => {
+                    first_refusal.get_or_insert(why);
+                    false
+                }
+            })
             .collect();
         match (allowed.is_empty(), first_refusal) {
             (true, Some(why)) => Err(format!(
@@ -545,7 +540,13 @@ mod tests {
             assert!(e.contains(why) && e.contains(REFUSED), "{host}: {e}");
             assert!(e.contains("AWS_ENDPOINTS") && e.contains(KEY), "{e}");
         }
-        for host in ["10.1.2.3", "192.168.1.1", "8.8.8.8", "s3.amazonaws.com", "2001:db8::1"] {
+        for host in [
+            "10.1.2.3",
+            "192.168.1.1",
+            "8.8.8.8",
+            "s3.amazonaws.com",
+            "2001:db8::1",
+        ] {
             check(&p, host, 443).unwrap();
         }
     }
@@ -594,9 +595,12 @@ mod tests {
                 .unwrap(),
             vec![a("10.20.0.7:0")]
         );
-        assert!(p.check_resolved("other.example", [a("10.99.0.7:0")]).is_err());
+        assert!(p
+            .check_resolved("other.example", [a("10.99.0.7:0")])
+            .is_err());
         // A name entry lets its addresses through, but never into a refused class.
-        p.check_resolved("minio.storage.svc", [a("10.99.0.7:0")]).unwrap();
+        p.check_resolved("minio.storage.svc", [a("10.99.0.7:0")])
+            .unwrap();
         let e = p
             .check_resolved("minio.storage.svc", [a("127.0.0.1:0")])
             .unwrap_err();
@@ -605,16 +609,26 @@ mod tests {
 
     #[test]
     fn entries_are_checked() {
-        for bad in ["", "a b", "host:0", "host:99999", "host:9-1", "*.", "[::1", "1.2.3.4/40"] {
+        for bad in [
+            "",
+            "a b",
+            "host:0",
+            "host:99999",
+            "host:9-1",
+            "*.",
+            "[::1",
+            "1.2.3.4/40",
+        ] {
             let e = EndpointPolicy::new(&[bad.to_string()], false).unwrap_err();
             assert!(e.contains("is not HOST"), "{bad}: {e}");
         }
-        assert!(EndpointPolicy::unrestricted().check(Destination {
-            key: "k",
-            host: "169.254.169.254",
-            port: 80
-        })
-        .is_ok());
+        assert!(EndpointPolicy::unrestricted()
+            .check(Destination {
+                key: "k",
+                host: "169.254.169.254",
+                port: 80
+            })
+            .is_ok());
     }
 
     #[test]
@@ -622,6 +636,9 @@ mod tests {
         let u = url::Url::parse("http://user:secret@proxy.example:3128").unwrap();
         assert_eq!(redact(&u), "http://***@proxy.example:3128/");
         assert_eq!(excerpt("a\n\n\u{1b}[31mb   c", 100), "a [31mb c");
-        assert_eq!(excerpt(&"x".repeat(500), 10), format!("{}…", "x".repeat(10)));
+        assert_eq!(
+            excerpt(&"x".repeat(500), 10),
+            format!("{}…", "x".repeat(10))
+        );
     }
 }

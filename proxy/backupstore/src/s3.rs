@@ -19,8 +19,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
-use object_store::aws::{AmazonS3, AmazonS3Builder};
 use http_body_util::BodyExt;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::client::{
     HttpClient, HttpConnector, HttpError, HttpErrorKind, HttpRequest, HttpResponse,
     HttpResponseBody, HttpService,
@@ -175,7 +175,9 @@ fn build_store(
     for key in ["HTTPS_PROXY", "HTTP_PROXY"] {
         if let Some(p) = setting(credentials, key) {
             check_proxy(p).map_err(|why| {
-                format!("backup target {url}: {key} {why}; write http(s)://[USER:PASSWORD@]HOST[:PORT]")
+                format!(
+                    "backup target {url}: {key} {why}; write http(s)://[USER:PASSWORD@]HOST[:PORT]"
+                )
             })?;
         }
     }
@@ -322,7 +324,8 @@ impl Connector {
             no_proxy: owned("NO_PROXY"),
             roots,
             policy: policy.clone(),
-            metadata: policy.instance_metadata && setting(credentials, "AWS_ACCESS_KEY_ID").is_none(),
+            metadata: policy.instance_metadata
+                && setting(credentials, "AWS_ACCESS_KEY_ID").is_none(),
         })
     }
 
@@ -389,22 +392,30 @@ struct Guarded {
 impl HttpService for Guarded {
     async fn call(&self, request: HttpRequest) -> Result<HttpResponse, HttpError> {
         let uri = request.uri();
-        let host = uri.host().unwrap_or("").trim_start_matches('[').trim_end_matches(']');
-        let metadata_lookup = self.metadata
-            && host
-                .parse()
-                .is_ok_and(EndpointPolicy::metadata_address);
+        let host = uri
+            .host()
+            .unwrap_or("")
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let metadata_lookup =
+            self.metadata && host.parse().is_ok_and(EndpointPolicy::metadata_address);
         if !metadata_lookup {
             let port = uri
                 .port_u16()
-                .unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
+                .unwrap_or(if uri.scheme_str() == Some("https") {
+                    443
+                } else {
+                    80
+                });
             self.policy
                 .check(Destination {
                     key: "an S3 request to",
                     host,
                     port,
                 })
-                .map_err(|refused| HttpError::new(HttpErrorKind::Unknown, io::Error::other(refused)))?;
+                .map_err(|refused| {
+                    HttpError::new(HttpErrorKind::Unknown, io::Error::other(refused))
+                })?;
         }
         let limit = if uri.path().ends_with(".cfg") {
             MAX_CFG_BYTES
@@ -453,7 +464,9 @@ impl reqwest::dns::Resolve for CheckedResolver {
         let name = name.as_str().to_string();
         Box::pin(async move {
             let found = tokio::net::lookup_host((name.as_str(), 0)).await?;
-            let allowed = policy.check_resolved(&name, found).map_err(io::Error::other)?;
+            let allowed = policy
+                .check_resolved(&name, found)
+                .map_err(io::Error::other)?;
             Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
         })
     }
@@ -573,7 +586,6 @@ impl S3Driver {
         };
         io::Error::other(format!("S3 {what} {path}: {text}{keyless}"))
     }
-
 }
 
 /// The last segment of an object path.
@@ -724,10 +736,15 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.contains("AWS_CERT"), "{err}");
-        let err =
-            S3Driver::open("s3://b@r/p", &creds(&[("VIRTUAL_HOSTED_STYLE", "maybe")]), &strict).unwrap_err();
+        let err = S3Driver::open(
+            "s3://b@r/p",
+            &creds(&[("VIRTUAL_HOSTED_STYLE", "maybe")]),
+            &strict,
+        )
+        .unwrap_err();
         assert!(err.contains("VIRTUAL_HOSTED_STYLE"), "{err}");
-        let err = S3Driver::open("s3://b@r/p", &creds(&[("AWS_ACCESS_KEY_ID", "a")]), &strict).unwrap_err();
+        let err = S3Driver::open("s3://b@r/p", &creds(&[("AWS_ACCESS_KEY_ID", "a")]), &strict)
+            .unwrap_err();
         assert!(err.contains("together"), "{err}");
         // A malformed endpoint is refused when the target is opened, never a panic.
         for endpoint in [
@@ -767,8 +784,12 @@ mod tests {
             assert!(!err.contains("hunter2"), "{err}");
         }
         // Keyless: the metadata lookup only when the config allows it.
-        let err = S3Driver::open("s3://b@r/p", &creds(&[("AWS_ENDPOINTS", "http://10.9.9.9:9000")]), &strict)
-            .unwrap_err();
+        let err = S3Driver::open(
+            "s3://b@r/p",
+            &creds(&[("AWS_ENDPOINTS", "http://10.9.9.9:9000")]),
+            &strict,
+        )
+        .unwrap_err();
         assert!(
             err.contains("backup_target.instance_metadata: true") && err.contains(REFUSED),
             "{err}"

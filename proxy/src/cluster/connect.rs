@@ -48,6 +48,28 @@ pub struct ConnectError {
 // === impl Connector ===
 
 impl Connector {
+    /// A connector of its own, not a cluster's (a backup-egress listener's): `name` is its
+    /// metric label, as a cluster's name is.
+    pub fn standalone(
+        name: &str,
+        source: SourceAddress,
+        bind_to_device: Option<String>,
+        connect_timeout: Duration,
+        storage: Arc<StorageState>,
+        metrics: Arc<Metrics>,
+    ) -> Connector {
+        Connector {
+            cluster: name.into(),
+            source,
+            bind_to_device,
+            connect_timeout,
+            keepalive: Duration::from_secs(30),
+            storage,
+            metrics,
+            tls: None,
+        }
+    }
+
     /// The source new connections would bind when it follows the storage address: pooled
     /// connections from another one are drained.
     pub(super) fn wanted_source(&self) -> Option<IpAddr> {

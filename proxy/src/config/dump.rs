@@ -107,6 +107,13 @@ impl Serialize for ListenerConfig {
             map.serialize_entry("cluster", &self.cluster)?;
             return map.end();
         }
+        if let Some(e) = &self.egress {
+            map.serialize_entry("source_address", &e.source_address.to_string())?;
+            map.serialize_entry("bind_to_device", &e.bind_to_device)?;
+            map.serialize_entry("connect_timeout", &Dur(e.connect_timeout))?;
+            map.serialize_entry("max_connections", &e.max_connections)?;
+            return map.end();
+        }
         map.serialize_entry("routes", &self.routes)?;
         map.serialize_entry("max_message_size", &self.max_message_size)?;
         map.serialize_entry("http2_protocol_options", &self.http2)?;
@@ -149,6 +156,9 @@ impl Serialize for RouteConfig {
         }
         if let Some(c) = &self.passthrough_cluster {
             map.serialize_entry("passthrough_cluster", c)?;
+        }
+        if let Some(l) = &self.backup_egress {
+            map.serialize_entry("backup_egress", l)?;
         }
         map.end()
     }

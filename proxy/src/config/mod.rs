@@ -156,6 +156,33 @@ pub struct ListenerConfig {
     pub limits: ListenerLimits,
     /// `tls:` (gRPC listeners): Longhorn's mTLS; absent is plaintext.
     pub tls: Option<TlsConfig>,
+    /// `kind: http_connect`: how its upstream connections are made.
+    pub egress: Option<EgressConfig>,
+}
+
+/// A `kind: http_connect` listener's upstream side: backup traffic out on the storage network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EgressConfig {
+    /// `upstream_bind_config.source_address` (default `storage`).
+    #[serde(skip)]
+    pub source_address: SourceAddress,
+    /// `upstream_bind_config.bind_to_device` (`storage`: the storage interface).
+    pub bind_to_device: Option<String>,
+    #[serde(serialize_with = "ser_duration")]
+    pub connect_timeout: Duration,
+    /// Tunnels and forwarded requests open at once at most; more are answered 503.
+    pub max_connections: usize,
+}
+
+impl Default for EgressConfig {
+    fn default() -> Self {
+        EgressConfig {
+            source_address: SourceAddress::Storage,
+            bind_to_device: None,
+            connect_timeout: Duration::from_secs(5),
+            max_connections: 256,
+        }
+    }
 }
 
 /// `tls:` of a gRPC listener or a cluster: Longhorn's mTLS (spec §5, `crate::tls`).
@@ -254,6 +281,9 @@ pub enum ListenerKind {
     Grpc,
     /// L4: each connection forwarded whole to `cluster`.
     Tcp,
+    /// An HTTP forward proxy (CONNECT tunnels and absolute-form requests) on loopback whose
+    /// upstream connections leave from the storage address: backup uploads and downloads.
+    HttpConnect,
 }
 
 /// The built-in cluster of `kind: tcp` listeners: 127.0.0.1 and the port the connection came in on.
@@ -339,6 +369,10 @@ pub struct RouteConfig {
     /// SPDKBackingImage calls, RemountReadOnlyVolume, CleanupBackupMountPoints,
     /// BackupRestoreFinish and methods it does not know. Unset: those are UNIMPLEMENTED.
     pub passthrough_cluster: Option<String>,
+    /// For `local: longhorn_engine_proxy`: a `kind: http_connect` listener that replicas'
+    /// backup and restore credentials get as `HTTPS_PROXY`/`HTTP_PROXY` (unless the caller set
+    /// its own), so their transfers leave their pods on the storage network.
+    pub backup_egress: Option<String>,
 }
 
 #[derive(Debug, Clone)]

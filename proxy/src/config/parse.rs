@@ -199,6 +199,15 @@ pub(super) const BACKUP_TARGET_KEYS: &[&str] = &[
 /// A `kind: tcp` listener's keys.
 pub(super) const TCP_LISTENER_KEYS: &[&str] =
     &["name", "kind", "address", "cluster", "stat_prefix"];
+/// A `kind: http_connect` listener's keys.
+pub(super) const HTTP_CONNECT_LISTENER_KEYS: &[&str] = &[
+    "name",
+    "kind",
+    "address",
+    "upstream_bind_config",
+    "connect_timeout",
+    "max_connections",
+];
 /// A gRPC listener's keys: its own and its limits ([`parse_listener_limits`]).
 pub(super) const GRPC_LISTENER_KEYS: &[&str] = &[
     "name",
@@ -223,6 +232,8 @@ pub(super) const LISTENER_KEYS: &[&str] = &[
     "address",
     "cluster",
     "stat_prefix",
+    "connect_timeout",
+    "upstream_bind_config",
     "routes",
     "max_message_size",
     "http2_protocol_options",
@@ -252,6 +263,7 @@ pub(super) const ROUTE_KEYS: &[&str] = &[
     "retry_policy",
     "upstream_cluster",
     "passthrough_cluster",
+    "backup_egress",
 ];
 pub(super) const MAX_STREAM_DURATION_KEYS: &[&str] = &["grpc_timeout_header_max"];
 pub(super) const MATCH_KEYS: &[&str] = &["path", "prefix", "safe_regex", "headers", "grpc"];
@@ -805,15 +817,16 @@ pub(super) fn parse_backup_target(
     let mut allowed_endpoints = Some(Vec::new());
     if let Some((p, v)) = f.take("allowed_endpoints") {
         for (p, v) in list(v, &p, cx) {
-            let entry = string(v, &p, cx).and_then(|e| {
-                match lhnet_backupstore::EndpointPolicy::new(std::slice::from_ref(&e), false) {
-                    Ok(_) => Some(e),
-                    Err(why) => {
-                        cx.err(&p, why);
-                        None
+            let entry =
+                string(v, &p, cx).and_then(|e| {
+                    match lhnet_backupstore::EndpointPolicy::new(std::slice::from_ref(&e), false) {
+                        Ok(_) => Some(e),
+                        Err(why) => {
+                            cx.err(&p, why);
+                            None
+                        }
                     }
-                }
-            });
+                });
             match (entry, allowed_endpoints.as_mut()) {
                 (Some(e), Some(all)) => all.push(e),
                 _ => allowed_endpoints = None,
@@ -997,10 +1010,11 @@ pub(super) fn parse_listener(v: &Value, path: &str, cx: &mut Cx) -> Option<Liste
         Some((p, v)) => match string(v, &p, cx).as_deref() {
             Some("grpc") => Some(ListenerKind::Grpc),
             Some("tcp") => Some(ListenerKind::Tcp),
+            Some("http_connect") => Some(ListenerKind::HttpConnect),
             Some(other) => {
                 cx.err(
                     &p,
-                    format!("\"{other}\" is not a listener kind; use grpc or tcp"),
+                    format!("\"{other}\" is not a listener kind; use grpc, tcp or http_connect"),
                 );
                 None
             }
@@ -1029,6 +1043,35 @@ pub(super) fn parse_listener(v: &Value, path: &str, cx: &mut Cx) -> Option<Liste
             http2: Http2Options::default(),
             limits: ListenerLimits::default(),
             tls: None,
+            egress: None,
+        });
+    }
+    if kind == Some(ListenerKind::HttpConnect) {
+        let egress = parse_egress(&mut f, cx);
+        f.finish_as(HTTP_CONNECT_LISTENER_KEYS, cx);
+        let address = address?;
+        let loopback = match address {
+            ListenAddress::Socket(a) => a.ip().is_loopback(),
+            _ => false,
+        };
+        if !loopback {
+            cx.err(
+                &format!("{path}.address"),
+                "an http_connect listener forwards for whoever reaches it: bind it on loopback (127.0.0.1:PORT), where only its own pod's processes reach it",
+            );
+        }
+        return Some(ListenerConfig {
+            path: path.to_string(),
+            name: name?,
+            kind: ListenerKind::HttpConnect,
+            address,
+            cluster: None,
+            routes: Vec::new(),
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            http2: Http2Options::default(),
+            limits: ListenerLimits::default(),
+            tls: None,
+            egress: Some(egress?),
         });
     }
     let listener_name = name.clone().unwrap_or_else(|| path.to_string());
@@ -1067,6 +1110,30 @@ pub(super) fn parse_listener(v: &Value, path: &str, cx: &mut Cx) -> Option<Liste
         http2: http2?,
         limits: limits?,
         tls: tls?,
+        egress: None,
+    })
+}
+
+/// The upstream keys of a `kind: http_connect` listener.
+fn parse_egress(f: &mut Fields<'_>, cx: &mut Cx) -> Option<EgressConfig> {
+    let d = EgressConfig::default();
+    let (source_address, bind_to_device) = match f.take("upstream_bind_config") {
+        Some((p, v)) => parse_bind(v, &p, cx)?,
+        None => (d.source_address, d.bind_to_device),
+    };
+    let connect_timeout = match f.take("connect_timeout") {
+        Some((p, v)) => nonzero_duration(v, &p, cx),
+        None => Some(d.connect_timeout),
+    };
+    let max_connections = match f.take("max_connections") {
+        Some((p, v)) => positive(v, &p, 65536, cx).map(|n| n as usize),
+        None => Some(d.max_connections),
+    };
+    Some(EgressConfig {
+        source_address,
+        bind_to_device,
+        connect_timeout: connect_timeout?,
+        max_connections: max_connections?,
     })
 }
 
@@ -1286,6 +1353,7 @@ pub(super) fn parse_route(
     let passthrough_cluster = f
         .take("passthrough_cluster")
         .and_then(|(p, v)| string(v, &p, cx));
+    let backup_egress = f.take("backup_egress").and_then(|(p, v)| string(v, &p, cx));
     f.finish(cx);
     Some(RouteConfig {
         path: path.to_string(),
@@ -1297,6 +1365,7 @@ pub(super) fn parse_route(
         retry_policy,
         upstream_cluster,
         passthrough_cluster,
+        backup_egress,
     })
 }
 

@@ -75,6 +75,26 @@ pub(super) fn check_references(
                     "only local: longhorn_engine_proxy routes take upstream_cluster",
                 );
             }
+            if let Some(name) = &r.backup_egress {
+                let path = format!("{}.backup_egress", r.path);
+                if r.action != RouteAction::Local(LocalService::LonghornEngineProxy) {
+                    cx.err(
+                        &path,
+                        "only local: longhorn_engine_proxy routes take backup_egress",
+                    );
+                }
+                match listeners.iter().find(|l| &l.name == name) {
+                    Some(l) if l.kind == ListenerKind::HttpConnect => {}
+                    Some(_) => cx.err(
+                        &path,
+                        format!("listener \"{name}\" is not kind: http_connect"),
+                    ),
+                    None => cx.err(
+                        &path,
+                        format!("no listener named \"{name}\"; backup_egress names a kind: http_connect listener"),
+                    ),
+                }
+            }
             if let Some(name) = &r.passthrough_cluster {
                 let path = format!("{}.passthrough_cluster", r.path);
                 if r.action != RouteAction::Local(LocalService::LonghornEngineProxy) {

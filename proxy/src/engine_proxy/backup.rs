@@ -60,7 +60,7 @@ pub(super) async fn create(
         backup_target: r.backup_target.clone(),
         volume_name: volume.name.clone(),
         labels,
-        credential,
+        credential: p.through_egress(&r.backup_target, credential),
         backing_image_name: r.backing_image_name,
         backing_image_checksum: r.backing_image_checksum,
         backup_name: r.backup_name,

@@ -55,6 +55,11 @@ impl BackupTargets {
         }
     }
 
+    /// Where targets (and the backup-egress listeners) may dial, as the config says now.
+    pub fn endpoints(&self) -> Arc<backupstore::EndpointPolicy> {
+        self.config.load().endpoints.clone()
+    }
+
     fn slots_of(&self, target: &str, size: usize) -> Arc<Semaphore> {
         let mut map = self.slots.lock();
         if map.len() >= KEPT_TARGETS {

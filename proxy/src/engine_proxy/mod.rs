@@ -21,6 +21,7 @@ mod snapshot;
 pub mod version;
 mod volume;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -57,6 +58,9 @@ const LONG_CALL_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 pub struct EngineProxy {
     engines: Arc<Cluster>,
     backups: Arc<BackupTargets>,
+    /// `backup_egress`: the proxy URL (`http://127.0.0.1:PORT`) replicas' backup and restore
+    /// credentials get, so their transfers leave on the storage network.
+    egress: Option<String>,
 }
 
 /// The engine a request names, and who it is.
@@ -83,8 +87,36 @@ pub(crate) struct TaskError(Vec<(String, String)>);
 // === impl EngineProxy ===
 
 impl EngineProxy {
-    pub fn new(engines: Arc<Cluster>, backups: Arc<BackupTargets>) -> EngineProxy {
-        EngineProxy { engines, backups }
+    pub fn new(
+        engines: Arc<Cluster>,
+        backups: Arc<BackupTargets>,
+        egress: Option<String>,
+    ) -> EngineProxy {
+        EngineProxy {
+            engines,
+            backups,
+            egress,
+        }
+    }
+
+    /// A replica's backup or restore credential with the backup egress as its proxy: for
+    /// targets spoken to over HTTP (s3, azblob), when the route sets `backup_egress` and the
+    /// caller set no proxy of its own.
+    fn through_egress(
+        &self,
+        target: &str,
+        mut credential: HashMap<String, String>,
+    ) -> HashMap<String, String> {
+        let Some(proxy) = &self.egress else {
+            return credential;
+        };
+        let http = target.starts_with("s3://") || target.starts_with("azblob://");
+        let set = |k: &str| credential.get(k).is_some_and(|v| !v.is_empty());
+        if http && !set("HTTPS_PROXY") && !set("HTTP_PROXY") {
+            credential.insert("HTTPS_PROXY".into(), proxy.clone());
+            credential.insert("HTTP_PROXY".into(), proxy.clone());
+        }
+        credential
     }
 
     /// Refuses an address outside the cluster's allowed destinations, before any dial.

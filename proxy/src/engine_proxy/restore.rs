@@ -196,11 +196,14 @@ impl Restore {
             }));
         }
 
+        // lhnet inspected the backup with the caller's credential; the replicas download
+        // through their pods' backup egress when the route sets one.
+        let replica_credential = p.through_egress(&self.url, self.credential.clone());
         let starts = join_all(replicas.iter().map(|x| {
             let request = ptypes::BackupRestoreRequest {
                 backup: self.url.clone(),
                 snapshot_disk_name: disk.clone(),
-                credential: self.credential.clone(),
+                credential: replica_credential.clone(),
                 concurrent_limit: self.concurrent_limit,
             };
             let id = id.clone();

@@ -59,7 +59,12 @@ pub fn config(passthrough: Option<SocketAddr>) -> String {
 }
 
 pub async fn start_proxy_with(passthrough: Option<SocketAddr>) -> Proxy {
-    let config = Config::parse(&config(passthrough), "test").unwrap();
+    start_proxy_from(&config(passthrough)).await
+}
+
+/// lhnet from a whole config (its gRPC listener named `m`).
+pub async fn start_proxy_from(yaml: &str) -> Proxy {
+    let config = Config::parse(yaml, "test").unwrap();
     let proxy = app::start(config, Options::default()).await.unwrap();
     let addr = proxy.listener_addr("m").unwrap();
     let channel = Channel::from_shared(format!("http://{addr}"))

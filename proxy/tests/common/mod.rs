@@ -6,6 +6,7 @@
 pub mod longhorn;
 pub mod moto;
 pub mod raw_h2;
+pub mod servers;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
