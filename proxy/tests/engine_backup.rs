@@ -749,3 +749,116 @@ async fn backup_to_s3_lists_through_the_backup_target_calls_and_restores() {
     let (keys, _) = moto::boto3_look(&moto.endpoint, "longhorn", "cluster-a/", "");
     assert!(keys.is_empty(), "left in the bucket: {keys:?}");
 }
+
+/// Bytes no compression shrinks (xorshift), so the bytes a transfer moves are at least these.
+fn incompressible(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_back_up_and_restore_through_the_backup_egress_listener() {
+    let Some(moto) = moto::start_moto("egress") else {
+        return;
+    };
+    // The engine proxy route hands replicas the egress listener as their proxy.
+    let yaml = longhorn::config(None).replace(
+        "clusters:\n",
+        "        backup_egress: egress\n  - name: egress\n    kind: http_connect\n    address: 127.0.0.1:0\nclusters:\n",
+    );
+    let mut p = longhorn::start_proxy_from(&yaml).await;
+    let egress = format!("http://{}", p.proxy.listener_addr("egress").unwrap());
+    let m = Manager::V1_12_1;
+    let v = longhorn::volume("vol-egress", 1).await;
+    let target = "s3://egress@us-east-1/through".to_string();
+    let envs = moto::s3_envs(&moto.endpoint);
+    let data = incompressible(3 << 20);
+    v.write(0, &data);
+    p.client
+        .volume_snapshot(snap(&v, m, "esnap"))
+        .await
+        .unwrap();
+    v.record();
+    let mut request = backup(&v, m, "esnap", "backup-egress", &target);
+    request.envs = envs.clone();
+    p.client.snapshot_backup(request).await.unwrap();
+    let created = v.replicas[0]
+        .record()
+        .of::<ptypes::BackupCreateRequest>("BackupCreate");
+    let credential = &created[0].1.credential;
+    assert_eq!(
+        (
+            credential["HTTPS_PROXY"].as_str(),
+            credential["HTTP_PROXY"].as_str()
+        ),
+        (egress.as_str(), egress.as_str())
+    );
+    let done = backup_done(&p.client, status(&v, m, "backup-egress", "", "")).await;
+    let target_label = moto.endpoint.trim_start_matches("http://").to_string();
+    let counted = |p: &longhorn::Proxy, what: &str| {
+        common::metric(
+            &p.proxy.metrics().render(),
+            &format!(
+                "lhnet_backup_egress_{what}_bytes_total{{listener=\"egress\",target=\"{target_label}\"}}"
+            ),
+        )
+        .unwrap_or(0.0)
+    };
+    let sent = counted(&p, "transmit");
+    assert!(
+        sent >= data.len() as f64,
+        "the upload went through the egress listener: {sent} bytes of {}",
+        data.len()
+    );
+
+    // The restore downloads through it too.
+    let fresh = longhorn::volume("vol-egress-2", 1).await;
+    let mut r = restore(&fresh, m, &done.backup_url, &target, "vol-egress");
+    r.envs = envs.clone();
+    let reply = p.client.backup_restore(r).await.unwrap().into_inner();
+    assert!(
+        reply.task_error.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&reply.task_error)
+    );
+    restored(&p.client, &fresh, m, "backup-egress").await;
+    assert_eq!(fresh.replicas[0].replica.read(0, data.len()), data);
+    let received = counted(&p, "receive");
+    assert!(
+        received >= data.len() as f64,
+        "the download went through the egress listener: {received} bytes"
+    );
+
+    // A caller's own proxy is kept.
+    let mut own = backup(&v, m, "esnap", "backup-own-proxy", &target);
+    own.envs = moto::s3_envs(&moto.endpoint)
+        .into_iter()
+        .map(|e| {
+            if e == "HTTPS_PROXY=" {
+                "HTTPS_PROXY=http://proxy.corp.example:3128".to_string()
+            } else {
+                e
+            }
+        })
+        .collect();
+    v.record();
+    p.client.snapshot_backup(own).await.unwrap();
+    let created = v.replicas[0]
+        .record()
+        .of::<ptypes::BackupCreateRequest>("BackupCreate");
+    let credential = &created[0].1.credential;
+    assert_eq!(
+        (
+            credential["HTTPS_PROXY"].as_str(),
+            credential["HTTP_PROXY"].as_str()
+        ),
+        ("http://proxy.corp.example:3128", "")
+    );
+}

@@ -2,8 +2,9 @@
 //! relative to the target's root and `/`-separated (`backupstore/volumes/01/9c/vol1/volume.cfg`),
 //! the same on a directory and on S3, as in Longhorn's `BackupStoreDriver`.
 //!
-//! Drivers are synchronous: the backup-target RPCs call them on the blocking pool, and the S3
-//! driver runs its requests on its own runtime (see `s3.rs`).
+//! Drivers are synchronous: the backup-target RPCs and the simulator call them on the blocking
+//! pool (a hung NFS server holds a blocking thread, never a runtime worker), and the S3 driver
+//! drives its requests on the runtime the target was opened on, lhnet's own (see `s3.rs`).
 
 use std::fs;
 use std::io;

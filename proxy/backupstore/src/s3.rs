@@ -8,8 +8,8 @@
 //! key. Without keys the store falls back to the instance metadata service (IAM roles), as the
 //! AWS SDK in Longhorn does.
 //!
-//! Requests run on one small runtime of their own, so the synchronous [`Driver`] calls can
-//! block on them from any thread. Each request has a 30 s timeout and up to 3 retries
+//! Requests run on the tokio runtime the target was opened on (lhnet's own; a simulator pod's),
+//! driven by the synchronous [`Driver`] calls, which run on the blocking pool. Each request has a 30 s timeout and up to 3 retries
 //! (Longhorn's `MaxRetries`).
 
 use std::collections::{BTreeMap, HashMap};
@@ -43,6 +43,8 @@ const CACHED_STORES: usize = 16;
 #[derive(Debug)]
 pub struct S3Driver {
     store: Arc<AmazonS3>,
+    /// The runtime requests run on: the one the target was opened on.
+    runtime: tokio::runtime::Handle,
     /// `PATH/` (or empty for `s3://bucket/`), before `backupstore/…`.
     prefix: String,
     /// No keys in `envs`: errors say that credentials came from the instance metadata service.
@@ -113,9 +115,17 @@ impl S3Driver {
         policy: &Arc<EndpointPolicy>,
     ) -> Result<S3Driver, String> {
         let parsed = S3Url::parse(url)?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            format!("backup target {url}: s3 targets are opened on a tokio runtime (its requests run there)")
+        })?;
+        // A store's connections belong to the network namespace they were made in (the
+        // simulator runs pods as namespaces of one process): one store per namespace.
+        let netns = std::fs::read_link("/proc/thread-self/ns/net")
+            .map(|l| l.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let key = {
             let sorted: BTreeMap<_, _> = credentials.iter().collect();
-            format!("{}|{sorted:?}|{policy:?}", parsed.normalised())
+            format!("{}|{sorted:?}|{policy:?}|{netns}", parsed.normalised())
         };
         static STORES: OnceLock<Mutex<HashMap<String, Arc<AmazonS3>>>> = OnceLock::new();
         let stores = STORES.get_or_init(Default::default);
@@ -145,6 +155,7 @@ impl S3Driver {
         let keyless = setting(credentials, "AWS_ACCESS_KEY_ID").is_none();
         Ok(S3Driver {
             store,
+            runtime,
             prefix,
             keyless,
         })
@@ -521,33 +532,24 @@ fn check_destinations(
     Ok(())
 }
 
-/// Runs `work` on the S3 runtime and waits for it, from any thread.
-fn run<T: Send + 'static>(work: impl Future<Output = T> + Send + 'static) -> io::Result<T> {
-    static RUNTIME: OnceLock<Result<tokio::runtime::Runtime, String>> = OnceLock::new();
-    let runtime = RUNTIME
-        .get_or_init(|| {
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .thread_name("lhnet-s3")
-                .enable_all()
-                .build()
-                .map_err(|e| e.to_string())
-        })
-        .as_ref()
-        .map_err(|e| io::Error::other(format!("cannot start the S3 runtime: {e}")))?;
-    if std::thread::current().name() == Some("lhnet-s3") {
-        // Waiting here would wait for this very thread.
-        return Err(io::Error::other(
-            "an S3 call made on the S3 runtime itself; run it from another thread",
-        ));
+impl S3Driver {
+    /// Runs `work` on the runtime the target was opened on (lhnet's, or the simulator pod's)
+    /// and waits for it. Driver calls run off the async threads (the blocking pool, or threads
+    /// of their own), so waiting here stalls no runtime worker.
+    fn run<T: Send + 'static>(
+        &self,
+        work: impl Future<Output = T> + Send + 'static,
+    ) -> io::Result<T> {
+        // Handle::block_on panics on an async thread; said as an error instead.
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.runtime.block_on(work)
+        })) {
+            Ok(done) => Ok(done),
+            Err(_) => Err(io::Error::other(
+                "an S3 call was made on an async thread of the runtime (lhnet runs driver calls on the blocking pool; this is a bug in lhnet)",
+            )),
+        }
     }
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    runtime.spawn(async move {
-        let _ = tx.send(work.await);
-    });
-    rx.recv().map_err(|_| {
-        io::Error::other("the S3 client failed unexpectedly (a bug in lhnet; see its log)")
-    })
 }
 
 impl S3Driver {
@@ -601,7 +603,8 @@ impl Driver for S3Driver {
     /// `ListObjects` with delimiter `/`: objects and common prefixes alike.
     fn list(&self, dir: &str) -> io::Result<Vec<String>> {
         let (store, key) = (self.store.clone(), self.key(dir));
-        let result = run(async move { store.list_with_delimiter(Some(&key)).await })?
+        let result = self
+            .run(async move { store.list_with_delimiter(Some(&key)).await })?
             .map_err(|e| self.io_error("list", &self.key(dir), e))?;
         let mut names: Vec<String> = result.common_prefixes.iter().map(name_of).collect();
         names.extend(result.objects.iter().map(|o| name_of(&o.location)));
@@ -611,15 +614,16 @@ impl Driver for S3Driver {
     fn walk(&self, dir: &str) -> io::Result<Vec<String>> {
         let (store, key) = (self.store.clone(), self.key(dir));
         let base = key.clone();
-        let metas = run(async move {
-            store
-                .list(Some(&key))
-                .collect::<Vec<_>>()
-                .await
-                .into_iter()
-                .collect::<object_store::Result<Vec<_>>>()
-        })?
-        .map_err(|e| self.io_error("list", &base, e))?;
+        let metas = self
+            .run(async move {
+                store
+                    .list(Some(&key))
+                    .collect::<Vec<_>>()
+                    .await
+                    .into_iter()
+                    .collect::<object_store::Result<Vec<_>>>()
+            })?
+            .map_err(|e| self.io_error("list", &base, e))?;
         Ok(metas
             .iter()
             .filter_map(|m| {
@@ -633,7 +637,7 @@ impl Driver for S3Driver {
 
     fn read(&self, path: &str) -> io::Result<Vec<u8>> {
         let (store, key) = (self.store.clone(), self.key(path));
-        run(async move {
+        self.run(async move {
             match store.get(&key).await {
                 Ok(got) => got.bytes().await.map(|b| b.to_vec()),
                 Err(e) => Err(e),
@@ -646,7 +650,7 @@ impl Driver for S3Driver {
     fn write(&self, path: &str, data: &[u8]) -> io::Result<()> {
         let (store, key) = (self.store.clone(), self.key(path));
         let payload = PutPayload::from(data.to_vec());
-        run(async move { store.put(&key, payload).await.map(|_| ()) })?
+        self.run(async move { store.put(&key, payload).await.map(|_| ()) })?
             .map_err(|e| self.io_error("put", &self.key(path), e))
     }
 
@@ -660,7 +664,7 @@ impl Driver for S3Driver {
 
     fn modified(&self, path: &str) -> io::Result<SystemTime> {
         let (store, key) = (self.store.clone(), self.key(path));
-        run(async move { store.head(&key).await })?
+        self.run(async move { store.head(&key).await })?
             .map(|meta| SystemTime::from(meta.last_modified))
             .map_err(|e| self.io_error("head", &self.key(path), e))
     }
@@ -669,7 +673,7 @@ impl Driver for S3Driver {
     fn remove(&self, path: &str) -> io::Result<()> {
         let (store, key) = (self.store.clone(), self.key(path));
         let shown = key.clone();
-        run(async move {
+        self.run(async move {
             match store.delete(&key).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(e),
@@ -728,6 +732,13 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect()
         };
+        // Targets are opened on a runtime; this thread is not one of its async threads.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let _entered = runtime.enter();
         let strict = Arc::new(EndpointPolicy::default());
         let err = S3Driver::open(
             "s3://b@r/p",
@@ -764,7 +775,7 @@ mod tests {
                 .and_then(|d| d.list("backupstore").map_err(|e| e.to_string()));
             let err = result.expect_err(endpoint);
             assert!(
-                !err.contains("failed unexpectedly"),
+                !err.contains("a bug in lhnet"),
                 "{endpoint}: the task panicked: {err}"
             );
         }
