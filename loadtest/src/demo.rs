@@ -34,6 +34,7 @@ use lhnet_proxy::metrics::Metrics;
 use serde::Serialize;
 use tonic::transport::Channel;
 
+use crate::demo_backup::{BackupReport, EGRESS_PORT, S3_HOST, S3_PORT};
 use crate::sim::{self, SimReplica};
 
 const MGMT_NET: &str = "10.42.0";
@@ -112,6 +113,8 @@ pub struct DemoReport {
     /// `--upgrade`: the instance-manager pod that got lhnet midway.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upgrade: Option<crate::upgrade::UpgradeReport>,
+    /// The backup of vol-00 to S3 on the storage bridge, after the load.
+    pub backup: BackupReport,
     /// (seconds since start, milliseconds) of every control call, for `--plot`.
     #[serde(skip)]
     pub latencies: Vec<(f64, f64)>,
@@ -240,9 +243,13 @@ fn lhnet_config(tcp_ports: Option<(u16, u16)>, instance_manager: bool) -> String
          \x20 - name: management\n\
          \x20   address: 0.0.0.0:{LHNET_PORT}\n\
          \x20   routes:\n\
-         \x20     - {{ match: {{ prefix: /imrpc.ProxyEngineService/ }}, local: longhorn_engine_proxy }}\n\
+         \x20     - {{ match: {{ prefix: /imrpc.ProxyEngineService/ }}, local: longhorn_engine_proxy, backup_egress: backup_egress }}\n\
          \x20     - {{ match: {{ prefix: /lhnet.v1.Peer/ }}, local: peer }}\n\
-         \x20     - {{ match: {{ prefix: /grpc.health.v1.Health/ }}, local: health }}\n"
+         \x20     - {{ match: {{ prefix: /grpc.health.v1.Health/ }}, local: health }}\n\
+         \x20 - name: backup_egress\n\
+         \x20   kind: http_connect\n\
+         \x20   address: 127.0.0.1:{EGRESS_PORT}\n\
+         \x20   upstream_bind_config: {{ source_address: storage, bind_to_device: storage }}\n"
     );
     if instance_manager {
         // The instance-manager's InstanceService, passed through (lhnet maps the replica
@@ -260,6 +267,9 @@ fn lhnet_config(tcp_ports: Option<(u16, u16)>, instance_manager: bool) -> String
             "\x20 - {{ name: replica_data, kind: tcp, address: \"storage:{first}-{last}\", cluster: loopback }}\n"
         ));
     }
+    yaml.push_str(&format!(
+        "backup_target: {{ allowed_endpoints: [\"{STORAGE_NET}.{S3_HOST}:{S3_PORT}\"] }}\n"
+    ));
     yaml.push_str(
         "clusters:\n\
          \x20 - name: engines\n\
@@ -953,7 +963,15 @@ async fn data_load(
                     }
                 }
                 n += 1;
-                block.fill((n % 251) as u8 + 1);
+                // Bytes no compression shrinks (xorshift), as a database's pages would be:
+                // the backup phase then uploads what the volume holds.
+                let mut x = n.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+                for chunk in block.chunks_mut(8) {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+                }
                 let Some(c) = conn.as_mut() else { continue };
                 match c.write_at(offset as i64, &block).await {
                     Ok(()) => {
@@ -1134,6 +1152,22 @@ pub fn run(args: &DemoArgs, cancel: Arc<AtomicBool>) -> Result<DemoReport, Strin
         Ok((manager, pods))
     })();
     let (manager_ns, pod_specs) = built.map_err(|e| format!("topology: {e}"))?;
+    // The backup target: an S3 server on the storage bridge only (no management address).
+    let s3 = topo
+        .add_namespace("backupstore")
+        .and_then(|ns| {
+            topo.attach(
+                &ns,
+                "eth0",
+                "stor",
+                Some(&format!("{STORAGE_NET}.{S3_HOST}/24")),
+            )?;
+            Ok(ns)
+        })
+        .map_err(|e| format!("topology: {e}"))
+        .map(|ns| {
+            crate::demo_backup::start_s3(topo.command(&ns, "python3"), ip(STORAGE_NET, S3_HOST))
+        })?;
     let upgrade_pod = if args.upgrade {
         let ns = (|| -> std::io::Result<Namespace> {
             let ns = topo.add_namespace("upgrade")?;
@@ -1262,8 +1296,10 @@ pub fn run(args: &DemoArgs, cancel: Arc<AtomicBool>) -> Result<DemoReport, Strin
         std::thread::sleep(Duration::from_millis(250));
         if let Some(pod) = upgrade_pod.as_mut() {
             if !pod.has_lhnet() && started.elapsed() >= args.duration / 2 {
-                pod.start_lhnet()?;
+                // The moment the start began: the manager may move its calls as soon as lhnet
+                // answers, before start_lhnet returns here.
                 let at = started.elapsed().as_secs_f64();
+                pod.start_lhnet()?;
                 *lhnet_started.lock().unwrap_or_else(|e| e.into_inner()) = Some(at);
                 eprintln!("[{at:5.1} s] upgrade pod: lhnet started, capture redirects 8503 to it");
             }
@@ -1320,6 +1356,21 @@ pub fn run(args: &DemoArgs, cancel: Arc<AtomicBool>) -> Result<DemoReport, Strin
     let mut rebuild = managed.rebuild;
     rebuild.bytes = spare.map(|s| s.rebuild_progress().0).unwrap_or(0);
 
+    let backup = match &s3 {
+        Ok(server) => {
+            eprintln!(
+                "backing vol-00 up to S3 on the storage bridge ({}), through lhnet",
+                server.endpoint
+            );
+            backup_phase(&pods, &manager_ns, &server.endpoint)?
+        }
+        Err(why) => BackupReport {
+            skipped: Some(why.clone()),
+            ..Default::default()
+        },
+    };
+    drop(s3);
+
     // Tear down: lhnet and the simulator stop in each pod, then the namespaces go.
     drop(pods);
     drop(topo);
@@ -1375,8 +1426,71 @@ pub fn run(args: &DemoArgs, cancel: Arc<AtomicBool>) -> Result<DemoReport, Strin
         },
         pods: pod_reports,
         upgrade,
+        backup,
         latencies: managed.latencies,
     })
+}
+
+/// The backup phase (`demo_backup`): counters of the replica pods before and after a backup
+/// of vol-00 the manager asks for through the engine pod's lhnet.
+fn backup_phase(
+    pods: &[Pod],
+    manager_ns: &Namespace,
+    endpoint: &str,
+) -> Result<BackupReport, String> {
+    use crate::demo_backup as b;
+    let counters = || -> Result<Vec<(String, BTreeMap<String, u64>, u64)>, String> {
+        pods.iter()
+            .filter(|p| p.name != "engine")
+            .map(|p| {
+                let kernel = kernel_bytes(&p.ns.name)?
+                    .into_iter()
+                    .map(|(d, bytes)| (d, bytes.total()))
+                    .collect();
+                Ok((
+                    p.name.to_string(),
+                    kernel,
+                    b::egress_sent(&p.metrics.render()),
+                ))
+            })
+            .collect()
+    };
+    let target = "s3://demo-backups@us-east-1/demo".to_string();
+    let engine_pod = pods[0].mgmt;
+    let before = counters()?;
+    let (endpoint, request_target) = (endpoint.to_string(), target.clone());
+    let done = spawn_in(&manager_ns.name, move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?
+            .block_on(b::back_up(
+                SocketAddr::new(IpAddr::V4(engine_pod), LHNET_PORT),
+                engine_request(0, SocketAddr::new(IpAddr::V4(engine_pod), BASE_PORT)),
+                &endpoint,
+                &request_target,
+            ))
+    })
+    .map_err(|e| format!("backup manager thread: {e}"))?
+    .join()
+    .map_err(|_| "the backup manager thread panicked".to_string())?
+    .map_err(|e| format!("manager namespace: {e}"))?;
+    let after = counters()?;
+    let mut report = BackupReport {
+        target,
+        volume: volume_name(0),
+        pods: b::pods_report(&before, &after),
+        ..Default::default()
+    };
+    match done {
+        Ok((seconds, bytes)) => {
+            report.seconds = seconds;
+            report.backup_bytes = bytes;
+        }
+        Err(e) => report.error = Some(e),
+    }
+    b::judge(&mut report, SEGREGATION_THRESHOLD);
+    Ok(report)
 }
 
 fn mib(bytes: u64) -> String {
@@ -1462,8 +1576,42 @@ pub fn print(r: &DemoReport) {
         r.segregation.worst_pod,
         r.segregation.worst_share * 100.0
     );
+    print_backup(&r.backup);
     if let Some(u) = &r.upgrade {
         print_upgrade(u);
+    }
+}
+
+fn print_backup(b: &BackupReport) {
+    println!();
+    if let Some(why) = &b.skipped {
+        println!("backup: skipped: {why}");
+        return;
+    }
+    println!(
+        "backup: {} ({} of {} to {}, S3 on the storage bridge only, asked by management IP: {} in {:.1} s; the replica pods' egress listeners sent {} (lz4), their eth0 carried {} = {:.2}% of it){}",
+        if b.ok { "PASS" } else { "FAIL" },
+        "backup-demo",
+        b.volume,
+        b.target,
+        human_bytes(b.backup_bytes as f64),
+        b.seconds,
+        human_bytes(b.uploaded_bytes as f64),
+        human_bytes(b.eth0_bytes as f64),
+        b.eth0_share * 100.0,
+        match &b.error {
+            Some(e) => format!(": {e}"),
+            None => String::new(),
+        }
+    );
+    for p in &b.pods {
+        println!(
+            "        {:<10} lhnet1 {:>10}  eth0 {:>10}  egress sent {:>10}",
+            p.name,
+            human_bytes(p.lhnet1_bytes as f64),
+            human_bytes(p.eth0_bytes as f64),
+            human_bytes(p.egress_sent_bytes as f64)
+        );
     }
 }
 

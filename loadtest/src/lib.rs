@@ -8,6 +8,7 @@
 pub mod backup_bench;
 pub mod bench;
 pub mod demo;
+pub mod demo_backup;
 pub mod engine_bench;
 pub mod im;
 pub mod peers;

@@ -289,8 +289,15 @@ fn run_demo(args: lhnet_loadtest::demo::DemoArgs) -> ExitCode {
         return ExitCode::from(130);
     }
     let upgrade_failed = report.upgrade.as_ref().is_some_and(|u| !u.ok);
-    if !report.segregation.ok || report.control.errors > 0 || !report.rebuild.ok || upgrade_failed {
-        eprintln!("lhnet-loadtest demo: the run did not pass (segregation, control errors, rebuild or upgrade above)");
+    // A skipped backup (moto not installed) says so in the report; a failed one fails the run.
+    let backup_failed = report.backup.skipped.is_none() && !report.backup.ok;
+    if !report.segregation.ok
+        || report.control.errors > 0
+        || !report.rebuild.ok
+        || upgrade_failed
+        || backup_failed
+    {
+        eprintln!("lhnet-loadtest demo: the run did not pass (segregation, control errors, rebuild, backup or upgrade above)");
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS

@@ -90,6 +90,35 @@ fn a_short_demo_keeps_storage_bytes_off_eth0_with_no_control_errors() {
         }
     }
 
+    // The backup: moto only on the storage bridge, asked by management IP through lhnet; the
+    // upload left the replica pod through its egress listener and over lhnet1, not eth0.
+    let backup = &report.backup;
+    match &backup.skipped {
+        Some(why) => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "the backup phase skipped under CI: {why}"
+            );
+            eprintln!("backup phase skipped: {why}");
+        }
+        None => {
+            assert!(backup.ok, "{backup:?}");
+            assert!(backup.backup_bytes > 0, "{backup:?}");
+            assert!(backup.uploaded_bytes > 0, "{backup:?}");
+            assert!(backup.eth0_share < 0.05, "{backup:?}");
+            let uploader = backup
+                .pods
+                .iter()
+                .find(|p| p.egress_sent_bytes > 0)
+                .expect("a pod that uploaded");
+            assert!(uploader.name.starts_with("replica") || uploader.name == "spare");
+            assert!(
+                uploader.lhnet1_bytes >= uploader.egress_sent_bytes,
+                "{uploader:?}"
+            );
+        }
+    }
+
     let plot = dir.join("demo.svg");
     demo::plot(&report, &plot).unwrap();
     let svg = std::fs::read_to_string(&plot).unwrap();
@@ -99,7 +128,14 @@ fn a_short_demo_keeps_storage_bytes_off_eth0_with_no_control_errors() {
         &svg[..200.min(svg.len())]
     );
     let json = serde_json::to_value(&report).unwrap();
-    for key in ["control", "data", "rebuild", "pods", "segregation"] {
+    for key in [
+        "control",
+        "data",
+        "rebuild",
+        "pods",
+        "segregation",
+        "backup",
+    ] {
         assert!(json.get(key).is_some(), "no {key} in the JSON report");
     }
     assert!(json["pods"][0]["devices"]["eth0"]["rx_bytes"].is_u64());
