@@ -145,6 +145,35 @@ async fn tunnels_go_only_where_the_policy_allows() {
         ),
     );
     assert_eq!((sent, received), (Some(8.0), Some(4.0)), "{text}");
+    common::promtool_check(&text);
+    // The dashboard's backup panels ask for series lhnet really has.
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../sidecar-manifests/examples/grafana-dashboard.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let exprs: Vec<String> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(str::to_string))
+        .filter(|e| e.contains("lhnet_backup_egress"))
+        .collect();
+    assert!(exprs.len() >= 3, "{exprs:?}");
+    for expr in exprs {
+        let name = expr
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .find(|w| w.starts_with("lhnet_backup_egress"))
+            .unwrap();
+        assert!(
+            text.contains(&format!("{name}{{")),
+            "the dashboard asks for {name}, which lhnet does not export"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

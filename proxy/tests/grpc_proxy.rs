@@ -1,6 +1,8 @@
 //! The real proxy, started in-process on port 0, with real tonic servers behind it and real
 //! HTTP/2 clients in front.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -352,32 +354,7 @@ async fn metrics_pass_promtool_and_show_the_request() {
     );
     assert!(text.contains("lhnet_network_transmit_bytes_total{device=\"lo\"}"));
 
-    match std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-    {
-        Ok(mut child) => {
-            use std::io::Write;
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(text.as_bytes())
-                .unwrap();
-            let out = child.wait_with_output().unwrap();
-            assert!(
-                out.status.success(),
-                "promtool check metrics failed: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Err(e) if std::env::var_os("CI").is_some() => panic!("promtool is required in CI: {e}"),
-        Err(e) => eprintln!("skipped promtool check: {e} (apt-get install prometheus)"),
-    }
+    common::promtool_check(&text);
 }
 
 #[tokio::test]

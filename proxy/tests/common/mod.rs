@@ -49,6 +49,36 @@ pub async fn backup_proxy(
     )
 }
 
+/// `promtool check metrics` on a Prometheus text; without promtool a skip, except under CI.
+pub fn promtool_check(text: &str) {
+    use std::io::Write;
+    match std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(mut child) => {
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(text.as_bytes())
+                .unwrap();
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "promtool check metrics failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Err(e) if std::env::var_os("CI").is_some() => panic!("promtool is required in CI: {e}"),
+        Err(e) => eprintln!("skipped promtool check: {e} (apt-get install prometheus)"),
+    }
+}
+
 /// A child process killed (and reaped) when the test ends, also by panic.
 pub struct KillOnDrop(pub Child);
 
