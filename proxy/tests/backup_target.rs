@@ -15,6 +15,7 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 mod common;
+use common::azurite::{azblob_envs, azure_look, start_azurite};
 use common::moto::{boto3_look, s3_envs, start_moto};
 
 use common::backup_proxy as start_proxy_with;
@@ -417,26 +418,78 @@ async fn concurrent_removes_of_backups_sharing_blocks_lose_no_shared_block() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A real object-store server and how to look at it without lhnet.
+struct RealServer {
+    kind: &'static str,
+    /// The target, its path `prefix/` in the bucket or container.
+    url: String,
+    prefix: &'static str,
+    envs: Vec<String>,
+    /// (keys under a prefix, the text of one key), read by the server's own client.
+    look: Box<dyn Fn(&str, &str) -> (Vec<String>, String)>,
+    /// A target whose bucket or container is not there, and its name.
+    missing: (String, &'static str),
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_target_on_a_real_s3_server() {
     let Some(moto) = start_moto("backupbucket") else {
         return;
     };
-    // moto listens on loopback, which lhnet refuses unless the config lists it.
+    let endpoint = moto.endpoint.clone();
+    object_target_on_a_real_server(RealServer {
+        kind: "s3",
+        url: "s3://backupbucket@us-east-1/s3-test".into(),
+        prefix: "s3-test/",
+        envs: s3_envs(&moto.endpoint),
+        look: Box::new(move |prefix, key| boto3_look(&endpoint, "backupbucket", prefix, key)),
+        missing: ("s3://nobucket@us-east-1/x".into(), "nobucket"),
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn azblob_target_on_a_real_azure_blob_server() {
+    let Some(azurite) = start_azurite("backups") else {
+        return;
+    };
+    let endpoint = azurite.endpoint.clone();
+    object_target_on_a_real_server(RealServer {
+        kind: "azblob",
+        url: "azblob://backups@core.windows.net/az-test".into(),
+        prefix: "az-test/",
+        envs: azblob_envs(&azurite.endpoint),
+        look: Box::new(move |prefix, key| azure_look(&endpoint, "backups", prefix, key)),
+        missing: (
+            "azblob://nocontainer@core.windows.net/x".into(),
+            "nocontainer",
+        ),
+    })
+    .await;
+}
+
+/// Backups written through the driver, then listed, inspected, their config times read and
+/// removed through lhnet's backup-target calls, each step checked with the server's own
+/// client.
+async fn object_target_on_a_real_server(server: RealServer) {
+    // The server listens on loopback, which lhnet refuses unless the config lists it.
     let (_proxy, mut c) =
         start_proxy_with("backup_target: { allowed_endpoints: [127.0.0.1] }\n").await;
-    let url = "s3://backupbucket@us-east-1/s3-test";
-    let envs = s3_envs(&moto.endpoint);
+    let url = server.url.as_str();
+    let opened = server.url.clone();
+    let envs = server.envs.clone();
+    let look = &server.look;
     let options = backupstore::TargetOptions {
         credentials: lhnet_proxy::engine_proxy::target_credentials(&envs).unwrap(),
         endpoints: std::sync::Arc::new(backupstore::EndpointPolicy::unrestricted()),
         ..Default::default()
     };
+    let kind = server.kind;
 
-    // Backups written through the S3 driver, as the simulator writes them to a directory.
+    // Backups written through the driver, as the simulator writes them to a directory.
     let (t, expected) = tokio::task::spawn_blocking(move || {
-        let t = Target::open(url, &options).unwrap();
-        assert_eq!(t.kind(), "s3");
+        let t = Target::open(&opened, &options).unwrap();
+        assert_eq!(t.kind(), kind);
         let expected = three_backups(&t);
         (t, expected)
     })
@@ -444,8 +497,8 @@ async fn s3_target_on_a_real_s3_server() {
     .unwrap();
 
     // Longhorn's keys under the URL's path, cfgs byte for byte as Go writes them.
-    let vol1_cfg = "s3-test/backupstore/volumes/01/9c/vol1/volume.cfg";
-    let (keys, cfg) = boto3_look(&moto.endpoint, "backupbucket", "s3-test/", vol1_cfg);
+    let vol1_cfg = format!("{}backupstore/volumes/01/9c/vol1/volume.cfg", server.prefix);
+    let (keys, cfg) = look(server.prefix, &vol1_cfg);
     assert_eq!(
         keys.iter().filter(|k| k.ends_with(".blk")).count(),
         3 + 1,
@@ -543,7 +596,7 @@ async fn s3_target_on_a_real_s3_server() {
     .await
     .unwrap();
     assert_eq!(read.unwrap(), expected, "backup-b lost a shared block");
-    let (_, cfg) = boto3_look(&moto.endpoint, "backupbucket", "s3-test/", vol1_cfg);
+    let (_, cfg) = look(server.prefix, &vol1_cfg);
     assert!(cfg.contains(r#""BlockCount":"3""#), "{cfg}");
     let left = tokio::task::spawn_blocking(move || t.list(Some("vol1"), false))
         .await
@@ -565,20 +618,21 @@ async fn s3_target_on_a_real_s3_server() {
         .unwrap()
         .into_inner();
     assert_eq!(all.volumes.keys().collect::<Vec<_>>(), ["vol1"]);
-    let (keys, _) = boto3_look(&moto.endpoint, "backupbucket", "s3-test/", "");
-    assert!(keys.iter().any(|k| k == vol1_cfg), "{keys:?}");
+    let (keys, _) = look(server.prefix, "");
+    assert!(keys.iter().any(|k| *k == vol1_cfg), "{keys:?}");
     assert!(
         keys.iter().all(|k| !k.contains("/vol2/")),
         "vol2 left behind: {keys:?}"
     );
 
-    // A bucket that is not there: a clear error naming it, code UNKNOWN like grpc-go.
+    // A bucket or container that is not there: a clear error naming it, code UNKNOWN like
+    // grpc-go.
     let err = c
-        .backup_volume_list(with_envs(list_req("s3://nobucket@us-east-1/x", "", true)))
+        .backup_volume_list(with_envs(list_req(&server.missing.0, "", true)))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unknown, "{err:?}");
-    assert!(err.message().contains("nobucket"), "{err:?}");
+    assert!(err.message().contains(server.missing.1), "{err:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

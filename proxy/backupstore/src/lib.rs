@@ -8,8 +8,11 @@
 //! at `/var/lib/longhorn-backupstore-mounts/<host>/<path>` as Longhorn mounts it, or found
 //! there already) and `s3://BUCKET@REGION/PATH` (through `object_store`, credentials per call).
 
+pub mod azblob;
 pub mod driver;
 pub mod endpoints;
+pub mod http;
+pub mod object;
 pub mod s3;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -21,7 +24,6 @@ use std::time::{Duration, SystemTime};
 use driver::{guard_of, unix_nanos, FsDriver, KeyedGuards};
 pub use driver::{Driver, NfsMount, NfsOptions, NFS_MOUNT_ROOT};
 pub use endpoints::{EndpointPolicy, REFUSED};
-use s3::S3Driver;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha512};
@@ -390,9 +392,16 @@ impl Target {
             });
         }
         if url.starts_with("s3://") {
-            let driver = S3Driver::open(url, &options.credentials, &options.endpoints)?;
+            let driver = s3::open(url, &options.credentials, &options.endpoints)?;
             return Ok(Target {
                 url: s3::S3Url::parse(url)?.normalised(),
+                driver: Arc::new(driver),
+            });
+        }
+        if url.starts_with("azblob://") {
+            let driver = azblob::open(url, &options.credentials, &options.endpoints)?;
+            return Ok(Target {
+                url: azblob::AzblobUrl::parse(url)?.normalised(),
                 driver: Arc::new(driver),
             });
         }

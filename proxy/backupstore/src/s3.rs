@@ -6,50 +6,21 @@
 //! path-style unless `VIRTUAL_HOSTED_STYLE=true`), `AWS_CERT` (PEM added to the system roots),
 //! `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY`. Empty values count as unset, as the manager sends every
 //! key. Without keys the store falls back to the instance metadata service (IAM roles), as the
-//! AWS SDK in Longhorn does.
+//! AWS SDK in Longhorn does, when `backup_target.instance_metadata` allows it.
 //!
-//! Requests run on the tokio runtime the target was opened on (lhnet's own; a simulator pod's),
-//! driven by the synchronous [`Driver`] calls, which run on the blocking pool. Each request has a 30 s timeout and up to 3 retries
-//! (Longhorn's `MaxRetries`).
+//! The objects themselves are [`ObjectDriver`]'s, the HTTP client is [`super::http`]'s. Each
+//! request has a 30 s timeout and up to 3 retries (Longhorn's `MaxRetries`).
 
-use std::collections::{BTreeMap, HashMap};
-use std::future::Future;
-use std::io;
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, SystemTime};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
 
-use futures_util::StreamExt;
-use http_body_util::BodyExt;
-use object_store::aws::{AmazonS3, AmazonS3Builder};
-use object_store::client::{
-    HttpClient, HttpConnector, HttpError, HttpErrorKind, HttpRequest, HttpResponse,
-    HttpResponseBody, HttpService,
-};
-use object_store::path::Path;
-use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
+use object_store::aws::AmazonS3Builder;
+use object_store::{ClientOptions, ObjectStore, RetryConfig};
 
-use super::driver::Driver;
-use super::endpoints::{excerpt, redact, Destination, EndpointPolicy, REFUSED};
-
-/// One S3 request's limit (each retry gets its own).
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How much of an S3 error (which quotes the target's answer) goes into lhnet's errors.
-const MAX_ERROR_CHARS: usize = 300;
-/// Stores kept for reuse (their connection pools), keyed by target and settings.
-const CACHED_STORES: usize = 16;
-
-/// An S3 backup target.
-#[derive(Debug)]
-pub struct S3Driver {
-    store: Arc<AmazonS3>,
-    /// The runtime requests run on: the one the target was opened on.
-    runtime: tokio::runtime::Handle,
-    /// `PATH/` (or empty for `s3://bucket/`), before `backupstore/…`.
-    prefix: String,
-    /// No keys in `envs`: errors say that credentials came from the instance metadata service.
-    keyless: bool,
-}
+use super::endpoints::{EndpointPolicy, REFUSED};
+use super::http::{check_proxies, Connector, CONNECT_TIMEOUT, REQUEST_TIMEOUT};
+use super::object::{setting, ObjectDriver};
 
 /// The parts of an `s3://` URL.
 #[derive(Debug, PartialEq, Eq)]
@@ -100,70 +71,30 @@ impl S3Url {
     }
 }
 
-/// The settings of one call, from its `envs`; empty values are unset.
-fn setting<'a>(credentials: &'a HashMap<String, String>, key: &str) -> Option<&'a str> {
-    credentials
-        .get(key)
-        .map(String::as_str)
-        .filter(|v| !v.is_empty())
-}
-
-impl S3Driver {
-    pub fn open(
-        url: &str,
-        credentials: &HashMap<String, String>,
-        policy: &Arc<EndpointPolicy>,
-    ) -> Result<S3Driver, String> {
-        let parsed = S3Url::parse(url)?;
-        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
-            format!("backup target {url}: s3 targets are opened on a tokio runtime (its requests run there)")
-        })?;
-        // A store's connections belong to the network namespace they were made in (the
-        // simulator runs pods as namespaces of one process): one store per namespace.
-        let netns = std::fs::read_link("/proc/thread-self/ns/net")
-            .map(|l| l.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let key = {
-            let sorted: BTreeMap<_, _> = credentials.iter().collect();
-            format!("{}|{sorted:?}|{policy:?}|{netns}", parsed.normalised())
-        };
-        static STORES: OnceLock<Mutex<HashMap<String, Arc<AmazonS3>>>> = OnceLock::new();
-        let stores = STORES.get_or_init(Default::default);
-        let cached = stores
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-            .cloned();
-        let store = match cached {
-            Some(s) => s,
-            None => {
-                let store = Arc::new(build_store(url, &parsed, credentials, policy)?);
-                let mut map = stores.lock().unwrap_or_else(|p| p.into_inner());
-                if map.len() >= CACHED_STORES {
-                    map.clear();
-                }
-                map.insert(key, store.clone());
-                store
-            }
-        };
-        let path = parsed.path.trim_end_matches('/');
-        let prefix = if path.is_empty() {
-            String::new()
-        } else {
-            format!("{path}/")
-        };
-        let keyless = setting(credentials, "AWS_ACCESS_KEY_ID").is_none();
-        Ok(S3Driver {
-            store,
-            runtime,
-            prefix,
-            keyless,
-        })
-    }
-
-    fn key(&self, path: &str) -> Path {
-        Path::from(format!("{}{}", self.prefix, path.trim_matches('/')))
-    }
+/// Opens an `s3://` target.
+pub fn open(
+    url: &str,
+    credentials: &HashMap<String, String>,
+    policy: &Arc<EndpointPolicy>,
+) -> Result<ObjectDriver, String> {
+    let parsed = S3Url::parse(url)?;
+    let note = match setting(credentials, "AWS_ACCESS_KEY_ID") {
+        None => " (no AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in envs: the instance metadata service was asked for credentials)",
+        Some(_) => "",
+    };
+    ObjectDriver::open(
+        "s3",
+        "S3",
+        &parsed.normalised(),
+        credentials,
+        policy,
+        &parsed.path,
+        note,
+        || {
+            build_store(url, &parsed, credentials, policy)
+                .map(|s| Arc::new(s) as Arc<dyn ObjectStore>)
+        },
+    )
 }
 
 fn build_store(
@@ -171,7 +102,7 @@ fn build_store(
     parsed: &S3Url,
     credentials: &HashMap<String, String>,
     policy: &Arc<EndpointPolicy>,
-) -> Result<AmazonS3, String> {
+) -> Result<object_store::aws::AmazonS3, String> {
     let region = parsed
         .region
         .as_deref()
@@ -183,15 +114,7 @@ fn build_store(
             format!("backup target {url}: AWS_ENDPOINTS {e:?} {why}; write http(s)://HOST[:PORT]")
         })?;
     }
-    for key in ["HTTPS_PROXY", "HTTP_PROXY"] {
-        if let Some(p) = setting(credentials, key) {
-            check_proxy(p).map_err(|why| {
-                format!(
-                    "backup target {url}: {key} {why}; write http(s)://[USER:PASSWORD@]HOST[:PORT]"
-                )
-            })?;
-        }
-    }
+    check_proxies(url, credentials)?;
     let virtual_hosted = match setting(credentials, "VIRTUAL_HOSTED_STYLE") {
         Some("true") => true,
         Some("false") => false,
@@ -217,7 +140,13 @@ fn build_store(
                 .with_timeout(REQUEST_TIMEOUT)
                 .with_connect_timeout(CONNECT_TIMEOUT),
         )
-        .with_http_connector(Connector::new(url, credentials, policy)?);
+        .with_http_connector(Connector::new(
+            url,
+            credentials,
+            policy,
+            "AWS_CERT",
+            policy.instance_metadata && setting(credentials, "AWS_ACCESS_KEY_ID").is_none(),
+        )?);
     if let Some(endpoint) = endpoint {
         // object_store wants the bucket in a virtual-hosted endpoint; the Go SDK adds it.
         let endpoint = match (virtual_hosted, endpoint.split_once("://")) {
@@ -269,220 +198,6 @@ fn check_endpoint(endpoint: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// A proxy URL reqwest can use: `http(s)://[USER:PASSWORD@]HOST[:PORT]`; the error never
-/// shows the password.
-fn check_proxy(proxy: &str) -> Result<(), String> {
-    let url = url::Url::parse(proxy).map_err(|e| format!("is not a URL ({e})"))?;
-    let shown = redact(&url);
-    if !matches!(url.scheme(), "http" | "https") {
-        return Err(format!("{shown} is not http or https"));
-    }
-    if url.host_str().is_none_or(str::is_empty) {
-        return Err(format!("{shown} has no host"));
-    }
-    if !matches!(url.path(), "" | "/") || url.query().is_some() {
-        return Err(format!("{shown} has a path"));
-    }
-    Ok(())
-}
-
-/// Builds the HTTP client from the call's settings only (its proxies, none from the process
-/// environment, and its extra CA), guarded by the destination policy: every request's host is
-/// checked before it is sent, every name after it resolves, every redirect before it is
-/// followed, and every answer is cut at [`MAX_RESPONSE_BYTES`] ([`MAX_CFG_BYTES`]).
-#[derive(Debug)]
-struct Connector {
-    https_proxy: Option<String>,
-    http_proxy: Option<String>,
-    no_proxy: Option<String>,
-    roots: Vec<reqwest::Certificate>,
-    policy: Arc<EndpointPolicy>,
-    /// Keyless and `instance_metadata`: the credential lookup may dial the metadata address.
-    metadata: bool,
-}
-
-/// The most one S3 answer may hold, so a target answering endless bytes costs bounded memory:
-/// a listing page, an error or a block (at most 16 MiB, compressed less) fits in 64 MiB...
-pub const MAX_RESPONSE_BYTES: usize = 64 << 20;
-/// ... and a `.cfg` object in 512 MiB: a backup.cfg lists every block, about 100 bytes each,
-/// 50 MiB for 1 TiB in 2 MiB blocks.
-pub const MAX_CFG_BYTES: usize = 512 << 20;
-
-impl Connector {
-    fn new(
-        url: &str,
-        credentials: &HashMap<String, String>,
-        policy: &Arc<EndpointPolicy>,
-    ) -> Result<Connector, String> {
-        let roots = match setting(credentials, "AWS_CERT") {
-            Some(pem) => {
-                let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes()).map_err(|e| {
-                    format!("backup target {url}: AWS_CERT is not a PEM bundle: {e}")
-                })?;
-                if certs.is_empty() {
-                    return Err(format!(
-                        "backup target {url}: AWS_CERT holds no PEM certificate"
-                    ));
-                }
-                certs
-            }
-            None => Vec::new(),
-        };
-        let owned = |k: &str| setting(credentials, k).map(str::to_string);
-        Ok(Connector {
-            https_proxy: owned("HTTPS_PROXY"),
-            http_proxy: owned("HTTP_PROXY"),
-            no_proxy: owned("NO_PROXY"),
-            roots,
-            policy: policy.clone(),
-            metadata: policy.instance_metadata
-                && setting(credentials, "AWS_ACCESS_KEY_ID").is_none(),
-        })
-    }
-
-    fn client(&self) -> Result<reqwest::Client, reqwest::Error> {
-        // reqwest is built without a crypto provider: lhnet's is ring, as for its webhook.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let no_proxy = || {
-            self.no_proxy
-                .as_deref()
-                .and_then(reqwest::NoProxy::from_string)
-        };
-        let redirects = self.policy.clone();
-        let mut builder = reqwest::Client::builder()
-            .no_proxy()
-            .timeout(REQUEST_TIMEOUT)
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tls_certs_merge(self.roots.iter().cloned())
-            .dns_resolver(Arc::new(CheckedResolver(self.policy.clone())))
-            .redirect(reqwest::redirect::Policy::custom(move |attempt| {
-                if attempt.previous().len() >= MAX_REDIRECTS {
-                    return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));
-                }
-                match redirects.check_url("a redirect to", attempt.url()) {
-                    Ok(()) => attempt.follow(),
-                    Err(refused) => attempt.error(refused),
-                }
-            }));
-        if let Some(p) = &self.https_proxy {
-            builder = builder.proxy(reqwest::Proxy::https(p)?.no_proxy(no_proxy()));
-        }
-        if let Some(p) = &self.http_proxy {
-            builder = builder.proxy(reqwest::Proxy::http(p)?.no_proxy(no_proxy()));
-        }
-        builder.build()
-    }
-}
-
-const MAX_REDIRECTS: usize = 5;
-
-impl HttpConnector for Connector {
-    fn connect(&self, _: &ClientOptions) -> object_store::Result<HttpClient> {
-        let client = self.client().map_err(|e| object_store::Error::Generic {
-            store: "S3",
-            source: Box::new(e),
-        })?;
-        Ok(HttpClient::new(Guarded {
-            client,
-            policy: self.policy.clone(),
-            metadata: self.metadata,
-        }))
-    }
-}
-
-/// The client object_store calls: the request's destination checked first, the answer
-/// bounded.
-#[derive(Debug)]
-struct Guarded {
-    client: reqwest::Client,
-    policy: Arc<EndpointPolicy>,
-    metadata: bool,
-}
-
-#[async_trait::async_trait]
-impl HttpService for Guarded {
-    async fn call(&self, request: HttpRequest) -> Result<HttpResponse, HttpError> {
-        let uri = request.uri();
-        let host = uri
-            .host()
-            .unwrap_or("")
-            .trim_start_matches('[')
-            .trim_end_matches(']');
-        let metadata_lookup =
-            self.metadata && host.parse().is_ok_and(EndpointPolicy::metadata_address);
-        if !metadata_lookup {
-            let port = uri
-                .port_u16()
-                .unwrap_or(if uri.scheme_str() == Some("https") {
-                    443
-                } else {
-                    80
-                });
-            self.policy
-                .check(Destination {
-                    key: "an S3 request to",
-                    host,
-                    port,
-                })
-                .map_err(|refused| {
-                    HttpError::new(HttpErrorKind::Unknown, io::Error::other(refused))
-                })?;
-        }
-        let limit = if uri.path().ends_with(".cfg") {
-            MAX_CFG_BYTES
-        } else {
-            MAX_RESPONSE_BYTES
-        };
-        let answer = self.client.call(request).await?;
-        let (parts, body) = answer.into_parts();
-        let announced = parts
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        if announced.is_some_and(|n| n > limit as u64) {
-            return Err(HttpError::new(
-                HttpErrorKind::Decode,
-                io::Error::other(format!(
-                    "the target announced {} bytes, more than lhnet reads in one answer ({} MiB)",
-                    announced.unwrap_or(0),
-                    limit >> 20
-                )),
-            ));
-        }
-        let body = http_body_util::Limited::new(body, limit).map_err(move |e| {
-            let e = match e.downcast::<HttpError>() {
-                Ok(e) => return *e,
-                Err(e) => e,
-            };
-            HttpError::new(
-                HttpErrorKind::Decode,
-                io::Error::other(format!(
-                    "the target answered more than {} MiB ({e}); lhnet stops reading there",
-                    limit >> 20
-                )),
-            )
-        });
-        Ok(HttpResponse::from_parts(parts, HttpResponseBody::new(body)))
-    }
-}
-
-/// The system resolver, with only the addresses the policy allows.
-struct CheckedResolver(Arc<EndpointPolicy>);
-
-impl reqwest::dns::Resolve for CheckedResolver {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let policy = self.0.clone();
-        let name = name.as_str().to_string();
-        Box::pin(async move {
-            let found = tokio::net::lookup_host((name.as_str(), 0)).await?;
-            let allowed = policy
-                .check_resolved(&name, found)
-                .map_err(io::Error::other)?;
-            Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
-        })
-    }
-}
-
 /// Checks every destination the settings name before the first request: the S3 endpoint
 /// (`AWS_ENDPOINTS`, or AWS's own for the region), the proxies, and whether a keyless target
 /// may ask the instance metadata service. Names are resolved here too, so a refused address
@@ -509,195 +224,13 @@ fn check_destinations(
             format!("https://{}.s3.{region}.amazonaws.com", parsed.bucket),
         ),
     };
-    // Proxies first; through a proxy, the endpoint's name is the proxy's to resolve.
-    let mut proxied = false;
-    for key in ["HTTPS_PROXY", "HTTP_PROXY"] {
-        if let Some(p) = setting(credentials, key) {
-            proxied = true;
-            let parsed = url::Url::parse(p)
-                .map_err(|e| format!("backup target {url}: {key} is not a URL ({e})"))?;
-            policy
-                .check_url_resolving(key, &parsed)
-                .map_err(|refused| format!("backup target {url}: {refused}"))?;
-        }
-    }
-    let (key, text) = endpoint;
-    let parsed = url::Url::parse(&text)
-        .map_err(|e| format!("backup target {url}: {key} is not a URL ({e})"))?;
-    match proxied {
-        true => policy.check_url(key, &parsed),
-        false => policy.check_url_resolving(key, &parsed),
-    }
-    .map_err(|refused| format!("backup target {url}: {refused}"))?;
-    Ok(())
-}
-
-impl S3Driver {
-    /// Runs `work` on the runtime the target was opened on (lhnet's, or the simulator pod's)
-    /// and waits for it. Driver calls run off the async threads (the blocking pool, or threads
-    /// of their own), so waiting here stalls no runtime worker.
-    fn run<T: Send + 'static>(
-        &self,
-        work: impl Future<Output = T> + Send + 'static,
-    ) -> io::Result<T> {
-        // Handle::block_on panics on an async thread; said as an error instead.
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.runtime.block_on(work)
-        })) {
-            Ok(done) => Ok(done),
-            Err(_) => Err(io::Error::other(
-                "an S3 call was made on an async thread of the runtime (lhnet runs driver calls on the blocking pool; this is a bug in lhnet)",
-            )),
-        }
-    }
-}
-
-impl S3Driver {
-    fn io_error(&self, what: &str, path: &Path, e: object_store::Error) -> io::Error {
-        if let object_store::Error::NotFound { .. } = e {
-            return io::Error::new(io::ErrorKind::NotFound, format!("{path} not found"));
-        }
-        // The whole chain: a refusal or a limit is said by the innermost error.
-        let mut parts = vec![e.to_string()];
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            let text = s.to_string();
-            if !parts.iter().any(|p| p.contains(&text)) {
-                parts.push(text);
-            }
-            source = s.source();
-        }
-        // lhnet's own refusal is said whole; anything else quotes the target only in part.
-        if let Some(refused) = parts.iter().find(|p| p.contains(REFUSED)) {
-            return io::Error::other(format!("S3 {what} {path}: {refused}"));
-        }
-        // The innermost cause first (a refused connection, a limit), then the rest in part.
-        let inner = parts.pop().unwrap_or_default();
-        let text = match parts.is_empty() {
-            true => excerpt(&inner, MAX_ERROR_CHARS),
-            false => format!(
-                "{} ({})",
-                excerpt(&inner, MAX_ERROR_CHARS),
-                excerpt(&parts.join(": "), MAX_ERROR_CHARS)
-            ),
-        };
-        let keyless = if self.keyless {
-            " (no AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in envs: the instance metadata service was asked for credentials)"
-        } else {
-            ""
-        };
-        io::Error::other(format!("S3 {what} {path}: {text}{keyless}"))
-    }
-}
-
-/// The last segment of an object path.
-fn name_of(path: &Path) -> String {
-    path.filename().unwrap_or_default().to_string()
-}
-
-impl Driver for S3Driver {
-    fn kind(&self) -> &'static str {
-        "s3"
-    }
-
-    /// `ListObjects` with delimiter `/`: objects and common prefixes alike.
-    fn list(&self, dir: &str) -> io::Result<Vec<String>> {
-        let (store, key) = (self.store.clone(), self.key(dir));
-        let result = self
-            .run(async move { store.list_with_delimiter(Some(&key)).await })?
-            .map_err(|e| self.io_error("list", &self.key(dir), e))?;
-        let mut names: Vec<String> = result.common_prefixes.iter().map(name_of).collect();
-        names.extend(result.objects.iter().map(|o| name_of(&o.location)));
-        Ok(names)
-    }
-
-    fn walk(&self, dir: &str) -> io::Result<Vec<String>> {
-        let (store, key) = (self.store.clone(), self.key(dir));
-        let base = key.clone();
-        let metas = self
-            .run(async move {
-                store
-                    .list(Some(&key))
-                    .collect::<Vec<_>>()
-                    .await
-                    .into_iter()
-                    .collect::<object_store::Result<Vec<_>>>()
-            })?
-            .map_err(|e| self.io_error("list", &base, e))?;
-        Ok(metas
-            .iter()
-            .filter_map(|m| {
-                m.location
-                    .prefix_match(&base)
-                    .map(|parts| parts.map(|p| p.as_ref().to_string()).collect::<Vec<_>>())
-            })
-            .map(|parts| parts.join("/"))
-            .collect())
-    }
-
-    fn read(&self, path: &str) -> io::Result<Vec<u8>> {
-        let (store, key) = (self.store.clone(), self.key(path));
-        self.run(async move {
-            match store.get(&key).await {
-                Ok(got) => got.bytes().await.map(|b| b.to_vec()),
-                Err(e) => Err(e),
-            }
-        })?
-        .map_err(|e| self.io_error("get", &self.key(path), e))
-    }
-
-    /// A PUT replaces the object as a whole.
-    fn write(&self, path: &str, data: &[u8]) -> io::Result<()> {
-        let (store, key) = (self.store.clone(), self.key(path));
-        let payload = PutPayload::from(data.to_vec());
-        self.run(async move { store.put(&key, payload).await.map(|_| ()) })?
-            .map_err(|e| self.io_error("put", &self.key(path), e))
-    }
-
-    fn exists(&self, path: &str) -> io::Result<bool> {
-        match self.modified(path) {
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(e),
-        }
-    }
-
-    fn modified(&self, path: &str) -> io::Result<SystemTime> {
-        let (store, key) = (self.store.clone(), self.key(path));
-        self.run(async move { store.head(&key).await })?
-            .map(|meta| SystemTime::from(meta.last_modified))
-            .map_err(|e| self.io_error("head", &self.key(path), e))
-    }
-
-    /// The object itself, then every key under `path/`, one DELETE each (as Longhorn does).
-    fn remove(&self, path: &str) -> io::Result<()> {
-        let (store, key) = (self.store.clone(), self.key(path));
-        let shown = key.clone();
-        self.run(async move {
-            match store.delete(&key).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(e),
-            }
-            let mut under = store.list(Some(&key));
-            let mut keys = Vec::new();
-            while let Some(meta) = under.next().await {
-                keys.push(meta?.location);
-            }
-            for k in keys {
-                match store.delete(&k).await {
-                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            Ok(())
-        })?
-        .map_err(|e| self.io_error("delete", &shown, e))
-    }
+    super::http::check_destinations(url, credentials, policy, (endpoint.0, &endpoint.1))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::driver::Driver;
 
     #[test]
     fn urls_as_longhorn_parses_them() {
@@ -740,22 +273,21 @@ mod tests {
             .unwrap();
         let _entered = runtime.enter();
         let strict = Arc::new(EndpointPolicy::default());
-        let err = S3Driver::open(
+        let err = open(
             "s3://b@r/p",
             &creds(&[("AWS_CERT", "-----BEGIN CERTIFICATE-----\nnot base64\n")]),
             &strict,
         )
         .unwrap_err();
         assert!(err.contains("AWS_CERT"), "{err}");
-        let err = S3Driver::open(
+        let err = open(
             "s3://b@r/p",
             &creds(&[("VIRTUAL_HOSTED_STYLE", "maybe")]),
             &strict,
         )
         .unwrap_err();
         assert!(err.contains("VIRTUAL_HOSTED_STYLE"), "{err}");
-        let err = S3Driver::open("s3://b@r/p", &creds(&[("AWS_ACCESS_KEY_ID", "a")]), &strict)
-            .unwrap_err();
+        let err = open("s3://b@r/p", &creds(&[("AWS_ACCESS_KEY_ID", "a")]), &strict).unwrap_err();
         assert!(err.contains("together"), "{err}");
         // A malformed endpoint is refused when the target is opened, never a panic.
         for endpoint in [
@@ -771,7 +303,7 @@ mod tests {
                 ("AWS_ACCESS_KEY_ID", "k"),
                 ("AWS_SECRET_ACCESS_KEY", "s"),
             ]);
-            let result = S3Driver::open("s3://b@r/p", &settings, &strict)
+            let result = open("s3://b@r/p", &settings, &strict)
                 .and_then(|d| d.list("backupstore").map_err(|e| e.to_string()));
             let err = result.expect_err(endpoint);
             assert!(
@@ -790,12 +322,12 @@ mod tests {
                 ("AWS_ACCESS_KEY_ID", "k"),
                 ("AWS_SECRET_ACCESS_KEY", "s"),
             ]);
-            let err = S3Driver::open("s3://b@r/p", &settings, &strict).unwrap_err();
+            let err = open("s3://b@r/p", &settings, &strict).unwrap_err();
             assert!(err.contains(want) && err.contains("HTTPS_PROXY"), "{err}");
             assert!(!err.contains("hunter2"), "{err}");
         }
         // Keyless: the metadata lookup only when the config allows it.
-        let err = S3Driver::open(
+        let err = open(
             "s3://b@r/p",
             &creds(&[("AWS_ENDPOINTS", "http://10.9.9.9:9000")]),
             &strict,
@@ -806,7 +338,7 @@ mod tests {
             "{err}"
         );
         // Empty values are unset: the manager sends every key.
-        S3Driver::open(
+        open(
             "s3://b@r/p",
             &creds(&[("AWS_ENDPOINTS", ""), ("AWS_CERT", ""), ("HTTPS_PROXY", "")]),
             &Arc::new(EndpointPolicy::unrestricted()),

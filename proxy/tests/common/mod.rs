@@ -3,6 +3,7 @@
 //! ([`longhorn`]); moto's S3 server ([`moto`]).
 #![allow(dead_code)] // each test file uses its own share
 
+pub mod azurite;
 pub mod longhorn;
 pub mod moto;
 pub mod raw_h2;
