@@ -700,3 +700,209 @@ async fn a_stalled_s3_target_times_out_without_holding_up_others() {
     held.join().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cifs_target_on_its_mount_directory() {
+    // The share as Longhorn mounts it: <root>/<host with . as _>/<share>/<path>; here a
+    // directory standing for the mount (backup_target.nfs_mount: existing).
+    let root = scratch("cifs");
+    let url = "cifs://smb.example/backups/cluster-a";
+    let dir = root.join("smb_example/backups/cluster-a");
+    std::fs::create_dir_all(&dir).unwrap();
+    let options = backupstore::TargetOptions {
+        nfs: backupstore::NfsOptions {
+            mount_root: root.clone(),
+            mount: backupstore::NfsMount::Existing,
+        },
+        ..Default::default()
+    };
+    let t = Target::open(&format!("{url}?cifsOptions=vers=3.0"), &options).unwrap();
+    assert_eq!((t.kind(), t.url.as_str()), ("cifs", url));
+    let expected = three_backups(&t);
+    assert!(dir
+        .join("backupstore/volumes/01/9c/vol1/volume.cfg")
+        .is_file());
+
+    let (_proxy, mut c) = start_proxy_with(&format!(
+        "backup_target: {{ nfs_mount_root: {}, nfs_mount: existing }}\n",
+        root.display()
+    ))
+    .await;
+    let envs: Vec<String> = vec!["CIFS_USERNAME=backup".into(), "CIFS_PASSWORD=secret".into()];
+    let all = c
+        .backup_volume_list(EngineBackupVolumeListRequest {
+            envs: envs.clone(),
+            ..list_req(url, "", false)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut names: Vec<_> = all.volumes.keys().cloned().collect();
+    names.sort();
+    assert_eq!(names, ["vol1", "vol2"]);
+    let vol = c
+        .backup_volume_get(EngineBackupVolumeGetRequest {
+            envs: envs.clone(),
+            ..volume_get(url, "vol1")
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(
+        (vol.size, vol.last_backup_name.as_str()),
+        (6291456, "backup-b")
+    );
+    let b = c
+        .backup_get(EngineBackupGetRequest {
+            envs: envs.clone(),
+            ..backup_get(url, "backup-a", "vol1")
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .backup
+        .unwrap();
+    assert_eq!(b.url, format!("{url}?backup=backup-a&volume=vol1"));
+    let meta = c
+        .backup_config_meta_get(EngineBackupConfigMetaGetRequest {
+            proxy_engine_request: None,
+            envs: envs.clone(),
+            dest_url: backupstore::encode_backup_url(url, "backup-b", "vol1"),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .modification_time
+        .unwrap();
+    let cfg_time =
+        std::fs::metadata(dir.join("backupstore/volumes/01/9c/vol1/backups/backup_backup-b.cfg"))
+            .unwrap()
+            .modified()
+            .unwrap()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+    assert_eq!(meta.seconds, cfg_time);
+    c.backup_remove(EngineBackupRemoveRequest {
+        envs: envs.clone(),
+        ..remove_backup(url, "backup-a", "vol1")
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        t.read_backup("vol1", "backup-b").unwrap().1,
+        expected,
+        "backup-b lost a shared block"
+    );
+    c.backup_remove(EngineBackupRemoveRequest {
+        envs: envs.clone(),
+        dest_url: url.into(),
+        volume_name: "vol2".into(),
+    })
+    .await
+    .unwrap();
+    assert!(!dir.join(t.volume_key("vol2")).exists());
+
+    // Mounting (nfs_mount: auto) dials the server: loopback is refused by the default
+    // policy before mount runs, and credentials never go in cifsOptions.
+    let (_auto, mut c) = start_proxy_with(&format!(
+        "backup_target: {{ nfs_mount_root: {} }}\n",
+        root.display()
+    ))
+    .await;
+    let err = c
+        .backup_volume_list(EngineBackupVolumeListRequest {
+            envs: envs.clone(),
+            ..list_req("cifs://127.0.0.1/share/x", "", true)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().contains("the CIFS server of 127.0.0.1:445"),
+        "{err:?}"
+    );
+    let err = c
+        .backup_volume_list(EngineBackupVolumeListRequest {
+            envs,
+            ..list_req(
+                "cifs://smb.example/share/x?cifsOptions=password=x",
+                "",
+                true,
+            )
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("cifsOptions may not set password"),
+        "{err:?}"
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// Root only, and only where the kernel has a CIFS client and samba's `smbd` is installed:
+/// lhnet mounts a share of a real samba server on loopback itself (`nfs_mount: auto`) with the
+/// call's CIFS_USERNAME/CIFS_PASSWORD, then lists it. Elsewhere it says why it skips; this
+/// machine type's kernel has no CIFS client (docs/engine-proxy.md), so the listing, inspection
+/// and removal on a cifs target are tested on its mount directory above.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cifs_target_mounted_from_a_real_samba_server() {
+    let kernel = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    let cifs = kernel.lines().any(|l| l.trim_end().ends_with("cifs"))
+        || std::process::Command::new("modprobe")
+            .arg("cifs")
+            .status()
+            .is_ok_and(|s| s.success());
+    let smbd = std::process::Command::new("smbd")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let root = nix::unistd::Uid::effective().is_root();
+    if !(cifs && smbd && root) {
+        eprintln!(
+            "SKIP: mounting a real CIFS share needs root ({root}), a kernel CIFS client ({cifs}: no cifs in /proc/filesystems and no module) and samba's smbd ({smbd})"
+        );
+        return;
+    }
+    let dir = scratch("samba");
+    let share = dir.join("share");
+    std::fs::create_dir_all(share.join("backups")).unwrap();
+    let conf = dir.join("smb.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[global]\nsmb ports = 44500\ninterfaces = lo\nbind interfaces only = yes\nmap to guest = Bad User\nlog file = {0}/log\nlock directory = {0}\nstate directory = {0}\ncache directory = {0}\npid directory = {0}\nprivate dir = {0}\n[share]\npath = {1}\nread only = no\nguest ok = yes\nforce user = root\n",
+            dir.display(),
+            share.display()
+        ),
+    )
+    .unwrap();
+    let mut smbd = common::KillOnDrop(
+        std::process::Command::new("smbd")
+            .args(["--foreground", "--no-process-group", "-s"])
+            .arg(&conf)
+            .spawn()
+            .unwrap(),
+    );
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let mounts = dir.join("mounts");
+    let (_proxy, mut c) = start_proxy_with(&format!(
+        "backup_target: {{ nfs_mount_root: {}, allowed_endpoints: [\"127.0.0.1:44500\"] }}\n",
+        mounts.display()
+    ))
+    .await;
+    let url = "cifs://127.0.0.1/share/backups?cifsOptions=port=44500,vers=3.0,soft,guest";
+    let listed = c
+        .backup_volume_list(EngineBackupVolumeListRequest {
+            envs: vec!["CIFS_USERNAME=guest".into(), "CIFS_PASSWORD=".into()],
+            ..list_req(url, "", true)
+        })
+        .await;
+    let mounted = mounts.join("127_0_0_1/share/backups");
+    let _ = std::process::Command::new("umount").arg(&mounted).status();
+    let _ = smbd.0.kill();
+    assert!(listed.unwrap().into_inner().volumes.is_empty());
+    let _ = std::fs::remove_dir_all(&dir);
+}

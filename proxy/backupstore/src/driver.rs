@@ -283,6 +283,163 @@ pub fn nfs_directory(
     }
 }
 
+/// The parts of `cifs://HOST/SHARE/PATH` (Longhorn's form): the host, the share and path
+/// (`/SHARE/PATH`, trailing `/` trimmed), and the `cifsOptions` of its query (comma separated,
+/// repeatable), which replace the default `soft`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct CifsUrl {
+    pub host: String,
+    pub path: String,
+    pub options: Vec<String>,
+}
+
+pub fn parse_cifs(url: &str) -> Result<CifsUrl, String> {
+    let form = || {
+        format!("backup target {url}: CIFS path must follow format: cifs://<server-address>/<share-name>/")
+    };
+    let rest = url.strip_prefix("cifs://").ok_or_else(form)?;
+    let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let (host, path) = rest.split_once('/').ok_or_else(form)?;
+    let path = path.trim_end_matches('/');
+    if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c == '@') {
+        return Err(form());
+    }
+    if path.is_empty() {
+        return Err(format!("backup target {url}: cannot find CIFS path"));
+    }
+    // The path becomes a directory under the mount root: nothing that could leave it.
+    if !path
+        .split('/')
+        .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
+    {
+        return Err(format!(
+            "backup target {url}: the share path may not hold '.', '..' or empty segments"
+        ));
+    }
+    let mut options = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        if let Some(value) = pair.strip_prefix("cifsOptions=") {
+            for option in value.split(',').filter(|o| !o.is_empty()) {
+                // Credentials come from CIFS_USERNAME/CIFS_PASSWORD only; nothing that would
+                // put them (or another file) on the command line.
+                let name = option.split('=').next().unwrap_or(option);
+                if matches!(
+                    name,
+                    "username" | "user" | "password" | "pass" | "credentials" | "cred"
+                ) {
+                    return Err(format!(
+                        "backup target {url}: cifsOptions may not set {name} (credentials come from CIFS_USERNAME and CIFS_PASSWORD)"
+                    ));
+                }
+                if option.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                    return Err(format!(
+                        "backup target {url}: cifsOptions {option:?} holds white space"
+                    ));
+                }
+                options.push(option.to_string());
+            }
+        }
+    }
+    if options.is_empty() {
+        options.push("soft".into());
+    }
+    Ok(CifsUrl {
+        host: host.to_string(),
+        path: format!("/{path}"),
+        options,
+    })
+}
+
+/// The local directory of a CIFS target, mounting it first when `options` say so, with the
+/// call's `CIFS_USERNAME` / `CIFS_PASSWORD` (handed to mount.cifs in its environment, `USER`
+/// and `PASSWD`, never on its command line). Longhorn's place: the NFS mount root, the host
+/// with `.` as `_`, then the share and path.
+pub fn cifs_directory(
+    url: &str,
+    options: &NfsOptions,
+    policy: &EndpointPolicy,
+    credentials: &std::collections::HashMap<String, String>,
+) -> Result<PathBuf, String> {
+    let parsed = parse_cifs(url)?;
+    let dir = options
+        .mount_root
+        .join(parsed.host.trim_end_matches(':').replace('.', "_"))
+        .join(parsed.path.trim_start_matches('/'));
+    if is_mount_point(&dir) {
+        return Ok(dir);
+    }
+    match options.mount {
+        NfsMount::Existing if dir.is_dir() => Ok(dir),
+        NfsMount::Existing => Err(format!(
+            "backup target {url}: cannot find its mount at {} (mount the share there, or set backup_target.nfs_mount: auto)",
+            dir.display()
+        )),
+        NfsMount::Auto => {
+            let port = parsed
+                .options
+                .iter()
+                .find_map(|o| o.strip_prefix("port=")?.parse().ok())
+                .unwrap_or(445);
+            policy
+                .check_host_resolving("the CIFS server of", &parsed.host, port)
+                .map_err(|refused| format!("backup target {url}: {refused}"))?;
+            mount_cifs(url, &parsed, &dir, credentials).map(|()| dir)
+        }
+    }
+}
+
+/// `mount -t cifs -o OPTIONS //HOST/SHARE/PATH DIR`, one mount at a time per directory.
+fn mount_cifs(
+    url: &str,
+    parsed: &CifsUrl,
+    dir: &Path,
+    credentials: &std::collections::HashMap<String, String>,
+) -> Result<(), String> {
+    static MOUNTING: KeyedGuards = Mutex::new(Vec::new());
+    let guard = guard_of(&MOUNTING, &dir.to_string_lossy());
+    let _one = guard.lock().unwrap_or_else(|p| p.into_inner());
+    if is_mount_point(dir) {
+        return Ok(());
+    }
+    create_dirs(dir)
+        .map_err(|e| format!("backup target {url}: creating {}: {e}", dir.display()))?;
+    let source = format!("//{}{}", parsed.host, parsed.path);
+    let mut cmd = Command::new("mount");
+    cmd.args(["-t", "cifs", "-o"])
+        .arg(parsed.options.join(","))
+        .arg(&source)
+        .arg(dir)
+        .env_remove("USER")
+        .env_remove("PASSWD");
+    let set = |k: &str| credentials.get(k).filter(|v| !v.is_empty());
+    if let Some(user) = set("CIFS_USERNAME") {
+        cmd.env("USER", user);
+    }
+    if let Some(password) = set("CIFS_PASSWORD") {
+        cmd.env("PASSWD", password);
+    }
+    match run_bounded(cmd, MOUNT_TIMEOUT) {
+        Ok(()) => {
+            tracing::info!(%url, dir = %dir.display(), "mounted CIFS backup target");
+            Ok(())
+        }
+        Err(e) => {
+            let _ = fs::remove_dir(dir);
+            let kernel = match fs::read_to_string("/proc/filesystems") {
+                Ok(t) if !t.lines().any(|l| l.trim_end().ends_with("cifs")) => {
+                    " (this kernel lists no cifs file system in /proc/filesystems)"
+                }
+                _ => "",
+            };
+            Err(format!(
+                "backup target {url}: cannot mount CIFS share {source}, options {} at {}: {e}{kernel}; lhnet needs CAP_SYS_ADMIN and mount.cifs to mount, or mount the share there yourself",
+                parsed.options.join(","),
+                dir.display()
+            ))
+        }
+    }
+}
+
 /// Whether `dir` is a mount point of this process's mount namespace.
 fn is_mount_point(dir: &Path) -> bool {
     let Ok(table) = fs::read_to_string("/proc/self/mountinfo") else {
@@ -394,6 +551,53 @@ fn run_bounded(mut cmd: Command, limit: Duration) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cifs_urls_as_longhorn_reads_them() {
+        let u = parse_cifs("cifs://10.0.0.5/share/bk/").unwrap();
+        assert_eq!(
+            u,
+            CifsUrl {
+                host: "10.0.0.5".into(),
+                path: "/share/bk".into(),
+                options: vec!["soft".into()]
+            }
+        );
+        let u = parse_cifs(
+            "cifs://smb/share?cifsOptions=vers=3.0,seal&cifsOptions=port=44500&backup=b",
+        )
+        .unwrap();
+        assert_eq!(u.options, ["vers=3.0", "seal", "port=44500"]);
+        assert!(parse_cifs("cifs:///share")
+            .unwrap_err()
+            .contains("cifs://<server-address>/<share-name>/"));
+        assert!(parse_cifs("cifs://h").is_err());
+        assert!(parse_cifs("cifs://h/")
+            .unwrap_err()
+            .contains("cannot find CIFS path"));
+        assert!(parse_cifs("cifs://h/../etc").is_err());
+        for bad in ["password=x", "credentials=/etc/shadow", "user=root"] {
+            let e = parse_cifs(&format!("cifs://h/s?cifsOptions={bad}")).unwrap_err();
+            assert!(e.contains("cifsOptions may not set"), "{e}");
+        }
+        // Longhorn's mount directory, found as it is with `existing`.
+        let root = std::env::temp_dir().join(format!("lhnet-cifs-{}", std::process::id()));
+        let dir = root.join("10_0_0_5/share/bk");
+        fs::create_dir_all(&dir).unwrap();
+        let options = NfsOptions {
+            mount_root: root.clone(),
+            mount: NfsMount::Existing,
+        };
+        let none = std::collections::HashMap::new();
+        let strict = EndpointPolicy::default();
+        assert_eq!(
+            cifs_directory("cifs://10.0.0.5/share/bk", &options, &strict, &none).unwrap(),
+            dir
+        );
+        let err = cifs_directory("cifs://10.0.0.5/other", &options, &strict, &none).unwrap_err();
+        assert!(err.contains("cannot find its mount at"), "{err}");
+        fs::remove_dir_all(root).unwrap();
+    }
 
     #[test]
     fn nfs_urls_and_directories() {

@@ -364,6 +364,8 @@ impl Target {
     /// Opens any target: vfs, nfs (mounted as `options.nfs` says) or s3 (with the call's
     /// credentials). The URL's query is ignored.
     pub fn open(url: &str, options: &TargetOptions) -> Result<Target, String> {
+        // cifs:// reads its query (`cifsOptions`); the others ignore it.
+        let with_query = url;
         let url = url.split('?').next().unwrap_or(url);
         if let Some(dir) = url.strip_prefix("vfs://") {
             if !dir.starts_with('/') {
@@ -391,6 +393,19 @@ impl Target {
                 driver: Arc::new(FsDriver::new("nfs", dir)),
             });
         }
+        if url.starts_with("cifs://") {
+            let parsed = driver::parse_cifs(with_query)?;
+            let dir = driver::cifs_directory(
+                with_query,
+                &options.nfs,
+                &options.endpoints,
+                &options.credentials,
+            )?;
+            return Ok(Target {
+                url: format!("cifs://{}{}", parsed.host, parsed.path),
+                driver: Arc::new(FsDriver::new("cifs", dir)),
+            });
+        }
         if url.starts_with("s3://") {
             let driver = s3::open(url, &options.credentials, &options.endpoints)?;
             return Ok(Target {
@@ -407,7 +422,7 @@ impl Target {
         }
         let scheme = url.split("://").next().unwrap_or(url);
         Err(format!(
-            "Driver {scheme} is not supported! (lhnet reads vfs:///DIR, nfs://HOST:/PATH and s3://BUCKET@REGION/PATH targets)"
+            "Driver {scheme} is not supported! (lhnet reads vfs:///DIR, nfs://HOST:/PATH, cifs://HOST/SHARE/PATH, s3://BUCKET@REGION/PATH and azblob://CONTAINER@SUFFIX/PATH targets)"
         ))
     }
 

@@ -107,6 +107,8 @@ impl BackupTargets {
     ) -> Result<T, Failed> {
         let config = self.config.load_full();
         let target_url = url.split('?').next().unwrap_or(url).to_string();
+        // Opened with its query: cifs:// reads its cifsOptions there (the others ignore it).
+        let opened = url.to_string();
         let slots = self.slots_of(&slot_key(&target_url), config.max_concurrent);
         let options = TargetOptions {
             credentials,
@@ -124,7 +126,7 @@ impl BackupTargets {
             tokio::task::spawn_blocking(move || {
                 let _slot = slot;
                 // Opening may mount NFS or build an S3 client: also off the async threads.
-                work(Target::open(&target_url, &options)?)
+                work(Target::open(&opened, &options)?)
             })
             .await
             .map_err(|e| Failed::Other(Status::internal(format!("{what}: {e}"))))?
