@@ -382,13 +382,16 @@ impl Reloader {
                 .map(|l| {
                     (
                         l.name.clone(),
-                        format!("{} {:?} {:?} {:?}", l.address, l.kind, l.cluster, l.tls),
+                        format!(
+                            "{} {:?} {:?} {:?} {:?}",
+                            l.address, l.kind, l.cluster, l.tls, l.egress
+                        ),
                     )
                 })
                 .collect()
         };
         if shape(&old) != shape(&new) || old.admin.address != new.admin.address {
-            return Err("listeners (names, kinds, addresses, tls or tcp clusters) or the admin address changed; restart lhnet-proxy to apply".into());
+            return Err("listeners (names, kinds, addresses, tls, tcp clusters or http_connect settings) or the admin address changed; restart lhnet-proxy to apply".into());
         }
         let clusters = {
             let mut in_use = self.shared.clusters.lock();

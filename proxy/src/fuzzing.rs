@@ -57,7 +57,8 @@ pub fn network_status(data: &[u8]) {
 
 /// Every parser of an address, URL or header value lhnet takes from outside: engine and
 /// replica addresses, grpc-timeout, durations, capture redirects, the storage-network name,
-/// backup-target URLs (NFS, S3, vfs) and backup URLs.
+/// backup-target URLs (vfs, NFS, CIFS, S3, Azure) and backup URLs, the destination policy
+/// over host names and allowed_endpoints entries.
 pub fn addresses(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
@@ -77,6 +78,17 @@ pub fn addresses(data: &[u8]) {
     let _ = lhnet_backupstore::decode_backup_url(text);
     let _ = lhnet_backupstore::driver::parse_nfs(text);
     let _ = lhnet_backupstore::s3::S3Url::parse(text);
+    let _ = lhnet_backupstore::azblob::AzblobUrl::parse(text);
+    let _ = lhnet_backupstore::driver::parse_cifs(text);
+    // A caller's host names and the operator's allowed_endpoints entries.
+    let policy = lhnet_backupstore::EndpointPolicy::default();
+    let _ = policy.check(lhnet_backupstore::endpoints::Destination {
+        key: "AWS_ENDPOINTS",
+        host: text,
+        port: 443,
+    });
+    let _ = lhnet_backupstore::EndpointPolicy::new(&[text.to_string()], false);
+    let _ = lhnet_backupstore::endpoints::excerpt(text, 16);
 }
 
 /// The gRPC frame checker over a request body cut into chunks where the input says: the
