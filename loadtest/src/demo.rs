@@ -1439,7 +1439,7 @@ fn backup_phase(
     endpoint: &str,
 ) -> Result<BackupReport, String> {
     use crate::demo_backup as b;
-    let counters = || -> Result<Vec<(String, BTreeMap<String, u64>, u64)>, String> {
+    let counters = || -> Result<Vec<b::PodCounters>, String> {
         pods.iter()
             .filter(|p| p.name != "engine")
             .map(|p| {
@@ -1589,9 +1589,8 @@ fn print_backup(b: &BackupReport) {
         return;
     }
     println!(
-        "backup: {} ({} of {} to {}, S3 on the storage bridge only, asked by management IP: {} in {:.1} s; the replica pods' egress listeners sent {} (lz4), their eth0 carried {} = {:.2}% of it){}",
+        "backup: {} (backup-demo of {} to {}, S3 on the storage bridge only, asked by management IP: {} in {:.1} s; the replica pods' egress listeners sent {} (lz4), their eth0 carried {} = {:.2}% of it){}",
         if b.ok { "PASS" } else { "FAIL" },
-        "backup-demo",
         b.volume,
         b.target,
         human_bytes(b.backup_bytes as f64),

@@ -234,12 +234,11 @@ pub fn egress_sent(metrics_text: &str) -> u64 {
         .sum::<f64>() as u64
 }
 
-/// The pods' part of the report from counters taken before and after: (name, kernel bytes
-/// per device, egress bytes sent).
-pub fn pods_report(
-    before: &[(String, BTreeMap<String, u64>, u64)],
-    after: &[(String, BTreeMap<String, u64>, u64)],
-) -> Vec<BackupPod> {
+/// One pod's counters at one moment: its name, kernel bytes per device, egress bytes sent.
+pub type PodCounters = (String, BTreeMap<String, u64>, u64);
+
+/// The pods' part of the report from counters taken before and after.
+pub fn pods_report(before: &[PodCounters], after: &[PodCounters]) -> Vec<BackupPod> {
     before
         .iter()
         .zip(after)

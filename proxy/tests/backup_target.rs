@@ -418,6 +418,9 @@ async fn concurrent_removes_of_backups_sharing_blocks_lose_no_shared_block() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// (keys under a prefix, the text of one key) of a prefix and a key.
+type Look = dyn Fn(&str, &str) -> (Vec<String>, String);
+
 /// A real object-store server and how to look at it without lhnet.
 struct RealServer {
     kind: &'static str,
@@ -426,7 +429,7 @@ struct RealServer {
     prefix: &'static str,
     envs: Vec<String>,
     /// (keys under a prefix, the text of one key), read by the server's own client.
-    look: Box<dyn Fn(&str, &str) -> (Vec<String>, String)>,
+    look: Box<Look>,
     /// A target whose bucket or container is not there, and its name.
     missing: (String, &'static str),
 }
@@ -619,7 +622,7 @@ async fn object_target_on_a_real_server(server: RealServer) {
         .into_inner();
     assert_eq!(all.volumes.keys().collect::<Vec<_>>(), ["vol1"]);
     let (keys, _) = look(server.prefix, "");
-    assert!(keys.iter().any(|k| *k == vol1_cfg), "{keys:?}");
+    assert!(keys.contains(&vol1_cfg), "{keys:?}");
     assert!(
         keys.iter().all(|k| !k.contains("/vol2/")),
         "vol2 left behind: {keys:?}"
