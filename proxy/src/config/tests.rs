@@ -369,10 +369,11 @@ fn not_yaml_is_one_clear_error() {
 }
 
 #[test]
-fn a_listener_is_read_with_both_kinds_keys_and_no_more() {
+fn a_listener_is_read_with_every_kinds_keys_and_no_more() {
     let mut union: Vec<&str> = GRPC_LISTENER_KEYS
         .iter()
         .chain(TCP_LISTENER_KEYS)
+        .chain(HTTP_CONNECT_LISTENER_KEYS)
         .copied()
         .collect();
     union.sort_unstable();
