@@ -21,7 +21,7 @@ use object_store::azure::MicrosoftAzureBuilder;
 use object_store::{ClientOptions, ObjectStore, RetryConfig};
 
 use super::endpoints::EndpointPolicy;
-use super::http::{check_proxies, Connector, CONNECT_TIMEOUT, REQUEST_TIMEOUT};
+use super::http::{check_endpoint, check_proxies, Connector, CONNECT_TIMEOUT, REQUEST_TIMEOUT};
 use super::object::{setting, ObjectDriver};
 
 /// Azure's public endpoint suffix.
@@ -135,7 +135,7 @@ fn build_store(
     let (key_name, service) = match setting(credentials, "AZBLOB_ENDPOINT") {
         Some(endpoint) => {
             let endpoint = endpoint.trim_end_matches('/');
-            check_endpoint(endpoint).map_err(|why| {
+            check_endpoint(endpoint, "the account goes in AZBLOB_ACCOUNT_NAME").map_err(|why| {
                 format!("backup target {url}: AZBLOB_ENDPOINT {endpoint:?} {why}; write http(s)://HOST[:PORT]")
             })?;
             ("AZBLOB_ENDPOINT", format!("{endpoint}/{account}"))
@@ -177,24 +177,6 @@ fn build_store(
     builder
         .build()
         .map_err(|e| format!("backup target {url}: {e}"))
-}
-
-/// An endpoint: `http(s)://HOST[:PORT]`, nothing else (the account is added as its path).
-fn check_endpoint(endpoint: &str) -> Result<(), &'static str> {
-    let url = url::Url::parse(endpoint).map_err(|_| "is not a URL")?;
-    if !matches!(url.scheme(), "http" | "https") {
-        return Err("is not http or https");
-    }
-    if url.host_str().is_none_or(str::is_empty) {
-        return Err("has no host");
-    }
-    if !matches!(url.path(), "" | "/") || url.query().is_some() || url.fragment().is_some() {
-        return Err("has a path (lhnet adds the account, as Longhorn does)");
-    }
-    if !url.username().is_empty() || url.password().is_some() {
-        return Err("holds a user name (the account goes in AZBLOB_ACCOUNT_NAME)");
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -256,6 +238,8 @@ mod tests {
         };
         let err = with(("AZBLOB_ENDPOINT", "http://h:10000/acct")).unwrap_err();
         assert!(err.contains("has a path"), "{err}");
+        let err = with(("AZBLOB_ENDPOINT", "http://acct@h:10000")).unwrap_err();
+        assert!(err.contains("AZBLOB_ACCOUNT_NAME"), "{err}");
         let err = with(("AZBLOB_CERT", "-----BEGIN CERTIFICATE-----\nx\n")).unwrap_err();
         assert!(err.contains("AZBLOB_CERT"), "{err}");
         // The policy applies: the emulator's loopback address is refused unless listed.

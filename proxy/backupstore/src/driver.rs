@@ -395,14 +395,15 @@ fn mount_cifs(
     dir: &Path,
     credentials: &std::collections::HashMap<String, String>,
 ) -> Result<(), String> {
-    static MOUNTING: KeyedGuards = Mutex::new(Vec::new());
-    let guard = guard_of(&MOUNTING, &dir.to_string_lossy());
-    let _one = guard.lock().unwrap_or_else(|p| p.into_inner());
-    if is_mount_point(dir) {
-        return Ok(());
-    }
-    create_dirs(dir)
-        .map_err(|e| format!("backup target {url}: creating {}: {e}", dir.display()))?;
+    mount_once(url, dir, || mount_cifs_now(url, parsed, dir, credentials))
+}
+
+fn mount_cifs_now(
+    url: &str,
+    parsed: &CifsUrl,
+    dir: &Path,
+    credentials: &std::collections::HashMap<String, String>,
+) -> Result<(), String> {
     let source = format!("//{}{}", parsed.host, parsed.path);
     let mut cmd = Command::new("mount");
     cmd.args(["-t", "cifs", "-o"])
@@ -475,11 +476,14 @@ fn unescape_mountinfo(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// `mount -t nfs4 -o nfsvers=V -o actimeo=1 -o retry=0 SOURCE DIR` for V = 4.2, 4.1, 4.0 (as
-/// Longhorn, plus `retry=0`: one try each instead of mount.nfs's two minutes of retries); one
-/// mount at a time in this process, so two calls never stack mounts on one directory.
-fn mount_nfs(url: &str, source: &str, dir: &Path) -> Result<(), String> {
-    // One mount at a time per directory: an unreachable server holds up its own target only.
+/// Runs `mount` for the target at `dir` unless something is mounted there by then: one mount
+/// at a time per directory (an unreachable server holds up its own target only), the directory
+/// made first.
+fn mount_once(
+    url: &str,
+    dir: &Path,
+    mount: impl FnOnce() -> Result<(), String>,
+) -> Result<(), String> {
     static MOUNTING: KeyedGuards = Mutex::new(Vec::new());
     let guard = guard_of(&MOUNTING, &dir.to_string_lossy());
     let _one = guard.lock().unwrap_or_else(|p| p.into_inner());
@@ -488,6 +492,17 @@ fn mount_nfs(url: &str, source: &str, dir: &Path) -> Result<(), String> {
     }
     create_dirs(dir)
         .map_err(|e| format!("backup target {url}: creating {}: {e}", dir.display()))?;
+    mount()
+}
+
+/// `mount -t nfs4 -o nfsvers=V -o actimeo=1 -o retry=0 SOURCE DIR` for V = 4.2, 4.1, 4.0 (as
+/// Longhorn, plus `retry=0`: one try each instead of mount.nfs's two minutes of retries); one
+/// mount at a time in this process, so two calls never stack mounts on one directory.
+fn mount_nfs(url: &str, source: &str, dir: &Path) -> Result<(), String> {
+    mount_once(url, dir, || mount_nfs_now(url, source, dir))
+}
+
+fn mount_nfs_now(url: &str, source: &str, dir: &Path) -> Result<(), String> {
     let mut failures = Vec::new();
     for version in NFS_VERSIONS {
         let mut cmd = Command::new("mount");

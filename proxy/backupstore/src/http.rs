@@ -271,6 +271,25 @@ pub fn check_destinations(
     .map_err(|refused| format!("backup target {url}: {refused}"))
 }
 
+/// An endpoint object_store can put in a request: `http(s)://HOST[:PORT]`, nothing else;
+/// `credentials` says where a user name in it belongs instead.
+pub fn check_endpoint(endpoint: &str, credentials: &str) -> Result<(), String> {
+    let url = url::Url::parse(endpoint).map_err(|_| "is not a URL".to_string())?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err("is not http or https".into());
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("has no host".into());
+    }
+    if !matches!(url.path(), "" | "/") || url.query().is_some() || url.fragment().is_some() {
+        return Err("has a path".into());
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(format!("holds a user name ({credentials})"));
+    }
+    Ok(())
+}
+
 /// Checks the proxy settings' form (before any request).
 pub fn check_proxies(url: &str, credentials: &HashMap<String, String>) -> Result<(), String> {
     for key in ["HTTPS_PROXY", "HTTP_PROXY"] {

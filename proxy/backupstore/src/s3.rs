@@ -19,7 +19,7 @@ use object_store::aws::AmazonS3Builder;
 use object_store::{ClientOptions, ObjectStore, RetryConfig};
 
 use super::endpoints::{EndpointPolicy, REFUSED};
-use super::http::{check_proxies, Connector, CONNECT_TIMEOUT, REQUEST_TIMEOUT};
+use super::http::{check_endpoint, check_proxies, Connector, CONNECT_TIMEOUT, REQUEST_TIMEOUT};
 use super::object::{setting, ObjectDriver};
 
 /// The parts of an `s3://` URL.
@@ -110,7 +110,7 @@ fn build_store(
         .unwrap_or("us-east-1");
     let endpoint = setting(credentials, "AWS_ENDPOINTS").map(|e| e.trim_end_matches('/'));
     if let Some(e) = endpoint {
-        check_endpoint(e).map_err(|why| {
+        check_endpoint(e, "keys go in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY").map_err(|why| {
             format!("backup target {url}: AWS_ENDPOINTS {e:?} {why}; write http(s)://HOST[:PORT]")
         })?;
     }
@@ -178,24 +178,6 @@ fn build_store(
     builder
         .build()
         .map_err(|e| format!("backup target {url}: {e}"))
-}
-
-/// An endpoint object_store can put in a request: `http(s)://HOST[:PORT]`, nothing else.
-fn check_endpoint(endpoint: &str) -> Result<(), &'static str> {
-    let url = url::Url::parse(endpoint).map_err(|_| "is not a URL")?;
-    if !matches!(url.scheme(), "http" | "https") {
-        return Err("is not http or https");
-    }
-    if url.host_str().is_none_or(str::is_empty) {
-        return Err("has no host");
-    }
-    if !matches!(url.path(), "" | "/") || url.query().is_some() || url.fragment().is_some() {
-        return Err("has a path");
-    }
-    if !url.username().is_empty() || url.password().is_some() {
-        return Err("holds a user name (keys go in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)");
-    }
-    Ok(())
 }
 
 /// Checks every destination the settings name before the first request: the S3 endpoint

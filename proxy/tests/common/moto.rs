@@ -1,5 +1,7 @@
 //! A real S3 server for the tests that need one, and an independent client to look at it.
 
+use super::skip;
+
 /// moto's S3 server (PyPI `moto[server]`, see docs/engine-proxy.md) on 127.0.0.1 at a port it
 /// picks itself, with one empty bucket. `None` (after saying why) when moto is not installed.
 pub struct Moto {
@@ -60,15 +62,6 @@ pub fn start_moto(bucket: &str) -> Option<Moto> {
             line.trim()
         )),
     }
-}
-
-/// Says why a test skips; under CI (which installs everything) a skip is a failure.
-fn skip<T>(why: &str) -> Option<T> {
-    if std::env::var_os("CI").is_some() {
-        panic!("{why}: CI is set, so this test must run, not skip");
-    }
-    eprintln!("SKIP: {why}");
-    None
 }
 
 /// `envs` exactly as longhorn-manager sends them for S3: every key, some empty.
