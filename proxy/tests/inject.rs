@@ -359,7 +359,16 @@ fn the_shipped_configmaps_hold_configs_lhnet_accepts() {
     let text = sidecar["data"]["config.yaml"].as_str().unwrap();
     let config = lhnet_proxy::config::Config::parse(text, "configmap-sidecar.yaml").unwrap();
     let names: Vec<&str> = config.listeners.iter().map(|l| l.name.as_str()).collect();
-    assert_eq!(names, ["management", "process_manager", "disk", "instance"]);
+    assert_eq!(
+        names,
+        ["management", "process_manager", "disk", "instance", "backup_egress"]
+    );
+    // The backup egress is on loopback (nothing to declare), from the storage address.
+    let egress = &config.listeners[4];
+    assert_eq!(
+        (egress.kind, egress.address.to_string().as_str()),
+        (lhnet_proxy::config::ListenerKind::HttpConnect, "127.0.0.1:8520")
+    );
     // The ports the injected container declares are the ones the config listens on.
     let opts = InjectOptions::default();
     assert_eq!(
@@ -378,8 +387,13 @@ fn the_shipped_configmaps_hold_configs_lhnet_accepts() {
         config.listeners[3].address.to_string(),
         format!("0.0.0.0:{}", opts.instance_port)
     );
-    // Every listener and the instance-manager's clusters take Longhorn's mTLS when it is there.
-    assert!(config.listeners.iter().all(|l| l.tls.is_some()));
+    // Every gRPC listener and the instance-manager's clusters take Longhorn's mTLS when it is
+    // there (the loopback egress proxy speaks plain HTTP proxying; https targets tunnel TLS).
+    assert!(config
+        .listeners
+        .iter()
+        .filter(|l| l.kind == lhnet_proxy::config::ListenerKind::Grpc)
+        .all(|l| l.tls.is_some()));
     assert_eq!(config.admin.address.port(), opts.admin_port);
 
     let injector: Value = serde_yaml_ng::from_str(
