@@ -361,13 +361,22 @@ fn the_shipped_configmaps_hold_configs_lhnet_accepts() {
     let names: Vec<&str> = config.listeners.iter().map(|l| l.name.as_str()).collect();
     assert_eq!(
         names,
-        ["management", "process_manager", "disk", "instance", "backup_egress"]
+        [
+            "management",
+            "process_manager",
+            "disk",
+            "instance",
+            "backup_egress"
+        ]
     );
     // The backup egress is on loopback (nothing to declare), from the storage address.
     let egress = &config.listeners[4];
     assert_eq!(
         (egress.kind, egress.address.to_string().as_str()),
-        (lhnet_proxy::config::ListenerKind::HttpConnect, "127.0.0.1:8520")
+        (
+            lhnet_proxy::config::ListenerKind::HttpConnect,
+            "127.0.0.1:8520"
+        )
     );
     // The ports the injected container declares are the ones the config listens on.
     let opts = InjectOptions::default();
