@@ -411,6 +411,9 @@ fn run(args: RunArgs) -> ExitCode {
         eprintln!("lhnet-proxy: --config FILE is required (see examples/im.yaml); lhnet-proxy --help lists the commands");
         return ExitCode::from(2);
     };
+    // The file as it was when read: a change from then on is a reload, also one made while
+    // lhnet was still starting (before the watcher's first look).
+    let read_at = config_stamp(&path);
     let config = match load(&path) {
         Ok(c) => c,
         Err(code) => return code,
@@ -441,7 +444,12 @@ fn run(args: RunArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        tokio::spawn(watch_config(proxy.reloader(), path, proxy.shutdown_token()));
+        tokio::spawn(watch_config(
+            proxy.reloader(),
+            path,
+            read_at,
+            proxy.shutdown_token(),
+        ));
         wait_for_signal(&proxy).await;
         tracing::info!("shutting down: no new connections, draining in-flight streams");
         proxy.shutdown().await;
@@ -469,19 +477,23 @@ async fn wait_for_signal(proxy: &RunningProxy) {
     }
 }
 
+/// What tells a changed config file: its modification time and length.
+fn config_stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
 /// Reloads the config on SIGHUP and when the file changes (a ConfigMap update replaces it).
 async fn watch_config(
     reloader: app::Reloader,
     path: PathBuf,
+    read_at: Option<(SystemTime, u64)>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = signal(SignalKind::hangup()).ok();
-    let stamp = |p: &Path| -> Option<(SystemTime, u64)> {
-        let m = std::fs::metadata(p).ok()?;
-        Some((m.modified().ok()?, m.len()))
-    };
-    let mut last = stamp(&path);
+    let stamp = config_stamp;
+    let mut last = read_at;
     loop {
         let by_signal = tokio::select! {
             _ = shutdown.cancelled() => return,
