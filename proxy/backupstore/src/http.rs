@@ -14,7 +14,7 @@ use object_store::client::{
     HttpClient, HttpConnector, HttpError, HttpErrorKind, HttpRequest, HttpResponse,
     HttpResponseBody, HttpService,
 };
-use object_store::ClientOptions;
+use object_store::{ClientOptions, RetryConfig};
 
 use super::endpoints::{redact, Destination, EndpointPolicy};
 use super::object::setting;
@@ -288,6 +288,24 @@ pub fn check_endpoint(endpoint: &str, credentials: &str) -> Result<(), String> {
         return Err(format!("holds a user name ({credentials})"));
     }
     Ok(())
+}
+
+/// Longhorn's `MaxRetries` (3), within 45 s.
+pub fn retry() -> RetryConfig {
+    RetryConfig {
+        max_retries: 3,
+        retry_timeout: Duration::from_secs(45),
+        ..Default::default()
+    }
+}
+
+/// Each request within [`REQUEST_TIMEOUT`], its connection within [`CONNECT_TIMEOUT`]; http
+/// endpoints allowed (MinIO, Azurite and moto are often plain HTTP).
+pub fn client_options() -> ClientOptions {
+    ClientOptions::new()
+        .with_allow_http(true)
+        .with_timeout(REQUEST_TIMEOUT)
+        .with_connect_timeout(CONNECT_TIMEOUT)
 }
 
 /// Checks the proxy settings' form (before any request).

@@ -13,13 +13,12 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use object_store::aws::AmazonS3Builder;
-use object_store::{ClientOptions, ObjectStore, RetryConfig};
+use object_store::ObjectStore;
 
 use super::endpoints::{EndpointPolicy, REFUSED};
-use super::http::{check_endpoint, check_proxies, Connector, CONNECT_TIMEOUT, REQUEST_TIMEOUT};
+use super::http::{check_endpoint, check_proxies, Connector};
 use super::object::{setting, ObjectDriver};
 
 /// The parts of an `s3://` URL.
@@ -129,17 +128,8 @@ fn build_store(
         .with_bucket_name(&parsed.bucket)
         .with_region(region)
         .with_virtual_hosted_style_request(virtual_hosted)
-        .with_retry(RetryConfig {
-            max_retries: 3,
-            retry_timeout: Duration::from_secs(45),
-            ..Default::default()
-        })
-        .with_client_options(
-            ClientOptions::new()
-                .with_allow_http(true)
-                .with_timeout(REQUEST_TIMEOUT)
-                .with_connect_timeout(CONNECT_TIMEOUT),
-        )
+        .with_retry(super::http::retry())
+        .with_client_options(super::http::client_options())
         .with_http_connector(Connector::new(
             url,
             credentials,
