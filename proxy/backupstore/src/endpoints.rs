@@ -131,12 +131,20 @@ const REFUSED_CLASSES: &[Class] = &[
     },
 ];
 
-/// The refused class `ip` is in, narrowest first.
+/// The refused class `ip` is in, narrowest first. The classes are parsed once: every request
+/// and every resolved address of an object-store target is checked.
 fn class_of(ip: IpAddr) -> Option<(IpNet, &'static str)> {
-    REFUSED_CLASSES.iter().find_map(|c| {
-        let net: IpNet = c.net.parse().ok()?;
-        net.contains(&ip).then_some((net, c.why))
-    })
+    static PARSED: std::sync::OnceLock<Vec<(IpNet, &'static str)>> = std::sync::OnceLock::new();
+    PARSED
+        .get_or_init(|| {
+            REFUSED_CLASSES
+                .iter()
+                .filter_map(|c| Some((c.net.parse().ok()?, c.why)))
+                .collect()
+        })
+        .iter()
+        .find(|(net, _)| net.contains(&ip))
+        .copied()
 }
 
 /// `::ffff:a.b.c.d` is `a.b.c.d`.
@@ -389,7 +397,9 @@ impl EndpointPolicy {
             (true, Some(why)) => Err(format!(
                 "{name} resolves to a destination {REFUSED}: {why}; to allow it, list the address in {KEY} of lhnet's config"
             )),
-            (true, None) => Err(format!("{name} resolves to no address")),
+            (true, None) => Err(format!(
+                "{name} resolves to no address; check the name, or write the target's IP address"
+            )),
             (false, _) => Ok(allowed),
         }
     }
@@ -399,13 +409,7 @@ impl EndpointPolicy {
         if self.unrestricted {
             return Ok(());
         }
-        let host = match url.host() {
-            Some(url::Host::Domain(d)) => d.to_string(),
-            Some(url::Host::Ipv4(ip)) => ip.to_string(),
-            Some(url::Host::Ipv6(ip)) => ip.to_string(),
-            None => return Err(format!("{key} {} has no host", redact(url))),
-        };
-        let port = url.port_or_known_default().unwrap_or(0);
+        let (host, port) = host_and_port(key, url)?;
         self.check(Destination {
             key,
             host: &host,
@@ -416,13 +420,11 @@ impl EndpointPolicy {
     /// [`EndpointPolicy::check_url`], then, for a name, its addresses as the system resolves
     /// them now (blocking): said before anything is sent. The dial itself checks again.
     pub fn check_url_resolving(&self, key: &str, url: &url::Url) -> Result<(), String> {
-        self.check_url(key, url)?;
-        match url.host() {
-            Some(url::Host::Domain(name)) if !self.unrestricted => {
-                self.check_name_resolving(key, name, url.port_or_known_default().unwrap_or(0))
-            }
-            _ => Ok(()),
+        if self.unrestricted {
+            return Ok(());
         }
+        let (host, port) = host_and_port(key, url)?;
+        self.check_host_resolving(key, &host, port)
     }
 
     /// A host and port that is not a URL (an NFS server), checked as
@@ -457,6 +459,17 @@ impl EndpointPolicy {
         ];
         METADATA.contains(&canonical(ip))
     }
+}
+
+/// The host (an IPv6 one without brackets) and port (the scheme's default if none) of `url`.
+fn host_and_port(key: &str, url: &url::Url) -> Result<(String, u16), String> {
+    let host = match url.host() {
+        Some(url::Host::Domain(d)) => d.to_string(),
+        Some(url::Host::Ipv4(ip)) => ip.to_string(),
+        Some(url::Host::Ipv6(ip)) => ip.to_string(),
+        None => return Err(format!("{key} {} has no host", redact(url))),
+    };
+    Ok((host, url.port_or_known_default().unwrap_or(0)))
 }
 
 /// `url` with any user name and password replaced by `***`, for messages.

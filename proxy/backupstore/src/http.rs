@@ -25,7 +25,7 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A proxy URL reqwest can use: `http(s)://[USER:PASSWORD@]HOST[:PORT]`; the error never
 /// shows the password.
-pub fn check_proxy(proxy: &str) -> Result<(), String> {
+fn check_proxy(proxy: &str) -> Result<(), String> {
     let url = url::Url::parse(proxy).map_err(|e| format!("is not a URL ({e})"))?;
     let shown = redact(&url);
     if !matches!(url.scheme(), "http" | "https") {
@@ -111,7 +111,8 @@ impl Connector {
             .tls_certs_merge(self.roots.iter().cloned())
             .dns_resolver(Arc::new(CheckedResolver(self.policy.clone())))
             .redirect(reqwest::redirect::Policy::custom(move |attempt| {
-                if attempt.previous().len() >= MAX_REDIRECTS {
+                // `previous` holds the URL asked first and every redirect followed so far.
+                if attempt.previous().len() > MAX_REDIRECTS {
                     return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));
                 }
                 match redirects.check_url("a redirect to", attempt.url()) {

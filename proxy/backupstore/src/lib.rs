@@ -409,14 +409,14 @@ impl Target {
         if url.starts_with("s3://") {
             let driver = s3::open(url, &options.credentials, &options.endpoints)?;
             return Ok(Target {
-                url: s3::S3Url::parse(url)?.normalised(),
+                url: driver.url().to_string(),
                 driver: Arc::new(driver),
             });
         }
         if url.starts_with("azblob://") {
             let driver = azblob::open(url, &options.credentials, &options.endpoints)?;
             return Ok(Target {
-                url: azblob::AzblobUrl::parse(url)?.normalised(),
+                url: driver.url().to_string(),
                 driver: Arc::new(driver),
             });
         }

@@ -25,6 +25,8 @@ const CACHED_STORES: usize = 16;
 #[derive(Debug)]
 pub struct ObjectDriver {
     kind: &'static str,
+    /// The target's URL as Longhorn's `GetURL()` writes it.
+    url: String,
     /// `S3`, `Azure`: how errors name the service.
     service: &'static str,
     store: Arc<dyn ObjectStore>,
@@ -98,12 +100,18 @@ impl ObjectDriver {
         };
         Ok(ObjectDriver {
             kind,
+            url: url.to_string(),
             service,
             store,
             runtime,
             prefix,
             note,
         })
+    }
+
+    /// The target's URL as Longhorn's `GetURL()` writes it.
+    pub fn url(&self) -> &str {
+        &self.url
     }
 
     fn key(&self, path: &str) -> Path {
