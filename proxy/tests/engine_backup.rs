@@ -240,6 +240,8 @@ async fn backup_and_restore(m: Manager) {
         ((m == Manager::V1_12_1).then_some("vol-b"), None)
     );
 
+    v.assert_engine_calls_named(m, "SnapshotBackup");
+
     let rname = replica_name("vol-b", 0);
     let done = backup_done(&p.client, status(&v, m, "backup-one", "", "")).await;
     assert_eq!(
@@ -323,6 +325,7 @@ async fn backup_and_restore(m: Manager) {
         String::from_utf8_lossy(&reply.task_error)
     );
     restored(&p.client, &fresh, m, "backup-one").await;
+    fresh.assert_engine_calls_named(m, "BackupRestore");
     for r in &fresh.replicas {
         assert_eq!(r.replica.read(0, data.len()), data);
         let asked = r

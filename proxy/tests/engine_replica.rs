@@ -189,7 +189,12 @@ async fn rebuild(m: Manager) {
     assert_eq!(verified[0].1.instance_name, request.replica_name);
     let want = named.then(|| engine_name("vol-r"));
     for c in &engine_calls {
-        assert_eq!(c.instance_name, want, "{}", c.path);
+        assert_eq!(
+            (c.volume_name.as_deref(), c.instance_name.clone()),
+            (named.then_some("vol-r"), want.clone()),
+            "{}",
+            c.path
+        );
     }
 }
 

@@ -492,6 +492,7 @@ async fn snapshot_hashing(m: Manager) {
             "the lock was checked"
         );
     }
+    v.assert_engine_calls_named(m, "SnapshotHash");
     // An unknown snapshot: an error state, not an RPC error.
     let status = client
         .snapshot_hash_status(hash_status(&v, m, "nope"))

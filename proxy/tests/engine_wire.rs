@@ -288,7 +288,12 @@ async fn what_lhnet_does_not_serve_goes_byte_for_byte_to_the_instance_manager_s_
         assert_eq!(seen.path, path);
         assert_eq!(seen.body, sent, "{method}: body changed on the way");
         assert_eq!(seen.headers["x-manager"], "v1.12.1", "{method}");
-        assert!(seen.headers.contains_key("grpc-timeout"), "{method}");
+        // The deadline goes on: what is left of the caller's 30 s (re-encoded, not dropped).
+        let timeout = seen.headers["grpc-timeout"].to_str().unwrap();
+        assert!(
+            (25_000..=30_000).contains(&timeout_ms(timeout)),
+            "{method}: grpc-timeout {timeout}"
+        );
         // Its reply came back as it sent it: body, headers, status and other trailers.
         assert_eq!(body, im_reply().body, "{method}");
         assert_eq!(headers["x-from"], "instance-manager", "{method}");
@@ -323,6 +328,62 @@ async fn what_lhnet_does_not_serve_goes_byte_for_byte_to_the_instance_manager_s_
         .unwrap();
     assert_eq!(version.version, "v1.12.1-lhnet-sim");
     assert_eq!(im.seen.lock().unwrap().len(), calls.len());
+}
+
+/// A `grpc-timeout` value in milliseconds (the units grpc-go and lhnet write).
+fn timeout_ms(v: &str) -> u64 {
+    let (n, unit) = v.split_at(v.len() - 1);
+    let n: u64 = n.parse().unwrap();
+    match unit {
+        "H" => n * 3_600_000,
+        "M" => n * 60_000,
+        "S" => n * 1000,
+        "m" => n,
+        "u" => n / 1000,
+        "n" => n / 1_000_000,
+        other => panic!("grpc-timeout unit {other}"),
+    }
+}
+
+#[tokio::test]
+async fn a_passed_through_call_that_succeeds_comes_back_as_the_instance_manager_sent_it() {
+    let reply = Reply {
+        body: {
+            let mut b = frame(b"\x0a\x02ok").to_vec();
+            b.extend_from_slice(&frame(b"\x0a\x04more"));
+            b.into()
+        },
+        trailers: vec![("grpc-status", "0".into()), ("x-im-trailer", "kept".into())],
+    };
+    let im = longhorn::im_proxy(reply.clone()).await;
+    let p = longhorn::start_proxy_with(Some(im.addr)).await;
+    let v2 = ProxyEngineRequest {
+        address: "127.0.0.1:1".into(),
+        engine_name: "vol-v2-e-0".into(),
+        volume_name: "vol-v2".into(),
+        data_engine: 1,
+        ..Default::default()
+    };
+    let sent = frame(&v2.encode_to_vec());
+    let (headers, body, trailers) = raw_call(
+        p.addr,
+        "/imrpc.ProxyEngineService/VolumeGet",
+        sent.clone(),
+        &[],
+    )
+    .await;
+    assert_eq!(im.seen.lock().unwrap()[0].body, sent);
+    assert_eq!(body, reply.body, "both messages, byte for byte");
+    assert_eq!(headers["x-from"], "instance-manager");
+    let trailers = trailers.expect("trailers");
+    assert_eq!(
+        (
+            trailers["grpc-status"].to_str().unwrap(),
+            trailers["x-im-trailer"].to_str().unwrap()
+        ),
+        ("0", "kept")
+    );
+    assert!(!trailers.contains_key("grpc-message"), "{trailers:?}");
 }
 
 #[tokio::test]

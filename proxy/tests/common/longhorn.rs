@@ -189,6 +189,21 @@ impl Volume {
         }
     }
 
+    /// Every call the engine recorded carried this volume's and engine's names when `m` sends
+    /// them (v1.12.1), and no identity when it does not (v1.3.3); at least one call came.
+    pub fn assert_engine_calls_named(&self, m: Manager, what: &str) {
+        let calls = self.engine.record().calls();
+        assert!(!calls.is_empty(), "{what}: nothing reached the engine");
+        let instance = engine_name(&self.name);
+        let want = match m {
+            Manager::V1_12_1 => (Some(self.name.as_str()), Some(instance.as_str())),
+            Manager::V1_3_3 => (None, None),
+        };
+        for call in &calls {
+            assert_eq!(identity(call), want, "{what}: engine call {}", call.path);
+        }
+    }
+
     /// Writes `data` at `offset` into every replica, as the engine's data path does.
     pub fn write(&self, offset: usize, data: &[u8]) {
         for r in &self.replicas {
