@@ -84,6 +84,28 @@ impl AddressMap {
         self.failed.lock().clear();
     }
 
+    /// Management IP → storage IP for each IP a request names (by field), for the ones that
+    /// are management addresses; an IP with no storage address is UNAVAILABLE naming the field.
+    pub(crate) async fn forward_table(
+        &self,
+        named: impl IntoIterator<Item = (&'static str, IpAddr)>,
+    ) -> Result<HashMap<IpAddr, IpAddr>, Status> {
+        let mut forward = HashMap::new();
+        for (field, ip) in named {
+            if forward.contains_key(&ip) {
+                continue;
+            }
+            match self.to_storage(ip).await {
+                Ok(Some(storage)) => {
+                    forward.insert(ip, storage.ip());
+                }
+                Ok(None) => {}
+                Err(e) => return Err(Status::unavailable(format!("{field}: {e}"))),
+            }
+        }
+        Ok(forward)
+    }
+
     fn cached_storage(&self, ip: ManagementIp) -> Option<StorageIp> {
         let ttl = self.settings.load().lookup.cache_ttl;
         let cache = self.cache.lock();
@@ -334,7 +356,7 @@ pub(crate) fn ip_span(text: &str) -> Option<(usize, usize, IpAddr)> {
 }
 
 /// Replaces the IP of an address by its entry in `table`, keeping the form.
-fn rewrite_one(text: &mut String, table: &HashMap<IpAddr, IpAddr>) {
+pub(crate) fn rewrite_one(text: &mut String, table: &HashMap<IpAddr, IpAddr>) {
     if let Some((from, to, ip)) = ip_span(text) {
         if let Some(new) = table.get(&ip) {
             text.replace_range(from..to, &new.to_string());
@@ -343,7 +365,7 @@ fn rewrite_one(text: &mut String, table: &HashMap<IpAddr, IpAddr>) {
 }
 
 /// Replaces whole-IP occurrences in free text (error messages).
-fn rewrite_text(text: &str, table: &HashMap<IpAddr, IpAddr>) -> String {
+pub(crate) fn rewrite_text(text: &str, table: &HashMap<IpAddr, IpAddr>) -> String {
     let mut out = text.to_string();
     for (from, to) in table {
         let from = from.to_string();
@@ -553,19 +575,7 @@ impl MappedEngineProxy {
                 named.push((field, ip));
             }
         });
-        let mut forward = HashMap::new();
-        for (field, ip) in named {
-            if forward.contains_key(&ip) {
-                continue;
-            }
-            match self.map.to_storage(ip).await {
-                Ok(Some(storage)) => {
-                    forward.insert(ip, storage.ip());
-                }
-                Ok(None) => {}
-                Err(e) => return Err(Status::unavailable(format!("{field}: {e}"))),
-            }
-        }
+        let forward = self.map.forward_table(named).await?;
         if forward.is_empty() {
             return call(Request::from_parts(meta, extensions, message)).await;
         }

@@ -425,6 +425,11 @@ where
 }
 
 impl<B> Prefixed<B> {
+    /// After [`Prefixed::first_message`] found a message: whether it was sent uncompressed.
+    pub fn first_message_is_plain(&self) -> bool {
+        self.prefix.front().and_then(|c| c.first()) == Some(&0)
+    }
+
     /// After [`Prefixed::first_message`] found a message of `old_len` bytes: that message
     /// replaced by `payload` (uncompressed); what followed it is kept. `false` (and nothing
     /// changed) when the message read was compressed.

@@ -17,6 +17,7 @@ use crate::config::{
     HeaderMatcher, HeaderRule, Http2Options, ListenerConfig, ListenerLimits, LocalService,
     PathMatch, RouteAction, RouteConfig,
 };
+use crate::engine_proxy::raw::RawCalls;
 use crate::engine_proxy::{BackupTargets, EngineProxy};
 use crate::health::HealthService;
 use crate::listener::Downstream;
@@ -240,15 +241,15 @@ fn build_route(
                 }
                 found
             });
-            let server = MappedEngineProxy::server(
-                EngineProxy::new(engines, locals.backup_targets.clone(), egress),
-                locals.address_map.clone(),
-            )
-            .max_decoding_message_size(listener.max_message_size)
-            .max_encoding_message_size(usize::MAX);
+            let proxy = EngineProxy::new(engines, locals.backup_targets.clone(), egress);
+            let raw = RawCalls::new(proxy.clone(), locals.address_map.clone());
+            let server = MappedEngineProxy::server(proxy, locals.address_map.clone())
+                .max_decoding_message_size(listener.max_message_size)
+                .max_encoding_message_size(usize::MAX);
             let passthrough = passthrough.map(|c| stack::passthrough(&c, r, &context, info));
             let dispatch = EngineDispatch::new(
                 Local::new(server),
+                Some(raw),
                 passthrough,
                 info.clone(),
                 context.clone(),

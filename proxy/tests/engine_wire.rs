@@ -611,3 +611,150 @@ async fn ping_and_the_backup_target_calls_answer_without_an_engine() {
     assert!(err.message().contains("cannot find"), "{err:?}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// An engine's reply message with a field lhnet's protos do not have (number 99): only a reply
+/// passed on byte for byte keeps it.
+fn with_unknown_field(message: Vec<u8>) -> Vec<u8> {
+    let mut m = message;
+    // Field 99, wire type 2, 3 bytes.
+    m.extend_from_slice(&[0x9a, 0x06, 3, b'n', b'e', b'w']);
+    m
+}
+
+#[tokio::test]
+async fn volume_get_replica_list_and_metrics_get_pass_the_engines_reply_byte_for_byte() {
+    let volume = with_unknown_field(
+        ptypes::Volume {
+            name: "vol-raw".into(),
+            size: 1 << 30,
+            replica_count: 2,
+            snapshot_max_count: 250,
+            ..Default::default()
+        }
+        .encode_to_vec(),
+    );
+    let list = with_unknown_field(
+        ptypes::ReplicaListReply {
+            replicas: vec![ptypes::ControllerReplica {
+                address: Some(ptypes::ReplicaAddress {
+                    address: "tcp://127.0.0.1:10000".into(),
+                    instance_name: "vol-raw-r-0".into(),
+                }),
+                mode: ReplicaMode::Rw as i32,
+            }],
+        }
+        .encode_to_vec(),
+    );
+    let metrics = with_unknown_field(
+        ptypes::MetricsGetReply {
+            metrics: Some(ptypes::Metrics {
+                read_throughput: 7,
+                ..Default::default()
+            }),
+        }
+        .encode_to_vec(),
+    );
+    for (method, engine_message, wrapped) in [
+        ("VolumeGet", volume, true),
+        ("ReplicaList", list, true),
+        ("MetricsGet", metrics, false),
+    ] {
+        // A stand-in engine answering with that message.
+        let engine = longhorn::im_proxy(Reply {
+            body: frame(&engine_message),
+            trailers: vec![("grpc-status", "0".into())],
+        })
+        .await;
+        let p = longhorn::start_proxy().await;
+        let request = ProxyEngineRequest {
+            address: engine.addr.to_string(),
+            engine_name: "vol-raw-e-0".into(),
+            volume_name: "vol-raw".into(),
+            ..Default::default()
+        };
+        let (_, body, trailers) = raw_call(
+            p.addr,
+            &format!("/imrpc.ProxyEngineService/{method}"),
+            frame(&request.encode_to_vec()),
+            &[],
+        )
+        .await;
+        assert_eq!(trailers.expect("trailers")["grpc-status"], "0", "{method}");
+        let expected = if wrapped {
+            // Field 1 (length-delimited) around the engine's message.
+            let mut m = vec![0x0a, engine_message.len() as u8];
+            m.extend_from_slice(&engine_message);
+            m
+        } else {
+            engine_message.clone()
+        };
+        assert_eq!(payload(&body), expected.as_slice(), "{method}");
+        // One call reached the engine: its path, an empty message, the identity, a deadline.
+        let seen = engine.seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 1, "{method}");
+        assert_eq!(seen[0].path, format!("/ptypes.ControllerService/{method}"));
+        assert_eq!(seen[0].body, frame(&[]));
+        assert_eq!(seen[0].headers["volume-name"], "vol-raw");
+        assert_eq!(seen[0].headers["instance-name"], "vol-raw-e-0");
+        assert_eq!(seen[0].headers["grpc-timeout"], "180S");
+    }
+}
+
+#[tokio::test]
+async fn an_engine_reply_that_does_not_parse_is_answered_as_the_decoding_path_answers_it() {
+    // Not protobuf: a key with wire type 7.
+    let engine = longhorn::im_proxy(Reply {
+        body: frame(&[0x0f, 0x01]),
+        trailers: vec![("grpc-status", "0".into())],
+    })
+    .await;
+    let mut p = longhorn::start_proxy().await;
+    let err = p
+        .client
+        .volume_get(ProxyEngineRequest {
+            address: engine.addr.to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    assert!(
+        err.message().starts_with(&format!(
+            "failed to get volume {}: rpc error: code = Internal desc = ",
+            engine.addr
+        )),
+        "{err:?}"
+    );
+    // Asked once by the fast path, once more by the decoding path, which judged the reply.
+    assert_eq!(engine.seen.lock().unwrap().len(), 2);
+
+    // An engine's error status is wrapped as the decoding path wraps it, asked once.
+    let failing = longhorn::im_proxy(Reply {
+        body: bytes::Bytes::new(),
+        trailers: vec![
+            ("grpc-status", "9".into()),
+            ("grpc-message", "incorrect volume name vol-x".into()),
+        ],
+    })
+    .await;
+    let err = p
+        .client
+        .volume_get(ProxyEngineRequest {
+            address: failing.addr.to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (
+            Code::FailedPrecondition,
+            format!(
+                "failed to get volume {}: rpc error: code = FailedPrecondition desc = incorrect volume name vol-x",
+                failing.addr
+            )
+            .as_str()
+        )
+    );
+    assert_eq!(failing.seen.lock().unwrap().len(), 1);
+}

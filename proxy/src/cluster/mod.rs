@@ -3,8 +3,11 @@
 //! ([`connect`]).
 
 mod connect;
+mod http2;
 mod pool;
 mod service;
+
+pub use http2::H2Body;
 
 use crate::tls::ClientTls;
 use parking_lot::Mutex;
@@ -15,7 +18,6 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use http::{Request, Response};
-use hyper::body::Incoming;
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -243,7 +245,7 @@ impl Cluster {
         &self,
         destination: SocketAddr,
         request: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<H2Body>, UpstreamError> {
         let pool = self.pool_for(destination)?;
         pool.send(&self.connector, request).await
     }

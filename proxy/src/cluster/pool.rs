@@ -3,20 +3,20 @@
 
 use parking_lot::Mutex;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::either::Either;
 
+use bytes::Bytes;
+use h2::client::SendRequest;
 use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri};
-use hyper::body::Incoming;
-use hyper::client::conn::http2::{self, SendRequest};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::connect::{ConnectError, Connector};
+use super::http2::{self, H2Body};
 use super::UpstreamError;
 use crate::cluster::error_chain;
 use crate::reply::ProxyBody;
@@ -57,7 +57,9 @@ struct Backoff {
 }
 
 struct Conn {
-    send: SendRequest<ProxyBody>,
+    send: SendRequest<Bytes>,
+    /// Set when the connection's task ended (closed, failed, or stopped answering pings).
+    closed: Arc<AtomicBool>,
     /// The local address it was bound to; when the storage address moves, connections from
     /// the old one take no new requests and close once their streams end.
     source: Option<IpAddr>,
@@ -126,33 +128,49 @@ impl EndpointPool {
         &self,
         connector: &Connector,
         request: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<H2Body>, UpstreamError> {
         self.last_used.store(self.now_ms(), Ordering::Relaxed);
         let conn = self.checkout(connector).await?;
         let mut request = request;
         *request.uri_mut() = self.upstream_uri(request.uri());
+        http2::strip_connection_headers(request.headers_mut());
         conn.in_flight.fetch_add(1, Ordering::Relaxed);
         let _counted = InFlight {
             conn: &conn,
             pool: self,
         };
-        let mut send = conn.send.clone();
-        send.send_request(request).await.map_err(|e| {
-            let cause = error_chain(&e);
-            let reason = h2_reason(&e);
-            if reason == Some(h2::Reason::REFUSED_STREAM) {
-                UpstreamError::Refused {
-                    destination: self.addr,
-                    cause,
-                }
-            } else {
-                UpstreamError::Reset {
-                    destination: self.addr,
-                    reason,
-                    cause,
-                }
+        let opened = http2::open(&conn.send, request).await;
+        let response = match opened {
+            Ok(response) => response.await,
+            Err(e) => {
+                // The connection takes no new streams (GOAWAY, or it failed): no more requests
+                // go to it.
+                conn.closed.store(true, Ordering::Release);
+                Err(e)
             }
-        })
+        };
+        match response {
+            Ok(response) => Ok(response.map(H2Body::new)),
+            Err(e) => Err(self.failed(&e)),
+        }
+    }
+
+    /// A request that failed on its stream or connection, with the HTTP/2 reason.
+    fn failed(&self, e: &h2::Error) -> UpstreamError {
+        let cause = error_chain(e);
+        let reason = e.reason();
+        if reason == Some(h2::Reason::REFUSED_STREAM) {
+            UpstreamError::Refused {
+                destination: self.addr,
+                cause,
+            }
+        } else {
+            UpstreamError::Reset {
+                destination: self.addr,
+                reason,
+                cause,
+            }
+        }
     }
 
     fn upstream_uri(&self, original: &Uri) -> Uri {
@@ -195,7 +213,7 @@ impl EndpointPool {
                     "storage address changed: draining an upstream connection from the old one"
                 );
             }
-            !c.send.is_closed() && !moved
+            !c.closed.load(Ordering::Acquire) && !moved
         });
         let soft = self.limits.streams_per_connection;
         if let Some(c) = state
@@ -239,10 +257,11 @@ impl EndpointPool {
         let mut state = self.state.lock();
         state.dialling -= 1;
         let outcome = match result {
-            Ok((send, source)) => {
+            Ok((send, closed, source)) => {
                 state.backoff = None;
                 let conn = Arc::new(Conn {
                     send,
+                    closed,
                     source,
                     in_flight: AtomicUsize::new(0),
                     idle_since_ms: AtomicU64::new(self.now_ms()),
@@ -277,32 +296,24 @@ impl EndpointPool {
     async fn open(
         &self,
         connector: &Connector,
-    ) -> Result<(SendRequest<ProxyBody>, Option<IpAddr>), ConnectError> {
+    ) -> Result<(SendRequest<Bytes>, Arc<AtomicBool>, Option<IpAddr>), ConnectError> {
         let io = connector.connect_grpc(self.addr).await?;
         let tcp = match &io {
             Either::Left(plain) => plain.get_ref(),
             Either::Right(tls) => tls.get_ref().0.get_ref(),
         };
         let source = tcp.local_addr().ok().map(|a| a.ip());
-        let (send, connection) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(2 << 20)
-            .initial_connection_window_size(8 << 20)
-            .keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .handshake(TokioIo::new(io))
-            .await
-            .map_err(|e| ConnectError {
-                reason: "handshake",
-                message: format!("HTTP/2 handshake with {}: {}", self.addr, error_chain(&e)),
-            })?;
-        let addr = self.addr;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(peer = %addr, error = %error_chain(&e), "upstream connection ended with an error");
-            }
-        });
-        Ok((send, source))
+        let (send, connection) =
+            http2::builder()
+                .handshake(io)
+                .await
+                .map_err(|e| ConnectError {
+                    reason: "handshake",
+                    message: format!("HTTP/2 handshake with {}: {}", self.addr, error_chain(&e)),
+                })?;
+        let closed = Arc::new(AtomicBool::new(false));
+        http2::spawn_connection(connection, closed.clone(), self.addr);
+        Ok((send, closed, source))
     }
 
     /// Drops connections idle for longer than the idle timeout; their tasks then close them.
@@ -314,7 +325,7 @@ impl EndpointPool {
         state.conns.retain(|c| {
             let busy = c.in_flight.load(Ordering::Relaxed) > 0;
             let fresh = now.saturating_sub(c.idle_since_ms.load(Ordering::Relaxed)) < idle_ms;
-            !c.send.is_closed() && (busy || fresh)
+            !c.closed.load(Ordering::Acquire) && (busy || fresh)
         });
         state.conns.is_empty()
             && state.dialling == 0
@@ -324,7 +335,7 @@ impl EndpointPool {
     /// How much the pool is worth keeping when the address table is full.
     pub fn standing(&self) -> Standing {
         let mut state = self.state.lock();
-        state.conns.retain(|c| !c.send.is_closed());
+        state.conns.retain(|c| !c.closed.load(Ordering::Acquire));
         if state.dialling > 0
             || state
                 .conns
@@ -343,16 +354,4 @@ impl EndpointPool {
     pub fn connections(&self) -> usize {
         self.state.lock().conns.len()
     }
-}
-
-/// The HTTP/2 error code behind a failed request: hyper keeps h2's error as a source.
-fn h2_reason(e: &hyper::Error) -> Option<h2::Reason> {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = source {
-        if let Some(h2) = err.downcast_ref::<h2::Error>() {
-            return h2.reason();
-        }
-        source = err.source();
-    }
-    None
 }

@@ -11,10 +11,9 @@ use futures_util::future::BoxFuture;
 use http::{Request, Response};
 use http_body::Body;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tower::Service;
 
-use super::{Cluster, UpstreamError};
+use super::{Cluster, H2Body, UpstreamError};
 use crate::reply::BoxError;
 
 /// A static cluster: each request goes to its next endpoint.
@@ -50,9 +49,9 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    type Response = Response<Incoming>;
+    type Response = Response<H2Body>;
     type Error = UpstreamError;
-    type Future = BoxFuture<'static, Result<Response<Incoming>, UpstreamError>>;
+    type Future = BoxFuture<'static, Result<Response<H2Body>, UpstreamError>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
         Poll::Ready(Ok(()))
@@ -75,9 +74,9 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    type Response = Response<Incoming>;
+    type Response = Response<H2Body>;
     type Error = UpstreamError;
-    type Future = BoxFuture<'static, Result<Response<Incoming>, UpstreamError>>;
+    type Future = BoxFuture<'static, Result<Response<H2Body>, UpstreamError>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
         Poll::Ready(Ok(()))

@@ -7,8 +7,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use crate::cluster::H2Body;
 use http::header::{HeaderName, HeaderValue};
-use hyper::body::Incoming;
 use tonic::Status;
 use tower::Service;
 
@@ -51,6 +51,16 @@ impl Identity {
         })
     }
 
+    /// Puts the names on a request's metadata (`volume-name`, `instance-name`).
+    pub fn apply(&self, headers: &mut http::HeaderMap) {
+        if let Some(v) = &self.volume {
+            headers.insert(VOLUME_NAME, v.clone());
+        }
+        if let Some(v) = &self.instance {
+            headers.insert(INSTANCE_NAME, v.clone());
+        }
+    }
+
     /// The same volume and no instance name: replica calls whose replica lhnet cannot name.
     pub fn volume_only(&self) -> Identity {
         Identity {
@@ -87,7 +97,7 @@ pub struct EngineChannel {
 }
 
 impl Service<http::Request<tonic::body::Body>> for EngineChannel {
-    type Response = http::Response<Incoming>;
+    type Response = http::Response<H2Body>;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
@@ -97,13 +107,7 @@ impl Service<http::Request<tonic::body::Body>> for EngineChannel {
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
         let mut request = request;
-        let headers = request.headers_mut();
-        if let Some(v) = &self.identity.volume {
-            headers.insert(VOLUME_NAME, v.clone());
-        }
-        if let Some(v) = &self.identity.instance {
-            headers.insert(INSTANCE_NAME, v.clone());
-        }
+        self.identity.apply(request.headers_mut());
         let sent = self.endpoint.call(request);
         Box::pin(async move {
             sent.await

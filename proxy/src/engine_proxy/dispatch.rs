@@ -161,6 +161,11 @@ pub fn require_v1(data_engine: i32) -> Result<(), Status> {
     }
 }
 
+/// Whether `message` parses as protobuf at its top level (keys, wire types, lengths).
+pub fn parses(message: &[u8]) -> bool {
+    for_each_field(message, |_, _, _| {}).is_some()
+}
+
 /// The last varint of field `number` in `message`, if the message parses.
 fn last_varint(message: &[u8], number: u64) -> Option<u64> {
     let mut found = None;

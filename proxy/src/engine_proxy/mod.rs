@@ -15,6 +15,7 @@ mod backup_target;
 mod channel;
 pub mod dispatch;
 mod envs;
+pub mod raw;
 mod replica;
 mod restore;
 mod snapshot;
@@ -360,11 +361,16 @@ where
 {
     tokio::time::timeout(limit, fut).map(move |r| match r {
         Ok(r) => r.map(Response::into_inner),
-        Err(_) => Err(Status::deadline_exceeded(format!(
-            "context deadline exceeded (no answer within {} s)",
-            limit.as_secs()
-        ))),
+        Err(_) => Err(deadline_passed(limit)),
     })
+}
+
+/// A downstream call that did not answer within `limit`, in grpc-go's words.
+fn deadline_passed(limit: Duration) -> Status {
+    Status::deadline_exceeded(format!(
+        "context deadline exceeded (no answer within {} s)",
+        limit.as_secs()
+    ))
 }
 
 /// A long call (file sync, clone): `request` carries the deadline as grpc-timeout too.

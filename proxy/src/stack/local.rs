@@ -16,6 +16,7 @@ use tower::{Service, ServiceExt};
 use super::body_start::{await_body, wait_for_body};
 use super::{body_failed, Call, ListenerInfo, PassthroughService, RequestBody};
 use crate::engine_proxy::dispatch::{self, Decision};
+use crate::engine_proxy::raw::{RawCalls, RawReply, RawRpc, Served};
 use crate::reply::{undecodable_to_invalid_argument, LocalReply, ProxyBody, RouteContext};
 
 /// A tonic server of the proxy's own, called with the request as it streams in. A message it
@@ -91,6 +92,8 @@ impl<S> Clone for EngineDispatch<S> {
 
 struct DispatchInner<S> {
     local: Local<S>,
+    /// VolumeGet, ReplicaList and MetricsGet, answered without decoding the engine's reply.
+    raw: Option<RawCalls>,
     /// The forwarding stack of `passthrough_cluster`, when the route names one.
     passthrough: Option<PassthroughService>,
     listener: ListenerInfo,
@@ -100,6 +103,7 @@ struct DispatchInner<S> {
 impl<S> EngineDispatch<S> {
     pub fn new(
         local: Local<S>,
+        raw: Option<RawCalls>,
         passthrough: Option<PassthroughService>,
         listener: ListenerInfo,
         context: RouteContext,
@@ -107,6 +111,7 @@ impl<S> EngineDispatch<S> {
         EngineDispatch {
             inner: std::sync::Arc::new(DispatchInner {
                 local,
+                raw,
                 passthrough,
                 listener,
                 context,
@@ -124,7 +129,7 @@ where
         + 'static,
     <Local<S> as Service<Call>>::Future: Send + 'static,
 {
-    type Response = Response<Either<LocalBody, ProxyBody>>;
+    type Response = Response<Either<LocalBody, Either<RawReply, ProxyBody>>>;
     type Error = LocalReply;
     type Future = BoxFuture<'static, Result<Self::Response, LocalReply>>;
 
@@ -154,7 +159,28 @@ where
                         wait_for_body(reading, waiters, &this.listener, &this.context).await?;
                     match read {
                         Ok((Some(message), body)) => {
-                            (dispatch::decide(method, shape, &message), body)
+                            let decision = dispatch::decide(method, shape, &message);
+                            if let (Decision::Local, Some(raw), Some(rpc)) =
+                                (&decision, &this.raw, RawRpc::of(method))
+                            {
+                                if body.first_message_is_plain() {
+                                    match raw.serve(rpc, &message).await {
+                                        Served::Answer(response) => {
+                                            return Ok(
+                                                response.map(|b| Either::Right(Either::Left(b)))
+                                            )
+                                        }
+                                        Served::Refused(status) => {
+                                            return Err(LocalReply::new(
+                                                status.code(),
+                                                status.message().to_string(),
+                                            ))
+                                        }
+                                        Served::Fallback => {}
+                                    }
+                                }
+                            }
+                            (decision, body)
                         }
                         Ok((None, body)) => (Decision::Local, body),
                         Err(e) => return Err(body_failed(verdict, &e, &this.context)),
@@ -176,7 +202,11 @@ where
                 Decision::Passthrough(why) => match &this.passthrough {
                     Some(passthrough) => {
                         tracing::debug!(path = %call.parts.uri.path(), reason = %why, "passing through to the instance-manager's proxy");
-                        Ok(passthrough.clone().oneshot(call).await?.map(Either::Right))
+                        Ok(passthrough
+                            .clone()
+                            .oneshot(call)
+                            .await?
+                            .map(|b| Either::Right(Either::Right(b))))
                     }
                     None => Err(LocalReply::new(
                         Code::Unimplemented,

@@ -60,7 +60,7 @@ pub use version::VersionPatch;
 
 use crate::address_map::AddressMap;
 use crate::body::{GrpcRequestBody, Prefixed, RequestLog, Verdict};
-use crate::cluster::{Cluster, ClusterService};
+use crate::cluster::{Cluster, ClusterService, H2Body};
 use crate::config::{format_duration, PathMatch, RouteConfig};
 use crate::engine_proxy::version::{VersionPatchBody, VERSION_GET_PATHS};
 use crate::listener::Downstream;
@@ -113,7 +113,7 @@ pub type PassthroughService = BoxCloneSyncService<Call, Response<ProxyBody>, Loc
 /// patched when it is a VersionGet answer on a route that can carry one, and mapped back when
 /// it is an instance-manager's instance answer.
 pub type ForwardBody = Either<instances::MappedBack<UpstreamBody>, UpstreamBody>;
-type UpstreamBody = Either<VersionPatchBody<WithSlot<Incoming>>, WithSlot<Incoming>>;
+type UpstreamBody = Either<VersionPatchBody<WithSlot<H2Body>>, WithSlot<H2Body>>;
 
 /// What a route's service takes: the call, and what its metrics record at the end.
 pub struct RouteRequest {

@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::cluster::H2Body;
 use bytes::Bytes;
 use futures_util::future::{BoxFuture, FutureExt};
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use tower::retry::backoff::{Backoff, ExponentialBackoff, ExponentialBackoffMaker, MakeBackoff};
 use tower::retry::budget::{Budget, TpsBudget};
 use tower::util::rng::HasherRng;
@@ -89,15 +89,15 @@ impl<S> Replay<S> {
 
 impl<S> Service<Request<RequestBody>> for Replay<S>
 where
-    S: Service<Request<AttemptBody>, Response = Response<Incoming>, Error = UpstreamError>
+    S: Service<Request<AttemptBody>, Response = Response<H2Body>, Error = UpstreamError>
         + Clone
         + Send
         + 'static,
     S::Future: Send + 'static,
 {
-    type Response = Response<Incoming>;
+    type Response = Response<H2Body>;
     type Error = UpstreamError;
-    type Future = BoxFuture<'static, Result<Response<Incoming>, UpstreamError>>;
+    type Future = BoxFuture<'static, Result<Response<H2Body>, UpstreamError>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
         self.inner.poll_ready(cx)
@@ -176,7 +176,7 @@ impl RetryPolicy {
     /// Why this outcome may be retried under the policy, if it may.
     fn reason(
         config: &config::RetryPolicy,
-        result: &Result<Response<Incoming>, UpstreamError>,
+        result: &Result<Response<H2Body>, UpstreamError>,
     ) -> Option<String> {
         let wanted = |token| config.retry_on.contains(&token);
         match result {
@@ -205,13 +205,13 @@ impl RetryPolicy {
     }
 }
 
-impl tower::retry::Policy<Request<AttemptBody>, Response<Incoming>, UpstreamError> for RetryPolicy {
+impl tower::retry::Policy<Request<AttemptBody>, Response<H2Body>, UpstreamError> for RetryPolicy {
     type Future = tokio::time::Sleep;
 
     fn retry(
         &mut self,
         _request: &mut Request<AttemptBody>,
-        result: &mut Result<Response<Incoming>, UpstreamError>,
+        result: &mut Result<Response<H2Body>, UpstreamError>,
     ) -> Option<tokio::time::Sleep> {
         let route = self.route.as_ref()?;
         let reason = Self::reason(&route.config, result)?;
@@ -267,12 +267,12 @@ impl<S> PerTryTimeout<S> {
 
 impl<S, R> Service<R> for PerTryTimeout<S>
 where
-    S: Service<R, Response = Response<Incoming>, Error = UpstreamError>,
+    S: Service<R, Response = Response<H2Body>, Error = UpstreamError>,
     S::Future: Send + 'static,
 {
-    type Response = Response<Incoming>;
+    type Response = Response<H2Body>;
     type Error = UpstreamError;
-    type Future = BoxFuture<'static, Result<Response<Incoming>, UpstreamError>>;
+    type Future = BoxFuture<'static, Result<Response<H2Body>, UpstreamError>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
         self.inner.poll_ready(cx)
@@ -364,7 +364,7 @@ mod tests {
     async fn send(
         policy: RetryPolicy,
         addr: std::net::SocketAddr,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<H2Body>, UpstreamError> {
         let stack = tower::retry::Retry::new(
             policy.clone(),
             PerTryTimeout::new(ClusterService::new(cluster(addr)), policy.per_try_timeout()),

@@ -5,9 +5,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use crate::cluster::H2Body;
 use http::header::HeaderValue;
 use http::{Request, Response};
-use hyper::body::Incoming;
 use tokio::time::Instant;
 use tonic::Code;
 use tower::Service;
@@ -37,10 +37,10 @@ impl<S> Upstream<S> {
 
 impl<S> Service<Call> for Upstream<S>
 where
-    S: Service<Request<RequestBody>, Response = Response<Incoming>, Error = UpstreamError>,
+    S: Service<Request<RequestBody>, Response = Response<H2Body>, Error = UpstreamError>,
     S::Future: Send + 'static,
 {
-    type Response = Response<Incoming>;
+    type Response = Response<H2Body>;
     type Error = LocalReply;
     type Future = UpstreamFuture<S::Future>;
 

@@ -1,0 +1,274 @@
+//! lhnet's HTTP/2 client, on the `h2` crate directly: a request is opened on the connection
+//! from the caller's own task, its body sent from there when it is already whole (a unary
+//! call's is), and its response awaited there too. hyper's client spent two task spawns, two
+//! channels and three wake-ups on every request for the same (its dispatch task, a task per
+//! response and, often, one per request body): the cost of an engine call through lhnet was
+//! mostly that (docs/benchmarks.md).
+//!
+//! A body that is not whole when the request opens (client streaming, a large upload) is
+//! sent by a task of its own, within the stream's flow-control window, as hyper did. The
+//! connection is driven by one task, which also sends a keep-alive PING every 30 s and closes
+//! the connection when no PONG comes within 10 s.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use h2::client::{Connection, SendRequest};
+use h2::{Reason, RecvStream, SendStream};
+use http::header::{HeaderName, CONNECTION, TE, TRANSFER_ENCODING, UPGRADE};
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::reply::ProxyBody;
+
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bytes of a body sent from the caller's task before the rest is left to a task of its own
+/// (h2 buffers what it cannot send yet, so this bounds what is buffered beyond the window).
+const INLINE_BYTES: usize = 64 << 10;
+
+/// The settings of lhnet's upstream connections.
+pub fn builder() -> h2::client::Builder {
+    let mut b = h2::client::Builder::new();
+    b.initial_window_size(2 << 20)
+        .initial_connection_window_size(8 << 20)
+        .max_frame_size(16 << 10)
+        .max_header_list_size(16 << 10)
+        .max_send_buffer_size(1 << 20)
+        .enable_push(false);
+    b
+}
+
+/// Drives `connection` until it ends or stops answering keep-alive pings; `closed` is set
+/// then, so the pool stops handing it out.
+pub fn spawn_connection<T>(
+    mut connection: Connection<T, Bytes>,
+    closed: Arc<AtomicBool>,
+    peer: std::net::SocketAddr,
+) where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let ping_pong = connection.ping_pong();
+    tokio::spawn(async move {
+        let keepalive = async move {
+            let Some(mut ping_pong) = ping_pong else {
+                return std::future::pending::<&'static str>().await;
+            };
+            loop {
+                tokio::time::sleep(KEEPALIVE_INTERVAL).await;
+                if ping_pong.send_ping(h2::Ping::opaque()).is_err() {
+                    return "a keep-alive ping could not be sent";
+                }
+                let pong = std::future::poll_fn(|cx| ping_pong.poll_pong(cx));
+                match tokio::time::timeout(KEEPALIVE_TIMEOUT, pong).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(_)) => {
+                        return "the connection failed while waiting for a keep-alive pong"
+                    }
+                    Err(_) => return "no keep-alive pong within 10 s",
+                }
+            }
+        };
+        tokio::select! {
+            ended = &mut connection => {
+                if let Err(e) = ended {
+                    tracing::debug!(%peer, error = %crate::cluster::error_chain(&e), "upstream connection ended with an error");
+                }
+            }
+            why = keepalive => {
+                tracing::info!(%peer, why, "closing an upstream connection that stopped answering");
+            }
+        }
+        closed.store(true, Ordering::Release);
+    });
+}
+
+/// Removes the headers HTTP/2 forbids (RFC 9113 §8.2.2), which h2 would refuse the request
+/// for; `te` may stay only as `trailers`.
+pub fn strip_connection_headers(headers: &mut HeaderMap) {
+    const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+    const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+    for name in [
+        CONNECTION,
+        TRANSFER_ENCODING,
+        UPGRADE,
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+    ] {
+        headers.remove(name);
+    }
+    if headers.get(TE).is_some_and(|v| v != "trailers") {
+        headers.remove(TE);
+    }
+}
+
+/// Opens `request` on the connection behind `send` and sends its body: from here when it is
+/// whole by then, else from a task of its own.
+pub async fn open(
+    send: &SendRequest<Bytes>,
+    request: http::Request<ProxyBody>,
+) -> Result<h2::client::ResponseFuture, h2::Error> {
+    let mut send = send.clone().ready().await?;
+    let (parts, body) = request.into_parts();
+    let eos = body.is_end_stream();
+    let (response, stream) = send.send_request(http::Request::from_parts(parts, ()), eos)?;
+    if !eos {
+        let mut pipe = Pipe {
+            body,
+            stream,
+            pending: None,
+            inline: Some(INLINE_BYTES),
+        };
+        let done = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut pipe).poll(cx))).await;
+        if done.is_pending() {
+            pipe.inline = None;
+            tokio::spawn(pipe);
+        }
+    }
+    Ok(response)
+}
+
+/// A request body on its way into a stream. While `inline` has room, data is handed to h2 as
+/// it comes (h2 sends it as the window allows); after that, each chunk waits for window first.
+struct Pipe {
+    body: ProxyBody,
+    stream: SendStream<Bytes>,
+    /// A chunk waiting for window.
+    pending: Option<Bytes>,
+    inline: Option<usize>,
+}
+
+impl Future for Pipe {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        loop {
+            // The peer reset the stream (or the connection went): stop reading the body.
+            if this.stream.poll_reset(cx).is_ready() {
+                return Poll::Ready(());
+            }
+            if let Some(chunk) = this.pending.as_mut() {
+                if this.stream.capacity() == 0 {
+                    this.stream.reserve_capacity(chunk.len());
+                    match ready!(this.stream.poll_capacity(cx)) {
+                        Some(Ok(_)) => {}
+                        None | Some(Err(_)) => return Poll::Ready(()),
+                    }
+                    continue;
+                }
+                let n = this.stream.capacity().min(chunk.len());
+                let part = chunk.split_to(n);
+                if chunk.is_empty() {
+                    this.pending = None;
+                }
+                if this.stream.send_data(part, false).is_err() {
+                    return Poll::Ready(());
+                }
+                continue;
+            }
+            let frame = match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
+                None => {
+                    let _ = this.stream.send_data(Bytes::new(), true);
+                    return Poll::Ready(());
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "request body failed: resetting the upstream stream");
+                    this.stream.send_reset(Reason::CANCEL);
+                    return Poll::Ready(());
+                }
+                Some(Ok(frame)) => frame,
+            };
+            match frame.into_data() {
+                Ok(data) => {
+                    let end = this.body.is_end_stream();
+                    match &mut this.inline {
+                        Some(room) if data.remaining() <= *room => {
+                            *room -= data.remaining();
+                            if this.stream.send_data(data, end).is_err() || end {
+                                return Poll::Ready(());
+                            }
+                        }
+                        _ => {
+                            this.inline = None;
+                            if !data.is_empty() {
+                                this.pending = Some(data);
+                            }
+                        }
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        let _ = this.stream.send_trailers(trailers);
+                        return Poll::Ready(());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The body of an upstream response: its DATA frames (window given back as they are read),
+/// then its trailers.
+pub struct H2Body {
+    recv: RecvStream,
+    data_done: bool,
+}
+
+impl H2Body {
+    pub fn new(recv: RecvStream) -> H2Body {
+        H2Body {
+            recv,
+            data_done: false,
+        }
+    }
+}
+
+impl std::fmt::Debug for H2Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H2Body")
+            .field("stream", &self.recv.stream_id())
+            .finish()
+    }
+}
+
+impl Body for H2Body {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        if !self.data_done {
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => self.data_done = true,
+            }
+        }
+        match ready!(self.recv.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
