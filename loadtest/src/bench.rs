@@ -417,7 +417,7 @@ pub(crate) fn cpu_split(cpus: usize, threads: usize) -> (Option<Vec<usize>>, Opt
     )
 }
 
-fn cpu_list(cpus: &[usize]) -> String {
+pub(crate) fn cpu_list(cpus: &[usize]) -> String {
     cpus.iter()
         .map(|c| c.to_string())
         .collect::<Vec<_>>()
@@ -557,17 +557,37 @@ fn grpc_frame(payload: usize) -> Vec<u8> {
     frame
 }
 
-struct Measured {
-    rps: f64,
-    mean_ms: f64,
-    succeeded: u64,
-    failed: u64,
+pub(crate) struct Measured {
+    pub rps: f64,
+    pub mean_ms: f64,
+    pub succeeded: u64,
+    pub failed: u64,
 }
 
 fn h2load(
     addr: SocketAddr,
     body: &std::path::Path,
     args: &BenchArgs,
+    cpus: Option<&str>,
+) -> Result<Measured, String> {
+    h2load_run(
+        addr,
+        "/lhnet.echo.v1.Echo/Unary",
+        body,
+        (args.connections, args.streams),
+        args.duration,
+        cpus,
+    )
+}
+
+/// `h2load -t 1 -c C -m M -D SECONDS --warm-up-time 1` posting `body` (a framed gRPC message)
+/// to `path`, pinned with taskset to `cpus`.
+pub(crate) fn h2load_run(
+    addr: SocketAddr,
+    path: &str,
+    body: &std::path::Path,
+    (connections, streams): (u32, u32),
+    duration: Duration,
     cpus: Option<&str>,
 ) -> Result<Measured, String> {
     let mut cmd = match cpus {
@@ -583,20 +603,20 @@ fn h2load(
             "-t",
             "1",
             "-c",
-            &args.connections.to_string(),
+            &connections.to_string(),
             "-m",
-            &args.streams.to_string(),
+            &streams.to_string(),
         ])
         .args([
             "-D",
-            &format!("{}", args.duration.as_secs().max(1)),
+            &format!("{}", duration.as_secs().max(1)),
             "--warm-up-time",
             "1",
         ])
         .arg("-d")
         .arg(body)
         .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
-        .arg(format!("http://{addr}/lhnet.echo.v1.Echo/Unary"))
+        .arg(format!("http://{addr}{path}"))
         .output()
         .map_err(|e| format!("running h2load: {e}"))?;
     let text = String::from_utf8_lossy(&out.stdout);

@@ -1,47 +1,74 @@
-//! `lhnet-loadtest bench-engine`: Longhorn's VolumeGet through lhnet's engine proxy versus
-//! straight to the simulated engine's ControllerService, in one run, with the same client.
+//! `lhnet-loadtest bench-engine`: Longhorn's VolumeGet and ReplicaList through lhnet's engine
+//! proxy versus straight to the simulated engine's ControllerService, in one run.
 //!
-//! lhnet gets one thread on CPU 0; the engine and the client share the other CPU.
+//! lhnet gets one thread on CPU 0. The load comes from `h2load` (`-c 1 -m STREAMS -t 1`, the
+//! command Longhorn's engine was measured with) for the saturated rates, and from
+//! [`crate::openloop`] (fixed rate, latency from each call's scheduled time) for the tails at
+//! 25, 50 and 75% of lhnet's saturated rate. The load and the simulated engine share CPU 1, so
+//! "direct" is the engine's ceiling on one core with the client beside it; the open-loop
+//! generator runs on the engine's own runtime thread, so the two never preempt each other.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use bytes::Bytes;
 use lhnet_proto::imrpc::proxy_engine_service_client::ProxyEngineServiceClient;
 use lhnet_proto::imrpc::ProxyEngineRequest;
 use lhnet_proto::ptypes::controller_service_client::ControllerServiceClient;
+use prost::Message;
 use serde::Serialize;
-use tonic::transport::Channel;
 
-use crate::bench::{cpu_split, spawn_runtime_thread};
+use crate::bench::{cpu_list, cpu_split, h2load_run, spawn_runtime_thread};
+use crate::openloop::{self, Tail};
 
-/// One side of the comparison.
+const VOLUME: &str = "bench-vol";
+
+/// A saturated (closed-loop) rate.
 #[derive(Debug, Clone, Serialize)]
-pub struct EngineSample {
+pub struct Saturated {
     pub target: String,
-    pub calls: u64,
-    pub errors: u64,
     pub calls_per_second: f64,
-    pub p50_ms: f64,
-    pub p99_ms: f64,
+    pub succeeded: u64,
+    pub failed: u64,
+}
+
+/// Both targets at one offered rate.
+#[derive(Debug, Clone, Serialize)]
+pub struct OpenLoop {
+    pub percent_of_saturation: u32,
+    pub rate: f64,
+    pub direct: Tail,
+    pub lhnet: Tail,
+    pub added_p50_ms: f64,
+    pub added_p99_ms: f64,
+    pub added_p999_ms: f64,
+}
+
+/// One RPC's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct RpcReport {
+    pub rpc: String,
+    pub direct: Saturated,
+    pub lhnet: Saturated,
+    pub ratio: f64,
+    /// CPU time of lhnet's one thread per call in the saturated run.
+    pub lhnet_cpu_us_per_call: f64,
+    pub open_loop: Vec<OpenLoop>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct EngineReport {
     pub streams: usize,
     pub seconds: f64,
-    pub direct: EngineSample,
-    pub lhnet: EngineSample,
+    pub layout: String,
+    pub rpcs: Vec<RpcReport>,
+    /// VolumeGet's saturated rates and ratio (the figures of earlier runs).
+    pub direct: Saturated,
+    pub lhnet: Saturated,
     pub ratio: f64,
-    pub added_p99_ms: f64,
-    /// The paced (open-loop) phase: both targets at the same offered rate, half of what lhnet
-    /// sustained closed-loop.
-    pub paced_calls_per_second: f64,
-    pub paced_direct: EngineSample,
-    pub paced_lhnet: EngineSample,
-    pub paced_added_p99_ms: f64,
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -49,73 +76,44 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1000.0
 }
 
-async fn drive<F, Fut>(
-    name: &str,
-    streams: usize,
-    duration: Duration,
-    rate: Option<f64>,
-    call: F,
-) -> EngineSample
-where
-    F: Fn(usize) -> Fut + Clone + Send + 'static,
-    Fut: std::future::Future<Output = bool> + Send,
-{
-    // Warm up connections first.
-    for i in 0..streams {
-        call(i).await;
-    }
-    let deadline = Instant::now() + duration;
-    let tasks: Vec<_> = (0..streams)
-        .map(|i| {
-            let call = call.clone();
-            tokio::spawn(async move {
-                let mut latencies = Vec::new();
-                let mut errors = 0u64;
-                // Paced: stream i calls at its slots of a fixed schedule. Latency counts from
-                // the send, not the slot: tokio's timer is millisecond-grained, and each
-                // stream's slots are ~7 ms apart, far longer than a call, so no call waits for
-                // the one before it (no coordinated omission to correct).
-                let every = rate.map(|r| Duration::from_secs_f64(streams as f64 / r));
-                let mut slot = Instant::now()
-                    + every.map_or(Duration::ZERO, |e| e.mul_f64(i as f64 / streams as f64));
-                while Instant::now() < deadline {
-                    if every.is_some() {
-                        tokio::time::sleep_until(slot.into()).await;
-                    }
-                    let started = Instant::now();
-                    if !call(i).await {
-                        errors += 1;
-                    }
-                    latencies.push(started.elapsed());
-                    if let Some(every) = every {
-                        slot += every;
-                    }
-                }
-                (latencies, errors)
-            })
-        })
-        .collect();
-    let mut all = Vec::new();
-    let mut errors = 0;
-    for t in tasks {
-        if let Ok((l, e)) = t.await {
-            all.extend(l);
-            errors += e;
-        }
-    }
-    all.sort();
-    EngineSample {
-        target: name.into(),
-        calls: all.len() as u64,
-        errors,
-        calls_per_second: all.len() as f64 / duration.as_secs_f64(),
-        p50_ms: percentile(&all, 0.50),
-        p99_ms: percentile(&all, 0.99),
-    }
+fn frame(message: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(5 + message.len());
+    out.push(0);
+    out.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    out.extend_from_slice(message);
+    out.into()
 }
 
-/// Runs the comparison.
-pub fn run(streams: usize, duration: Duration) -> Result<EngineReport, String> {
+/// CPU time (user + system) of this process's thread named `name`, in clock ticks.
+fn thread_cpu_ticks(name: &str) -> Option<u64> {
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+        // Fields after the command (which is in parentheses): utime is the 12th, stime the 13th.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let fields: Vec<&str> = rest.split(' ').collect();
+        return Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?);
+    }
+    None
+}
+
+/// Runs the comparison for `rpcs` (VolumeGet, ReplicaList).
+/// `loads`: the open-loop rates, as percentages of lhnet's saturated rate.
+pub fn run(
+    streams: usize,
+    duration: Duration,
+    rpcs: &[String],
+    loads: &[u32],
+) -> Result<EngineReport, String> {
+    if crate::peers::which("h2load").is_none() {
+        return Err(
+            "h2load is not installed (apt-get install nghttp2-client); it is the load generator"
+                .into(),
+        );
+    }
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -126,7 +124,7 @@ pub fn run(streams: usize, duration: Duration) -> Result<EngineReport, String> {
             let r = crate::sim::start_replica("127.0.0.1:0".parse().unwrap(), 64 << 20).await?;
             let e = crate::sim::start_engine(
                 "127.0.0.1:0".parse().unwrap(),
-                "bench-vol",
+                VOLUME,
                 64 << 20,
                 vec![r.url()],
             )
@@ -137,105 +135,224 @@ pub fn run(streams: usize, duration: Duration) -> Result<EngineReport, String> {
             std::mem::forget(e);
             Ok::<SocketAddr, std::io::Error>(addr)
         })
+        .map(|addr| (addr, rt.handle().clone()))
     })?;
+    let (engine, engine_rt) = engine;
     let yaml = "admin: { address: 127.0.0.1:0 }\nstorage_network: { interface: lo }\n\
         listeners:\n  - name: m\n    address: 127.0.0.1:0\n    routes:\n\
         \x20     - match: { prefix: /imrpc.ProxyEngineService/ }\n        local: longhorn_engine_proxy\n\
         clusters:\n  - name: engines\n    type: original_dst\n    upstream_bind_config: { source_address: storage }\n\
         \x20   allowed_destinations: [127.0.0.0/8]\n";
-    let (proxy, proxy_addr) = crate::bench::start_lhnet_thread(yaml, "m", 1, proxy_cpus)?;
+    let (proxy, proxy_addr) = crate::bench::start_lhnet_thread(yaml, "m", 1, proxy_cpus.clone())?;
+    check(engine, proxy_addr)?;
 
-    let client_rt = {
-        let mut b = tokio::runtime::Builder::new_current_thread();
-        b.enable_all();
-        b.build().map_err(|e| e.to_string())?
-    };
-    if let Some(c) = &load_cpus {
-        crate::bench::pin_current_thread(c);
-    }
-    let report = client_rt.block_on(async move {
-        let channels = |addr: SocketAddr| async move {
-            let mut v = Vec::new();
-            for _ in 0..8 {
-                v.push(
-                    Channel::from_shared(format!("http://{addr}"))
-                        .map_err(|e| e.to_string())?
-                        .connect()
-                        .await
-                        .map_err(|e| e.to_string())?,
-                );
+    // A v1.12.1 manager's request: the address and both names.
+    let request = frame(
+        &ProxyEngineRequest {
+            address: engine.to_string(),
+            engine_name: format!("{VOLUME}-e-0"),
+            volume_name: VOLUME.into(),
+            ..Default::default()
+        }
+        .encode_to_vec(),
+    );
+    let dir = std::env::temp_dir().join(format!("lhnet-bench-engine-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let (direct_body, lhnet_body) = (dir.join("direct.bin"), dir.join("lhnet.bin"));
+    std::fs::write(&direct_body, frame(&[])).map_err(|e| e.to_string())?;
+    std::fs::write(&lhnet_body, &request).map_err(|e| e.to_string())?;
+    let load = load_cpus.as_ref().map(|c| cpu_list(c));
+
+    let mut reports = Vec::new();
+    for rpc in rpcs {
+        let direct_path = format!("/ptypes.ControllerService/{rpc}");
+        let lhnet_path = format!("/imrpc.ProxyEngineService/{rpc}");
+        eprintln!("bench-engine: {rpc} saturated, direct ...");
+        let d = h2load_run(
+            engine,
+            &direct_path,
+            &direct_body,
+            (1, streams as u32),
+            duration,
+            load.as_deref(),
+        )?;
+        eprintln!("bench-engine: {rpc} saturated, via lhnet ...");
+        let before = thread_cpu_ticks("lhnet-proxy");
+        let l = h2load_run(
+            proxy_addr,
+            &lhnet_path,
+            &lhnet_body,
+            (1, streams as u32),
+            duration,
+            load.as_deref(),
+        )?;
+        let cpu_us = match (before, thread_cpu_ticks("lhnet-proxy")) {
+            (Some(b), Some(a)) if l.succeeded > 0 => {
+                // h2load's warm-up second is not in `succeeded`: scale to the measured part.
+                let ticks_per_s = 100.0;
+                let seconds = duration.as_secs_f64() + 1.0;
+                let calls = l.rps * seconds;
+                (a - b) as f64 / ticks_per_s * 1e6 / calls
             }
-            Ok::<_, String>(v)
+            _ => 0.0,
         };
-        let direct_channels = channels(engine).await?;
-        let direct_call = move |i: usize| {
-            let mut c = ControllerServiceClient::new(direct_channels[i % 8].clone());
-            async move { c.volume_get(()).await.is_ok() }
+        let direct = Saturated {
+            target: "direct".into(),
+            calls_per_second: d.rps,
+            succeeded: d.succeeded,
+            failed: d.failed,
         };
-        let proxy_channels = channels(proxy_addr).await?;
-        let address = engine.to_string();
-        let lhnet_call = move |i: usize| {
-            let mut c = ProxyEngineServiceClient::new(proxy_channels[i % 8].clone());
-            // A v1.3.3 manager's request (the address only), as the runs before v1.12 measured.
-            let req = ProxyEngineRequest {
-                address: address.clone(),
-                ..Default::default()
-            };
-            async move { c.volume_get(req).await.is_ok() }
+        let lhnet = Saturated {
+            target: "lhnet".into(),
+            calls_per_second: l.rps,
+            succeeded: l.succeeded,
+            failed: l.failed,
         };
-        let direct = drive("direct", streams, duration, None, direct_call.clone()).await;
-        let lhnet = drive("lhnet", streams, duration, None, lhnet_call.clone()).await;
-        let rate = (lhnet.calls_per_second / 2.0).max(1.0);
-        let paced_direct = drive("direct", streams, duration, Some(rate), direct_call).await;
-        let paced_lhnet = drive("lhnet", streams, duration, Some(rate), lhnet_call).await;
-        Ok::<_, String>(EngineReport {
-            streams,
-            seconds: duration.as_secs_f64(),
+        let mut open_loop = Vec::new();
+        for &percent in loads {
+            let rate = l.rps * f64::from(percent) / 100.0;
+            eprintln!("bench-engine: {rpc} open loop at {rate:.0}/s ({percent}% of lhnet's saturated rate) ...");
+            let dt = openloop::run(
+                "direct",
+                engine,
+                &direct_path,
+                frame(&[]),
+                rate,
+                duration,
+                &engine_rt,
+            )?;
+            let lt = openloop::run(
+                "lhnet",
+                proxy_addr,
+                &lhnet_path,
+                request.clone(),
+                rate,
+                duration,
+                &engine_rt,
+            )?;
+            open_loop.push(OpenLoop {
+                percent_of_saturation: percent,
+                rate,
+                added_p50_ms: lt.p50_ms - dt.p50_ms,
+                added_p99_ms: lt.p99_ms - dt.p99_ms,
+                added_p999_ms: lt.p999_ms - dt.p999_ms,
+                direct: dt,
+                lhnet: lt,
+            });
+        }
+        reports.push(RpcReport {
+            rpc: rpc.clone(),
             ratio: lhnet.calls_per_second / direct.calls_per_second.max(1e-9),
-            added_p99_ms: lhnet.p99_ms - direct.p99_ms,
+            lhnet_cpu_us_per_call: cpu_us,
             direct,
             lhnet,
-            paced_calls_per_second: rate,
-            paced_added_p99_ms: paced_lhnet.p99_ms - paced_direct.p99_ms,
-            paced_direct,
-            paced_lhnet,
-        })
-    })?;
+            open_loop,
+        });
+    }
+    let _ = std::fs::remove_dir_all(&dir);
     proxy.shutdown_token().cancel();
-    Ok(report)
+    let first = reports
+        .first()
+        .cloned()
+        .ok_or_else(|| "no RPC to measure".to_string())?;
+    Ok(EngineReport {
+        streams,
+        seconds: duration.as_secs_f64(),
+        layout: format!(
+            "lhnet: 1 thread on CPU {}; load generator and simulated engine: CPU {}",
+            proxy_cpus
+                .as_deref()
+                .map(cpu_list)
+                .unwrap_or_else(|| "any".into()),
+            load.unwrap_or_else(|| "any".into())
+        ),
+        direct: first.direct.clone(),
+        lhnet: first.lhnet.clone(),
+        ratio: first.ratio,
+        rpcs: reports,
+    })
+}
+
+/// One real VolumeGet each way, so a broken proxy cannot post a fast number.
+fn check(engine: SocketAddr, proxy: SocketAddr) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let mut direct = ControllerServiceClient::connect(format!("http://{engine}"))
+            .await
+            .map_err(|e| format!("direct: {e}"))?;
+        let want = direct
+            .volume_get(())
+            .await
+            .map_err(|e| format!("direct VolumeGet: {e}"))?
+            .into_inner();
+        let mut via = ProxyEngineServiceClient::connect(format!("http://{proxy}"))
+            .await
+            .map_err(|e| format!("lhnet: {e}"))?;
+        let got = via
+            .volume_get(ProxyEngineRequest {
+                address: engine.to_string(),
+                engine_name: format!("{VOLUME}-e-0"),
+                volume_name: VOLUME.into(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| format!("VolumeGet via lhnet: {e}"))?
+            .into_inner()
+            .volume;
+        if got.as_ref() != Some(&want) || want.name != VOLUME {
+            return Err(format!(
+                "VolumeGet via lhnet answered {got:?}, the engine {want:?}"
+            ));
+        }
+        Ok(())
+    })
 }
 
 pub fn print(r: &EngineReport) {
     println!(
-        "VolumeGet, {} concurrent streams, {} s each, lhnet on 1 thread\n",
-        r.streams, r.seconds
+        "bench-engine: h2load -c 1 -m {} -t 1 (saturated) and an open-loop generator, {} s each; {}\n",
+        r.streams, r.seconds, r.layout
     );
-    println!(
-        "{:<8} {:>10} {:>12} {:>9} {:>9} {:>7}",
-        "target", "calls", "calls/s", "p50 ms", "p99 ms", "errors"
-    );
-    for s in [&r.direct, &r.lhnet] {
+    for rpc in &r.rpcs {
         println!(
-            "{:<8} {:>10} {:>12.0} {:>9.3} {:>9.3} {:>7}",
-            s.target, s.calls, s.calls_per_second, s.p50_ms, s.p99_ms, s.errors
+            "{}: direct {:.0} calls/s (the simulated engine's ceiling on one core), lhnet {:.0} calls/s = {:.2}x direct; lhnet CPU {:.1} us per call",
+            rpc.rpc, rpc.direct.calls_per_second, rpc.lhnet.calls_per_second, rpc.ratio, rpc.lhnet_cpu_us_per_call
         );
-    }
-    println!(
-        "\nlhnet / direct = {:.2}x; p99 added by lhnet = {:.3} ms (saturated, closed loop)",
-        r.ratio, r.added_p99_ms
-    );
-    println!(
-        "\npaced at {:.0} calls/s on both (half of lhnet's closed-loop rate), latency from each send:",
-        r.paced_calls_per_second
-    );
-    for s in [&r.paced_direct, &r.paced_lhnet] {
         println!(
-            "{:<8} {:>10} {:>12.0} {:>9.3} {:>9.3} {:>7}",
-            s.target, s.calls, s.calls_per_second, s.p50_ms, s.p99_ms, s.errors
+            "  {:>5} {:>8} | {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} | {:>6}",
+            "load",
+            "calls/s",
+            "dir p50",
+            "p99",
+            "p999",
+            "lh p50",
+            "p99",
+            "p999",
+            "+p50",
+            "+p99",
+            "+p999",
+            "errors"
         );
+        for o in &rpc.open_loop {
+            println!(
+                "  {:>4}% {:>8.0} | {:>8.3} {:>8.3} {:>8.3} | {:>8.3} {:>8.3} {:>8.3} | {:>8.3} {:>8.3} {:>8.3} | {:>6}",
+                o.percent_of_saturation,
+                o.rate,
+                o.direct.p50_ms,
+                o.direct.p99_ms,
+                o.direct.p999_ms,
+                o.lhnet.p50_ms,
+                o.lhnet.p99_ms,
+                o.lhnet.p999_ms,
+                o.added_p50_ms,
+                o.added_p99_ms,
+                o.added_p999_ms,
+                o.direct.errors + o.lhnet.errors
+            );
+        }
+        println!("  (ms; latency from each call's scheduled send time; +: added by lhnet)\n");
     }
-    println!(
-        "p99 added by lhnet = {:.3} ms (paced)",
-        r.paced_added_p99_ms
-    );
 }

@@ -10,7 +10,9 @@ pub mod bench;
 pub mod demo;
 pub mod demo_backup;
 pub mod engine_bench;
+pub mod footprint;
 pub mod im;
+pub mod openloop;
 pub mod peers;
 pub mod upgrade;
 

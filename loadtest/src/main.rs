@@ -68,14 +68,34 @@ enum Cmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
-    /// Longhorn VolumeGet through lhnet's engine proxy vs straight to the simulated engine.
+    /// lhnet-proxy's time from start to /ready with a real lhnet1, and its memory with
+    /// STREAMS calls open through it (root: a network namespace is made for it).
+    BenchFootprint {
+        /// Calls held open at once through lhnet.
+        #[arg(long, default_value_t = 10_000)]
+        streams: usize,
+        /// Starts timed (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        starts: usize,
+        /// Also write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Longhorn VolumeGet and ReplicaList through lhnet's engine proxy vs straight to the
+    /// simulated engine: saturated rates (h2load) and open-loop tails.
     BenchEngine {
-        /// Concurrent streams.
+        /// Concurrent streams of the saturating client (h2load -c 1 -m STREAMS).
         #[arg(long, default_value_t = 64)]
         streams: usize,
-        /// Seconds per side.
+        /// Seconds per measurement (each RPC: two saturated runs and six open-loop runs).
         #[arg(long, default_value_t = 5)]
         seconds: u64,
+        /// The RPCs to measure (comma-separated): VolumeGet, ReplicaList.
+        #[arg(long, value_delimiter = ',', default_value = "VolumeGet,ReplicaList")]
+        rpcs: Vec<String>,
+        /// The open-loop rates, as percentages of lhnet's saturated rate (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "25,50,75")]
+        loads: Vec<u32>,
         /// Also write the report as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -473,13 +493,30 @@ fn main() -> ExitCode {
             longhorn: None,
             upgrade,
         }),
+        Cmd::BenchFootprint {
+            streams,
+            starts,
+            json,
+        } => report(
+            "bench-footprint",
+            lhnet_loadtest::footprint::run(None, streams.max(1), starts),
+            lhnet_loadtest::footprint::print,
+            json,
+        ),
         Cmd::BenchEngine {
             streams,
             seconds,
+            rpcs,
+            loads,
             json,
         } => report(
             "bench-engine",
-            lhnet_loadtest::engine_bench::run(streams.max(1), Duration::from_secs(seconds.max(1))),
+            lhnet_loadtest::engine_bench::run(
+                streams.max(1),
+                Duration::from_secs(seconds.max(1)),
+                &rpcs,
+                &loads,
+            ),
             lhnet_loadtest::engine_bench::print,
             json,
         ),

@@ -81,7 +81,13 @@ fn serve(
         }
         s
     });
-    let router = add(tonic::transport::Server::builder().layer(guard));
+    // Windows as large as grpc-go's grow to (its BDP estimator): with tonic's 64 KiB the h2
+    // server's small-frame budget (half the window) closes a connection that has a few hundred
+    // small calls waiting, which Longhorn's engine never does.
+    let router = add(tonic::transport::Server::builder()
+        .initial_connection_window_size(Some(4 << 20))
+        .initial_stream_window_size(Some(1 << 20))
+        .layer(guard));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         let signal = async {
