@@ -96,7 +96,7 @@ fn inside(binary: &Path, streams: usize, starts: usize) -> Result<FootprintRepor
         .build()
         .map_err(|e| e.to_string())?;
     let upstream = rt
-        .block_on(hold_server())
+        .block_on(grpc_server(HOLD, "0"))
         .map_err(|e| format!("upstream: {e}"))?;
     let (admin, listen) = (free_port()?, free_port()?);
     let dir = std::env::temp_dir().join(format!("lhnet-footprint-{}", std::process::id()));
@@ -204,20 +204,20 @@ fn rss_kib(pid: u32, field: &str) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// An HTTP/2 server that holds every request for HOLD, then answers one empty gRPC message
-/// with grpc-status 0.
-async fn hold_server() -> std::io::Result<SocketAddr> {
+/// An HTTP/2 server answering every request after `delay` with one empty gRPC message and
+/// `grpc-status: status` (bench-footprint holds calls open with it; tests time the generator).
+pub async fn grpc_server(delay: Duration, status: &'static str) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(|_req| async {
-                    tokio::time::sleep(HOLD).await;
+                let service = hyper::service::service_fn(move |_req| async move {
+                    tokio::time::sleep(delay).await;
                     let body =
-                        Full::new(Bytes::from_static(&[0, 0, 0, 0, 0])).with_trailers(async {
+                        Full::new(Bytes::from_static(&[0, 0, 0, 0, 0])).with_trailers(async move {
                             let mut t = http::HeaderMap::new();
-                            t.insert("grpc-status", http::HeaderValue::from_static("0"));
+                            t.insert("grpc-status", http::HeaderValue::from_static(status));
                             Some(Ok::<_, std::convert::Infallible>(t))
                         });
                     http::Response::builder()

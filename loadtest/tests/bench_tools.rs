@@ -6,36 +6,12 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
 use lhnet_loadtest::openloop;
 
-/// An HTTP/2 server answering every call after `delay` with `status`.
 async fn server(delay: Duration, status: &'static str) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |_req| async move {
-                    tokio::time::sleep(delay).await;
-                    let body =
-                        Full::new(Bytes::from_static(&[0, 0, 0, 0, 0])).with_trailers(async move {
-                            let mut t = http::HeaderMap::new();
-                            t.insert("grpc-status", http::HeaderValue::from_static(status));
-                            Some(Ok::<_, std::convert::Infallible>(t))
-                        });
-                    http::Response::builder()
-                        .header("content-type", "application/grpc")
-                        .body(body)
-                });
-                let _ =
-                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
-            });
-        }
-    });
-    addr
+    lhnet_loadtest::footprint::grpc_server(delay, status)
+        .await
+        .unwrap()
 }
 
 #[test]
