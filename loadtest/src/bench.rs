@@ -5,6 +5,8 @@
 //! generator (`h2load`) share the remaining CPU, so every proxy meets the same load.
 
 use std::net::SocketAddr;
+
+use bytes::Bytes;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -545,16 +547,21 @@ fn check_target(t: &Target) -> Result<(), String> {
     })
 }
 
-fn grpc_frame(payload: usize) -> Vec<u8> {
-    let msg = prost::Message::encode_to_vec(&EchoRequest {
+fn grpc_frame(payload: usize) -> Bytes {
+    frame(&prost::Message::encode_to_vec(&EchoRequest {
         payload: vec![7u8; payload],
         count: 0,
         delay_ms: 0,
-    });
-    let mut frame = vec![0u8];
-    frame.extend_from_slice(&(msg.len() as u32).to_be_bytes());
-    frame.extend_from_slice(&msg);
-    frame
+    }))
+}
+
+/// One uncompressed gRPC message frame around `message`.
+pub(crate) fn frame(message: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(5 + message.len());
+    out.push(0);
+    out.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    out.extend_from_slice(message);
+    out.into()
 }
 
 pub(crate) struct Measured {

@@ -11,14 +11,13 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::Bytes;
 use lhnet_proto::imrpc::proxy_engine_service_client::ProxyEngineServiceClient;
 use lhnet_proto::imrpc::ProxyEngineRequest;
 use lhnet_proto::ptypes::controller_service_client::ControllerServiceClient;
 use prost::Message;
 use serde::Serialize;
 
-use crate::bench::{cpu_list, cpu_split, h2load_run, spawn_runtime_thread};
+use crate::bench::{cpu_list, cpu_split, frame, h2load_run, spawn_runtime_thread};
 use crate::openloop::{self, Tail};
 
 const VOLUME: &str = "bench-vol";
@@ -76,12 +75,15 @@ pub(crate) fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1000.0
 }
 
-fn frame(message: &[u8]) -> Bytes {
-    let mut out = Vec::with_capacity(5 + message.len());
-    out.push(0);
-    out.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    out.extend_from_slice(message);
-    out.into()
+/// A v1.12.1 manager's request for the bench volume's engine at `engine`: the address and
+/// both names.
+fn manager_request(engine: SocketAddr) -> ProxyEngineRequest {
+    ProxyEngineRequest {
+        address: engine.to_string(),
+        engine_name: format!("{VOLUME}-e-0"),
+        volume_name: VOLUME.into(),
+        ..Default::default()
+    }
 }
 
 /// CPU time (user + system) of this process's thread named `name`, in clock ticks.
@@ -101,12 +103,14 @@ fn thread_cpu_ticks(name: &str) -> Option<u64> {
 }
 
 /// Runs the comparison for `rpcs` (VolumeGet, ReplicaList).
-/// `loads`: the open-loop rates, as percentages of lhnet's saturated rate.
+/// `loads`: the open-loop rates, as percentages of lhnet's saturated rate. `same_cpu`: lhnet on
+/// the load CPU too (no cross-CPU wake-ups; to see what they cost, not the benchmark's layout).
 pub fn run(
     streams: usize,
     duration: Duration,
     rpcs: &[String],
     loads: &[u32],
+    same_cpu: bool,
 ) -> Result<EngineReport, String> {
     if crate::peers::which("h2load").is_none() {
         return Err(
@@ -117,7 +121,10 @@ pub fn run(
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    let (proxy_cpus, load_cpus) = cpu_split(cpus, 1);
+    let (mut proxy_cpus, load_cpus) = cpu_split(cpus, 1);
+    if same_cpu {
+        proxy_cpus = load_cpus.clone();
+    }
     let engine = spawn_runtime_thread("sim-engine", 1, load_cpus.clone(), |rt| {
         rt.block_on(async {
             // One real replica, so the engine answers a volume with a replica in it.
@@ -146,16 +153,7 @@ pub fn run(
     let (proxy, proxy_addr) = crate::bench::start_lhnet_thread(yaml, "m", 1, proxy_cpus.clone())?;
     check(engine, proxy_addr)?;
 
-    // A v1.12.1 manager's request: the address and both names.
-    let request = frame(
-        &ProxyEngineRequest {
-            address: engine.to_string(),
-            engine_name: format!("{VOLUME}-e-0"),
-            volume_name: VOLUME.into(),
-            ..Default::default()
-        }
-        .encode_to_vec(),
-    );
+    let request = frame(&manager_request(engine).encode_to_vec());
     let dir = std::env::temp_dir().join(format!("lhnet-bench-engine-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let (direct_body, lhnet_body) = (dir.join("direct.bin"), dir.join("lhnet.bin"));
@@ -292,12 +290,7 @@ fn check(engine: SocketAddr, proxy: SocketAddr) -> Result<(), String> {
             .await
             .map_err(|e| format!("lhnet: {e}"))?;
         let got = via
-            .volume_get(ProxyEngineRequest {
-                address: engine.to_string(),
-                engine_name: format!("{VOLUME}-e-0"),
-                volume_name: VOLUME.into(),
-                ..Default::default()
-            })
+            .volume_get(manager_request(engine))
             .await
             .map_err(|e| format!("VolumeGet via lhnet: {e}"))?
             .into_inner()

@@ -83,12 +83,6 @@ pub fn run(
         .map_err(|e| format!("in the namespace: {e}"))?
 }
 
-/// A free port on loopback (inside the namespace nothing else binds).
-fn free_port() -> Result<u16, String> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    Ok(l.local_addr().map_err(|e| e.to_string())?.port())
-}
-
 fn inside(binary: &Path, streams: usize, starts: usize) -> Result<FootprintReport, String> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -98,7 +92,13 @@ fn inside(binary: &Path, streams: usize, starts: usize) -> Result<FootprintRepor
     let upstream = rt
         .block_on(grpc_server(HOLD, "0"))
         .map_err(|e| format!("upstream: {e}"))?;
-    let (admin, listen) = (free_port()?, free_port()?);
+    // Inside the namespace nothing else binds.
+    let port = || {
+        crate::peers::free_port()
+            .map(|a| a.port())
+            .map_err(|e| e.to_string())
+    };
+    let (admin, listen) = (port()?, port()?);
     let dir = std::env::temp_dir().join(format!("lhnet-footprint-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let config = dir.join("lhnet.yaml");

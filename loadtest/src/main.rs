@@ -96,6 +96,10 @@ enum Cmd {
         /// The open-loop rates, as percentages of lhnet's saturated rate (comma-separated).
         #[arg(long, value_delimiter = ',', default_value = "25,50,75")]
         loads: Vec<u32>,
+        /// Put lhnet on the load CPU too: no cross-CPU wake-ups (shows what they cost; not
+        /// the benchmark's layout).
+        #[arg(long)]
+        same_cpu: bool,
         /// Also write the report as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -508,6 +512,7 @@ fn main() -> ExitCode {
             seconds,
             rpcs,
             loads,
+            same_cpu,
             json,
         } => report(
             "bench-engine",
@@ -516,6 +521,7 @@ fn main() -> ExitCode {
                 Duration::from_secs(seconds.max(1)),
                 &rpcs,
                 &loads,
+                same_cpu,
             ),
             lhnet_loadtest::engine_bench::print,
             json,

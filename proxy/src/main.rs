@@ -492,7 +492,6 @@ async fn watch_config(
 ) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = signal(SignalKind::hangup()).ok();
-    let stamp = config_stamp;
     let mut last = read_at;
     loop {
         let by_signal = tokio::select! {
@@ -500,7 +499,7 @@ async fn watch_config(
             _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => true,
             _ = tokio::time::sleep(Duration::from_secs(2)) => false,
         };
-        let now = stamp(&path);
+        let now = config_stamp(&path);
         if !by_signal && now == last {
             continue;
         }

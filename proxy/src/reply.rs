@@ -65,6 +65,13 @@ impl LocalReply {
     }
 }
 
+/// A status lhnet answers as it is (its code and message).
+impl From<tonic::Status> for LocalReply {
+    fn from(status: tonic::Status) -> Self {
+        LocalReply::new(status.code(), status.message())
+    }
+}
+
 impl fmt::Display for LocalReply {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:?}: {}", self.code, self.message)

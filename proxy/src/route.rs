@@ -249,7 +249,7 @@ fn build_route(
             let passthrough = passthrough.map(|c| stack::passthrough(&c, r, &context, info));
             let dispatch = EngineDispatch::new(
                 Local::new(server),
-                Some(raw),
+                raw,
                 passthrough,
                 info.clone(),
                 context.clone(),

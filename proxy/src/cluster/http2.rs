@@ -17,12 +17,12 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use h2::client::{Connection, SendRequest};
 use h2::{Reason, RecvStream, SendStream};
 use http::header::{HeaderName, CONNECTION, TE, TRANSFER_ENCODING, UPGRADE};
 use http::HeaderMap;
-use http_body::{Body, Frame, SizeHint};
+use http_body::{Body, Frame};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::reply::ProxyBody;
@@ -72,7 +72,7 @@ pub fn spawn_connection<T>(
                     Ok(Err(_)) => {
                         return "the connection failed while waiting for a keep-alive pong"
                     }
-                    Err(_) => return "no keep-alive pong within 10 s",
+                    Err(_) => return "no keep-alive pong in time",
                 }
             }
         };
@@ -190,8 +190,8 @@ impl Future for Pipe {
                 Ok(data) => {
                     let end = this.body.is_end_stream();
                     match &mut this.inline {
-                        Some(room) if data.remaining() <= *room => {
-                            *room -= data.remaining();
+                        Some(room) if data.len() <= *room => {
+                            *room -= data.len();
                             if this.stream.send_data(data, end).is_err() || end {
                                 return Poll::Ready(());
                             }
@@ -266,9 +266,5 @@ impl Body for H2Body {
 
     fn is_end_stream(&self) -> bool {
         self.recv.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
     }
 }

@@ -144,8 +144,10 @@ impl EndpointPool {
             Ok(response) => response.await,
             Err(e) => {
                 // The connection takes no new streams (GOAWAY, or it failed): no more requests
-                // go to it.
-                conn.closed.store(true, Ordering::Release);
+                // go to it. A request h2 refuses for itself leaves the connection as it is.
+                if e.is_go_away() || e.is_io() || e.is_library() {
+                    conn.closed.store(true, Ordering::Release);
+                }
                 Err(e)
             }
         };

@@ -216,26 +216,24 @@ impl RawCalls {
                 _ => Exchange::Status(status),
             };
         }
-        let mut data: Option<Bytes> = None;
-        let mut more = BytesMut::new();
+        // Usually one DATA frame, kept as it came; gathered only when the reply was split.
+        let mut whole = Bytes::new();
+        let mut gathered: Option<BytesMut> = None;
         let status = loop {
             match body.frame().await {
-                None => return Exchange::Unusual,
-                Some(Err(_)) => return Exchange::Unusual,
+                None | Some(Err(_)) => return Exchange::Unusual,
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(chunk) => {
-                        let held = data.as_ref().map_or(0, Bytes::len) + more.len();
+                        let held = gathered.as_ref().map_or(whole.len(), BytesMut::len);
                         if held + chunk.len() > MAX_RAW_REPLY {
                             return Exchange::Unusual;
                         }
-                        match &data {
-                            None if more.is_empty() => data = Some(chunk),
-                            _ => {
-                                if let Some(first) = data.take() {
-                                    more.extend_from_slice(&first);
-                                }
-                                more.extend_from_slice(&chunk);
-                            }
+                        if whole.is_empty() && gathered.is_none() {
+                            whole = chunk;
+                        } else {
+                            gathered
+                                .get_or_insert_with(|| BytesMut::from(&whole[..]))
+                                .extend_from_slice(&chunk);
                         }
                     }
                     Err(frame) => match frame.into_trailers() {
@@ -250,7 +248,7 @@ impl RawCalls {
             Some(s) => return Exchange::Status(s),
             None => return Exchange::Unusual,
         }
-        let whole = data.unwrap_or_else(|| more.freeze());
+        let whole = gathered.map_or(whole, BytesMut::freeze);
         match one_message(&whole) {
             Some(message) => Exchange::Message(whole.slice_ref(message)),
             None => Exchange::Unusual,
@@ -306,5 +304,35 @@ impl Body for RawReply {
 
     fn is_end_stream(&self) -> bool {
         self.ended
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_engine_deadline_header_is_the_engine_call_timeout() {
+        assert_eq!(
+            ENGINE_CALL_GRPC_TIMEOUT,
+            format!("{}S", ENGINE_CALL_TIMEOUT.as_secs())
+        );
+    }
+
+    #[test]
+    fn replies_are_the_engines_message_as_field_1_or_as_it_is() {
+        let engine = [0x0a, 0x03, b'v', b'o', b'l'];
+        let framed = RawRpc::VolumeGet.framed_reply(&engine);
+        assert_eq!(
+            &framed[..],
+            &[0, 0, 0, 0, 7, 0x0a, 5, 0x0a, 3, b'v', b'o', b'l']
+        );
+        let framed = RawRpc::MetricsGet.framed_reply(&engine);
+        assert_eq!(&framed[..], &[0, 0, 0, 0, 5, 0x0a, 0x03, b'v', b'o', b'l']);
+        assert_eq!(one_message(&framed), Some(&engine[..]));
+        // Compressed, short, or not protobuf: not served here.
+        assert_eq!(one_message(&[1, 0, 0, 0, 0]), None);
+        assert_eq!(one_message(&[0, 0, 0, 0, 9, 0x0a]), None);
+        assert_eq!(one_message(&[0, 0, 0, 0, 2, 0x0f, 0x01]), None);
     }
 }

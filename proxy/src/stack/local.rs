@@ -93,7 +93,7 @@ impl<S> Clone for EngineDispatch<S> {
 struct DispatchInner<S> {
     local: Local<S>,
     /// VolumeGet, ReplicaList and MetricsGet, answered without decoding the engine's reply.
-    raw: Option<RawCalls>,
+    raw: RawCalls,
     /// The forwarding stack of `passthrough_cluster`, when the route names one.
     passthrough: Option<PassthroughService>,
     listener: ListenerInfo,
@@ -103,7 +103,7 @@ struct DispatchInner<S> {
 impl<S> EngineDispatch<S> {
     pub fn new(
         local: Local<S>,
-        raw: Option<RawCalls>,
+        raw: RawCalls,
         passthrough: Option<PassthroughService>,
         listener: ListenerInfo,
         context: RouteContext,
@@ -160,24 +160,16 @@ where
                     match read {
                         Ok((Some(message), body)) => {
                             let decision = dispatch::decide(method, shape, &message);
-                            if let (Decision::Local, Some(raw), Some(rpc)) =
-                                (&decision, &this.raw, RawRpc::of(method))
-                            {
-                                if body.first_message_is_plain() {
-                                    match raw.serve(rpc, &message).await {
-                                        Served::Answer(response) => {
-                                            return Ok(
-                                                response.map(|b| Either::Right(Either::Left(b)))
-                                            )
-                                        }
-                                        Served::Refused(status) => {
-                                            return Err(LocalReply::new(
-                                                status.code(),
-                                                status.message().to_string(),
-                                            ))
-                                        }
-                                        Served::Fallback => {}
+                            let raw = RawRpc::of(method).filter(|_| {
+                                matches!(decision, Decision::Local) && body.first_message_is_plain()
+                            });
+                            if let Some(rpc) = raw {
+                                match this.raw.serve(rpc, &message).await {
+                                    Served::Answer(r) => {
+                                        return Ok(r.map(|b| Either::Right(Either::Left(b))))
                                     }
+                                    Served::Refused(status) => return Err(status.into()),
+                                    Served::Fallback => {}
                                 }
                             }
                             (decision, body)
@@ -195,10 +187,7 @@ where
                     .oneshot(call)
                     .await?
                     .map(Either::Left)),
-                Decision::Refuse(status) => Err(LocalReply::new(
-                    status.code(),
-                    status.message().to_string(),
-                )),
+                Decision::Refuse(status) => Err(status.into()),
                 Decision::Passthrough(why) => match &this.passthrough {
                     Some(passthrough) => {
                         tracing::debug!(path = %call.parts.uri.path(), reason = %why, "passing through to the instance-manager's proxy");
