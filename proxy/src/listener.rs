@@ -535,14 +535,16 @@ impl Admitted {
         let conn = self.conn.clone();
         let shared = self.shared.clone();
         let service = service_fn(move |request| {
-            let table = routes.load_full();
+            // Decided here, not in the future: the future of each open call then holds the
+            // route stack's future and the count, not the request and the table as well.
+            let table = routes.load();
             let counted = InProgress::start(&shared, &conn);
-            async move {
+            let handled = {
                 let shared = &counted.shared;
                 // At the limit, a stream still waiting for its body gives its place up.
                 let over = shared.requests.load(Ordering::Relaxed) > table.limits.max_requests
                     && !shared.waiters.evict_oldest();
-                let response = if over {
+                if over {
                     let max = table.limits.max_requests;
                     shared
                         .metrics
@@ -552,17 +554,21 @@ impl Admitted {
                                 shared.name
                             )
                         });
-                    LocalReply::new(
+                    let reply = LocalReply::new(
                         Code::ResourceExhausted,
                         format!(
                             "listener {} has max_requests ({max}) requests in progress; retry when some finish (operators: listeners[].max_requests)",
                             shared.name
                         ),
                     )
-                    .into_response()
+                    .into_response();
+                    futures_util::future::Either::Left(std::future::ready(reply))
                 } else {
-                    table.handle(request, &counted.conn).await
-                };
+                    table.handle(request, &counted.conn)
+                }
+            };
+            async move {
+                let response = handled.await;
                 Ok::<_, Infallible>(response.map(|inner| TrackedBody {
                     inner,
                     counted: Some(counted),

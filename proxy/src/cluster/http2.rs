@@ -109,13 +109,14 @@ pub fn strip_connection_headers(headers: &mut HeaderMap) {
     }
 }
 
-/// Opens `request` on the connection behind `send` and sends its body: from here when it is
-/// whole by then, else from a task of its own.
-pub async fn open(
-    send: &SendRequest<Bytes>,
+/// Opens `request` on `send` (ready: its `poll_ready` said so) and sends its body: from here
+/// when it is whole by then, else from a task of its own. A plain function, not an async one:
+/// the request moves through it, so no call's future keeps a second copy of it.
+pub fn open(
+    send: &mut SendRequest<Bytes>,
     request: http::Request<ProxyBody>,
+    cx: &mut Context<'_>,
 ) -> Result<h2::client::ResponseFuture, h2::Error> {
-    let mut send = send.clone().ready().await?;
     let (parts, body) = request.into_parts();
     let eos = body.is_end_stream();
     let (response, stream) = send.send_request(http::Request::from_parts(parts, ()), eos)?;
@@ -126,8 +127,7 @@ pub async fn open(
             pending: None,
             inline: Some(INLINE_BYTES),
         };
-        let done = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut pipe).poll(cx))).await;
-        if done.is_pending() {
+        if Pin::new(&mut pipe).poll(cx).is_pending() {
             pipe.inline = None;
             tokio::spawn(pipe);
         }

@@ -12,11 +12,13 @@ pub use http2::H2Body;
 use crate::tls::ClientTls;
 use parking_lot::Mutex;
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use futures_util::future::Either;
 use http::{Request, Response};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -240,14 +242,18 @@ impl Cluster {
         self.storage.on_storage_network(ip)
     }
 
-    /// Sends `request` (whose URI holds only the path) to `destination` over its pool.
-    pub async fn send(
-        &self,
+    /// Sends `request` (whose URI holds only the path) to `destination` over its pool. The
+    /// pool's future is the call's (no async block around it to hold the request a second
+    /// time).
+    pub fn send(
+        self: &Arc<Self>,
         destination: SocketAddr,
         request: Request<ProxyBody>,
-    ) -> Result<Response<H2Body>, UpstreamError> {
-        let pool = self.pool_for(destination)?;
-        pool.send(&self.connector, request).await
+    ) -> impl Future<Output = Result<Response<H2Body>, UpstreamError>> + Send + 'static {
+        match self.pool_for(destination) {
+            Ok(pool) => Either::Left(pool.send(self.clone(), request)),
+            Err(e) => Either::Right(std::future::ready(Err(e))),
+        }
     }
 
     fn pool_for(&self, destination: SocketAddr) -> Result<Arc<EndpointPool>, UpstreamError> {

@@ -5,6 +5,7 @@ use parking_lot::Mutex;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::Context;
 use std::time::Duration;
 use tokio_util::either::Either;
 
@@ -17,7 +18,7 @@ use tokio::time::Instant;
 
 use super::connect::{ConnectError, Connector};
 use super::http2::{self, H2Body};
-use super::UpstreamError;
+use super::{Cluster, UpstreamError};
 use crate::cluster::error_chain;
 use crate::reply::ProxyBody;
 
@@ -123,23 +124,32 @@ impl EndpointPool {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    /// Sends a request over a pooled connection, dialling one when needed.
+    /// Sends a request over a pooled connection, dialling one when needed. The request is held
+    /// here once (the argument); the wait for its response holds little more than the
+    /// connection (bench-footprint: memory per open call).
     pub async fn send(
-        &self,
-        connector: &Connector,
-        request: Request<ProxyBody>,
+        self: Arc<Self>,
+        cluster: Arc<Cluster>,
+        mut request: Request<ProxyBody>,
     ) -> Result<Response<H2Body>, UpstreamError> {
         self.last_used.store(self.now_ms(), Ordering::Relaxed);
-        let conn = self.checkout(connector).await?;
-        let mut request = request;
+        let conn = self.checkout(&cluster.connector).await?;
         *request.uri_mut() = self.upstream_uri(request.uri());
         http2::strip_connection_headers(request.headers_mut());
         conn.in_flight.fetch_add(1, Ordering::Relaxed);
         let _counted = InFlight {
             conn: &conn,
-            pool: self,
+            pool: &self,
         };
-        let opened = http2::open(&conn.send, request).await;
+        let mut send = conn.send.clone();
+        // The request is opened from this task (its waker, so a body that waits wakes it), by
+        // a plain call: moved into a closure instead, it would take a second place in this
+        // future beside the argument's.
+        let ready = std::future::poll_fn(|cx| send.poll_ready(cx).map_ok(|()| cx.waker().clone()));
+        let opened = match ready.await {
+            Ok(waker) => http2::open(&mut send, request, &mut Context::from_waker(&waker)),
+            Err(e) => Err(e),
+        };
         let response = match opened {
             Ok(response) => response.await,
             Err(e) => {

@@ -83,8 +83,7 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let (cluster, destination) = (self.cluster.clone(), self.destination);
         let request = request.map(|b| b.map_err(Into::into).boxed_unsync());
-        Box::pin(async move { cluster.send(destination, request).await })
+        Box::pin(self.cluster.send(self.destination, request))
     }
 }

@@ -2,7 +2,7 @@
 
 use std::task::{Context, Poll};
 
-use futures_util::future::{BoxFuture, Either};
+use futures_util::future::{BoxFuture, Either, FutureExt};
 use tower::Service;
 
 use super::Call;
@@ -43,11 +43,12 @@ where
             return Either::Left(served);
         };
         let context = self.context.clone();
-        Either::Right(Box::pin(async move {
-            match tokio::time::timeout_at(deadline.at, served).await {
+        // Mapped, not awaited in an async block (which would hold `served` twice).
+        Either::Right(Box::pin(tokio::time::timeout_at(deadline.at, served).map(
+            move |timed| match timed {
                 Ok(result) => result,
                 Err(_) => Err(deadline.reply(&context)),
-            }
-        }))
+            },
+        )))
     }
 }

@@ -41,6 +41,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
 use http::request::Parts;
 use http::Response;
 use http_body_util::{BodyExt, Either};
@@ -96,13 +97,13 @@ where
 {
     fn serve(&self, request: RouteRequest) -> BoxFuture<'static, Response<ProxyBody>> {
         // Observe, the outermost layer, is always ready: no poll_ready is needed.
+        // Mapped, not awaited in an async block: that would hold the stack's future twice
+        // (captured, and again while awaited) in every call's box.
         let served = self.0.clone().call(request);
-        Box::pin(async move {
-            match served.await {
-                Ok(response) => response,
-                Err(never) => match never {},
-            }
-        })
+        Box::pin(served.map(|result| match result {
+            Ok(response) => response,
+            Err(never) => match never {},
+        }))
     }
 }
 

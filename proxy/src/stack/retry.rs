@@ -283,11 +283,10 @@ where
         let Some(after) = self.timeout else {
             return sent.boxed();
         };
-        Box::pin(async move {
+        Box::pin(
             tokio::time::timeout(after, sent)
-                .await
-                .unwrap_or(Err(UpstreamError::TryTimeout { after }))
-        })
+                .map(move |timed| timed.unwrap_or(Err(UpstreamError::TryTimeout { after }))),
+        )
     }
 }
 
