@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A process that is killed when dropped.
+/// A process stopped when dropped: asked to (SIGTERM, so nginx's master takes its workers
+/// down with it; SIGKILL left them running, one more after every bench), then killed.
 pub struct Peer {
     pub name: String,
     pub addr: SocketAddr,
@@ -15,6 +16,19 @@ pub struct Peer {
 
 impl Drop for Peer {
     fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let asked = Instant::now();
+            while asked.elapsed() < Duration::from_secs(3) {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

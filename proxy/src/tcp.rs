@@ -9,6 +9,7 @@ use parking_lot::Mutex;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,6 +35,14 @@ const LOOPBACK_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const CHUNK: usize = 64 << 10;
 /// What the pipe of a connection moving bulk data is grown to (`fs.pipe-max-size`'s default).
 const BULK_PIPE: usize = 1 << 20;
+/// At most this many pipes are grown at once. A user's pipes count against
+/// `fs.pipe-user-pages-soft` (16384 pages by default); an unprivileged user past it gets
+/// 8 KiB pipes for every new one, lhnet's and its neighbours' alike. 16 grown pipes take a
+/// quarter of it.
+const MAX_BULK_PIPES: usize = 16;
+/// What a connection has moved one way when its pipe is grown.
+const GROW_AFTER: u64 = 1 << 20;
+static BULK_PIPES: AtomicUsize = AtomicUsize::new(0);
 /// How often ports that could not be bound are tried again.
 pub(crate) const REBIND_EVERY: Duration = Duration::from_secs(1);
 
@@ -507,13 +516,38 @@ async fn one_way(from: &TcpStream, to: &TcpStream, count: impl Fn(u64)) -> io::R
     Ok(total)
 }
 
-/// Grows a pipe to [`BULK_PIPE`]: its capacity in bytes then, or `None` when the kernel refuses
-/// (past `fs.pipe-max-size`, or a user's `fs.pipe-user-pages-soft` without CAP_SYS_RESOURCE).
-fn grow_pipe(pipe: &OwnedFd) -> Option<usize> {
-    let size = i32::try_from(BULK_PIPE).ok()?;
-    match nix::fcntl::fcntl(pipe, nix::fcntl::FcntlArg::F_SETPIPE_SZ(size)) {
-        Ok(got) => usize::try_from(got).ok().filter(|&g| g > CHUNK),
-        Err(_) => None,
+/// Grows a pipe to [`BULK_PIPE`] while fewer than [`MAX_BULK_PIPES`] are: its capacity then,
+/// and the place it holds among them; `None` when none is free or the kernel refuses (past
+/// `fs.pipe-max-size`, or `fs.pipe-user-pages-soft` without CAP_SYS_RESOURCE).
+fn grow_pipe(pipe: &OwnedFd) -> Option<(usize, BulkPipe)> {
+    let place = BulkPipe::take()?;
+    Some((set_pipe_size(pipe, BULK_PIPE)?, place))
+}
+
+/// The pipe's capacity after asking for `size`, if it grew past the default.
+fn set_pipe_size(pipe: &OwnedFd, size: usize) -> Option<usize> {
+    let size = i32::try_from(size).ok()?;
+    let got = nix::fcntl::fcntl(pipe, nix::fcntl::FcntlArg::F_SETPIPE_SZ(size)).ok()?;
+    usize::try_from(got).ok().filter(|&g| g > CHUNK)
+}
+
+/// One of the [`MAX_BULK_PIPES`] places, given back when dropped.
+struct BulkPipe(());
+
+impl BulkPipe {
+    fn take() -> Option<BulkPipe> {
+        BULK_PIPES
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_BULK_PIPES).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| BulkPipe(()))
+    }
+}
+
+impl Drop for BulkPipe {
+    fn drop(&mut self) {
+        BULK_PIPES.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -531,10 +565,11 @@ async fn splice_loop(
 ) -> io::Result<Spliced> {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     let mut total = 0u64;
-    // What one splice asks for; a connection that fills the default pipe is moving bulk data,
-    // and its pipe is grown once (fewer splice calls and wake-ups per byte, more bytes
-    // in flight).
-    let (mut chunk, mut may_grow) = (CHUNK, true);
+    // What one splice asks for; a connection that has moved GROW_AFTER is moving bulk data,
+    // and its pipe is grown once (fewer splice calls and wake-ups per byte, more bytes in
+    // flight). Not by how full one splice came back: a forwarder that keeps up reads less
+    // than the pipe holds at a time.
+    let (mut chunk, mut may_grow, mut _bulk) = (CHUNK, true, None);
     loop {
         let n = loop {
             from.readable().await?;
@@ -552,10 +587,10 @@ async fn splice_loop(
         if n == 0 {
             return Ok(Spliced::Done(total));
         }
-        if may_grow && n == chunk {
+        if may_grow && total >= GROW_AFTER {
             may_grow = false;
-            if let Some(grown) = grow_pipe(&pipe_in) {
-                chunk = grown;
+            if let Some((grown, place)) = grow_pipe(&pipe_in) {
+                (chunk, _bulk) = (grown, Some(place));
             }
         }
         let mut in_pipe = n;
@@ -623,12 +658,22 @@ mod tests {
     #[test]
     fn a_bulk_pipe_grows_past_the_default_and_holds_what_it_says() {
         let (out, into) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).unwrap();
-        let grown = grow_pipe(&into).expect("the kernel refused to grow a pipe to 1 MiB");
+        let grown = set_pipe_size(&into, BULK_PIPE).expect("the kernel refused a 1 MiB pipe");
         assert!(grown >= BULK_PIPE, "{grown}");
         // The whole capacity goes in without blocking, one byte more does not.
         let block = vec![5u8; grown];
         assert_eq!(nix::unistd::write(&into, &block).unwrap(), grown);
         assert_eq!(nix::unistd::write(&into, &[1]), Err(Errno::EAGAIN));
         drop(out);
+    }
+
+    #[test]
+    fn no_more_than_max_bulk_pipes_are_grown_at_once() {
+        // Other tests of this binary may hold places: take what is left, then one more.
+        let held: Vec<BulkPipe> = std::iter::from_fn(BulkPipe::take).collect();
+        assert!(!held.is_empty() && held.len() <= MAX_BULK_PIPES);
+        assert!(BulkPipe::take().is_none(), "a place past MAX_BULK_PIPES");
+        drop(held);
+        assert!(BulkPipe::take().is_some(), "places are given back");
     }
 }
