@@ -330,8 +330,19 @@ pub fn print(r: &EngineReport) {
             "errors"
         );
         for o in &rpc.open_loop {
+            // Sent over 1 ms behind the schedule: the load side (generator and engine on one
+            // CPU) did not keep up, and the row measures it, not lhnet.
+            let behind = late_share(&o.direct);
+            let note = if behind > 0.01 {
+                format!(
+                    "  <- direct sent {:.0}% late: the load side's limit, not lhnet's",
+                    behind * 100.0
+                )
+            } else {
+                String::new()
+            };
             println!(
-                "  {:>4}% {:>8.0} | {:>8.3} {:>8.3} {:>8.3} | {:>8.3} {:>8.3} {:>8.3} | {:>8.3} {:>8.3} {:>8.3} | {:>6}",
+                "  {:>4}% {:>8.0} | {:>8.3} {:>8.3} {:>8.3} | {:>8.3} {:>8.3} {:>8.3} | {:>8.3} {:>8.3} {:>8.3} | {:>6}{note}",
                 o.percent_of_saturation,
                 o.rate,
                 o.direct.p50_ms,
@@ -347,5 +358,41 @@ pub fn print(r: &EngineReport) {
             );
         }
         println!("  (ms; latency from each call's scheduled send time; +: added by lhnet)\n");
+    }
+}
+
+/// The share of a run's calls sent more than 1 ms after their scheduled time.
+fn late_share(t: &Tail) -> f64 {
+    if t.calls == 0 {
+        0.0
+    } else {
+        t.late as f64 / t.calls as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tail(calls: u64, late: u64) -> Tail {
+        Tail {
+            target: "direct".into(),
+            rate: 1000.0,
+            calls,
+            errors: 0,
+            late,
+            p50_ms: 0.1,
+            p99_ms: 0.2,
+            p999_ms: 0.3,
+            max_ms: 0.4,
+            first_error: None,
+        }
+    }
+
+    #[test]
+    fn the_late_share_is_of_the_calls_made() {
+        assert_eq!(late_share(&tail(200, 10)), 0.05);
+        assert_eq!(late_share(&tail(200, 0)), 0.0);
+        assert_eq!(late_share(&tail(0, 0)), 0.0);
     }
 }

@@ -562,7 +562,7 @@ impl Admitted {
                         ),
                     )
                     .into_response();
-                    futures_util::future::Either::Left(std::future::ready(reply))
+                    Box::pin(std::future::ready(reply))
                 } else {
                     table.handle(request, &counted.conn)
                 }

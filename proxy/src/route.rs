@@ -2,12 +2,11 @@
 //! service, built once from config as a stack of tower layers ([`crate::stack`]).
 
 use std::collections::HashMap;
-use std::future::Ready;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::future::{BoxFuture, Either};
+use futures_util::future::BoxFuture;
 use http::{HeaderMap, Request, Response};
 use hyper::body::Incoming;
 use tokio::time::Instant;
@@ -135,7 +134,7 @@ impl RouteTable {
                 reply.code as i32,
                 0.0,
             );
-            return Either::Left(std::future::ready(reply.into_response()));
+            return Box::pin(std::future::ready(reply.into_response()));
         };
         let log = RequestLog {
             metrics: self.metrics.clone(),
@@ -156,7 +155,7 @@ impl RouteTable {
                 Code::InvalidArgument,
                 format!("request is not gRPC (content-type must be application/grpc) ({context})"),
             );
-            return Either::Left(std::future::ready(finish_local(reply, log)));
+            return Box::pin(std::future::ready(finish_local(reply, log)));
         }
 
         let deadline = match effective_deadline(&route.config, request.headers()) {
@@ -166,7 +165,7 @@ impl RouteTable {
             }),
             Err(bad) => {
                 let reply = LocalReply::new(Code::InvalidArgument, format!("{bad} ({context})"));
-                return Either::Left(std::future::ready(finish_local(reply, log)));
+                return Box::pin(std::future::ready(finish_local(reply, log)));
             }
         };
         let verdict = Verdict::default();
@@ -181,12 +180,13 @@ impl RouteTable {
             deadline,
             verdict,
         };
-        Either::Right(route.service.serve(RouteRequest { call, log }))
+        route.service.serve(RouteRequest { call, log })
     }
 }
 
-/// What [`RouteTable::handle`] returns: the answer at once, or the route's stack at work.
-pub type Handled = Either<Ready<Response<ProxyBody>>, BoxFuture<'static, Response<ProxyBody>>>;
+/// What [`RouteTable::handle`] returns: the route's stack at work, or the answer at once
+/// (boxed too: a response kept inline would make every open call's future the larger).
+pub type Handled = BoxFuture<'static, Response<ProxyBody>>;
 
 /// Builds one route's service; `None` (logged) when it names a cluster that does not exist.
 fn build_route(
