@@ -255,6 +255,74 @@ async fn route_timeout_caps_a_stream_with_trailers() {
     drop(tx);
 }
 
+/// An upstream that answers each request's headers at once and then reads its body, reporting
+/// how the body ended: `Ok(bytes)` at its end, `Err(reason)` when the stream was reset.
+async fn body_watching_upstream() -> (
+    SocketAddr,
+    tokio::sync::mpsc::Receiver<Result<usize, String>>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tokio::spawn(async move {
+        let Ok((tcp, _)) = listener.accept().await else {
+            return;
+        };
+        let mut conn = h2::server::handshake(tcp).await.unwrap();
+        while let Some(Ok((request, mut respond))) = conn.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let response = http::Response::builder()
+                    .header("content-type", "application/grpc")
+                    .body(())
+                    .unwrap();
+                let _keep = respond.send_response(response, false).unwrap();
+                let mut body = request.into_body();
+                let mut read = 0;
+                let ended = loop {
+                    match body.data().await {
+                        Some(Ok(chunk)) => {
+                            read += chunk.len();
+                            let _ = body.flow_control().release_capacity(chunk.len());
+                        }
+                        Some(Err(e)) => break Err(format!("{:?}", e.reason())),
+                        None => break Ok(read),
+                    }
+                };
+                let _ = tx.send(ended).await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
+#[tokio::test]
+async fn a_stream_past_its_deadline_is_reset_upstream_while_its_client_holds_it_open() {
+    let (up, mut ended) = body_watching_upstream().await;
+    let routes = format!(
+        "      - match: {{ prefix: {ECHO} }}\n        cluster: up\n        timeout: 300ms\n"
+    );
+    let p = proxy(&routes, &static_cluster("up", &[up])).await;
+    let mut c = client(&p).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let mut replies = c
+        .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(req(b"a")).await.unwrap();
+    let status = replies.message().await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    // The client keeps its side open; lhnet gave the call up, so the upstream stream must not
+    // wait for the client: it is reset (CANCEL) soon after the deadline.
+    let seen = tokio::time::timeout(Duration::from_secs(3), ended.recv())
+        .await
+        .expect("the upstream stream was still open 3 s after the call's deadline")
+        .unwrap();
+    assert_eq!(seen, Err("Some(CANCEL)".to_string()));
+    drop(tx);
+}
+
 #[tokio::test]
 async fn retry_on_connect_failure_reaches_the_second_endpoint() {
     let live = echo("live").await;

@@ -116,23 +116,36 @@ pub fn open(
     send: &mut SendRequest<Bytes>,
     request: http::Request<ProxyBody>,
     cx: &mut Context<'_>,
-) -> Result<h2::client::ResponseFuture, h2::Error> {
+) -> Result<(h2::client::ResponseFuture, Option<BodyTask>), h2::Error> {
     let (parts, body) = request.into_parts();
     let eos = body.is_end_stream();
     let (response, stream) = send.send_request(http::Request::from_parts(parts, ()), eos)?;
+    let mut task = None;
     if !eos {
         let mut pipe = Pipe {
             body,
             stream,
             pending: None,
             inline: Some(INLINE_BYTES),
+            stop: None,
         };
         if Pin::new(&mut pipe).poll(cx).is_pending() {
+            let (keep, stop) = tokio::sync::oneshot::channel();
             pipe.inline = None;
+            pipe.stop = Some(stop);
             tokio::spawn(pipe);
+            task = Some(BodyTask { _keep: keep });
         }
     }
-    Ok(response)
+    Ok((response, task))
+}
+
+/// The task sending a request's body, for as long as this is held (by the response future's
+/// caller, then by the response body): dropped, the task resets the stream and ends, so a call
+/// given up on (its deadline passed, its client gone) does not hold the upstream stream and the
+/// downstream body open until the client ends its own side.
+pub struct BodyTask {
+    _keep: tokio::sync::oneshot::Sender<()>,
 }
 
 /// A request body on its way into a stream. While `inline` has room, data is handed to h2 as
@@ -143,6 +156,8 @@ struct Pipe {
     /// A chunk waiting for window.
     pending: Option<Bytes>,
     inline: Option<usize>,
+    /// Closed when the call's [`BodyTask`] is dropped (a spawned pipe only).
+    stop: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 impl Future for Pipe {
@@ -154,6 +169,13 @@ impl Future for Pipe {
             // The peer reset the stream (or the connection went): stop reading the body.
             if this.stream.poll_reset(cx).is_ready() {
                 return Poll::Ready(());
+            }
+            // The call was given up on: nothing will read the answer.
+            if let Some(stop) = this.stop.as_mut() {
+                if Pin::new(stop).poll(cx).is_ready() {
+                    this.stream.send_reset(Reason::CANCEL);
+                    return Poll::Ready(());
+                }
             }
             if let Some(chunk) = this.pending.as_mut() {
                 if this.stream.capacity() == 0 {
@@ -220,13 +242,16 @@ impl Future for Pipe {
 pub struct H2Body {
     recv: RecvStream,
     data_done: bool,
+    /// The request body's task, while it runs: stopped when this body is dropped.
+    _request_body: Option<BodyTask>,
 }
 
 impl H2Body {
-    pub fn new(recv: RecvStream) -> H2Body {
+    pub fn new(recv: RecvStream, request_body: Option<BodyTask>) -> H2Body {
         H2Body {
             recv,
             data_done: false,
+            _request_body: request_body,
         }
     }
 }

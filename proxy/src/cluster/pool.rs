@@ -150,19 +150,19 @@ impl EndpointPool {
             Ok(waker) => http2::open(&mut send, request, &mut Context::from_waker(&waker)),
             Err(e) => Err(e),
         };
-        let response = match opened {
-            Ok(response) => response.await,
+        let (response, body_task) = match opened {
+            Ok((response, body_task)) => (response.await, body_task),
             Err(e) => {
                 // The connection takes no new streams (GOAWAY, or it failed): no more requests
                 // go to it. A request h2 refuses for itself leaves the connection as it is.
                 if e.is_go_away() || e.is_io() || e.is_library() {
                     conn.closed.store(true, Ordering::Release);
                 }
-                Err(e)
+                (Err(e), None)
             }
         };
         match response {
-            Ok(response) => Ok(response.map(H2Body::new)),
+            Ok(response) => Ok(response.map(|recv| H2Body::new(recv, body_task))),
             Err(e) => Err(self.failed(&e)),
         }
     }
