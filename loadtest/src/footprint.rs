@@ -98,7 +98,12 @@ fn inside(binary: &Path, streams: usize, starts: usize) -> Result<FootprintRepor
             .map(|a| a.port())
             .map_err(|e| e.to_string())
     };
-    let (admin, listen) = (port()?, port()?);
+    // Two bind(0)s in a row may hand out the same port; lhnet would then fail to start.
+    let admin = port()?;
+    let mut listen = port()?;
+    while listen == admin {
+        listen = port()?;
+    }
     let dir = std::env::temp_dir().join(format!("lhnet-footprint-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let config = dir.join("lhnet.yaml");
@@ -120,22 +125,35 @@ fn inside(binary: &Path, streams: usize, starts: usize) -> Result<FootprintRepor
     let mut times = Vec::new();
     let mut child = None;
     for i in 0..starts {
+        let log = dir.join("lhnet.log");
+        let stderr = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
         let started = Instant::now();
         let mut c = Command::new(binary)
             .args(["-c"])
             .arg(&config)
             .args(["--threads", "1", "--log-level", "warn"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .map_err(|e| format!("{}: {e}", binary.display()))?;
         loop {
             if ready(admin_addr) {
                 break;
             }
+            let said = || {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let last = text.lines().rev().take(3).collect::<Vec<_>>();
+                last.into_iter().rev().collect::<Vec<_>>().join(" | ")
+            };
+            if let Ok(Some(status)) = c.try_wait() {
+                return Err(format!(
+                    "lhnet-proxy exited before /ready ({status}): {}",
+                    said()
+                ));
+            }
             if started.elapsed() > Duration::from_secs(10) {
                 let _ = c.kill();
-                return Err("lhnet-proxy was not ready within 10 s".into());
+                return Err(format!("lhnet-proxy was not ready within 10 s: {}", said()));
             }
             std::thread::sleep(Duration::from_micros(500));
         }

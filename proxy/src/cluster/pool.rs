@@ -2,6 +2,7 @@
 //! closed when idle, and dialled again only after a back-off when dialling fails.
 
 use parking_lot::Mutex;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -127,43 +128,65 @@ impl EndpointPool {
     /// Sends a request over a pooled connection, dialling one when needed. The request is held
     /// here once (the argument); the wait for its response holds little more than the
     /// connection (bench-footprint: memory per open call).
-    pub async fn send(
+    // Written out on purpose (see the comment in the body).
+    #[allow(clippy::manual_async_fn)]
+    pub fn send(
         self: Arc<Self>,
         cluster: Arc<Cluster>,
         mut request: Request<ProxyBody>,
-    ) -> Result<Response<H2Body>, UpstreamError> {
-        self.last_used.store(self.now_ms(), Ordering::Relaxed);
-        let conn = self.checkout(&cluster.connector).await?;
-        *request.uri_mut() = self.upstream_uri(request.uri());
-        http2::strip_connection_headers(request.headers_mut());
-        conn.in_flight.fetch_add(1, Ordering::Relaxed);
-        let _counted = InFlight {
-            conn: &conn,
-            pool: &self,
-        };
-        let mut send = conn.send.clone();
-        // The request is opened from this task (its waker, so a body that waits wakes it), by
-        // a plain call: moved into a closure instead, it would take a second place in this
-        // future beside the argument's.
-        let ready = std::future::poll_fn(|cx| send.poll_ready(cx).map_ok(|()| cx.waker().clone()));
-        let opened = match ready.await {
-            Ok(waker) => http2::open(&mut send, request, &mut Context::from_waker(&waker)),
-            Err(e) => Err(e),
-        };
-        let (response, body_task) = match opened {
-            Ok((response, body_task)) => (response.await, body_task),
-            Err(e) => {
-                // The connection takes no new streams (GOAWAY, or it failed): no more requests
-                // go to it. A request h2 refuses for itself leaves the connection as it is.
-                if e.is_go_away() || e.is_io() || e.is_library() {
-                    conn.closed.store(true, Ordering::Release);
+    ) -> impl Future<Output = Result<Response<H2Body>, UpstreamError>> + Send + 'static {
+        // An async block, not an async fn: an async fn copies its arguments into locals, and
+        // the request would then take two places in every open call's future.
+        async move {
+            self.last_used.store(self.now_ms(), Ordering::Relaxed);
+            // The usual case, a connection with room, is decided here; waiting and dialling
+            // are boxed, so their futures do not sit in every open call's.
+            let connector = &cluster.connector;
+            let conn = match self.pick(connector.wanted_source()) {
+                Pick::Use(conn) => conn,
+                Pick::Dial => Box::pin(self.dial(connector)).await?,
+                Pick::Wait => Box::pin(self.checkout(connector)).await?,
+                Pick::Fail(cause) => return Err(self.connect_failed(cause)),
+            };
+            *request.uri_mut() = self.upstream_uri(request.uri());
+            http2::strip_connection_headers(request.headers_mut());
+            conn.in_flight.fetch_add(1, Ordering::Relaxed);
+            let _counted = InFlight {
+                conn: &conn,
+                pool: &self,
+            };
+            let mut send = conn.send.clone();
+            // The request is opened from this task (its waker, so a body that waits wakes
+            // it), by a plain call: moved into a closure instead, it would take a second place
+            // in this future.
+            let ready =
+                std::future::poll_fn(|cx| send.poll_ready(cx).map_ok(|()| cx.waker().clone()));
+            let opened = match ready.await {
+                Ok(waker) => http2::open(&mut send, request, &mut Context::from_waker(&waker)),
+                Err(e) => Err(e),
+            };
+            let (response, body_task) = match opened {
+                Ok((response, body_task)) => (response.await, body_task),
+                Err(e) => {
+                    // The connection takes no new streams (GOAWAY, or it failed): no more
+                    // requests go to it. A request h2 refuses for itself leaves it as it is.
+                    if e.is_go_away() || e.is_io() || e.is_library() {
+                        conn.closed.store(true, Ordering::Release);
+                    }
+                    (Err(e), None)
                 }
-                (Err(e), None)
+            };
+            match response {
+                Ok(response) => Ok(response.map(|recv| H2Body::new(recv, body_task))),
+                Err(e) => Err(self.failed(&e)),
             }
-        };
-        match response {
-            Ok(response) => Ok(response.map(|recv| H2Body::new(recv, body_task))),
-            Err(e) => Err(self.failed(&e)),
+        }
+    }
+
+    fn connect_failed(&self, cause: String) -> UpstreamError {
+        UpstreamError::Connect {
+            destination: self.addr,
+            cause,
         }
     }
 
@@ -193,6 +216,7 @@ impl EndpointPool {
         Uri::from_parts(parts).unwrap_or_else(|_| original.clone())
     }
 
+    /// A connection: one with room, one dialled now, or the one a dial in progress gives.
     async fn checkout(&self, connector: &Connector) -> Result<Arc<Conn>, UpstreamError> {
         let wanted = connector.wanted_source();
         loop {
@@ -200,15 +224,9 @@ impl EndpointPool {
             let dialled = self.dialled.notified();
             match self.pick(wanted) {
                 Pick::Use(conn) => return Ok(conn),
-                Pick::Fail(cause) => {
-                    return Err(UpstreamError::Connect {
-                        destination: self.addr,
-                        cause,
-                    })
-                }
+                Pick::Fail(cause) => return Err(self.connect_failed(cause)),
                 Pick::Wait => dialled.await,
-                // Boxed: dialling is rare, and its future (over a kilobyte) would otherwise
-                // sit in every request's future and be copied with it.
+                // Boxed: its future (over a kilobyte) would otherwise sit in this one.
                 Pick::Dial => return Box::pin(self.dial(connector)).await,
             }
         }
