@@ -29,7 +29,10 @@ pub struct FootprintReport {
     pub start_to_ready_median_ms: f64,
     pub streams: usize,
     pub rss_idle_mib: f64,
+    /// The median of readings every 100 ms while the calls are open.
     pub rss_with_streams_mib: f64,
+    /// The lowest and highest of those readings.
+    pub rss_with_streams_range_mib: (f64, f64),
     pub peak_rss_mib: f64,
     pub calls_ok: usize,
     pub calls_failed: usize,
@@ -169,10 +172,24 @@ fn inside(binary: &Path, streams: usize, starts: usize) -> Result<FootprintRepor
     let idle = rss_kib(pid, "VmRSS").unwrap_or(0);
 
     let proxy: SocketAddr = ([127, 0, 0, 1], listen).into();
+    let started_calls = Instant::now();
     let calls = rt.spawn(open_streams(proxy, streams));
     // All sent well within HOLD; read the memory while they are open.
-    std::thread::sleep(HOLD / 2);
-    let with = rss_kib(pid, "VmRSS").unwrap_or(0);
+    // Sampled every 100 ms from a quarter to three quarters of HOLD (all calls are open by
+    // then, and none has been answered): the median, since one reading moved by several MiB
+    // between runs of one build (the allocator returns freed pages to the system lazily).
+    std::thread::sleep(HOLD / 4);
+    let mut samples = Vec::new();
+    while started_calls.elapsed() < HOLD * 3 / 4 {
+        samples.extend(rss_kib(pid, "VmRSS"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    samples.sort_unstable();
+    let with = samples.get(samples.len() / 2).copied().unwrap_or(0);
+    let (with_min, with_max) = (
+        samples.first().copied().unwrap_or(0),
+        samples.last().copied().unwrap_or(0),
+    );
     let (ok, failed, first_error) = rt
         .block_on(calls)
         .map_err(|e| format!("the client task failed: {e}"))?;
@@ -188,6 +205,7 @@ fn inside(binary: &Path, streams: usize, starts: usize) -> Result<FootprintRepor
         streams,
         rss_idle_mib: idle as f64 / 1024.0,
         rss_with_streams_mib: with as f64 / 1024.0,
+        rss_with_streams_range_mib: (with_min as f64 / 1024.0, with_max as f64 / 1024.0),
         peak_rss_mib: peak as f64 / 1024.0,
         calls_ok: ok,
         calls_failed: failed,
@@ -335,10 +353,12 @@ pub fn print(r: &FootprintReport) {
             .join(", ")
     );
     println!(
-        "resident memory: idle {:.1} MiB; with {} calls open {:.1} MiB (peak {:.1} MiB); calls ok {}, failed {}{}",
+        "resident memory: idle {:.1} MiB; with {} calls open {:.1} MiB (median of readings {:.1}-{:.1}; peak {:.1} MiB); calls ok {}, failed {}{}",
         r.rss_idle_mib,
         r.streams,
         r.rss_with_streams_mib,
+        r.rss_with_streams_range_mib.0,
+        r.rss_with_streams_range_mib.1,
         r.peak_rss_mib,
         r.calls_ok,
         r.calls_failed,
