@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use lhnet_proto::echo::echo_client::EchoClient;
-use lhnet_proto::echo::EchoRequest;
+use lhnet_proto::echo::{EchoReply, EchoRequest};
 use lhnet_proto::echo_server::{self, RunningEcho, ECHO_HEADER, FAIL_AFTER_HEADER};
 use lhnet_proxy::app::{self, Options, RunningProxy};
 use lhnet_proxy::config::Config;
@@ -233,22 +233,35 @@ async fn grpc_timeout_gives_deadline_exceeded() {
     assert!(started.elapsed() < Duration::from_secs(2));
 }
 
-#[tokio::test]
-async fn route_timeout_caps_a_stream_with_trailers() {
-    let up = echo("up").await;
+/// A bidi call to `upstream` through a route whose timeout is 300 ms, its first message sent:
+/// the proxy, the client's sending side (open while held) and the replies.
+async fn bidi_past_a_route_timeout(
+    upstream: SocketAddr,
+) -> (
+    RunningProxy,
+    tokio::sync::mpsc::Sender<EchoRequest>,
+    tonic::Streaming<EchoReply>,
+) {
     let routes = format!(
         "      - match: {{ prefix: {ECHO} }}\n        cluster: up\n        timeout: 300ms\n"
     );
-    let p = proxy(&routes, &static_cluster("up", &[up.addr])).await;
+    let p = proxy(&routes, &static_cluster("up", &[upstream])).await;
     let mut c = client(&p).await;
-    // A bidi stream that stays open: headers arrive, then the route timeout ends it.
     let (tx, rx) = tokio::sync::mpsc::channel(1);
-    let mut replies = c
+    let replies = c
         .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
         .unwrap()
         .into_inner();
     tx.send(req(b"a")).await.unwrap();
+    (p, tx, replies)
+}
+
+#[tokio::test]
+async fn route_timeout_caps_a_stream_with_trailers() {
+    let up = echo("up").await;
+    // A bidi stream that stays open: headers arrive, then the route timeout ends it.
+    let (_p, tx, mut replies) = bidi_past_a_route_timeout(up.addr).await;
     assert!(replies.message().await.unwrap().is_some());
     let status = replies.message().await.unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
@@ -299,18 +312,7 @@ async fn body_watching_upstream() -> (
 #[tokio::test]
 async fn a_stream_past_its_deadline_is_reset_upstream_while_its_client_holds_it_open() {
     let (up, mut ended) = body_watching_upstream().await;
-    let routes = format!(
-        "      - match: {{ prefix: {ECHO} }}\n        cluster: up\n        timeout: 300ms\n"
-    );
-    let p = proxy(&routes, &static_cluster("up", &[up])).await;
-    let mut c = client(&p).await;
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    let mut replies = c
-        .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    tx.send(req(b"a")).await.unwrap();
+    let (_p, tx, mut replies) = bidi_past_a_route_timeout(up).await;
     let status = replies.message().await.unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     // The client keeps its side open; lhnet gave the call up, so the upstream stream must not
