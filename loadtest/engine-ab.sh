@@ -2,9 +2,10 @@
 # Alternates lhnet-proxy builds on the engine proxy, in one session, against the standalone
 # simulated engine (docs/benchmarks.md, "The engine proxy before and after"):
 #
-#   loadtest/engine-ab.sh RPC ROUNDS LHNET_PROXY_BINARY...     (RPC: VolumeGet or ReplicaList)
+#   [STREAMS=64] [CALLS=200000] loadtest/engine-ab.sh RPC ROUNDS LHNET_PROXY_BINARY...
+#   (RPC: VolumeGet or ReplicaList; STREAMS=1 measures one call at a time)
 #
-# Each round measures the engine directly, then each build: h2load -n 200000 -c 1 -m 64 -t 1
+# Each round measures the engine directly, then each build: h2load -n CALLS -c 1 -m STREAMS -t 1
 # (the simulator and h2load on CPU 1, the lhnet build alone on CPU 0, one thread) and prints
 # calls/s, the ratio to direct and lhnet's CPU per call (utime + stime from /proc/PID/stat).
 # Needs h2load, taskset, bc and a release build (cargo build --release). Uses loopback ports
@@ -37,9 +38,9 @@ taskset -c 1 "$LOADTEST" sim --volume bench-vol --engine 127.0.0.1:19501 --repli
 SIM=$!
 trap 'kill $SIM 2>/dev/null; rm -rf "$DIR"' EXIT
 sleep 1.5
-REQ=200000
+REQ=${CALLS:-200000}
 load() {
-    taskset -c 1 h2load -n $REQ -c 1 -m 64 -t 1 -d "$1" \
+    taskset -c 1 h2load -n $REQ -c 1 -m "${STREAMS:-64}" -t 1 -d "$1" \
         -H 'content-type: application/grpc' -H 'te: trailers' "$2" | awk '/finished/{print $4}'
 }
 for i in $(seq 1 "$ROUNDS"); do

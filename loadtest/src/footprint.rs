@@ -125,10 +125,21 @@ fn inside(binary: &Path, streams: usize, starts: usize) -> Result<FootprintRepor
     .map_err(|e| e.to_string())?;
     let admin_addr: SocketAddr = ([127, 0, 0, 1], admin).into();
 
+    let log = dir.join("lhnet.log");
+    // What lhnet-proxy said last, for an error when it does not start.
+    let said = || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let mut last: Vec<&str> = text.lines().rev().take(3).collect();
+        last.reverse();
+        if last.is_empty() {
+            format!("it wrote nothing to {}", log.display())
+        } else {
+            format!("its last words: {}", last.join(" | "))
+        }
+    };
     let mut times = Vec::new();
     let mut child = None;
     for i in 0..starts {
-        let log = dir.join("lhnet.log");
         let stderr = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
         let started = Instant::now();
         let mut c = Command::new(binary)
@@ -143,20 +154,20 @@ fn inside(binary: &Path, streams: usize, starts: usize) -> Result<FootprintRepor
             if ready(admin_addr) {
                 break;
             }
-            let said = || {
-                let text = std::fs::read_to_string(&log).unwrap_or_default();
-                let last = text.lines().rev().take(3).collect::<Vec<_>>();
-                last.into_iter().rev().collect::<Vec<_>>().join(" | ")
-            };
             if let Ok(Some(status)) = c.try_wait() {
                 return Err(format!(
-                    "lhnet-proxy exited before /ready ({status}): {}",
+                    "lhnet-proxy ({}) exited before /ready ({status}); {}",
+                    binary.display(),
                     said()
                 ));
             }
             if started.elapsed() > Duration::from_secs(10) {
                 let _ = c.kill();
-                return Err(format!("lhnet-proxy was not ready within 10 s: {}", said()));
+                return Err(format!(
+                    "lhnet-proxy ({}) was not ready on http://{admin_addr}/ready within 10 s; {}",
+                    binary.display(),
+                    said()
+                ));
             }
             std::thread::sleep(Duration::from_micros(500));
         }
@@ -353,7 +364,7 @@ pub fn print(r: &FootprintReport) {
             .join(", ")
     );
     println!(
-        "resident memory: idle {:.1} MiB; with {} calls open {:.1} MiB (median of readings {:.1}-{:.1}; peak {:.1} MiB); calls ok {}, failed {}{}",
+        "resident memory: idle {:.1} MiB; with {} calls open {:.1} MiB (median of 100 ms readings from {:.1} to {:.1}; peak {:.1} MiB); calls ok {}, failed {}{}",
         r.rss_idle_mib,
         r.streams,
         r.rss_with_streams_mib,

@@ -406,6 +406,25 @@ mod tests {
         Cluster::new(config.clusters[0].clone(), storage, metrics)
     }
 
+    #[test]
+    fn an_open_call_holds_its_request_once() {
+        // bench-footprint: every open call keeps this future. Written as an async fn it held
+        // the request three times (each layer's argument, and the local it was moved into).
+        let c = cluster("{ name: s, endpoints: [127.0.0.1:1] }");
+        let request = Request::builder()
+            .uri("/x.Y/Z")
+            .body(crate::reply::empty_body())
+            .unwrap();
+        let one = std::mem::size_of_val(&request);
+        let sending = c.send("127.0.0.1:1".parse().unwrap(), request);
+        let size = std::mem::size_of_val(&sending);
+        eprintln!("request {one} B, the call's future {size} B");
+        assert!(
+            size < 2 * one,
+            "{size} B: the request ({one} B) is held twice"
+        );
+    }
+
     #[tokio::test]
     async fn round_robin_over_endpoints() {
         let c = cluster("{ name: s, endpoints: [127.0.0.1:1, 127.0.0.1:2, 127.0.0.1:3] }");

@@ -144,9 +144,7 @@ impl EndpointPool {
             let connector = &cluster.connector;
             let conn = match self.pick(connector.wanted_source()) {
                 Pick::Use(conn) => conn,
-                Pick::Dial => Box::pin(self.dial(connector)).await?,
-                Pick::Wait => Box::pin(self.checkout(connector)).await?,
-                Pick::Fail(cause) => return Err(self.connect_failed(cause)),
+                picked => Box::pin(self.checkout(connector, picked)).await?,
             };
             *request.uri_mut() = self.upstream_uri(request.uri());
             http2::strip_connection_headers(request.headers_mut());
@@ -183,13 +181,6 @@ impl EndpointPool {
         }
     }
 
-    fn connect_failed(&self, cause: String) -> UpstreamError {
-        UpstreamError::Connect {
-            destination: self.addr,
-            cause,
-        }
-    }
-
     /// A request that failed on its stream or connection, with the HTTP/2 reason.
     fn failed(&self, e: &h2::Error) -> UpstreamError {
         let cause = error_chain(e);
@@ -216,18 +207,33 @@ impl EndpointPool {
         Uri::from_parts(parts).unwrap_or_else(|_| original.clone())
     }
 
-    /// A connection: one with room, one dialled now, or the one a dial in progress gives.
-    async fn checkout(&self, connector: &Connector) -> Result<Arc<Conn>, UpstreamError> {
+    /// A connection, from what `pick` said first: one with room, one dialled now, or the one a
+    /// dial in progress gives. (Boxed by its caller, so the dial's future, over a kilobyte,
+    /// does not sit in every open call's.)
+    async fn checkout(
+        &self,
+        connector: &Connector,
+        mut picked: Pick,
+    ) -> Result<Arc<Conn>, UpstreamError> {
         let wanted = connector.wanted_source();
         loop {
-            // Register for the dial notification before looking, so none is missed.
-            let dialled = self.dialled.notified();
-            match self.pick(wanted) {
+            match picked {
                 Pick::Use(conn) => return Ok(conn),
-                Pick::Fail(cause) => return Err(self.connect_failed(cause)),
-                Pick::Wait => dialled.await,
-                // Boxed: its future (over a kilobyte) would otherwise sit in this one.
-                Pick::Dial => return Box::pin(self.dial(connector)).await,
+                Pick::Fail(cause) => {
+                    return Err(UpstreamError::Connect {
+                        destination: self.addr,
+                        cause,
+                    })
+                }
+                Pick::Dial => return self.dial(connector).await,
+                Pick::Wait => {
+                    // Registered before looking again, so a dial that ends meanwhile is seen.
+                    let dialled = self.dialled.notified();
+                    picked = self.pick(wanted);
+                    if matches!(picked, Pick::Wait) {
+                        dialled.await;
+                    }
+                }
             }
         }
     }
