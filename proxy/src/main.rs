@@ -1,5 +1,6 @@
 //! The `lhnet-proxy` command: run the sidecar, check a config, print the storage address.
-#![forbid(unsafe_code)]
+// One unsafe call, in `purge_freed_memory_at_once`: setting a mimalloc option (FFI).
+#![deny(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
 use std::net::IpAddr;
@@ -133,7 +134,28 @@ enum Command {
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc's `purge_delay` option (`mi_option_purge_delay` in mimalloc.h, v2 and v3).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Has mimalloc give freed pages back to the system at once instead of after its default
+/// delay (1 s in mimalloc v3). mimalloc purges only on a later allocator call, so with the
+/// delay a proxy that sits waiting on open calls after a burst kept ~11 MiB it no longer used
+/// resident (`lhnet-loadtest bench-footprint`, docs/benchmarks.md). An operator who sets
+/// `MIMALLOC_PURGE_DELAY` (or its old name `MIMALLOC_RESET_DELAY`) keeps their value.
+#[allow(unsafe_code)]
+fn purge_freed_memory_at_once() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some()
+        || std::env::var_os("MIMALLOC_RESET_DELAY").is_some()
+    {
+        return;
+    }
+    // SAFETY: mi_option_set takes an option index and a value, touches only mimalloc's own
+    // option table, and may be called at any time; 15 is purge_delay in the bundled mimalloc.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+}
+
 fn main() -> ExitCode {
+    purge_freed_memory_at_once();
     let cli = Cli::parse();
     init_logging(&cli.run.log);
     match cli.command {
@@ -525,5 +547,32 @@ async fn watch_config(
                 tracing::error!(file = %path.display(), "config not reloaded, keeping the running one:\n{errors}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Index 15 is purge_delay in the mimalloc this binary links: its default (1000 ms in v3,
+    /// 10 ms in v2) before the call, 0 after it.
+    #[test]
+    #[allow(unsafe_code)]
+    fn the_purge_delay_option_is_the_one_set() {
+        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some()
+            || std::env::var_os("MIMALLOC_RESET_DELAY").is_some()
+        {
+            panic!("unset MIMALLOC_PURGE_DELAY/MIMALLOC_RESET_DELAY for this test");
+        }
+        // SAFETY: reads mimalloc's option table.
+        let before = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
+        assert!(
+            before == 1000 || before == 10,
+            "option 15 is not purge_delay: it reads {before}"
+        );
+        purge_freed_memory_at_once();
+        // SAFETY: as above.
+        let after = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
+        assert_eq!(after, 0);
     }
 }
