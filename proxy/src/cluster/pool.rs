@@ -67,6 +67,8 @@ struct Conn {
     source: Option<IpAddr>,
     in_flight: AtomicUsize,
     idle_since_ms: AtomicU64,
+    /// Requests opened whose frames the connection's task has not yet written.
+    backlog: Arc<http2::Backlog>,
 }
 
 /// A pool's worth when the address table is full: dead ones (no connection, none being
@@ -86,6 +88,14 @@ enum Pick {
     Wait,
     Fail(String),
 }
+
+/// A connection just opened: its requests, its closed flag, its backlog, its local address.
+type Opened = (
+    SendRequest<Bytes>,
+    Arc<AtomicBool>,
+    Arc<http2::Backlog>,
+    Option<IpAddr>,
+);
 
 const BACKOFF_BASE: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -153,6 +163,9 @@ impl EndpointPool {
                 conn: &conn,
                 pool: &self,
             };
+            if !conn.backlog.try_take() {
+                Box::pin(conn.backlog.take()).await;
+            }
             let mut send = conn.send.clone();
             // The request is opened from this task (its waker, so a body that waits wakes
             // it), by a plain call: moved into a closure instead, it would take a second place
@@ -166,6 +179,7 @@ impl EndpointPool {
             let (response, body_task) = match opened {
                 Ok((response, body_task)) => (response.await, body_task),
                 Err(e) => {
+                    conn.backlog.untake();
                     // The connection takes no new streams (GOAWAY, or it failed): no more
                     // requests go to it. A request h2 refuses for itself leaves it as it is.
                     if e.is_go_away() || e.is_io() || e.is_library() {
@@ -293,7 +307,7 @@ impl EndpointPool {
         let mut state = self.state.lock();
         state.dialling -= 1;
         let outcome = match result {
-            Ok((send, closed, source)) => {
+            Ok((send, closed, backlog, source)) => {
                 state.backoff = None;
                 let conn = Arc::new(Conn {
                     send,
@@ -301,6 +315,7 @@ impl EndpointPool {
                     source,
                     in_flight: AtomicUsize::new(0),
                     idle_since_ms: AtomicU64::new(self.now_ms()),
+                    backlog,
                 });
                 state.conns.push(conn.clone());
                 Ok(conn)
@@ -329,27 +344,24 @@ impl EndpointPool {
         outcome
     }
 
-    async fn open(
-        &self,
-        connector: &Connector,
-    ) -> Result<(SendRequest<Bytes>, Arc<AtomicBool>, Option<IpAddr>), ConnectError> {
+    async fn open(&self, connector: &Connector) -> Result<Opened, ConnectError> {
         let io = connector.connect_grpc(self.addr).await?;
         let tcp = match &io {
             Either::Left(plain) => plain.get_ref(),
             Either::Right(tls) => tls.get_ref().0.get_ref(),
         };
         let source = tcp.local_addr().ok().map(|a| a.ip());
-        let (send, connection) =
-            http2::builder()
-                .handshake(io)
-                .await
-                .map_err(|e| ConnectError {
-                    reason: "handshake",
-                    message: format!("HTTP/2 handshake with {}: {}", self.addr, error_chain(&e)),
-                })?;
+        let backlog = http2::Backlog::new();
+        let (send, connection) = http2::builder()
+            .handshake(http2::Counted::new(io, backlog.clone()))
+            .await
+            .map_err(|e| ConnectError {
+                reason: "handshake",
+                message: format!("HTTP/2 handshake with {}: {}", self.addr, error_chain(&e)),
+            })?;
         let closed = Arc::new(AtomicBool::new(false));
-        http2::spawn_connection(connection, closed.clone(), self.addr);
-        Ok((send, closed, source))
+        http2::spawn_connection(connection, closed.clone(), backlog.clone(), self.addr);
+        Ok((send, closed, backlog, source))
     }
 
     /// Drops connections idle for longer than the idle timeout; their tasks then close them.
