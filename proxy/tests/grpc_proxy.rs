@@ -386,6 +386,48 @@ async fn upstream_connections_are_pooled() {
     assert_eq!(single.accepted(), 1);
 }
 
+/// A burst of calls past what one upstream connection takes before its task writes
+/// (`UNWRITTEN_REQUESTS`, 256): the rest wait for the writes, and every call is answered.
+#[tokio::test]
+async fn a_burst_past_the_unwritten_request_limit_is_answered_over_one_connection() {
+    let up = echo("burst").await;
+    let cluster = format!(
+        "  - {{ name: b, endpoints: [{}], max_connections_per_endpoint: 1, \
+         circuit_breakers: {{ max_requests: 2000, max_requests_per_downstream_connection: 200 }}, \
+         upstream_bind_config: {{ source_address: storage }} }}\n",
+        up.addr
+    );
+    let p = proxy(&echo_route_to("b"), &cluster).await;
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        clients.push(client(&p).await);
+    }
+    let calls: Vec<_> = (0..1000)
+        .map(|i| {
+            let mut c = clients[i % clients.len()].clone();
+            let payload = format!("call {i}");
+            tokio::spawn(async move {
+                let reply = c.unary(req(payload.as_bytes())).await?;
+                Ok::<_, tonic::Status>((payload, reply.into_inner().payload))
+            })
+        })
+        .collect();
+    let all = async {
+        for call in calls {
+            let (sent, got) = call.await.unwrap().unwrap();
+            assert_eq!(got, sent.into_bytes(), "a reply went to the wrong call");
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), all)
+        .await
+        .expect("calls past the limit were never let through");
+    assert_eq!(
+        up.accepted(),
+        1,
+        "the calls did not share one upstream connection"
+    );
+}
+
 #[tokio::test]
 async fn metrics_pass_promtool_and_show_the_request() {
     let up = echo("up").await;
