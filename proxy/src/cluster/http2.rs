@@ -35,15 +35,18 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 const INLINE_BYTES: usize = 64 << 10;
 
 /// Requests a connection takes whose frames its task has not yet written out. On one
-/// thread, the connection's task runs only after every task woken before it, so a burst of
-/// 10,000 calls queued all their frames in h2's send queue at once, and that queue (a slab)
-/// keeps its peak size for the connection's life: ~10 MiB at 10,000 calls open
-/// (bench-footprint, massif). Above this many, a request waits for the next write.
+/// thread, the connection's task runs only after every task woken before it, so when lhnet
+/// falls behind its clients a whole burst can queue its frames in h2's send queue, a slab that
+/// keeps its peak size for the connection's life: 9.75 MiB of the heap with 10,000 calls open
+/// under valgrind (`loadtest/footprint-massif.sh`; at full speed the queue stays small).
+/// Above this many, a request waits for the next write.
 pub const UNWRITTEN_REQUESTS: usize = 256;
 
 /// A connection's count of requests opened and not yet written (see [`UNWRITTEN_REQUESTS`]):
 /// a request takes a permit before it opens, and every write the connection's task makes
-/// gives back all the permits taken since the write before.
+/// gives back all the permits taken since the write before. `taken` counts them apart from
+/// the semaphore because `UNWRITTEN_REQUESTS - available_permits()` would race with a
+/// request taking one between the read and the refill, and leave the semaphore one over.
 pub struct Backlog {
     permits: tokio::sync::Semaphore,
     taken: AtomicUsize,
