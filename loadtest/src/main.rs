@@ -77,6 +77,10 @@ enum Cmd {
         /// Starts timed (the median is reported).
         #[arg(long, default_value_t = 5)]
         starts: usize,
+        /// The lhnet-proxy to measure (default: the one beside lhnet-loadtest); any program
+        /// that runs it with the arguments given, such as a valgrind wrapper script.
+        #[arg(long)]
+        proxy: Option<PathBuf>,
         /// Also write the report as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -500,10 +504,11 @@ fn main() -> ExitCode {
         Cmd::BenchFootprint {
             streams,
             starts,
+            proxy,
             json,
         } => report(
             "bench-footprint",
-            lhnet_loadtest::footprint::run(None, streams.max(1), starts),
+            lhnet_loadtest::footprint::run(proxy, streams.max(1), starts),
             lhnet_loadtest::footprint::print,
             json,
         ),

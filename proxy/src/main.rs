@@ -131,6 +131,7 @@ enum Command {
 
 // glibc's malloc spent ~10% of the proxy's CPU in malloc_consolidate under small-call load
 // (perf, lhnet-loadtest bench); mimalloc does not.
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -144,14 +145,17 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// `MIMALLOC_PURGE_DELAY` (or its old name `MIMALLOC_RESET_DELAY`) keeps their value.
 #[allow(unsafe_code)]
 fn purge_freed_memory_at_once() {
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some()
-        || std::env::var_os("MIMALLOC_RESET_DELAY").is_some()
-    {
+    if purge_delay_set_by_operator() {
         return;
     }
     // SAFETY: mi_option_set takes an option index and a value, touches only mimalloc's own
     // option table, and may be called at any time; 15 is purge_delay in the bundled mimalloc.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+}
+
+fn purge_delay_set_by_operator() -> bool {
+    std::env::var_os("MIMALLOC_PURGE_DELAY").is_some()
+        || std::env::var_os("MIMALLOC_RESET_DELAY").is_some()
 }
 
 fn main() -> ExitCode {
@@ -559,11 +563,10 @@ mod tests {
     #[test]
     #[allow(unsafe_code)]
     fn the_purge_delay_option_is_the_one_set() {
-        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some()
-            || std::env::var_os("MIMALLOC_RESET_DELAY").is_some()
-        {
-            panic!("unset MIMALLOC_PURGE_DELAY/MIMALLOC_RESET_DELAY for this test");
-        }
+        assert!(
+            !purge_delay_set_by_operator(),
+            "unset MIMALLOC_PURGE_DELAY and MIMALLOC_RESET_DELAY to run this test"
+        );
         // SAFETY: reads mimalloc's option table.
         let before = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
         assert!(
