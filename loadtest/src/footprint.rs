@@ -149,7 +149,13 @@ fn inside(binary: &Path, streams: usize, starts: usize) -> Result<FootprintRepor
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
-            .map_err(|e| format!("{}: {e}", binary.display()))?;
+            .map_err(|e| {
+                format!(
+                    "cannot run {}: {e} (give --proxy an executable lhnet-proxy, or build the \
+                     one beside lhnet-loadtest: cargo build --release -p lhnet-proxy)",
+                    binary.display()
+                )
+            })?;
         loop {
             if ready(admin_addr) {
                 break;
