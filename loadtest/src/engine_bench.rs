@@ -19,6 +19,7 @@ use serde::Serialize;
 
 use crate::bench::{cpu_list, cpu_split, frame, h2load_run, spawn_runtime_thread};
 use crate::openloop::{self, Tail};
+use crate::steal::{self, StealShare};
 
 const VOLUME: &str = "bench-vol";
 
@@ -41,6 +42,13 @@ pub struct OpenLoop {
     pub added_p50_ms: f64,
     pub added_p99_ms: f64,
     pub added_p999_ms: f64,
+    /// What the host took from each CPU during the direct and the lhnet run.
+    pub direct_steal: StealShare,
+    pub lhnet_steal: StealShare,
+    /// lhnet's thread's CPU time over the lhnet run (its warm-up included), in percent of one
+    /// CPU: near 100, lhnet is at its limit for calls arriving this way, whatever the
+    /// saturated rate says.
+    pub lhnet_busy_percent: f64,
 }
 
 /// One RPC's figures.
@@ -52,6 +60,9 @@ pub struct RpcReport {
     pub ratio: f64,
     /// CPU time of lhnet's one thread per call in the saturated run.
     pub lhnet_cpu_us_per_call: f64,
+    /// What the host took from each CPU during the two saturated runs.
+    pub direct_steal: StealShare,
+    pub lhnet_steal: StealShare,
     pub open_loop: Vec<OpenLoop>,
 }
 
@@ -60,6 +71,8 @@ pub struct EngineReport {
     pub streams: usize,
     pub seconds: f64,
     pub layout: String,
+    /// The CPUs lhnet and the load side ran on (the ones whose steal matters).
+    pub cpus: Vec<usize>,
     pub rpcs: Vec<RpcReport>,
     /// VolumeGet's saturated rates and ratio (the figures of earlier runs).
     pub direct: Saturated,
@@ -105,13 +118,19 @@ fn thread_cpu_ticks(name: &str) -> Option<u64> {
 /// Runs the comparison for `rpcs` (VolumeGet, ReplicaList).
 /// `loads`: the open-loop rates, as percentages of lhnet's saturated rate. `same_cpu`: lhnet on
 /// the load CPU too (no cross-CPU wake-ups; to see what they cost, not the benchmark's layout).
+/// `trace_dir`: where each open-loop run's calls are written ([`openloop::run`]), as
+/// `RPC-TARGET-PERCENT.txt`.
 pub fn run(
     streams: usize,
     duration: Duration,
     rpcs: &[String],
     loads: &[u32],
     same_cpu: bool,
+    trace_dir: Option<&std::path::Path>,
 ) -> Result<EngineReport, String> {
+    if let Some(dir) = trace_dir {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
     if crate::peers::which("h2load").is_none() {
         return Err(
             "h2load is not installed (apt-get install nghttp2-client); it is the load generator"
@@ -166,24 +185,30 @@ pub fn run(
         let direct_path = format!("/ptypes.ControllerService/{rpc}");
         let lhnet_path = format!("/imrpc.ProxyEngineService/{rpc}");
         eprintln!("bench-engine: {rpc} saturated, direct ...");
-        let d = h2load_run(
-            engine,
-            &direct_path,
-            &direct_body,
-            (1, streams as u32),
-            duration,
-            load.as_deref(),
-        )?;
+        let (d, direct_steal) = steal::during(|| {
+            h2load_run(
+                engine,
+                &direct_path,
+                &direct_body,
+                (1, streams as u32),
+                duration,
+                load.as_deref(),
+            )
+        });
+        let d = d?;
         eprintln!("bench-engine: {rpc} saturated, via lhnet ...");
         let before = thread_cpu_ticks("lhnet-proxy");
-        let l = h2load_run(
-            proxy_addr,
-            &lhnet_path,
-            &lhnet_body,
-            (1, streams as u32),
-            duration,
-            load.as_deref(),
-        )?;
+        let (l, lhnet_steal) = steal::during(|| {
+            h2load_run(
+                proxy_addr,
+                &lhnet_path,
+                &lhnet_body,
+                (1, streams as u32),
+                duration,
+                load.as_deref(),
+            )
+        });
+        let l = l?;
         let cpu_us = match (before, thread_cpu_ticks("lhnet-proxy")) {
             (Some(b), Some(a)) if l.succeeded > 0 => {
                 // h2load's warm-up second is not in `succeeded`: scale to the measured part.
@@ -210,24 +235,41 @@ pub fn run(
         for &percent in loads {
             let rate = l.rps * f64::from(percent) / 100.0;
             eprintln!("bench-engine: {rpc} open loop at {rate:.0}/s ({percent}% of lhnet's saturated rate) ...");
-            let dt = openloop::run(
-                "direct",
-                engine,
-                &direct_path,
-                frame(&[]),
-                rate,
-                duration,
-                &engine_rt,
-            )?;
-            let lt = openloop::run(
-                "lhnet",
-                proxy_addr,
-                &lhnet_path,
-                request.clone(),
-                rate,
-                duration,
-                &engine_rt,
-            )?;
+            let trace =
+                |target: &str| trace_dir.map(|d| d.join(format!("{rpc}-{target}-{percent}.txt")));
+            let (dt, direct_steal) = steal::during(|| {
+                openloop::run(
+                    "direct",
+                    engine,
+                    &direct_path,
+                    frame(&[]),
+                    rate,
+                    duration,
+                    &engine_rt,
+                    trace("direct"),
+                )
+            });
+            let (cpu_before, started) =
+                (thread_cpu_ticks("lhnet-proxy"), std::time::Instant::now());
+            let (lt, lhnet_steal) = steal::during(|| {
+                openloop::run(
+                    "lhnet",
+                    proxy_addr,
+                    &lhnet_path,
+                    request.clone(),
+                    rate,
+                    duration,
+                    &engine_rt,
+                    trace("lhnet"),
+                )
+            });
+            let (dt, lt) = (dt?, lt?);
+            let lhnet_busy_percent = match (cpu_before, thread_cpu_ticks("lhnet-proxy")) {
+                (Some(b), Some(a)) => {
+                    (a - b) as f64 / 100.0 / started.elapsed().as_secs_f64() * 100.0
+                }
+                _ => 0.0,
+            };
             open_loop.push(OpenLoop {
                 percent_of_saturation: percent,
                 rate,
@@ -236,6 +278,9 @@ pub fn run(
                 added_p999_ms: lt.p999_ms - dt.p999_ms,
                 direct: dt,
                 lhnet: lt,
+                direct_steal,
+                lhnet_steal,
+                lhnet_busy_percent,
             });
         }
         reports.push(RpcReport {
@@ -244,6 +289,8 @@ pub fn run(
             lhnet_cpu_us_per_call: cpu_us,
             direct,
             lhnet,
+            direct_steal,
+            lhnet_steal,
             open_loop,
         });
     }
@@ -264,6 +311,17 @@ pub fn run(
                 .unwrap_or_else(|| "any".into()),
             load.unwrap_or_else(|| "any".into())
         ),
+        cpus: {
+            let mut cpus: Vec<usize> = proxy_cpus
+                .iter()
+                .chain(load_cpus.iter())
+                .flatten()
+                .copied()
+                .collect();
+            cpus.sort_unstable();
+            cpus.dedup();
+            cpus
+        },
         direct: first.direct.clone(),
         lhnet: first.lhnet.clone(),
         ratio: first.ratio,
@@ -315,7 +373,12 @@ pub fn print(r: &EngineReport) {
             rpc.rpc, rpc.direct.calls_per_second, rpc.lhnet.calls_per_second, rpc.ratio, rpc.lhnet_cpu_us_per_call
         );
         println!(
-            "  {:>5} {:>8} | {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} | {:>6}",
+            "  host steal, worst CPU: {:.1}% of the direct run, {:.1}% of the lhnet run",
+            rpc.direct_steal.worst(Some(&r.cpus)),
+            rpc.lhnet_steal.worst(Some(&r.cpus))
+        );
+        println!(
+            "  {:>5} {:>8} | {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} | {:>6} | {:>9} | {:>5}",
             "load",
             "calls/s",
             "dir p50",
@@ -327,22 +390,28 @@ pub fn print(r: &EngineReport) {
             "+p50",
             "+p99",
             "+p999",
-            "errors"
+            "errors",
+            "steal d/l",
+            "lh cpu"
         );
         for o in &rpc.open_loop {
             // Sent over 1 ms behind the schedule: the load side (generator and engine on one
             // CPU) did not keep up, and the row measures it, not lhnet.
             let behind = late_share(&o.direct);
+            let (direct_steal, lhnet_steal) = (
+                o.direct_steal.worst(Some(&r.cpus)),
+                o.lhnet_steal.worst(Some(&r.cpus)),
+            );
             let note = if behind > 0.01 {
                 format!(
                     "  <- direct sent {:.0}% late: the load side's limit, not lhnet's",
                     behind * 100.0
                 )
             } else {
-                String::new()
+                steal_note(direct_steal, lhnet_steal)
             };
             println!(
-                "  {:>4}% {:>8.0} | {:>8.3} {:>8.3} {:>8.3} | {:>8.3} {:>8.3} {:>8.3} | {:>8.3} {:>8.3} {:>8.3} | {:>6}{note}",
+                "  {:>4}% {:>8.0} | {:>8.3} {:>8.3} {:>8.3} | {:>8.3} {:>8.3} {:>8.3} | {:>8.3} {:>8.3} {:>8.3} | {:>6} | {:>4.1}/{:<4.1} | {:>4.0}%{note}",
                 o.percent_of_saturation,
                 o.rate,
                 o.direct.p50_ms,
@@ -354,11 +423,31 @@ pub fn print(r: &EngineReport) {
                 o.added_p50_ms,
                 o.added_p99_ms,
                 o.added_p999_ms,
-                o.direct.errors + o.lhnet.errors
+                o.direct.errors + o.lhnet.errors,
+                direct_steal,
+                lhnet_steal,
+                o.lhnet_busy_percent
             );
         }
-        println!("  (ms; latency from each call's scheduled send time; +: added by lhnet)\n");
+        println!("  (ms; latency from each call's scheduled send time; +: added by lhnet; steal: % of the run the host took from the worse of lhnet's and the load's CPU, direct/lhnet run; lh cpu: lhnet's thread busy over its run)\n");
     }
+}
+
+/// A row's warning when the host took over 1% of a CPU in one of its runs: a vCPU the host
+/// deschedules stalls for milliseconds, and 1% of the calls in such stalls is the p99.
+fn steal_note(direct_percent: f64, lhnet_percent: f64) -> String {
+    let worst = direct_percent.max(lhnet_percent);
+    if worst <= 1.0 {
+        return String::new();
+    }
+    let run = if lhnet_percent >= direct_percent {
+        "lhnet"
+    } else {
+        "direct"
+    };
+    format!(
+        "  <- the host took {worst:.1}% of a CPU in the {run} run: its stalls are in p99 and p999"
+    )
 }
 
 /// The share of a run's calls sent more than 1 ms after their scheduled time.
@@ -387,6 +476,13 @@ mod tests {
             max_ms: 0.4,
             first_error: None,
         }
+    }
+
+    #[test]
+    fn a_run_the_host_took_over_one_percent_of_is_flagged() {
+        assert_eq!(steal_note(0.5, 1.0), "");
+        assert!(steal_note(0.2, 2.5).contains("2.5% of a CPU in the lhnet run"));
+        assert!(steal_note(3.0, 0.0).contains("in the direct run"));
     }
 
     #[test]

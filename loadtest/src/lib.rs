@@ -14,6 +14,7 @@ pub mod footprint;
 pub mod im;
 pub mod openloop;
 pub mod peers;
+pub mod steal;
 pub mod upgrade;
 
 /// The simulated Longhorn engine, replicas and instance-manager (its own crate, `lhnet-sim`).

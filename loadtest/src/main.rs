@@ -107,6 +107,10 @@ enum Cmd {
         /// Also write the report as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Write each open-loop run's calls to this directory (RPC-TARGET-PERCENT.txt, one
+        /// line per call: scheduled time and latency in microseconds from the run's start).
+        #[arg(long)]
+        trace_dir: Option<PathBuf>,
     },
     /// A simulated instance-manager in the foreground: ProcessManagerService (and health) on
     /// --listen, InstanceService on --instance-listen; it starts the processes it is asked for
@@ -519,6 +523,7 @@ fn main() -> ExitCode {
             loads,
             same_cpu,
             json,
+            trace_dir,
         } => report(
             "bench-engine",
             lhnet_loadtest::engine_bench::run(
@@ -527,6 +532,7 @@ fn main() -> ExitCode {
                 &rpcs,
                 &loads,
                 same_cpu,
+                trace_dir.as_deref(),
             ),
             lhnet_loadtest::engine_bench::print,
             json,

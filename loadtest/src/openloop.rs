@@ -10,6 +10,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -45,6 +46,10 @@ pub struct Tail {
 /// One run: `path` on `addr` with request `body` (a framed gRPC message) at `rate` calls/s for
 /// `duration`, as a task on the runtime of `on` (in `bench-engine`, the simulated engine's: one
 /// thread runs both, so neither preempts the other mid-call as two busy threads on one CPU do).
+/// With `trace`, every call is also written there as a line `SCHEDULED_US LATENCY_US` (from the
+/// run's start, in the order the calls ended): stalls of the machine show as runs of slow calls
+/// scheduled together.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     target: &str,
     addr: SocketAddr,
@@ -53,14 +58,24 @@ pub fn run(
     rate: f64,
     duration: Duration,
     on: &tokio::runtime::Handle,
+    trace: Option<PathBuf>,
 ) -> Result<Tail, String> {
     let (target, path) = (target.to_string(), path.to_string());
     let (tx, rx) = std::sync::mpsc::channel();
     on.spawn(async move {
         let _ = tx.send(drive(target, addr, path, body, rate, duration).await);
     });
-    rx.recv()
-        .map_err(|_| "the load task ended without a result".to_string())?
+    let (tail, calls) = rx
+        .recv()
+        .map_err(|_| "the load task ended without a result".to_string())??;
+    if let Some(file) = trace {
+        let text: String = calls
+            .iter()
+            .map(|(at, latency)| format!("{} {}\n", at.as_micros(), latency.as_micros()))
+            .collect();
+        std::fs::write(&file, text).map_err(|e| format!("{}: {e}", file.display()))?;
+    }
+    Ok(tail)
 }
 
 /// A timerfd tokio can wait on.
@@ -118,7 +133,7 @@ async fn drive(
     body: Bytes,
     rate: f64,
     duration: Duration,
-) -> Result<Tail, String> {
+) -> Result<(Tail, Vec<(Duration, Duration)>), String> {
     let tcp = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| format!("{target} {addr}: {e}"))?;
@@ -147,6 +162,8 @@ async fn drive(
     let start = Instant::now() + Duration::from_millis(5);
     let mut in_flight = FuturesUnordered::new();
     let mut latencies: Vec<Duration> = Vec::with_capacity(total as usize);
+    // (scheduled time from `start`, latency) of each call, for a trace.
+    let mut calls: Vec<(Duration, Duration)> = Vec::with_capacity(total as usize);
     let (mut next, mut errors, mut late) = (0u64, 0u64, 0u64);
     let mut first_error = None;
     let scheduled = |n: u64| start + interval.mul_f64(n as f64);
@@ -160,7 +177,7 @@ async fn drive(
             let (send, uri, body) = (&send, &uri, &body);
             in_flight.push(async move {
                 let result = call(send, uri, body).await;
-                (at.elapsed(), result)
+                (at, at.elapsed(), result)
             });
             next += 1;
         }
@@ -168,8 +185,9 @@ async fn drive(
             break;
         }
         tokio::select! {
-            Some((latency, result)) = in_flight.next(), if !in_flight.is_empty() => {
+            Some((at, latency, result)) = in_flight.next(), if !in_flight.is_empty() => {
                 latencies.push(latency);
+                calls.push((at.duration_since(start), latency));
                 if let Err(e) = result {
                     errors += 1;
                     first_error.get_or_insert(e);
@@ -184,7 +202,7 @@ async fn drive(
     }
     latencies.sort_unstable();
     let at = |p: f64| crate::engine_bench::percentile(&latencies, p);
-    Ok(Tail {
+    let tail = Tail {
         target,
         rate,
         calls: latencies.len() as u64,
@@ -195,7 +213,8 @@ async fn drive(
         p999_ms: at(0.999),
         max_ms: latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0),
         first_error,
-    })
+    };
+    Ok((tail, calls))
 }
 
 /// One unary call; `Err` unless it ended with grpc-status 0.

@@ -22,6 +22,8 @@ fn open_loop_latency_counts_from_the_schedule_and_failures_are_counted() {
         .build()
         .unwrap();
     let slow = rt.block_on(server(Duration::from_millis(3), "0"));
+    let trace =
+        std::env::temp_dir().join(format!("lhnet-openloop-trace-{}.txt", std::process::id()));
     let tail = openloop::run(
         "slow",
         slow,
@@ -30,12 +32,28 @@ fn open_loop_latency_counts_from_the_schedule_and_failures_are_counted() {
         400.0,
         Duration::from_secs(1),
         rt.handle(),
+        Some(trace.clone()),
     )
     .unwrap();
     // The warm-up calls are not counted; the 400 scheduled ones are, each at least the delay.
     assert_eq!((tail.calls, tail.errors), (400, 0), "{tail:?}");
     assert!(tail.p50_ms >= 3.0 && tail.p50_ms < 100.0, "{tail:?}");
     assert!(tail.p999_ms >= tail.p99_ms && tail.p99_ms >= tail.p50_ms);
+    // The trace has every scheduled call: when it was due (every 2.5 ms from the start) and
+    // how long it took from then.
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let _ = std::fs::remove_file(&trace);
+    let mut due: Vec<u64> = Vec::new();
+    for line in text.lines() {
+        let (at, latency) = line.split_once(' ').unwrap();
+        due.push(at.parse().unwrap());
+        assert!(latency.parse::<u64>().unwrap() >= 3000, "{line}");
+    }
+    due.sort_unstable();
+    assert_eq!(due.len(), 400);
+    for (n, at) in due.iter().enumerate() {
+        assert!(at.abs_diff(n as u64 * 2500) <= 1, "call {n} due at {at} us");
+    }
 
     let failing = rt.block_on(server(Duration::ZERO, "13"));
     let err = openloop::run(
@@ -46,6 +64,7 @@ fn open_loop_latency_counts_from_the_schedule_and_failures_are_counted() {
         100.0,
         Duration::from_secs(1),
         rt.handle(),
+        None,
     )
     .unwrap_err();
     assert!(err.contains("warm-up call failed"), "{err}");
