@@ -16,6 +16,7 @@ use lhnet_proto::echo::EchoRequest;
 use serde::Serialize;
 
 use crate::peers::{self, which};
+use crate::steal::StealShare;
 
 /// What `bench` was asked to do.
 #[derive(Debug, Clone)]
@@ -40,6 +41,8 @@ pub struct Sample {
     pub succeeded: u64,
     pub failed: u64,
     pub ratio_to_direct: f64,
+    /// What the host took from each CPU during this run ([`crate::steal`]).
+    pub steal: StealShare,
 }
 
 /// One TCP forwarding measurement: bulk bytes over `connections` connections.
@@ -48,6 +51,7 @@ pub struct TcpSample {
     pub target: String,
     pub mib_per_second: f64,
     pub ratio_to_direct: f64,
+    pub steal: StealShare,
 }
 
 /// The whole run.
@@ -151,12 +155,15 @@ pub fn run(args: &BenchArgs) -> Result<Report, String> {
         let mut direct_rps = None;
         for t in &targets {
             eprintln!("bench: {workload} via {} ...", t.name);
-            let m = h2load(
-                t.addr,
-                &body,
-                args,
-                load_cpus.as_ref().map(|c| cpu_list(c)).as_deref(),
-            )?;
+            let (m, steal) = crate::steal::during(|| {
+                h2load(
+                    t.addr,
+                    &body,
+                    args,
+                    load_cpus.as_ref().map(|c| cpu_list(c)).as_deref(),
+                )
+            });
+            let m = m?;
             let direct = *direct_rps.get_or_insert(m.rps);
             samples.push(Sample {
                 workload: workload.into(),
@@ -166,6 +173,7 @@ pub fn run(args: &BenchArgs) -> Result<Report, String> {
                 succeeded: m.succeeded,
                 failed: m.failed,
                 ratio_to_direct: if direct > 0.0 { m.rps / direct } else { 0.0 },
+                steal,
             });
         }
     }
@@ -197,18 +205,19 @@ pub fn print(report: &Report) {
         report.threads, report.connections, report.streams_per_connection, report.seconds_per_run
     );
     println!(
-        "{:<12} {:<8} {:>12} {:>12} {:>10} {:>8}",
-        "workload", "target", "req/s", "mean ms", "vs direct", "failed"
+        "{:<12} {:<8} {:>12} {:>12} {:>10} {:>8} {:>8}",
+        "workload", "target", "req/s", "mean ms", "vs direct", "failed", "steal"
     );
     for s in &report.samples {
         println!(
-            "{:<12} {:<8} {:>12.0} {:>12.2} {:>9.2}x {:>8}",
+            "{:<12} {:<8} {:>12.0} {:>12.2} {:>9.2}x {:>8} {:>7.1}%",
             s.workload,
             s.target,
             s.requests_per_second,
             s.mean_latency_ms,
             s.ratio_to_direct,
-            s.failed
+            s.failed,
+            s.steal.worst(None)
         );
     }
     let workloads: Vec<&str> = {
@@ -221,11 +230,17 @@ pub fn print(report: &Report) {
             "\nTCP forwarding (storage listeners), {} connections, {} s per run\n",
             report.connections, report.seconds_per_run
         );
-        println!("{:<8} {:>12} {:>10}", "target", "MiB/s", "vs direct");
+        println!(
+            "{:<8} {:>12} {:>10} {:>8}",
+            "target", "MiB/s", "vs direct", "steal"
+        );
         for t in &report.tcp {
             println!(
-                "{:<8} {:>12.0} {:>9.2}x",
-                t.target, t.mib_per_second, t.ratio_to_direct
+                "{:<8} {:>12.0} {:>9.2}x {:>7.1}%",
+                t.target,
+                t.mib_per_second,
+                t.ratio_to_direct,
+                t.steal.worst(None)
             );
         }
     }
@@ -249,6 +264,7 @@ pub fn print(report: &Report) {
             );
         }
     }
+    println!("(steal: the largest share of the run the host took from one CPU; over 1%, the run's figure moved with the host)");
 }
 
 /// Bulk TCP through each forwarder: `connections` clients push bytes for `duration` into a
@@ -285,18 +301,22 @@ fn tcp_bench(
     let mut direct = None;
     for (name, addr) in targets {
         eprintln!("bench: tcp stream via {name} ...");
-        let mib = tcp_push(
-            addr,
-            &sink,
-            args.connections.max(1) as usize,
-            args.duration,
-            load_cpus,
-        )?;
+        let (mib, steal) = crate::steal::during(|| {
+            tcp_push(
+                addr,
+                &sink,
+                args.connections.max(1) as usize,
+                args.duration,
+                load_cpus,
+            )
+        });
+        let mib = mib?;
         let base = *direct.get_or_insert(mib);
         samples.push(TcpSample {
             target: name,
             mib_per_second: mib,
             ratio_to_direct: if base > 0.0 { mib / base } else { 0.0 },
+            steal,
         });
     }
     drop(haproxy);
