@@ -184,31 +184,25 @@ pub fn run(
     for rpc in rpcs {
         let direct_path = format!("/ptypes.ControllerService/{rpc}");
         let lhnet_path = format!("/imrpc.ProxyEngineService/{rpc}");
+        // A saturated run against `addr`, and what the host took meanwhile.
+        let saturate = |addr, path: &str, body: &std::path::Path| {
+            let (m, steal) = steal::during(|| {
+                h2load_run(
+                    addr,
+                    path,
+                    body,
+                    (1, streams as u32),
+                    duration,
+                    load.as_deref(),
+                )
+            });
+            m.map(|m| (m, steal))
+        };
         eprintln!("bench-engine: {rpc} saturated, direct ...");
-        let (d, direct_steal) = steal::during(|| {
-            h2load_run(
-                engine,
-                &direct_path,
-                &direct_body,
-                (1, streams as u32),
-                duration,
-                load.as_deref(),
-            )
-        });
-        let d = d?;
+        let (d, direct_steal) = saturate(engine, &direct_path, &direct_body)?;
         eprintln!("bench-engine: {rpc} saturated, via lhnet ...");
         let before = thread_cpu_ticks("lhnet-proxy");
-        let (l, lhnet_steal) = steal::during(|| {
-            h2load_run(
-                proxy_addr,
-                &lhnet_path,
-                &lhnet_body,
-                (1, streams as u32),
-                duration,
-                load.as_deref(),
-            )
-        });
-        let l = l?;
+        let (l, lhnet_steal) = saturate(proxy_addr, &lhnet_path, &lhnet_body)?;
         let cpu_us = match (before, thread_cpu_ticks("lhnet-proxy")) {
             (Some(b), Some(a)) if l.succeeded > 0 => {
                 // h2load's warm-up second is not in `succeeded`: scale to the measured part.
