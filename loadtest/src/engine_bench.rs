@@ -129,7 +129,12 @@ pub fn run(
     trace_dir: Option<&std::path::Path>,
 ) -> Result<EngineReport, String> {
     if let Some(dir) = trace_dir {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(|e| {
+            format!(
+                "--trace-dir {}: cannot create it ({e}); name a directory you can write",
+                dir.display()
+            )
+        })?;
     }
     if crate::peers::which("h2load").is_none() {
         return Err(
@@ -206,7 +211,7 @@ pub fn run(
         let cpu_us = match (before, thread_cpu_ticks("lhnet-proxy")) {
             (Some(b), Some(a)) if l.succeeded > 0 => {
                 // h2load's warm-up second is not in `succeeded`: scale to the measured part.
-                let ticks_per_s = 100.0;
+                let ticks_per_s = steal::clock_ticks_per_second();
                 let seconds = duration.as_secs_f64() + 1.0;
                 let calls = l.rps * seconds;
                 (a - b) as f64 / ticks_per_s * 1e6 / calls
@@ -260,7 +265,10 @@ pub fn run(
             let (dt, lt) = (dt?, lt?);
             let lhnet_busy_percent = match (cpu_before, thread_cpu_ticks("lhnet-proxy")) {
                 (Some(b), Some(a)) => {
-                    (a - b) as f64 / 100.0 / started.elapsed().as_secs_f64() * 100.0
+                    (a - b) as f64
+                        / steal::clock_ticks_per_second()
+                        / started.elapsed().as_secs_f64()
+                        * 100.0
                 }
                 _ => 0.0,
             };

@@ -73,7 +73,12 @@ pub fn run(
             .iter()
             .map(|(at, latency)| format!("{} {}\n", at.as_micros(), latency.as_micros()))
             .collect();
-        std::fs::write(&file, text).map_err(|e| format!("{}: {e}", file.display()))?;
+        std::fs::write(&file, text).map_err(|e| {
+            format!(
+                "cannot write the open-loop trace {} ({e}); check the trace directory",
+                file.display()
+            )
+        })?;
     }
     Ok(tail)
 }
@@ -161,8 +166,7 @@ async fn drive(
     let total = (rate * duration.as_secs_f64()).max(1.0) as u64;
     let start = Instant::now() + Duration::from_millis(5);
     let mut in_flight = FuturesUnordered::new();
-    let mut latencies: Vec<Duration> = Vec::with_capacity(total as usize);
-    // (scheduled time from `start`, latency) of each call, for a trace.
+    // (scheduled time from `start`, latency) of each call, in the order they ended.
     let mut calls: Vec<(Duration, Duration)> = Vec::with_capacity(total as usize);
     let (mut next, mut errors, mut late) = (0u64, 0u64, 0u64);
     let mut first_error = None;
@@ -186,7 +190,6 @@ async fn drive(
         }
         tokio::select! {
             Some((at, latency, result)) = in_flight.next(), if !in_flight.is_empty() => {
-                latencies.push(latency);
                 calls.push((at.duration_since(start), latency));
                 if let Err(e) = result {
                     errors += 1;
@@ -200,6 +203,7 @@ async fn drive(
             }
         }
     }
+    let mut latencies: Vec<Duration> = calls.iter().map(|(_, latency)| *latency).collect();
     latencies.sort_unstable();
     let at = |p: f64| crate::engine_bench::percentile(&latencies, p);
     let tail = Tail {

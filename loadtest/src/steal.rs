@@ -88,8 +88,9 @@ impl Steal {
     }
 }
 
-/// `USER_HZ`, the unit of `/proc/stat` (100 on every Linux this runs on).
-fn clock_ticks_per_second() -> f64 {
+/// `USER_HZ`, the unit of `/proc/stat` and of `/proc/*/stat`'s CPU times (100 on every Linux
+/// this runs on).
+pub(crate) fn clock_ticks_per_second() -> f64 {
     match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
         Ok(Some(n)) if n > 0 => n as f64,
         _ => 100.0,
