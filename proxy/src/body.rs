@@ -13,7 +13,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 use tonic::Code;
 
-use crate::metrics::Metrics;
+use crate::metrics::{GrpcLabels, RouteMetrics};
 use crate::reply::{grpc_status, BoxError, LocalReply, RouteContext};
 
 /// Set once when the proxy itself decides how a request ends (a bad request body, a deadline).
@@ -496,24 +496,17 @@ where
 
 /// What the metrics need to know about a request once it ends.
 pub struct RequestLog {
-    pub metrics: Arc<Metrics>,
-    pub listener: Arc<str>,
-    pub route: Arc<str>,
-    /// The request URI; only its path is used.
-    pub path: http::Uri,
+    /// The route's handles, resolved when it was built.
+    pub route: RouteMetrics,
+    /// The method's labels, resolved when the call started.
+    pub method: GrpcLabels<'static>,
     pub started: Instant,
 }
 
 impl RequestLog {
     pub fn finish(self, grpc_code: i32) {
         let seconds = self.started.elapsed().as_secs_f64();
-        self.metrics.record_request(
-            &self.listener,
-            &self.route,
-            self.path.path(),
-            grpc_code,
-            seconds,
-        );
+        self.route.record(&self.method, grpc_code, seconds);
     }
 }
 

@@ -12,8 +12,8 @@ use tokio::time::Instant;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use prost::Message;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -57,7 +57,6 @@ pub struct Metrics {
     downstream_connections: IntGaugeVec,
     /// When each (listener, limit) was last logged, and how often it was reached since.
     limit_log: parking_lot::Mutex<HashMap<&'static str, HashMap<String, LimitLog>>>,
-    known_methods: KnownMethods,
 }
 
 /// A listener (or cluster) and the config key of one of its limits.
@@ -86,6 +85,41 @@ pub struct GrpcLabels<'a> {
 
 const OTHER: &str = "other";
 
+/// The methods of lhnet's compiled-in descriptors, decoded once per process: the same for
+/// every [`Metrics`], and `'static`, so a call can hold its labels from its start to its end.
+static KNOWN_METHODS: std::sync::LazyLock<KnownMethods> =
+    std::sync::LazyLock::new(|| KnownMethods::from_descriptors(lhnet_proto::FILE_DESCRIPTOR_SET));
+
+/// One route's request metrics: its duration histogram resolved once, its names for the
+/// request counter's labels. A cheap clone (one reference count), held by every call.
+#[derive(Clone)]
+pub struct RouteMetrics(Arc<RouteHandles>);
+
+struct RouteHandles {
+    metrics: Arc<Metrics>,
+    listener: Arc<str>,
+    route: Arc<str>,
+    duration: Histogram,
+}
+
+impl RouteMetrics {
+    /// Records one call of `method` that ended with `grpc_code` after `seconds`.
+    pub fn record(&self, method: &GrpcLabels<'_>, grpc_code: i32, seconds: f64) {
+        let h = &*self.0;
+        h.metrics
+            .requests
+            .with_label_values(&[
+                &h.listener,
+                &h.route,
+                method.service,
+                method.method,
+                grpc_code_label(grpc_code),
+            ])
+            .inc();
+        h.duration.observe(seconds);
+    }
+}
+
 /// Distinct `target` label values of the backup-egress byte counters.
 const MAX_EGRESS_TARGETS: usize = 64;
 
@@ -93,6 +127,8 @@ const MAX_EGRESS_TARGETS: usize = 64;
 
 impl Metrics {
     pub fn new() -> Arc<Metrics> {
+        // Decoded now, not by the first request.
+        std::sync::LazyLock::force(&KNOWN_METHODS);
         let registry = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
@@ -215,7 +251,6 @@ impl Metrics {
             egress_targets: parking_lot::Mutex::new(HashSet::new()),
             downstream_connections,
             limit_log: parking_lot::Mutex::new(HashMap::new()),
-            known_methods: KnownMethods::from_descriptors(lhnet_proto::FILE_DESCRIPTOR_SET),
         })
     }
 
@@ -236,8 +271,18 @@ impl Metrics {
         }
     }
 
-    pub fn grpc_labels<'a>(&'a self, path: &'a str) -> GrpcLabels<'a> {
-        self.known_methods.labels(path)
+    pub fn grpc_labels(&self, path: &str) -> GrpcLabels<'static> {
+        KNOWN_METHODS.labels(path)
+    }
+
+    /// One route's request metrics, resolved once (when the route is built).
+    pub fn route_metrics(self: &Arc<Self>, listener: &Arc<str>, route: &Arc<str>) -> RouteMetrics {
+        RouteMetrics(Arc::new(RouteHandles {
+            duration: self.request_duration.with_label_values(&[listener, route]),
+            metrics: self.clone(),
+            listener: listener.clone(),
+            route: route.clone(),
+        }))
     }
 
     pub fn record_request(
@@ -357,7 +402,7 @@ impl Metrics {
 
     /// See [`KnownMethods::client_sends_one_message`].
     pub fn client_sends_one_message(&self, path: &str) -> bool {
-        self.known_methods.client_sends_one_message(path)
+        KNOWN_METHODS.client_sends_one_message(path)
     }
 
     pub fn upstream_connect_error(&self, cluster: &str, reason: &str) {
@@ -434,7 +479,7 @@ impl KnownMethods {
     }
 
     /// Splits `/pkg.Service/Method` into bounded label values.
-    pub fn labels<'a>(&'a self, path: &'a str) -> GrpcLabels<'a> {
+    pub fn labels(&self, path: &str) -> GrpcLabels<'_> {
         let other = GrpcLabels {
             service: OTHER,
             method: OTHER,

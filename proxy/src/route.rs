@@ -22,7 +22,7 @@ use crate::engine_proxy::raw::RawCalls;
 use crate::engine_proxy::{BackupTargets, EngineProxy};
 use crate::health::HealthService;
 use crate::listener::Downstream;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RouteMetrics};
 use crate::reply::{names, quote_short, LocalReply, ProxyBody, RouteContext};
 use crate::stack::{
     self, finish_local, Call, CallDeadline, EngineDispatch, ListenerInfo, Local, RouteRequest,
@@ -44,8 +44,9 @@ pub struct RouteTable {
 }
 
 struct Route {
-    name: Arc<str>,
     context: RouteContext,
+    /// Its request metrics, resolved once.
+    metrics: RouteMetrics,
     config: RouteConfig,
     service: RouteService,
 }
@@ -120,27 +121,19 @@ impl RouteTable {
     /// too (bench-footprint: memory per open call).
     pub fn handle(&self, request: Request<Incoming>, downstream: &Arc<Downstream>) -> Handled {
         let started = Instant::now();
-        // A cheap clone (shared bytes), kept for the metrics at the end of the stream.
-        let path = request.uri().clone();
         let Some(route) = self.select(&request) else {
+            let path = request.uri().path();
             let reply = LocalReply::new(
                 Code::Unimplemented,
-                format!("no route for {} on listener {}", path.path(), self.listener),
+                format!("no route for {path} on listener {}", self.listener),
             );
-            self.metrics.record_request(
-                &self.listener,
-                "none",
-                path.path(),
-                reply.code as i32,
-                0.0,
-            );
+            self.metrics
+                .record_request(&self.listener, "none", path, reply.code as i32, 0.0);
             return Box::pin(std::future::ready(reply.into_response()));
         };
         let log = RequestLog {
-            metrics: self.metrics.clone(),
-            listener: self.listener.clone(),
-            route: route.name.clone(),
-            path,
+            route: route.metrics.clone(),
+            method: self.metrics.grpc_labels(request.uri().path()),
             started,
         };
         let context = &route.context;
@@ -274,7 +267,7 @@ fn build_route(
     Some(Route {
         service,
         context,
-        name,
+        metrics: info.metrics.route_metrics(&info.name, &name),
         config: r.clone(),
     })
 }

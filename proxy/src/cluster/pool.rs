@@ -4,13 +4,15 @@
 use parking_lot::Mutex;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::Context;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 use tokio_util::either::Either;
 
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use h2::client::SendRequest;
 use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri};
@@ -101,18 +103,94 @@ const BACKOFF_BASE: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Counts a request as in flight on a connection until its response headers arrive.
-struct InFlight<'a> {
-    conn: &'a Conn,
-    pool: &'a EndpointPool,
+struct InFlight {
+    conn: Arc<Conn>,
+    pool: Arc<EndpointPool>,
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
         if self.conn.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
             self.conn
                 .idle_since_ms
                 .store(self.pool.now_ms(), Ordering::Relaxed);
         }
+    }
+}
+
+/// What [`http2::open`] gives: the response to wait for, and the request body's task.
+type Open = Result<(h2::client::ResponseFuture, Option<http2::BodyTask>), h2::Error>;
+
+/// A request sent on a pooled connection, until its response headers arrive. In the usual
+/// case (a connection with room, a free backlog permit) the request is opened when this is
+/// made, and it holds only what the wait for the answer needs: every open call keeps one
+/// (bench-footprint: memory per open call). Dialling and waiting for a permit are boxed.
+pub struct Sending(Stage);
+
+enum Stage {
+    /// Opened: waiting for the response headers.
+    Opened {
+        response: h2::client::ResponseFuture,
+        body_task: Option<http2::BodyTask>,
+        counted: InFlight,
+    },
+    /// Dialling, waiting for a dial or a backlog permit, or failed before a stream opened.
+    Boxed(BoxFuture<'static, Result<Response<H2Body>, UpstreamError>>),
+    Done,
+}
+
+impl Sending {
+    /// A request that fails before reaching a connection.
+    pub fn failed(e: UpstreamError) -> Sending {
+        Sending::boxed(std::future::ready(Err(e)))
+    }
+
+    fn boxed(
+        f: impl Future<Output = Result<Response<H2Body>, UpstreamError>> + Send + 'static,
+    ) -> Sending {
+        Sending(Stage::Boxed(Box::pin(f)))
+    }
+
+    /// The request as [`http2::open`] left it on `counted`'s connection.
+    fn opened(counted: InFlight, opened: Open) -> Sending {
+        match opened {
+            Ok((response, body_task)) => Sending(Stage::Opened {
+                response,
+                body_task,
+                counted,
+            }),
+            Err(e) => {
+                counted.conn.backlog.untake();
+                // The connection takes no new streams (GOAWAY, or it failed): no more
+                // requests go to it. A request h2 refuses for itself leaves it as it is.
+                if e.is_go_away() || e.is_io() || e.is_library() {
+                    counted.conn.closed.store(true, Ordering::Release);
+                }
+                Sending::failed(counted.pool.failed(&e))
+            }
+        }
+    }
+}
+
+impl Future for Sending {
+    type Output = Result<Response<H2Body>, UpstreamError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let answer = match &mut self.0 {
+            Stage::Opened {
+                response,
+                body_task,
+                counted,
+            } => match ready!(Pin::new(response).poll(cx)) {
+                Ok(response) => Ok(response.map(|recv| H2Body::new(recv, body_task.take()))),
+                Err(e) => Err(counted.pool.failed(&e)),
+            },
+            Stage::Boxed(f) => ready!(f.as_mut().poll(cx)),
+            Stage::Done => return Poll::Ready(Err(UpstreamError::PolledAgain)),
+        };
+        // Ends the in-flight count as the headers arrive, not when this is dropped.
+        self.0 = Stage::Done;
+        Poll::Ready(answer)
     }
 }
 
@@ -135,64 +213,63 @@ impl EndpointPool {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    /// Sends a request over a pooled connection, dialling one when needed. The request is held
-    /// here once (the argument); the wait for its response holds little more than the
-    /// connection (bench-footprint: memory per open call).
-    // Written out on purpose (see the comment in the body).
-    #[allow(clippy::manual_async_fn)]
-    pub fn send(
-        self: Arc<Self>,
-        cluster: Arc<Cluster>,
-        mut request: Request<ProxyBody>,
-    ) -> impl Future<Output = Result<Response<H2Body>, UpstreamError>> + Send + 'static {
-        // An async block, not an async fn: an async fn copies its arguments into locals, and
-        // the request would then take two places in every open call's future.
-        async move {
-            self.last_used.store(self.now_ms(), Ordering::Relaxed);
-            // The usual case, a connection with room, is decided here; waiting and dialling
-            // are boxed, so their futures do not sit in every open call's.
-            let connector = &cluster.connector;
-            let conn = match self.pick(connector.wanted_source()) {
-                Pick::Use(conn) => conn,
-                picked => Box::pin(self.checkout(connector, picked)).await?,
-            };
-            *request.uri_mut() = self.upstream_uri(request.uri());
-            http2::strip_connection_headers(request.headers_mut());
-            conn.in_flight.fetch_add(1, Ordering::Relaxed);
-            let _counted = InFlight {
-                conn: &conn,
-                pool: &self,
-            };
-            if !conn.backlog.try_take() {
-                Box::pin(conn.backlog.take()).await;
-            }
-            let mut send = conn.send.clone();
-            // The request is opened from this task (its waker, so a body that waits wakes
-            // it), by a plain call: moved into a closure instead, it would take a second place
-            // in this future.
-            let ready =
-                std::future::poll_fn(|cx| send.poll_ready(cx).map_ok(|()| cx.waker().clone()));
-            let opened = match ready.await {
-                Ok(waker) => http2::open(&mut send, request, &mut Context::from_waker(&waker)),
-                Err(e) => Err(e),
-            };
-            let (response, body_task) = match opened {
-                Ok((response, body_task)) => (response.await, body_task),
-                Err(e) => {
-                    conn.backlog.untake();
-                    // The connection takes no new streams (GOAWAY, or it failed): no more
-                    // requests go to it. A request h2 refuses for itself leaves it as it is.
-                    if e.is_go_away() || e.is_io() || e.is_library() {
-                        conn.closed.store(true, Ordering::Release);
-                    }
-                    (Err(e), None)
-                }
-            };
-            match response {
-                Ok(response) => Ok(response.map(|recv| H2Body::new(recv, body_task))),
-                Err(e) => Err(self.failed(&e)),
-            }
+    /// Sends a request over a pooled connection, dialling one when needed: opened here when a
+    /// connection has room, so the returned future does not hold the request.
+    pub fn send(self: Arc<Self>, cluster: Arc<Cluster>, request: Request<ProxyBody>) -> Sending {
+        self.last_used.store(self.now_ms(), Ordering::Relaxed);
+        match self.pick(cluster.connector.wanted_source()) {
+            Pick::Use(conn) => self.send_on(conn, request),
+            picked => Sending::boxed(async move {
+                let conn = self.checkout(&cluster.connector, picked).await?;
+                self.send_on(conn, request).await
+            }),
         }
+    }
+
+    /// Opens `request` on `conn`, now if its backlog has room and h2 takes a stream (it
+    /// always does on a fresh handle; it queues a stream past the peer's limit itself), else
+    /// from a boxed future that waits.
+    fn send_on(self: Arc<Self>, conn: Arc<Conn>, mut request: Request<ProxyBody>) -> Sending {
+        *request.uri_mut() = self.upstream_uri(request.uri());
+        http2::strip_connection_headers(request.headers_mut());
+        conn.in_flight.fetch_add(1, Ordering::Relaxed);
+        let counted = InFlight { conn, pool: self };
+        let mut send = counted.conn.send.clone();
+        if counted.conn.backlog.try_take() {
+            // No task's waker is at hand here, and none is needed: a stream h2 cannot take
+            // yet goes to the boxed path below, which polls again with its own, and a body
+            // not whole yet is sent by a task of its own (`http2::open`).
+            let mut now = Context::from_waker(futures_util::task::noop_waker_ref());
+            match send.poll_ready(&mut now) {
+                Poll::Ready(Ok(())) => {
+                    let opened = http2::open(&mut send, request, &mut now);
+                    return Sending::opened(counted, opened);
+                }
+                Poll::Ready(Err(e)) => return Sending::opened(counted, Err(e)),
+                Poll::Pending => {}
+            }
+        } else {
+            let backlog = counted.conn.backlog.clone();
+            return Sending::boxed(async move {
+                backlog.take().await;
+                Self::open_when_ready(counted, send, request).await
+            });
+        }
+        Sending::boxed(Self::open_when_ready(counted, send, request))
+    }
+
+    /// Waits for h2 to take a stream (its permit taken), then opens the request.
+    async fn open_when_ready(
+        counted: InFlight,
+        mut send: SendRequest<Bytes>,
+        request: Request<ProxyBody>,
+    ) -> Result<Response<H2Body>, UpstreamError> {
+        let ready = std::future::poll_fn(|cx| send.poll_ready(cx).map_ok(|()| cx.waker().clone()));
+        let opened = match ready.await {
+            Ok(waker) => http2::open(&mut send, request, &mut Context::from_waker(&waker)),
+            Err(e) => Err(e),
+        };
+        Sending::opened(counted, opened).await
     }
 
     /// A request that failed on its stream or connection, with the HTTP/2 reason.

@@ -7,13 +7,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use futures_util::future::BoxFuture;
 use http::{Request, Response};
 use http_body::Body;
 use http_body_util::BodyExt;
 use tower::Service;
 
-use super::{Cluster, H2Body, UpstreamError};
+use super::{Cluster, H2Body, Sending, UpstreamError};
 use crate::reply::BoxError;
 
 /// A static cluster: each request goes to its next endpoint.
@@ -51,7 +50,7 @@ where
 {
     type Response = Response<H2Body>;
     type Error = UpstreamError;
-    type Future = BoxFuture<'static, Result<Response<H2Body>, UpstreamError>>;
+    type Future = Sending;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
         Poll::Ready(Ok(()))
@@ -62,9 +61,9 @@ where
             Some(destination) => {
                 EndpointService::new(self.cluster.clone(), destination).call(request)
             }
-            None => Box::pin(std::future::ready(Err(UpstreamError::NoEndpoints {
+            None => Sending::failed(UpstreamError::NoEndpoints {
                 cluster: self.cluster.name().to_string(),
-            }))),
+            }),
         }
     }
 }
@@ -76,7 +75,7 @@ where
 {
     type Response = Response<H2Body>;
     type Error = UpstreamError;
-    type Future = BoxFuture<'static, Result<Response<H2Body>, UpstreamError>>;
+    type Future = Sending;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
         Poll::Ready(Ok(()))
@@ -84,6 +83,6 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let request = request.map(|b| b.map_err(Into::into).boxed_unsync());
-        Box::pin(self.cluster.send(self.destination, request))
+        self.cluster.send(self.destination, request)
     }
 }

@@ -111,6 +111,7 @@ fn upstream_reply(
     let code = match e {
         UpstreamError::TryTimeout { .. } => Code::DeadlineExceeded,
         UpstreamError::RequestBody { .. } => Code::Cancelled,
+        UpstreamError::PolledAgain => Code::Internal,
         _ => Code::Unavailable,
     };
     LocalReply::new(code, format!("{e} ({context})"))
