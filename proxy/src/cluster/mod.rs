@@ -395,6 +395,7 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 mod tests {
     use super::*;
     use crate::config::Config;
+    use std::future::Future;
 
     fn cluster(yaml: &str) -> Arc<Cluster> {
         let text = format!("listeners: []\nclusters:\n  - {yaml}\n");
@@ -413,6 +414,53 @@ mod tests {
         let size = std::mem::size_of::<Sending>();
         eprintln!("request {one} B, the call's future {size} B");
         assert!(size <= 64, "{size} B (a request is {one} B)");
+    }
+
+    #[tokio::test]
+    async fn a_request_is_opened_before_its_answer_is_awaited() {
+        // An upstream that takes requests and never answers; it tells each one it sees.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (seen, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut conn = h2::server::handshake(tcp).await.unwrap();
+            let mut held = Vec::new();
+            while let Some(Ok((request, respond))) = conn.accept().await {
+                let _ = seen.send(request.uri().path().to_string());
+                held.push((request, respond));
+            }
+        });
+        let c = cluster(&format!(
+            "{{ name: s, endpoints: [{addr}], upstream_bind_config: {{ source_address: 127.0.0.1 }} }}"
+        ));
+        let request = |path: &str| {
+            Request::builder()
+                .uri(path)
+                .body(crate::reply::empty_body())
+                .unwrap()
+        };
+        let waker = futures_util::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        // The first request waits for the dial (boxed); once opened, the box is gone.
+        let mut first = std::pin::pin!(c.send(addr, request("/a.B/First")));
+        assert!(!first.is_opened());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !first.is_opened() {
+            if let std::task::Poll::Ready(r) = first.as_mut().poll(&mut cx) {
+                panic!("answered: {:?}", r.map(|_| ()));
+            }
+            assert!(tokio::time::Instant::now() < deadline, "never opened");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let got = tokio::time::timeout(Duration::from_secs(5), seen_rx.recv()).await;
+        assert_eq!(got.unwrap().as_deref(), Some("/a.B/First"));
+        // With the connection up, a request is opened as it is made, before any poll.
+        let second = c.send(addr, request("/a.B/Second"));
+        assert!(second.is_opened());
+        let got = tokio::time::timeout(Duration::from_secs(5), seen_rx.recv()).await;
+        assert_eq!(got.unwrap().as_deref(), Some("/a.B/Second"));
+        assert!(first.as_mut().poll(&mut cx).is_pending());
     }
 
     #[tokio::test]

@@ -123,38 +123,49 @@ type Open = Result<(h2::client::ResponseFuture, Option<http2::BodyTask>), h2::Er
 
 /// A request sent on a pooled connection, until its response headers arrive. In the usual
 /// case (a connection with room, a free backlog permit) the request is opened when this is
-/// made, and it holds only what the wait for the answer needs: every open call keeps one
-/// (bench-footprint: memory per open call). Dialling and waiting for a permit are boxed.
+/// made, and from then on it holds only what the wait for the answer needs: every open call
+/// keeps one (bench-footprint: memory per open call). Dialling and waiting for a permit are
+/// boxed, and the box is dropped once the request is opened.
 pub struct Sending(Stage);
 
 enum Stage {
-    /// Opened: waiting for the response headers.
-    Opened {
-        response: h2::client::ResponseFuture,
-        body_task: Option<http2::BodyTask>,
-        counted: InFlight,
-    },
     /// Dialling, waiting for a dial or a backlog permit, or failed before a stream opened.
-    Boxed(BoxFuture<'static, Result<Response<H2Body>, UpstreamError>>),
+    Opening(BoxFuture<'static, Result<Waiting, UpstreamError>>),
+    Opened(Waiting),
     Done,
+}
+
+/// An opened request: its response headers to wait for.
+struct Waiting {
+    response: h2::client::ResponseFuture,
+    body_task: Option<http2::BodyTask>,
+    counted: InFlight,
 }
 
 impl Sending {
     /// A request that fails before reaching a connection.
     pub fn failed(e: UpstreamError) -> Sending {
-        Sending::boxed(std::future::ready(Err(e)))
+        Sending::opening(std::future::ready(Err(e)))
     }
 
-    fn boxed(
-        f: impl Future<Output = Result<Response<H2Body>, UpstreamError>> + Send + 'static,
+    /// Whether the request is opened on a connection and only its answer is awaited.
+    #[cfg(test)]
+    pub fn is_opened(&self) -> bool {
+        matches!(self.0, Stage::Opened(_))
+    }
+
+    fn opening(
+        f: impl Future<Output = Result<Waiting, UpstreamError>> + Send + 'static,
     ) -> Sending {
-        Sending(Stage::Boxed(Box::pin(f)))
+        Sending(Stage::Opening(Box::pin(f)))
     }
+}
 
+impl Waiting {
     /// The request as [`http2::open`] left it on `counted`'s connection.
-    fn opened(counted: InFlight, opened: Open) -> Sending {
+    fn new(counted: InFlight, opened: Open) -> Result<Waiting, UpstreamError> {
         match opened {
-            Ok((response, body_task)) => Sending(Stage::Opened {
+            Ok((response, body_task)) => Ok(Waiting {
                 response,
                 body_task,
                 counted,
@@ -166,7 +177,7 @@ impl Sending {
                 if e.is_go_away() || e.is_io() || e.is_library() {
                     counted.conn.closed.store(true, Ordering::Release);
                 }
-                Sending::failed(counted.pool.failed(&e))
+                Err(counted.pool.failed(&e))
             }
         }
     }
@@ -176,21 +187,28 @@ impl Future for Sending {
     type Output = Result<Response<H2Body>, UpstreamError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let answer = match &mut self.0 {
-            Stage::Opened {
-                response,
-                body_task,
-                counted,
-            } => match ready!(Pin::new(response).poll(cx)) {
-                Ok(response) => Ok(response.map(|recv| H2Body::new(recv, body_task.take()))),
-                Err(e) => Err(counted.pool.failed(&e)),
-            },
-            Stage::Boxed(f) => ready!(f.as_mut().poll(cx)),
-            Stage::Done => return Poll::Ready(Err(UpstreamError::PolledAgain)),
-        };
-        // Ends the in-flight count as the headers arrive, not when this is dropped.
-        self.0 = Stage::Done;
-        Poll::Ready(answer)
+        loop {
+            let answer = match &mut self.0 {
+                Stage::Opening(opening) => match ready!(opening.as_mut().poll(cx)) {
+                    Ok(waiting) => {
+                        self.0 = Stage::Opened(waiting);
+                        continue;
+                    }
+                    Err(e) => Err(e),
+                },
+                Stage::Opened(w) => match ready!(Pin::new(&mut w.response).poll(cx)) {
+                    Ok(response) => {
+                        let body_task = w.body_task.take();
+                        Ok(response.map(|recv| H2Body::new(recv, body_task)))
+                    }
+                    Err(e) => Err(w.counted.pool.failed(&e)),
+                },
+                Stage::Done => Err(UpstreamError::PolledAgain),
+            };
+            // Ends the in-flight count as the headers arrive, not when this is dropped.
+            self.0 = Stage::Done;
+            return Poll::Ready(answer);
+        }
     }
 }
 
@@ -215,61 +233,71 @@ impl EndpointPool {
 
     /// Sends a request over a pooled connection, dialling one when needed: opened here when a
     /// connection has room, so the returned future does not hold the request.
-    pub fn send(self: Arc<Self>, cluster: Arc<Cluster>, request: Request<ProxyBody>) -> Sending {
+    pub fn send(
+        self: Arc<Self>,
+        cluster: Arc<Cluster>,
+        mut request: Request<ProxyBody>,
+    ) -> Sending {
         self.last_used.store(self.now_ms(), Ordering::Relaxed);
-        match self.pick(cluster.connector.wanted_source()) {
-            Pick::Use(conn) => self.send_on(conn, request),
-            picked => Sending::boxed(async move {
+        let picked = self.pick(cluster.connector.wanted_source());
+        let Pick::Use(conn) = picked else {
+            return Sending::opening(async move {
                 let conn = self.checkout(&cluster.connector, picked).await?;
-                self.send_on(conn, request).await
-            }),
+                let counted = self.count(conn, &mut request);
+                let permit = counted.conn.backlog.try_take();
+                Self::open_later(counted, request, permit).await
+            });
+        };
+        let counted = self.count(conn, &mut request);
+        if !counted.conn.backlog.try_take() {
+            return Sending::opening(Self::open_later(counted, request, false));
+        }
+        // No task's waker is at hand here, and none is needed: a stream h2 cannot take yet
+        // (never on a fresh handle; h2 queues a stream past the peer's limit itself) goes to
+        // the boxed path, which polls again with its own, and a body not whole yet is sent by
+        // a task of its own (`http2::open`).
+        let mut send = counted.conn.send.clone();
+        let mut now = Context::from_waker(futures_util::task::noop_waker_ref());
+        match send.poll_ready(&mut now) {
+            Poll::Ready(ready) => {
+                let opened = ready.and_then(|()| http2::open(&mut send, request, &mut now));
+                match Waiting::new(counted, opened) {
+                    Ok(waiting) => Sending(Stage::Opened(waiting)),
+                    Err(e) => Sending::failed(e),
+                }
+            }
+            Poll::Pending => Sending::opening(Self::open_later(counted, request, true)),
         }
     }
 
-    /// Opens `request` on `conn`, now if its backlog has room and h2 takes a stream (it
-    /// always does on a fresh handle; it queues a stream past the peer's limit itself), else
-    /// from a boxed future that waits.
-    fn send_on(self: Arc<Self>, conn: Arc<Conn>, mut request: Request<ProxyBody>) -> Sending {
+    /// Readies `request` for `conn` and counts it in flight there.
+    fn count(self: &Arc<Self>, conn: Arc<Conn>, request: &mut Request<ProxyBody>) -> InFlight {
         *request.uri_mut() = self.upstream_uri(request.uri());
         http2::strip_connection_headers(request.headers_mut());
         conn.in_flight.fetch_add(1, Ordering::Relaxed);
-        let counted = InFlight { conn, pool: self };
-        let mut send = counted.conn.send.clone();
-        if counted.conn.backlog.try_take() {
-            // No task's waker is at hand here, and none is needed: a stream h2 cannot take
-            // yet goes to the boxed path below, which polls again with its own, and a body
-            // not whole yet is sent by a task of its own (`http2::open`).
-            let mut now = Context::from_waker(futures_util::task::noop_waker_ref());
-            match send.poll_ready(&mut now) {
-                Poll::Ready(Ok(())) => {
-                    let opened = http2::open(&mut send, request, &mut now);
-                    return Sending::opened(counted, opened);
-                }
-                Poll::Ready(Err(e)) => return Sending::opened(counted, Err(e)),
-                Poll::Pending => {}
-            }
-        } else {
-            let backlog = counted.conn.backlog.clone();
-            return Sending::boxed(async move {
-                backlog.take().await;
-                Self::open_when_ready(counted, send, request).await
-            });
+        InFlight {
+            conn,
+            pool: self.clone(),
         }
-        Sending::boxed(Self::open_when_ready(counted, send, request))
     }
 
-    /// Waits for h2 to take a stream (its permit taken), then opens the request.
-    async fn open_when_ready(
+    /// Opens `request` on `counted`'s connection once it has a backlog permit (waited for
+    /// unless `has_permit`) and h2 takes a stream.
+    async fn open_later(
         counted: InFlight,
-        mut send: SendRequest<Bytes>,
         request: Request<ProxyBody>,
-    ) -> Result<Response<H2Body>, UpstreamError> {
+        has_permit: bool,
+    ) -> Result<Waiting, UpstreamError> {
+        if !has_permit {
+            counted.conn.backlog.take().await;
+        }
+        let mut send = counted.conn.send.clone();
         let ready = std::future::poll_fn(|cx| send.poll_ready(cx).map_ok(|()| cx.waker().clone()));
         let opened = match ready.await {
             Ok(waker) => http2::open(&mut send, request, &mut Context::from_waker(&waker)),
             Err(e) => Err(e),
         };
-        Sending::opened(counted, opened).await
+        Waiting::new(counted, opened)
     }
 
     /// A request that failed on its stream or connection, with the HTTP/2 reason.
