@@ -517,8 +517,9 @@ pin_project_lite::pin_project! {
     pub struct ObservedBody<B> {
         #[pin]
         inner: B,
-        #[pin]
-        deadline: Option<Sleep>,
+        // The call's own timer, from its start (one per call; boxed, so a body without a
+        // deadline holds no room for one).
+        deadline: Option<Pin<Box<Sleep>>>,
         deadline_reply: Option<LocalReply>,
         verdict: Verdict,
         context: RouteContext,
@@ -540,13 +541,13 @@ impl<B> ObservedBody<B> {
     /// `context` names the route in the message sent if the upstream resets the stream mid-way.
     pub fn new(
         inner: B,
-        deadline: Option<(Instant, LocalReply)>,
+        deadline: Option<(Pin<Box<Sleep>>, LocalReply)>,
         verdict: Verdict,
         context: RouteContext,
         log: RequestLog,
     ) -> Self {
         let (deadline, deadline_reply) = match deadline {
-            Some((at, reply)) => (Some(tokio::time::sleep_until(at)), Some(reply)),
+            Some((timer, reply)) => (Some(timer), Some(reply)),
             None => (None, None),
         };
         ObservedBody {
@@ -579,7 +580,7 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let mut this = self.project();
+        let this = self.project();
         if *this.done {
             return Poll::Ready(None);
         }
@@ -590,8 +591,8 @@ where
             }
             Poll::Ready(Some(Ok(trailers_frame(&reply))))
         };
-        if let Some(deadline) = this.deadline.as_mut().as_pin_mut() {
-            if deadline.poll(cx).is_ready() {
+        if let Some(deadline) = this.deadline.as_mut() {
+            if deadline.as_mut().poll(cx).is_ready() {
                 let reply = this.deadline_reply.take().unwrap_or_else(|| {
                     LocalReply::new(Code::DeadlineExceeded, "deadline exceeded")
                 });

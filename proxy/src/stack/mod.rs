@@ -7,8 +7,7 @@
 //!
 //! | layer | does |
 //! |---|---|
-//! | [`Observe`] | error mapping: a status from any layer becomes its Trailers-Only answer; metrics at the stream's end; the one box of the response body |
-//! | [`Deadline`] | the route `timeout` / `grpc-timeout`, whichever is shorter, over the whole call |
+//! | [`Observe`] | the route `timeout` / `grpc-timeout`, whichever is shorter, over the whole call (one timer, for the answer and its body); error mapping: a status from any layer becomes its Trailers-Only answer; metrics at the stream's end; the one box of the response body |
 //! | [`BodyStart`] | unary and server-streaming calls wait (up to `stream_idle_timeout`) for their message before taking anything upstream |
 //! | [`VersionPatch`] | routes that can carry the instance-manager's `VersionGet` (`ProcessManagerService`, `imrpc.InstanceService`; response layer: lhnet's proxy API version) |
 //! | [`Slots`] | load shedding at the cluster's `circuit_breakers` and the connection's share of them: a call past either is refused at once, RESOURCE_EXHAUSTED naming the limit |
@@ -18,8 +17,8 @@
 //! | [`PerTryTimeout`] | `retry_policy.per_try_timeout` |
 //! | [`ClusterService`](crate::cluster::ClusterService) | the cluster's endpoints, round robin, over the multi-connection HTTP/2 pool |
 //!
-//! A local route: [`Observe`], [`Deadline`], then [`Local`] (a tonic server). The engine
-//! proxy: [`Observe`], [`Deadline`], then [`EngineDispatch`], which calls its [`Local`] server
+//! A local route: [`Observe`], then [`Local`] (a tonic server). The engine
+//! proxy: [`Observe`], then [`EngineDispatch`], which calls its [`Local`] server
 //! or the forwarding stack of `passthrough_cluster`.
 //!
 //! Bodies stay concrete types down the stack (the request body is boxed once, for the pool;
@@ -27,7 +26,6 @@
 //! cost 1 MiB calls 6% (docs/benchmarks.md).
 
 mod body_start;
-mod deadline;
 pub mod instances;
 mod local;
 mod observe;
@@ -51,7 +49,6 @@ use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
 pub use body_start::BodyStart;
-pub use deadline::Deadline;
 pub use local::{EngineDispatch, Local, LocalBody};
 pub use observe::{finish_local, Observe};
 pub use retry::{PerTryTimeout, Replay, RetryPolicy};
@@ -195,7 +192,7 @@ pub struct ListenerInfo {
     pub metrics: Arc<Metrics>,
 }
 
-/// The forwarding stack of a `cluster:` route or of `passthrough_cluster`, below [`Deadline`].
+/// The forwarding stack of a `cluster:` route or of `passthrough_cluster`, below [`Observe`].
 /// `map`: the address map, for the instance calls a route to an instance-manager carries.
 pub fn forwarding(
     cluster: &Arc<Cluster>,
@@ -257,7 +254,7 @@ pub fn passthrough(
     )
 }
 
-/// A route's whole stack: [`Observe`] and [`Deadline`] over `inner`, boxed once.
+/// A route's whole stack: [`Observe`] over `inner`, boxed once.
 pub fn route<S, B>(inner: S, context: &RouteContext) -> RouteService
 where
     S: Service<Call, Response = Response<B>, Error = LocalReply> + Clone + Send + Sync + 'static,
@@ -265,10 +262,7 @@ where
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: std::fmt::Display,
 {
-    Arc::new(Shared(Observe::new(
-        Deadline::new(inner, context.clone()),
-        context.clone(),
-    )))
+    Arc::new(Shared(Observe::new(inner, context.clone())))
 }
 
 /// Whether a route's path match can select an instance-manager `VersionGet` (whose answer

@@ -1,5 +1,6 @@
-//! The outermost layer of every route: the call's end observed (metrics, the body deadline,
-//! the checked body's verdict) and every error answered as a gRPC status.
+//! The outermost layer of every route: the call's deadline (the route `timeout` or
+//! `grpc-timeout`, whichever is shorter, over the whole call), the call's end observed
+//! (metrics, the checked body's verdict) and every error answered as a gRPC status.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -10,15 +11,18 @@ use bytes::Bytes;
 use http::Response;
 use http_body::Body;
 use http_body_util::BodyExt;
+use tokio::time::Sleep;
 use tower::Service;
 
 use super::{Call, CallDeadline, RouteRequest};
 use crate::body::{ObservedBody, RequestLog, Verdict};
 use crate::reply::{grpc_status, BoxError, LocalReply, ProxyBody, RouteContext};
 
-/// Error mapping and observation: a [`LocalReply`] from any layer becomes its Trailers-Only
-/// response; a response is recorded when its stream ends (`ObservedBody`), ended with
-/// DEADLINE_EXCEEDED if the deadline passes first. The one place a response body is boxed.
+/// Deadline, error mapping and observation: the call ends with DEADLINE_EXCEEDED when its
+/// deadline passes before a response, and a response body is held to the same deadline (one
+/// timer per call, for both); a [`LocalReply`] from any layer becomes its Trailers-Only
+/// response; a response is recorded when its stream ends (`ObservedBody`). The one place a
+/// response body is boxed.
 #[derive(Clone)]
 pub struct Observe<S> {
     inner: S,
@@ -49,6 +53,9 @@ where
 
     fn call(&mut self, request: RouteRequest) -> Self::Future {
         let RouteRequest { call, log } = request;
+        let timer = call
+            .deadline
+            .map(|d| Box::pin(tokio::time::sleep_until(d.at)));
         let end = End {
             verdict: call.verdict.clone(),
             deadline: call.deadline,
@@ -57,6 +64,7 @@ where
         };
         ObserveFuture {
             inner: self.inner.call(call),
+            timer,
             end: Some(end),
         }
     }
@@ -76,6 +84,7 @@ pin_project_lite::pin_project! {
     pub struct ObserveFuture<F> {
         #[pin]
         inner: F,
+        timer: Option<Pin<Box<Sleep>>>,
         end: Option<End>,
     }
 }
@@ -90,13 +99,39 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let answered = std::task::ready!(this.inner.poll(cx));
-        let Some(end) = this.end.take() else {
+        let answered = match this.inner.poll(cx) {
+            Poll::Ready(answered) => Some(answered),
+            // The inner future first, as tokio's timeout does: an answer and the deadline in
+            // the same turn is the answer.
+            Poll::Pending
+                if this
+                    .timer
+                    .as_mut()
+                    .is_some_and(|t| t.as_mut().poll(cx).is_ready()) =>
+            {
+                None
+            }
+            Poll::Pending => return Poll::Pending,
+        };
+        let (
+            Some(End {
+                verdict,
+                deadline,
+                context,
+                log,
+            }),
+            timer,
+        ) = (this.end.take(), this.timer.take())
+        else {
             return Poll::Ready(Ok(LocalReply::polled_again().into_response()));
         };
-        Poll::Ready(Ok(match answered {
-            Ok(response) => finish(response, &end.verdict, end.deadline, end.context, end.log),
-            Err(reply) => finish_local(reply, end.log),
+        Poll::Ready(Ok(match (answered, deadline) {
+            (Some(Ok(response)), deadline) => {
+                finish(response, &verdict, deadline.zip(timer), context, log)
+            }
+            (Some(Err(reply)), _) => finish_local(reply, log),
+            (None, Some(d)) => finish_local(d.reply(&context), log),
+            (None, None) => finish_local(LocalReply::polled_again(), log),
         }))
     }
 }
@@ -111,7 +146,7 @@ pub fn finish_local(reply: LocalReply, log: RequestLog) -> Response<ProxyBody> {
 fn finish<B>(
     response: Response<B>,
     verdict: &Verdict,
-    deadline: Option<CallDeadline>,
+    deadline: Option<(CallDeadline, Pin<Box<Sleep>>)>,
     context: RouteContext,
     log: RequestLog,
 ) -> Response<ProxyBody>
@@ -128,7 +163,7 @@ where
         log.finish(code);
         return response.map(|b| b.map_err(|e| BoxError::from(e.to_string())).boxed_unsync());
     }
-    let deadline = deadline.map(|d| (d.at, d.reply(&context)));
+    let deadline = deadline.map(|(d, timer)| (timer, d.reply(&context)));
     let (parts, body) = response.into_parts();
     let body = ObservedBody::new(body, deadline, verdict.clone(), context, log);
     Response::from_parts(parts, body.boxed_unsync())
