@@ -2,8 +2,9 @@
 # Alternates lhnet-proxy builds on the engine proxy, in one session, against the standalone
 # simulated engine (docs/benchmarks.md, "The engine proxy before and after"):
 #
-#   [STREAMS=64] [CALLS=200000] loadtest/engine-ab.sh RPC ROUNDS LHNET_PROXY_BINARY...
-#   (RPC: VolumeGet or ReplicaList; STREAMS=1 measures one call at a time)
+#   [STREAMS=64] [CALLS=200000] [TIMEOUT=10S] loadtest/engine-ab.sh RPC ROUNDS LHNET_PROXY_BINARY...
+#   (RPC: VolumeGet or ReplicaList; STREAMS=1 measures one call at a time; TIMEOUT sends every
+#   call with that grpc-timeout, as a Longhorn manager's calls are)
 #
 # Each round measures the engine directly, then each build: h2load -n CALLS -c 1 -m STREAMS -t 1
 # (the simulator and h2load on CPU 1, the lhnet build alone on CPU 0, one thread) and prints
@@ -41,7 +42,8 @@ sleep 1.5
 REQ=${CALLS:-200000}
 load() {
     taskset -c 1 h2load -n $REQ -c 1 -m "${STREAMS:-64}" -t 1 -d "$1" \
-        -H 'content-type: application/grpc' -H 'te: trailers' "$2" | awk '/finished/{print $4}'
+        -H 'content-type: application/grpc' -H 'te: trailers' ${TIMEOUT:+-H "grpc-timeout: $TIMEOUT"} \
+        "$2" | awk '/finished/{print $4}'
 }
 for i in $(seq 1 "$ROUNDS"); do
     d=$(load "$DIR/direct.bin" "http://127.0.0.1:19501/ptypes.ControllerService/$RPC")
