@@ -107,15 +107,7 @@ impl RouteMetrics {
     pub fn record(&self, method: &GrpcLabels<'_>, grpc_code: i32, seconds: f64) {
         let h = &*self.0;
         h.metrics
-            .requests
-            .with_label_values(&[
-                &h.listener,
-                &h.route,
-                method.service,
-                method.method,
-                grpc_code_label(grpc_code),
-            ])
-            .inc();
+            .count_request(&h.listener, &h.route, method, grpc_code);
         h.duration.observe(seconds);
     }
 }
@@ -293,14 +285,18 @@ impl Metrics {
         grpc_code: i32,
         seconds: f64,
     ) {
-        let labels = self.grpc_labels(path);
-        let code = grpc_code_label(grpc_code);
-        self.requests
-            .with_label_values(&[listener, route, labels.service, labels.method, code])
-            .inc();
+        self.count_request(listener, route, &self.grpc_labels(path), grpc_code);
         self.request_duration
             .with_label_values(&[listener, route])
             .observe(seconds);
+    }
+
+    /// `lhnet_requests_total` for one call.
+    fn count_request(&self, listener: &str, route: &str, method: &GrpcLabels<'_>, grpc_code: i32) {
+        let code = grpc_code_label(grpc_code);
+        self.requests
+            .with_label_values(&[listener, route, method.service, method.method, code])
+            .inc();
     }
 
     /// A gauge of open upstream connections; [`ConnectionGuard`] keeps it right.

@@ -129,7 +129,7 @@ pub enum UpstreamError {
     #[error("per_try_timeout {} expired", format_duration(*after))]
     TryTimeout { after: Duration },
     /// A request's future polled after it had given its answer (a bug in lhnet, not input).
-    #[error("an upstream request was polled after it had answered (a bug in lhnet)")]
+    #[error("an upstream request was polled after it had answered (a bug in lhnet: please report it with lhnet's log)")]
     PolledAgain,
 }
 

@@ -53,18 +53,16 @@ where
 
     fn call(&mut self, request: RouteRequest) -> Self::Future {
         let RouteRequest { call, log } = request;
-        let timer = call
-            .deadline
-            .map(|d| Box::pin(tokio::time::sleep_until(d.at)));
         let end = End {
             verdict: call.verdict.clone(),
-            deadline: call.deadline,
+            deadline: call
+                .deadline
+                .map(|d| (d, Box::pin(tokio::time::sleep_until(d.at)))),
             context: self.context.clone(),
             log,
         };
         ObserveFuture {
             inner: self.inner.call(call),
-            timer,
             end: Some(end),
         }
     }
@@ -73,7 +71,9 @@ where
 /// What [`Observe`] needs when the call below has answered.
 struct End {
     verdict: Verdict,
-    deadline: Option<CallDeadline>,
+    /// The deadline and the call's one timer for it (boxed: a call without one holds no
+    /// room for it), handed on to the response body.
+    deadline: Option<(CallDeadline, Pin<Box<Sleep>>)>,
     context: RouteContext,
     log: RequestLog,
 }
@@ -84,7 +84,6 @@ pin_project_lite::pin_project! {
     pub struct ObserveFuture<F> {
         #[pin]
         inner: F,
-        timer: Option<Pin<Box<Sleep>>>,
         end: Option<End>,
     }
 }
@@ -100,38 +99,30 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let answered = match this.inner.poll(cx) {
-            Poll::Ready(answered) => Some(answered),
+            Poll::Ready(answered) => answered,
             // The inner future first, as tokio's timeout does: an answer and the deadline in
             // the same turn is the answer.
-            Poll::Pending
-                if this
-                    .timer
-                    .as_mut()
-                    .is_some_and(|t| t.as_mut().poll(cx).is_ready()) =>
-            {
-                None
+            Poll::Pending => {
+                let Some(End {
+                    deadline: Some((deadline, timer)),
+                    context,
+                    ..
+                }) = this.end.as_mut()
+                else {
+                    return Poll::Pending;
+                };
+                if timer.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                Err(deadline.reply(context))
             }
-            Poll::Pending => return Poll::Pending,
         };
-        let (
-            Some(End {
-                verdict,
-                deadline,
-                context,
-                log,
-            }),
-            timer,
-        ) = (this.end.take(), this.timer.take())
-        else {
+        let Some(end) = this.end.take() else {
             return Poll::Ready(Ok(LocalReply::polled_again().into_response()));
         };
-        Poll::Ready(Ok(match (answered, deadline) {
-            (Some(Ok(response)), deadline) => {
-                finish(response, &verdict, deadline.zip(timer), context, log)
-            }
-            (Some(Err(reply)), _) => finish_local(reply, log),
-            (None, Some(d)) => finish_local(d.reply(&context), log),
-            (None, None) => finish_local(LocalReply::polled_again(), log),
+        Poll::Ready(Ok(match answered {
+            Ok(response) => finish(response, &end.verdict, end.deadline, end.context, end.log),
+            Err(reply) => finish_local(reply, end.log),
         }))
     }
 }
