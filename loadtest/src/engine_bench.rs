@@ -99,8 +99,8 @@ fn manager_request(engine: SocketAddr) -> ProxyEngineRequest {
     }
 }
 
-/// CPU time (user + system) of this process's thread named `name`, in clock ticks.
-fn thread_cpu_ticks(name: &str) -> Option<u64> {
+/// CPU time (user + system) of this process's thread named `name`, in seconds.
+fn thread_cpu_seconds(name: &str) -> Option<f64> {
     for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
         let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
         if comm.trim_end() != name {
@@ -110,7 +110,8 @@ fn thread_cpu_ticks(name: &str) -> Option<u64> {
         // Fields after the command (which is in parentheses): utime is the 12th, stime the 13th.
         let rest = &stat[stat.rfind(')')? + 2..];
         let fields: Vec<&str> = rest.split(' ').collect();
-        return Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?);
+        let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        return Some(ticks as f64 / steal::clock_ticks_per_second());
     }
     None
 }
@@ -206,15 +207,13 @@ pub fn run(
         eprintln!("bench-engine: {rpc} saturated, direct ...");
         let (d, direct_steal) = saturate(engine, &direct_path, &direct_body)?;
         eprintln!("bench-engine: {rpc} saturated, via lhnet ...");
-        let before = thread_cpu_ticks("lhnet-proxy");
+        let before = thread_cpu_seconds("lhnet-proxy");
         let (l, lhnet_steal) = saturate(proxy_addr, &lhnet_path, &lhnet_body)?;
-        let cpu_us = match (before, thread_cpu_ticks("lhnet-proxy")) {
+        let cpu_us = match (before, thread_cpu_seconds("lhnet-proxy")) {
             (Some(b), Some(a)) if l.succeeded > 0 => {
                 // h2load's warm-up second is not in `succeeded`: scale to the measured part.
-                let ticks_per_s = steal::clock_ticks_per_second();
-                let seconds = duration.as_secs_f64() + 1.0;
-                let calls = l.rps * seconds;
-                (a - b) as f64 / ticks_per_s * 1e6 / calls
+                let calls = l.rps * (duration.as_secs_f64() + 1.0);
+                (a - b) * 1e6 / calls
             }
             _ => 0.0,
         };
@@ -249,7 +248,7 @@ pub fn run(
                 )
             });
             let (cpu_before, started) =
-                (thread_cpu_ticks("lhnet-proxy"), std::time::Instant::now());
+                (thread_cpu_seconds("lhnet-proxy"), std::time::Instant::now());
             let (lt, lhnet_steal) = steal::during(|| {
                 openloop::run(
                     "lhnet",
@@ -263,13 +262,8 @@ pub fn run(
                 )
             });
             let (dt, lt) = (dt?, lt?);
-            let lhnet_busy_percent = match (cpu_before, thread_cpu_ticks("lhnet-proxy")) {
-                (Some(b), Some(a)) => {
-                    (a - b) as f64
-                        / steal::clock_ticks_per_second()
-                        / started.elapsed().as_secs_f64()
-                        * 100.0
-                }
+            let lhnet_busy_percent = match (cpu_before, thread_cpu_seconds("lhnet-proxy")) {
+                (Some(b), Some(a)) => (a - b) / started.elapsed().as_secs_f64() * 100.0,
                 _ => 0.0,
             };
             open_loop.push(OpenLoop {
