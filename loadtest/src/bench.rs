@@ -15,6 +15,7 @@ use lhnet_proto::echo::echo_client::EchoClient;
 use lhnet_proto::echo::EchoRequest;
 use serde::Serialize;
 
+use crate::cputime::{self, Whose};
 use crate::peers::{self, which};
 use crate::steal::StealShare;
 
@@ -41,6 +42,11 @@ pub struct Sample {
     pub succeeded: u64,
     pub failed: u64,
     pub ratio_to_direct: f64,
+    /// The proxy's CPU time per call over the run (its warm-up second included), in
+    /// microseconds; `None` for direct. When a proxy keeps up with the load side (a ratio near
+    /// 1.00x), this is what shows how much more it could take: one CPU does 1e6 / this calls a
+    /// second through it.
+    pub proxy_cpu_us_per_call: Option<f64>,
     /// What the host took from each CPU during this run ([`crate::steal`]).
     pub steal: StealShare,
 }
@@ -51,6 +57,8 @@ pub struct TcpSample {
     pub target: String,
     pub mib_per_second: f64,
     pub ratio_to_direct: f64,
+    /// The forwarder's CPU seconds per GiB moved; `None` for direct.
+    pub proxy_cpu_seconds_per_gib: Option<f64>,
     pub steal: StealShare,
 }
 
@@ -70,7 +78,12 @@ pub struct Report {
 struct Target {
     name: String,
     addr: SocketAddr,
+    /// Whose CPU time the proxy's is (none for direct).
+    cpu: Option<Whose>,
 }
+
+/// lhnet's runtime threads in this process ([`start_lhnet_thread`]).
+const LHNET_THREADS: Whose = Whose::Threads("lhnet-proxy");
 
 const UPSTREAM_NAME: &str = "bench-upstream";
 
@@ -98,11 +111,13 @@ pub fn run(args: &BenchArgs) -> Result<Report, String> {
     let mut targets = vec![Target {
         name: "direct".into(),
         addr: upstream_addr,
+        cpu: None,
     }];
     let proxy = start_lhnet(upstream_addr, args.threads, proxy_cpus.clone())?;
     targets.push(Target {
         name: "lhnet".into(),
         addr: proxy.1,
+        cpu: Some(LHNET_THREADS),
     });
 
     let mut skipped = Vec::new();
@@ -130,6 +145,7 @@ pub fn run(args: &BenchArgs) -> Result<Report, String> {
                 targets.push(Target {
                     name: name.clone(),
                     addr: p.addr,
+                    cpu: Some(Whose::Process(p.pid())),
                 });
                 running_peers.push(p);
             }
@@ -155,15 +171,19 @@ pub fn run(args: &BenchArgs) -> Result<Report, String> {
         let mut direct_rps = None;
         for t in &targets {
             eprintln!("bench: {workload} via {} ...", t.name);
-            let (m, steal) = crate::steal::during(|| {
-                h2load(
-                    t.addr,
-                    &body,
-                    args,
-                    load_cpus.as_ref().map(|c| cpu_list(c)).as_deref(),
-                )
+            let ((m, cpu), steal) = crate::steal::during(|| {
+                cputime::during(t.cpu.as_ref(), || {
+                    h2load(
+                        t.addr,
+                        &body,
+                        args,
+                        load_cpus.as_ref().map(|c| cpu_list(c)).as_deref(),
+                    )
+                })
             });
             let m = m?;
+            // h2load's warm-up second is not in its rate's calls: count it at the same rate.
+            let calls = m.rps * (args.duration.as_secs().max(1) + 1) as f64;
             let direct = *direct_rps.get_or_insert(m.rps);
             samples.push(Sample {
                 workload: workload.into(),
@@ -173,6 +193,7 @@ pub fn run(args: &BenchArgs) -> Result<Report, String> {
                 succeeded: m.succeeded,
                 failed: m.failed,
                 ratio_to_direct: if direct > 0.0 { m.rps / direct } else { 0.0 },
+                proxy_cpu_us_per_call: cpu.filter(|_| calls > 0.0).map(|c| c * 1e6 / calls),
                 steal,
             });
         }
@@ -205,19 +226,20 @@ pub fn print(report: &Report) {
         report.threads, report.connections, report.streams_per_connection, report.seconds_per_run
     );
     println!(
-        "{:<12} {:<8} {:>12} {:>12} {:>10} {:>8} {:>8}",
-        "workload", "target", "req/s", "mean ms", "vs direct", "failed", "steal"
+        "{:<12} {:<8} {:>12} {:>12} {:>10} {:>8} {:>8} {:>12}",
+        "workload", "target", "req/s", "mean ms", "vs direct", "failed", "steal", "cpu us/call"
     );
     for s in &report.samples {
         println!(
-            "{:<12} {:<8} {:>12.0} {:>12.2} {:>9.2}x {:>8} {:>7.1}%",
+            "{:<12} {:<8} {:>12.0} {:>12.2} {:>9.2}x {:>8} {:>7.1}% {:>12}",
             s.workload,
             s.target,
             s.requests_per_second,
             s.mean_latency_ms,
             s.ratio_to_direct,
             s.failed,
-            s.steal.worst(None)
+            s.steal.worst(None),
+            cpu_column(s.proxy_cpu_us_per_call, 1),
         );
     }
     let workloads: Vec<&str> = {
@@ -231,16 +253,17 @@ pub fn print(report: &Report) {
             report.connections, report.seconds_per_run
         );
         println!(
-            "{:<8} {:>12} {:>10} {:>8}",
-            "target", "MiB/s", "vs direct", "steal"
+            "{:<8} {:>12} {:>10} {:>8} {:>12}",
+            "target", "MiB/s", "vs direct", "steal", "cpu s/GiB"
         );
         for t in &report.tcp {
             println!(
-                "{:<8} {:>12.0} {:>9.2}x {:>7.1}%",
+                "{:<8} {:>12.0} {:>9.2}x {:>7.1}% {:>12}",
                 t.target,
                 t.mib_per_second,
                 t.ratio_to_direct,
-                t.steal.worst(None)
+                t.steal.worst(None),
+                cpu_column(t.proxy_cpu_seconds_per_gib, 3),
             );
         }
     }
@@ -257,14 +280,19 @@ pub fn print(report: &Report) {
             .filter(|s| s.workload == w && s.target != "direct" && s.target != "lhnet")
             .max_by(|a, b| a.requests_per_second.total_cmp(&b.requests_per_second));
         if let (Some(l), Some(p)) = (of("lhnet"), best_peer) {
+            let per_cpu = match (l.proxy_cpu_us_per_call, p.proxy_cpu_us_per_call) {
+                (Some(l), Some(p)) if l > 0.0 => format!("; calls per CPU second {:.2}x", p / l),
+                _ => String::new(),
+            };
             println!(
-                "{w}: lhnet / best peer ({}) = {:.2}x",
+                "{w}: lhnet / best peer ({}) = {:.2}x{per_cpu}",
                 p.target,
                 l.requests_per_second / p.requests_per_second
             );
         }
     }
     println!("(steal: the largest share of the run the host took from one CPU; over 1%, the run's figure moved with the host)");
+    println!("(cpu: the proxy's CPU time per call or per GiB over its run; a proxy that keeps up with the load side shows its headroom here, not in req/s)");
 }
 
 /// Bulk TCP through each forwarder: `connections` clients push bytes for `duration` into a
@@ -277,9 +305,9 @@ fn tcp_bench(
     skipped: &mut Vec<String>,
 ) -> Result<Vec<TcpSample>, String> {
     let sink = TcpSink::start(load_cpus.clone()).map_err(|e| format!("tcp sink: {e}"))?;
-    let mut targets = vec![("direct".to_string(), sink.addr)];
+    let mut targets = vec![("direct".to_string(), sink.addr, None)];
     let lhnet = start_lhnet_tcp(sink.addr, args.threads, proxy_cpus.clone())?;
-    targets.push(("lhnet".into(), lhnet.1));
+    targets.push(("lhnet".into(), lhnet.1, Some(LHNET_THREADS)));
     let mut haproxy = None;
     if args.peers.iter().any(|p| p == "haproxy") {
         match templates {
@@ -288,7 +316,7 @@ fn tcp_bench(
                 let pin = proxy_cpus.as_ref().map(|c| cpu_list(c));
                 match peers::start_tcp_peer(dir, listen, sink.addr, args.threads, pin.as_deref()) {
                     Ok(p) => {
-                        targets.push(("haproxy".into(), p.addr));
+                        targets.push(("haproxy".into(), p.addr, Some(Whose::Process(p.pid()))));
                         haproxy = Some(p);
                     }
                     Err(e) => skipped.push(format!("haproxy (tcp): {e}")),
@@ -299,23 +327,28 @@ fn tcp_bench(
     }
     let mut samples = Vec::new();
     let mut direct = None;
-    for (name, addr) in targets {
+    for (name, addr, whose) in targets {
         eprintln!("bench: tcp stream via {name} ...");
-        let (mib, steal) = crate::steal::during(|| {
-            tcp_push(
-                addr,
-                &sink,
-                args.connections.max(1) as usize,
-                args.duration,
-                load_cpus,
-            )
+        let ((mib, cpu), steal) = crate::steal::during(|| {
+            cputime::during(whose.as_ref(), || {
+                tcp_push(
+                    addr,
+                    &sink,
+                    args.connections.max(1) as usize,
+                    args.duration,
+                    load_cpus,
+                )
+            })
         });
         let mib = mib?;
+        // The measured part (the 4 MiB warm-up is in the CPU time, not in this).
+        let gib = mib * args.duration.as_secs_f64() / 1024.0;
         let base = *direct.get_or_insert(mib);
         samples.push(TcpSample {
             target: name,
             mib_per_second: mib,
             ratio_to_direct: if base > 0.0 { mib / base } else { 0.0 },
+            proxy_cpu_seconds_per_gib: cpu.filter(|_| gib > 0.0).map(|c| c / gib),
             steal,
         });
     }
@@ -418,6 +451,11 @@ fn start_lhnet_tcp(
          clusters:\n  - name: up\n    endpoints: [{upstream}]\n    upstream_bind_config: {{ source_address: 127.0.0.1 }}\n"
     );
     start_lhnet_thread(&yaml, "tcp", threads, cpus)
+}
+
+/// A CPU figure with `decimals`, or `-` where there is none (direct).
+fn cpu_column(value: Option<f64>, decimals: usize) -> String {
+    value.map_or_else(|| "-".into(), |v| format!("{v:.decimals$}"))
 }
 
 fn workload_name(payload: usize) -> String {

@@ -18,6 +18,7 @@ use prost::Message;
 use serde::Serialize;
 
 use crate::bench::{cpu_list, cpu_split, frame, h2load_run, spawn_runtime_thread};
+use crate::cputime;
 use crate::openloop::{self, Tail};
 use crate::steal::{self, StealShare};
 
@@ -97,23 +98,6 @@ fn manager_request(engine: SocketAddr) -> ProxyEngineRequest {
         volume_name: VOLUME.into(),
         ..Default::default()
     }
-}
-
-/// CPU time (user + system) of this process's thread named `name`, in seconds.
-fn thread_cpu_seconds(name: &str) -> Option<f64> {
-    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
-        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if comm.trim_end() != name {
-            continue;
-        }
-        let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
-        // Fields after the command (which is in parentheses): utime is the 12th, stime the 13th.
-        let rest = &stat[stat.rfind(')')? + 2..];
-        let fields: Vec<&str> = rest.split(' ').collect();
-        let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-        return Some(ticks as f64 / steal::clock_ticks_per_second());
-    }
-    None
 }
 
 /// Runs the comparison for `rpcs` (VolumeGet, ReplicaList).
@@ -207,9 +191,9 @@ pub fn run(
         eprintln!("bench-engine: {rpc} saturated, direct ...");
         let (d, direct_steal) = saturate(engine, &direct_path, &direct_body)?;
         eprintln!("bench-engine: {rpc} saturated, via lhnet ...");
-        let before = thread_cpu_seconds("lhnet-proxy");
+        let before = cputime::threads_seconds("lhnet-proxy");
         let (l, lhnet_steal) = saturate(proxy_addr, &lhnet_path, &lhnet_body)?;
-        let cpu_us = match (before, thread_cpu_seconds("lhnet-proxy")) {
+        let cpu_us = match (before, cputime::threads_seconds("lhnet-proxy")) {
             (Some(b), Some(a)) if l.succeeded > 0 => {
                 // h2load's warm-up second is not in `succeeded`: scale to the measured part.
                 let calls = l.rps * (duration.as_secs_f64() + 1.0);
@@ -247,8 +231,10 @@ pub fn run(
                     trace("direct"),
                 )
             });
-            let (cpu_before, started) =
-                (thread_cpu_seconds("lhnet-proxy"), std::time::Instant::now());
+            let (cpu_before, started) = (
+                cputime::threads_seconds("lhnet-proxy"),
+                std::time::Instant::now(),
+            );
             let (lt, lhnet_steal) = steal::during(|| {
                 openloop::run(
                     "lhnet",
@@ -262,7 +248,7 @@ pub fn run(
                 )
             });
             let (dt, lt) = (dt?, lt?);
-            let lhnet_busy_percent = match (cpu_before, thread_cpu_seconds("lhnet-proxy")) {
+            let lhnet_busy_percent = match (cpu_before, cputime::threads_seconds("lhnet-proxy")) {
                 (Some(b), Some(a)) => (a - b) / started.elapsed().as_secs_f64() * 100.0,
                 _ => 0.0,
             };

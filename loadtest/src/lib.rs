@@ -7,6 +7,7 @@
 
 pub mod backup_bench;
 pub mod bench;
+pub mod cputime;
 pub mod demo;
 pub mod demo_backup;
 pub mod engine_bench;

@@ -14,6 +14,13 @@ pub struct Peer {
     _rundir: TempDir,
 }
 
+impl Peer {
+    /// The peer's process (nginx's master; its workers are its children).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl Drop for Peer {
     fn drop(&mut self) {
         if let Ok(pid) = i32::try_from(self.child.id()) {
