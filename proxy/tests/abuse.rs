@@ -3,7 +3,10 @@
 //! fresh client's unary call on the same forwarded route must keep succeeding within 2 s:
 //! - 2000 connections that never send a byte, plus 5 connections holding 1000 header-only
 //!   streams each, for 20 s;
-//! - the same with 2000 slow-headers (slowloris) connections that send one byte a second.
+//! - the same with 2000 slow-headers (slowloris) connections that send one byte a second;
+//! - 512, then 1024, server-stream calls asking for endless replies whose clients never read
+//!   a byte of them (at 1024 every slot of the cluster is held, and the probe must be refused
+//!   by that limit, by name).
 //!
 //! Everything is on loopback; the upstream is the test's own echo service (outside the cgroup).
 // Its synchronous helpers (threads, Drop, the wait before the runtime starts) sleep with std.
@@ -18,7 +21,7 @@ use tokio::time::Instant;
 
 mod common;
 
-use common::raw_h2::{headers_frame, EMPTY_SETTINGS, PREFACE};
+use common::raw_h2::{frame, headers_frame, EMPTY_SETTINGS, PREFACE};
 use common::KillOnDrop;
 use lhnet_proto::echo::echo_client::EchoClient;
 use lhnet_proto::echo::EchoRequest;
@@ -32,6 +35,12 @@ const SILENT: usize = 2000;
 const STREAM_CONNECTIONS: usize = 5;
 const STREAMS_EACH: u32 = 1000;
 const UNARY: &str = "/lhnet.echo.v1.Echo/Unary";
+const SERVER_STREAM: &str = "/lhnet.echo.v1.Echo/ServerStream";
+/// `circuit_breakers.max_requests` of the test's cluster (lhnet's default).
+const CLUSTER_MAX_REQUESTS: usize = 1024;
+/// Calls per never-reading connection: 64 of them ask for about 34 KiB, within the 64 KiB a
+/// client may send before lhnet's first WINDOW_UPDATE.
+const NEVER_READ_STREAMS: u32 = 64;
 
 /// A memory cgroup (v2 or v1) with a 64 MiB limit, removed when dropped.
 struct MemoryCgroup {
@@ -192,6 +201,43 @@ enum Flood {
     SlowHeaders,
 }
 
+/// One attack on the listener.
+#[derive(Clone, Copy)]
+enum Attack {
+    /// SILENT connections of this kind, plus STREAM_CONNECTIONS connections of header-only
+    /// streams.
+    Flood(Flood),
+    /// `connections` connections of NEVER_READ_STREAMS calls each, asking for endless replies
+    /// and never reading a byte of them.
+    NeverRead { connections: usize },
+}
+
+/// One connection opening `streams` server-stream calls that ask for endless replies, then
+/// holding the connection without reading a byte, with the client's HTTP/2 windows at their
+/// defaults (64 KiB), until the attack ends.
+async fn never_read(proxy: SocketAddr, streams: u32, until: Instant) -> std::io::Result<()> {
+    use prost::Message;
+    let mut s = TcpStream::connect(proxy).await?;
+    let request = EchoRequest {
+        payload: vec![7; 512],
+        count: u32::MAX,
+        delay_ms: 0,
+    }
+    .encode_to_vec();
+    let mut body = vec![0];
+    body.extend_from_slice(&(request.len() as u32).to_be_bytes());
+    body.extend_from_slice(&request);
+    let mut out = PREFACE.to_vec();
+    out.extend_from_slice(&EMPTY_SETTINGS);
+    for i in 0..streams {
+        out.extend_from_slice(&headers_frame(2 * i + 1, SERVER_STREAM));
+        out.extend_from_slice(&frame(0x0, 0x1, 2 * i + 1, &body)); // DATA, END_STREAM
+    }
+    s.write_all(&out).await?;
+    tokio::time::sleep_until(until).await;
+    Ok(())
+}
+
 async fn flood_connection(proxy: SocketAddr, kind: Flood, until: Instant) {
     let Ok(mut s) = TcpStream::connect(proxy).await else {
         return;
@@ -233,7 +279,7 @@ fn admin_metrics(admin: SocketAddr) -> String {
 /// One attack at a time: each is the whole load the machine should carry.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn survive(tag: &str, kind: Flood) {
+fn survive(tag: &str, attack: Attack) {
     if !common::root() {
         return;
     }
@@ -284,13 +330,24 @@ fn survive(tag: &str, kind: Flood) {
         assert!(fresh_call(proxy).await.is_ok(), "a call before the attack");
         let until = Instant::now() + ATTACK;
         let mut attackers = Vec::new();
-        for _ in 0..SILENT {
-            attackers.push(tokio::spawn(flood_connection(proxy, kind, until)));
-        }
-        for _ in 0..STREAM_CONNECTIONS {
-            attackers.push(tokio::spawn(async move {
-                let _ = header_only_streams(proxy, STREAMS_EACH, until).await;
-            }));
+        match attack {
+            Attack::NeverRead { connections } => {
+                for _ in 0..connections {
+                    attackers.push(tokio::spawn(async move {
+                        let _ = never_read(proxy, NEVER_READ_STREAMS, until).await;
+                    }));
+                }
+            }
+            Attack::Flood(kind) => {
+                for _ in 0..SILENT {
+                    attackers.push(tokio::spawn(flood_connection(proxy, kind, until)));
+                }
+                for _ in 0..STREAM_CONNECTIONS {
+                    attackers.push(tokio::spawn(async move {
+                        let _ = header_only_streams(proxy, STREAMS_EACH, until).await;
+                    }));
+                }
+            }
         }
         let mut probes = Vec::new();
         while Instant::now() < until {
@@ -310,32 +367,67 @@ fn survive(tag: &str, kind: Flood) {
             LIMIT >> 20
         );
         assert!(probes.len() >= 20, "{} probes", probes.len());
-        assert!(failed.is_empty(), "fresh calls failed during the attack: {failed:?}");
+        match attack {
+            // Every slot of the cluster held: a new call is refused, naming the limit.
+            Attack::NeverRead { connections }
+                if connections * NEVER_READ_STREAMS as usize >= CLUSTER_MAX_REQUESTS =>
+            {
+                let named = "cluster echo has circuit_breakers.max_requests (1024) requests in flight";
+                let other: Vec<_> = failed.iter().filter(|e| !e.contains(named)).collect();
+                assert!(other.is_empty(), "calls failed otherwise than by the cluster's limit: {other:?}");
+                assert!(!failed.is_empty(), "the cluster's 1024 slots were all held, yet no call was refused");
+            }
+            _ => assert!(failed.is_empty(), "fresh calls failed during the attack: {failed:?}"),
+        }
+        // The attackers gone, their calls and slots are too.
+        let after = Instant::now() + Duration::from_secs(5);
+        while let Err(e) = fresh_call(proxy).await {
+            assert!(Instant::now() < after, "5 s after the attack a call still fails: {e}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     });
     assert!(
         child.0.try_wait().unwrap().is_none(),
         "lhnet-proxy died during the attack (peak {} bytes of {LIMIT})",
         cgroup.peak()
     );
-    let metrics = admin_metrics(admin);
-    assert!(
-        metrics.contains(
-            "lhnet_limits_reached_total{limit=\"max_connections\",listener=\"management\"}"
-        ) || metrics.contains(
-            "lhnet_limits_reached_total{limit=\"request_headers_timeout\",listener=\"management\"}"
-        ),
-        "no limit was counted:\n{metrics}"
-    );
+    if let Attack::Flood(_) = attack {
+        let metrics = admin_metrics(admin);
+        assert!(
+            metrics.contains(
+                "lhnet_limits_reached_total{limit=\"max_connections\",listener=\"management\"}"
+            ) || metrics.contains(
+                "lhnet_limits_reached_total{limit=\"request_headers_timeout\",listener=\"management\"}"
+            ),
+            "no limit was counted:\n{metrics}"
+        );
+    }
     drop(child);
     drop(cgroup);
 }
 
 #[test]
 fn silent_connections_and_header_only_streams_do_not_take_lhnet_down() {
-    survive("silent", Flood::Silent);
+    survive("silent", Attack::Flood(Flood::Silent));
 }
 
 #[test]
 fn slow_headers_do_not_take_lhnet_down() {
-    survive("slowloris", Flood::SlowHeaders);
+    survive("slowloris", Attack::Flood(Flood::SlowHeaders));
+}
+
+/// 512 calls (half the cluster's slots) whose clients never read: each holds at most its own
+/// upstream stream window, and the upstream connections they share keep carrying everyone
+/// else's replies. (With the connection window a few stream windows wide, 16 such calls
+/// stalled every call on the cluster.)
+#[test]
+fn clients_that_never_read_their_replies_do_not_stall_the_others() {
+    survive("never-read", Attack::NeverRead { connections: 8 });
+}
+
+/// 1024 such calls, every slot of the cluster: new calls are refused by the cluster's limit,
+/// by name, lhnet stays inside its 64 MiB, and the slots come back when the attackers leave.
+#[test]
+fn a_cluster_full_of_replies_nobody_reads_keeps_lhnet_up_and_names_the_limit() {
+    survive("never-read-full", Attack::NeverRead { connections: 16 });
 }

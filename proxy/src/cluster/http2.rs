@@ -164,11 +164,21 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
     }
 }
 
+/// What one upstream stream may have in flight towards lhnet before lhnet takes it: the most a
+/// reply whose client stops reading holds in lhnet (one frame; about 36 KB of memory with
+/// h2's own state, so the 1024 calls of a full cluster stay well inside the sidecar's 64 MiB).
+/// Management replies are a few KiB; 1 MiB echo calls ran no slower than with 2 MiB
+/// (docs/benchmarks.md).
+pub const STREAM_WINDOW: u32 = 16 << 10;
+/// The whole connection's: HTTP/2's largest, so streams whose clients stop reading (each holding
+/// at most [`STREAM_WINDOW`]) never use up the window the connection's other calls need.
+pub const CONNECTION_WINDOW: u32 = (1 << 31) - 1;
+
 /// The settings of lhnet's upstream connections.
 pub fn builder() -> h2::client::Builder {
     let mut b = h2::client::Builder::new();
-    b.initial_window_size(2 << 20)
-        .initial_connection_window_size(8 << 20)
+    b.initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(16 << 10)
         .max_header_list_size(16 << 10)
         .max_send_buffer_size(1 << 20)
