@@ -79,6 +79,13 @@ pub struct Downstream {
     evict: CancellationToken,
     /// The listener's streams waiting for their request body.
     pub waiters: Arc<Waiters>,
+    /// Reply frames handed to HTTP/2 and not yet taken by it: a frame is taken when HTTP/2
+    /// has sent it and asks for the next one (or drops the body). A client that grants no
+    /// window, or reads nothing, leaves its replies' frames here.
+    replies_waiting: AtomicUsize,
+    /// Reply frames taken so far: unchanged between two looks `send_timeout` apart while
+    /// replies wait, the client has taken none of them in that time.
+    replies_taken: AtomicU64,
 }
 
 /// A listener's streams that have sent their headers and are waiting (up to
@@ -132,6 +139,8 @@ struct Admitted {
 struct InProgress {
     shared: Arc<Shared>,
     conn: Arc<Downstream>,
+    /// A frame of the response was handed to HTTP/2, which has not asked for the next yet.
+    handed: bool,
 }
 
 /// A response body that keeps its request counted while it streams.
@@ -324,6 +333,8 @@ impl Shared {
             held_slots: AtomicUsize::new(0),
             evict: shutdown.child_token(),
             waiters: self.waiters.clone(),
+            replies_waiting: AtomicUsize::new(0),
+            replies_taken: AtomicU64::new(0),
         });
         open.insert(conn.id, conn.clone());
         Some(Admitted {
@@ -445,6 +456,28 @@ impl Downstream {
             Some(("idle_timeout", after, self.activity.idle_since() + after))
         } else {
             None
+        }
+    }
+
+    /// Whether replies have waited for this connection's client, none of them taken, since a
+    /// look at least `after` ago (so for longer than `after`); else looks again from `now`.
+    fn replies_stalled(
+        &self,
+        look: &mut Option<(u64, Instant)>,
+        after: Duration,
+        now: Instant,
+    ) -> bool {
+        if self.replies_waiting.load(Ordering::Relaxed) == 0 {
+            *look = None;
+            return false;
+        }
+        let taken = self.replies_taken.load(Ordering::Relaxed);
+        match *look {
+            Some((seen, since)) if seen == taken => now.duration_since(since) >= after,
+            _ => {
+                *look = Some((taken, now));
+                false
+            }
         }
     }
 }
@@ -590,10 +623,16 @@ impl Admitted {
         tokio::pin!(connection);
         let conn = &self.conn;
         let mut closing: Option<Instant> = None;
+        let mut look = None;
         loop {
             // When to look again: when a limit falls due, and within `idle_timeout` anyway,
-            // since requests come and go meanwhile (Activity::next_idle_check).
-            let recheck = conn.activity.next_idle_check(limits.idle_timeout);
+            // since requests come and go meanwhile (Activity::next_idle_check), and within
+            // `send_timeout`, for replies their client does not take (requests may start
+            // any time: one wake-up per `send_timeout` is what an idle connection costs).
+            let recheck = conn
+                .activity
+                .next_idle_check(limits.idle_timeout)
+                .min(Instant::now() + limits.send_timeout);
             let wake = closing.unwrap_or_else(|| {
                 conn.due(limits)
                     .map_or(recheck, |(_, _, at)| at.min(recheck))
@@ -622,6 +661,15 @@ impl Admitted {
                         ));
                         connection.as_mut().graceful_shutdown();
                         closing = Some(now + CLOSE_GRACE);
+                    } else if conn.replies_stalled(&mut look, limits.send_timeout, now) {
+                        // A GOAWAY would wait behind the replies: the connection is dropped,
+                        // and with it its calls, their upstream streams and cluster slots.
+                        let waiting = conn.replies_waiting.load(Ordering::Relaxed);
+                        self.shared.metrics.limit_reached(&name, "send_timeout", || format!(
+                            "listener {name}: {peer} took no reply data for send_timeout {} ({waiting} replies waiting for its window); closed",
+                            format_duration(limits.send_timeout)
+                        ));
+                        return;
                     }
                 }
             }
@@ -652,12 +700,29 @@ impl InProgress {
         InProgress {
             shared: shared.clone(),
             conn: conn.clone(),
+            handed: false,
+        }
+    }
+
+    /// A frame of the response goes to HTTP/2: it waits there until the client's window
+    /// lets it out.
+    fn hand(&mut self) {
+        self.handed = true;
+        self.conn.replies_waiting.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// HTTP/2 asks for the next frame, or is done with the body: the last frame went out.
+    fn taken(&mut self) {
+        if std::mem::take(&mut self.handed) {
+            self.conn.replies_waiting.fetch_sub(1, Ordering::Relaxed);
+            self.conn.replies_taken.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
 
 impl Drop for InProgress {
     fn drop(&mut self) {
+        self.taken();
         self.shared.requests.fetch_sub(1, Ordering::Relaxed);
         self.conn.activity.end();
     }
@@ -673,10 +738,21 @@ impl Body for TrackedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(counted) = &mut self.counted {
+            counted.taken();
+        }
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(None) = polled {
+        match &polled {
             // The response is done: the request no longer counts as in progress.
-            self.counted = None;
+            Poll::Ready(None) => self.counted = None,
+            // HTTP/2 holds a DATA frame until the client's window has room for it, and asks
+            // for the next one only then (trailers go out at once).
+            Poll::Ready(Some(Ok(frame))) if frame.is_data() => {
+                if let Some(counted) = &mut self.counted {
+                    counted.hand();
+                }
+            }
+            _ => {}
         }
         polled
     }

@@ -6,7 +6,9 @@
 //! - the same with 2000 slow-headers (slowloris) connections that send one byte a second;
 //! - 512, then 1024, server-stream calls asking for endless replies whose clients never read
 //!   a byte of them (at 1024 every slot of the cluster is held, and the probe must be refused
-//!   by that limit, by name).
+//!   by that limit, by name);
+//! - the 1024 with the listener's `send_timeout` at 2 s: lhnet closes those connections while
+//!   the attackers still hold them, and probes succeed again within twice that.
 //!
 //! Everything is on loopback; the upstream is the test's own echo service (outside the cgroup).
 // Its synchronous helpers (threads, Drop, the wait before the runtime starts) sleep with std.
@@ -208,8 +210,18 @@ enum Attack {
     /// streams.
     Flood(Flood),
     /// `connections` connections of NEVER_READ_STREAMS calls each, asking for endless replies
-    /// and never reading a byte of them.
-    NeverRead { connections: usize },
+    /// and never reading a byte of them; `send_timeout` is the listener's, in seconds (`None`:
+    /// lhnet's default, 60 s, longer than the attack).
+    NeverRead {
+        connections: usize,
+        send_timeout: Option<u64>,
+    },
+}
+
+/// How long the first probes of a never-read attack with `send_timeout` may be refused: the
+/// attackers are closed between one and two `send_timeout`s after their replies stall.
+fn refused_for(send_timeout: u64) -> Duration {
+    Duration::from_secs(2 * send_timeout + 2)
 }
 
 /// One connection opening `streams` server-stream calls that ask for endless replies, then
@@ -296,11 +308,18 @@ fn survive(tag: &str, attack: Attack) {
     let (listen, admin_port) = (free_port(), free_port());
     let proxy: SocketAddr = ([127, 0, 0, 1], listen).into();
     let admin: SocketAddr = ([127, 0, 0, 1], admin_port).into();
+    let send_timeout = match attack {
+        Attack::NeverRead {
+            send_timeout: Some(secs),
+            ..
+        } => format!("    send_timeout: {secs}s\n"),
+        _ => String::new(),
+    };
     let config = common::write_config(
         &format!("abuse-{tag}"),
         &format!(
             "admin: {{ address: {admin} }}\nstorage_network: {{ interface: lo }}\n\
-             listeners:\n  - name: management\n    address: {proxy}\n    routes:\n      \
+             listeners:\n  - name: management\n    address: {proxy}\n{send_timeout}    routes:\n      \
              - {{ match: {{ prefix: /lhnet.echo.v1.Echo/ }}, cluster: echo }}\n\
              clusters:\n  - {{ name: echo, endpoints: [{}] }}\n",
             echo.addr
@@ -328,10 +347,11 @@ fn survive(tag: &str, attack: Attack) {
     }
     rt.block_on(async {
         assert!(fresh_call(proxy).await.is_ok(), "a call before the attack");
-        let until = Instant::now() + ATTACK;
+        let started = Instant::now();
+        let until = started + ATTACK;
         let mut attackers = Vec::new();
         match attack {
-            Attack::NeverRead { connections } => {
+            Attack::NeverRead { connections, .. } => {
                 for _ in 0..connections {
                     attackers.push(tokio::spawn(async move {
                         let _ = never_read(proxy, NEVER_READ_STREAMS, until).await;
@@ -352,8 +372,10 @@ fn survive(tag: &str, attack: Attack) {
         let mut probes = Vec::new();
         while Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(500)).await;
-            probes.push(fresh_call(proxy).await);
+            let sent = started.elapsed();
+            probes.push((sent, fresh_call(proxy).await));
         }
+        let (sent, probes): (Vec<Duration>, Vec<_>) = probes.into_iter().unzip();
         for a in attackers {
             let _ = a.await;
         }
@@ -367,15 +389,28 @@ fn survive(tag: &str, attack: Attack) {
             LIMIT >> 20
         );
         assert!(probes.len() >= 20, "{} probes", probes.len());
+        let named = "cluster echo has circuit_breakers.max_requests (1024) requests in flight";
         match attack {
-            // Every slot of the cluster held: a new call is refused, naming the limit.
-            Attack::NeverRead { connections }
+            // Every slot of the cluster held, the attackers kept: a new call is refused,
+            // naming the limit.
+            Attack::NeverRead { connections, send_timeout: None }
                 if connections * NEVER_READ_STREAMS as usize >= CLUSTER_MAX_REQUESTS =>
             {
-                let named = "cluster echo has circuit_breakers.max_requests (1024) requests in flight";
                 let other: Vec<_> = failed.iter().filter(|e| !e.contains(named)).collect();
                 assert!(other.is_empty(), "calls failed otherwise than by the cluster's limit: {other:?}");
                 assert!(!failed.is_empty(), "the cluster's 1024 slots were all held, yet no call was refused");
+            }
+            // The attackers closed at `send_timeout`, while they still hold their sockets:
+            // calls are refused by the cluster's limit at most until then, and succeed after.
+            Attack::NeverRead { send_timeout: Some(secs), .. } => {
+                let grace = refused_for(secs);
+                for (at, probe) in sent.iter().zip(&probes) {
+                    match probe {
+                        Err(e) if *at < grace => assert!(e.contains(named), "a call {at:?} into the attack failed otherwise than by the cluster's limit: {e}"),
+                        Err(e) => panic!("a call {at:?} into the attack, past twice send_timeout ({secs} s), failed: {e}"),
+                        Ok(_) => {}
+                    }
+                }
             }
             _ => assert!(failed.is_empty(), "fresh calls failed during the attack: {failed:?}"),
         }
@@ -391,6 +426,26 @@ fn survive(tag: &str, attack: Attack) {
         "lhnet-proxy died during the attack (peak {} bytes of {LIMIT})",
         cgroup.peak()
     );
+    if let Attack::NeverRead {
+        connections,
+        send_timeout: Some(_),
+    } = attack
+    {
+        let metrics = admin_metrics(admin);
+        let closed = metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(
+                    "lhnet_limits_reached_total{limit=\"send_timeout\",listener=\"management\"} ",
+                )
+            })
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+        assert_eq!(
+            closed, connections as f64,
+            "every never-reading connection is closed by send_timeout, once:\n{metrics}"
+        );
+    }
     if let Attack::Flood(_) = attack {
         let metrics = admin_metrics(admin);
         assert!(
@@ -422,12 +477,38 @@ fn slow_headers_do_not_take_lhnet_down() {
 /// stalled every call on the cluster.)
 #[test]
 fn clients_that_never_read_their_replies_do_not_stall_the_others() {
-    survive("never-read", Attack::NeverRead { connections: 8 });
+    survive(
+        "never-read",
+        Attack::NeverRead {
+            connections: 8,
+            send_timeout: None,
+        },
+    );
 }
 
 /// 1024 such calls, every slot of the cluster: new calls are refused by the cluster's limit,
 /// by name, lhnet stays inside its 64 MiB, and the slots come back when the attackers leave.
 #[test]
 fn a_cluster_full_of_replies_nobody_reads_keeps_lhnet_up_and_names_the_limit() {
-    survive("never-read-full", Attack::NeverRead { connections: 16 });
+    survive(
+        "never-read-full",
+        Attack::NeverRead {
+            connections: 16,
+            send_timeout: None,
+        },
+    );
+}
+
+/// The same 1024 calls with `send_timeout: 2s`: lhnet closes the connections whose clients
+/// took none of their replies for that long, while the attackers still hold them open, and
+/// the cluster's slots are everyone's again.
+#[test]
+fn clients_that_take_no_reply_for_send_timeout_are_closed_and_free_their_slots() {
+    survive(
+        "never-read-closed",
+        Attack::NeverRead {
+            connections: 16,
+            send_timeout: Some(2),
+        },
+    );
 }

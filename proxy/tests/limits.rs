@@ -488,3 +488,78 @@ async fn a_header_only_engine_call_ends_at_stream_idle_timeout() {
         1.0
     );
 }
+
+/// A client that reads its socket but grants no HTTP/2 window past the first 64 KiB takes
+/// none of its endless reply after that: at `send_timeout` lhnet closes the connection (its
+/// call upstream ends with it), where a GOAWAY would only wait behind the reply.
+#[tokio::test]
+async fn a_client_that_takes_none_of_its_reply_is_closed_after_send_timeout() {
+    use prost::Message;
+    let (p, _echo) = proxy("    send_timeout: 300ms\n", "").await;
+    let mut raw = TcpStream::connect(p.listener_addr("m").unwrap())
+        .await
+        .unwrap();
+    let request = EchoRequest {
+        payload: vec![7; 1024],
+        count: u32::MAX,
+        delay_ms: 0,
+    }
+    .encode_to_vec();
+    let mut body = vec![0];
+    body.extend_from_slice(&(request.len() as u32).to_be_bytes());
+    body.extend_from_slice(&request);
+    let mut out = PREFACE.to_vec();
+    out.extend_from_slice(&EMPTY_SETTINGS);
+    out.extend_from_slice(&headers_frame(1, "/lhnet.echo.v1.Echo/ServerStream"));
+    out.extend_from_slice(&frame(0x0, 0x1, 1, &body));
+    raw.write_all(&out).await.unwrap();
+    let sent = read_until_closed(&mut raw, Duration::from_secs(3))
+        .await
+        .expect("a client that takes no reply is still connected 3 s on");
+    let data: usize = frames(&sent)
+        .iter()
+        .filter(|(kind, _, id, _)| *kind == 0x0 && *id == 1)
+        .map(|(.., payload)| payload.len())
+        .sum();
+    assert_eq!(
+        data, 65_535,
+        "the reply filled the client's window, and no more"
+    );
+    assert_eq!(limit_count(&metrics(&p).await, "m", "send_timeout"), 1.0);
+    // Others are unaffected.
+    connection(&p).await.unary(call(0)).await.unwrap();
+}
+
+/// What `send_timeout` is not: a call waiting on its upstream for longer (a watch with
+/// nothing to say), and a long reply read as it comes, keep their connection.
+#[tokio::test]
+async fn calls_that_wait_on_their_upstream_or_are_read_are_not_cut_by_send_timeout() {
+    use tokio_stream::StreamExt;
+    let (p, _echo) = proxy("    send_timeout: 300ms\n", "").await;
+    let mut client = connection(&p).await;
+    let slow = client
+        .unary(call(1500))
+        .await
+        .expect("a call 1.5 s upstream");
+    assert_eq!(slow.get_ref().payload, b"x");
+    let mut replies = client
+        .server_stream(EchoRequest {
+            payload: vec![7; 1024],
+            count: 2000,
+            delay_ms: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut n = 0;
+    while let Some(reply) = replies.next().await {
+        reply.expect("a reply of the stream");
+        n += 1;
+        if n % 500 == 0 {
+            // A pause shorter than send_timeout, with the window full.
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+    }
+    assert_eq!(n, 2000);
+    assert_eq!(limit_count(&metrics(&p).await, "m", "send_timeout"), 0.0);
+}

@@ -124,6 +124,7 @@ impl Serialize for ListenerConfig {
         map.serialize_entry("idle_timeout", &Dur(l.idle_timeout))?;
         map.serialize_entry("stream_idle_timeout", &Dur(l.stream_idle_timeout))?;
         map.serialize_entry("max_request_headers_kb", &l.max_request_headers_kb)?;
+        map.serialize_entry("send_timeout", &Dur(l.send_timeout))?;
         if let Some(tls) = &self.tls {
             map.serialize_entry("tls", tls)?;
         }

@@ -259,6 +259,11 @@ pub struct ListenerLimits {
     pub stream_idle_timeout: Duration,
     /// Largest request header block, in KiB (Envoy's `max_request_headers_kb`).
     pub max_request_headers_kb: u32,
+    /// A connection with replies waiting for its client, none of which the client has taken
+    /// for this long (it grants no HTTP/2 window, or reads nothing), is closed: its calls end
+    /// and their cluster slots are freed.
+    #[serde(serialize_with = "ser_duration")]
+    pub send_timeout: Duration,
 }
 
 impl Default for ListenerLimits {
@@ -270,6 +275,7 @@ impl Default for ListenerLimits {
             idle_timeout: Duration::from_secs(300),
             stream_idle_timeout: Duration::from_secs(30),
             max_request_headers_kb: 60,
+            send_timeout: Duration::from_secs(60),
         }
     }
 }

@@ -223,6 +223,7 @@ pub(super) const GRPC_LISTENER_KEYS: &[&str] = &[
     "idle_timeout",
     "stream_idle_timeout",
     "max_request_headers_kb",
+    "send_timeout",
     "tls",
 ];
 /// What a listener may be asked for before its `kind` is known: both tables.
@@ -243,6 +244,7 @@ pub(super) const LISTENER_KEYS: &[&str] = &[
     "idle_timeout",
     "stream_idle_timeout",
     "max_request_headers_kb",
+    "send_timeout",
     "tls",
 ];
 pub(super) const TLS_KEYS: &[&str] = &["mode", "ca", "cert", "key", "peer_name"];
@@ -1209,6 +1211,7 @@ pub(super) fn parse_listener_limits(f: &mut Fields<'_>, cx: &mut Cx) -> Option<L
         ),
         ("idle_timeout", &mut limits.idle_timeout),
         ("stream_idle_timeout", &mut limits.stream_idle_timeout),
+        ("send_timeout", &mut limits.send_timeout),
     ] {
         if let Some((p, v)) = f.take(key) {
             match nonzero_duration(v, &p, cx) {

@@ -409,6 +409,7 @@ listeners:
     address: 0.0.0.0:8501
     max_connections: 99
     stream_idle_timeout: 7s
+    send_timeout: 2m
     max_message_size: 1Mi
     http2_protocol_options: { max_concurrent_streams: 50, connection_keepalive: { interval: 10s, timeout: 3s } }
     routes:
@@ -462,4 +463,7 @@ drain_timeout: 5s
     let again = Config::parse(&dumped, "dump").unwrap_or_else(|e| panic!("{e}\n{dumped}"));
     let redumped = serde_json::to_string_pretty(&again).unwrap();
     assert_eq!(dumped, redumped);
+    let limits = &again.listeners[0].limits;
+    assert_eq!(limits.send_timeout, Duration::from_secs(120));
+    assert_eq!(limits.stream_idle_timeout, Duration::from_secs(7));
 }
