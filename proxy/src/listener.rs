@@ -48,6 +48,12 @@ use crate::tls::ServerTls;
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// After GOAWAY for an idle or evicted connection, how long its last streams may take.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// Reply data HTTP/2 may hold for one stream before hyper waits to hand it more: hyper's
+/// default is 400 KB, which a client granting every window and reading nothing makes lhnet
+/// hold for each of its calls (512 such calls took the sidecar past 64 MiB). At this size a
+/// stream holds at most 16 KiB and the upstream frame (up to 16 KiB) that went past it, and
+/// hyper one more frame.
+pub const REPLY_SEND_BUFFER: usize = 16 << 10;
 
 /// A bound gRPC listener, ready to serve.
 pub struct GrpcListener {
@@ -619,6 +625,7 @@ impl Admitted {
                     .map_or(Duration::from_secs(20), |k| k.timeout),
             )
             .max_header_list_size(limits.max_request_headers_kb.saturating_mul(1024))
+            .max_send_buf_size(REPLY_SEND_BUFFER)
             .serve_connection(io, service);
         tokio::pin!(connection);
         let conn = &self.conn;

@@ -9,6 +9,8 @@
 //!   by that limit, by name);
 //! - the 1024 with the listener's `send_timeout` at 2 s: lhnet closes those connections while
 //!   the attackers still hold them, and probes succeed again within twice that.
+//! - 512 such calls from clients that grant every window HTTP/2 allows (so only lhnet's own
+//!   per-stream send buffer bounds what it holds for them).
 //!
 //! Everything is on loopback; the upstream is the test's own echo service (outside the cgroup).
 // Its synchronous helpers (threads, Drop, the wait before the runtime starts) sleep with std.
@@ -215,6 +217,10 @@ enum Attack {
     NeverRead {
         connections: usize,
         send_timeout: Option<u64>,
+        /// The clients grant every window HTTP/2 allows (2 GiB − 1, stream and connection)
+        /// instead of the default 64 KiB, so only lhnet's own buffers and the socket's bound
+        /// what lhnet holds for them.
+        open_windows: bool,
     },
 }
 
@@ -227,7 +233,12 @@ fn refused_for(send_timeout: u64) -> Duration {
 /// One connection opening `streams` server-stream calls that ask for endless replies, then
 /// holding the connection without reading a byte, with the client's HTTP/2 windows at their
 /// defaults (64 KiB), until the attack ends.
-async fn never_read(proxy: SocketAddr, streams: u32, until: Instant) -> std::io::Result<()> {
+async fn never_read(
+    proxy: SocketAddr,
+    streams: u32,
+    open_windows: bool,
+    until: Instant,
+) -> std::io::Result<()> {
     use prost::Message;
     let mut s = TcpStream::connect(proxy).await?;
     let request = EchoRequest {
@@ -240,7 +251,16 @@ async fn never_read(proxy: SocketAddr, streams: u32, until: Instant) -> std::io:
     body.extend_from_slice(&(request.len() as u32).to_be_bytes());
     body.extend_from_slice(&request);
     let mut out = PREFACE.to_vec();
-    out.extend_from_slice(&EMPTY_SETTINGS);
+    if open_windows {
+        const MAX_WINDOW: u32 = (1 << 31) - 1;
+        let mut initial_window = vec![0, 4]; // SETTINGS_INITIAL_WINDOW_SIZE
+        initial_window.extend_from_slice(&MAX_WINDOW.to_be_bytes());
+        out.extend_from_slice(&frame(0x4, 0, 0, &initial_window));
+        // WINDOW_UPDATE on the connection, to its largest.
+        out.extend_from_slice(&frame(0x8, 0, 0, &(MAX_WINDOW - 65_535).to_be_bytes()));
+    } else {
+        out.extend_from_slice(&EMPTY_SETTINGS);
+    }
     for i in 0..streams {
         out.extend_from_slice(&headers_frame(2 * i + 1, SERVER_STREAM));
         out.extend_from_slice(&frame(0x0, 0x1, 2 * i + 1, &body)); // DATA, END_STREAM
@@ -351,10 +371,14 @@ fn survive(tag: &str, attack: Attack) {
         let until = started + ATTACK;
         let mut attackers = Vec::new();
         match attack {
-            Attack::NeverRead { connections, .. } => {
+            Attack::NeverRead {
+                connections,
+                open_windows,
+                ..
+            } => {
                 for _ in 0..connections {
                     attackers.push(tokio::spawn(async move {
-                        let _ = never_read(proxy, NEVER_READ_STREAMS, until).await;
+                        let _ = never_read(proxy, NEVER_READ_STREAMS, open_windows, until).await;
                     }));
                 }
             }
@@ -393,7 +417,7 @@ fn survive(tag: &str, attack: Attack) {
         match attack {
             // Every slot of the cluster held, the attackers kept: a new call is refused,
             // naming the limit.
-            Attack::NeverRead { connections, send_timeout: None }
+            Attack::NeverRead { connections, send_timeout: None, .. }
                 if connections * NEVER_READ_STREAMS as usize >= CLUSTER_MAX_REQUESTS =>
             {
                 let other: Vec<_> = failed.iter().filter(|e| !e.contains(named)).collect();
@@ -429,6 +453,7 @@ fn survive(tag: &str, attack: Attack) {
     if let Attack::NeverRead {
         connections,
         send_timeout: Some(_),
+        ..
     } = attack
     {
         let metrics = admin_metrics(admin);
@@ -482,6 +507,7 @@ fn clients_that_never_read_their_replies_do_not_stall_the_others() {
         Attack::NeverRead {
             connections: 8,
             send_timeout: None,
+            open_windows: false,
         },
     );
 }
@@ -495,6 +521,7 @@ fn a_cluster_full_of_replies_nobody_reads_keeps_lhnet_up_and_names_the_limit() {
         Attack::NeverRead {
             connections: 16,
             send_timeout: None,
+            open_windows: false,
         },
     );
 }
@@ -509,6 +536,22 @@ fn clients_that_take_no_reply_for_send_timeout_are_closed_and_free_their_slots()
         Attack::NeverRead {
             connections: 16,
             send_timeout: Some(2),
+            open_windows: false,
+        },
+    );
+}
+
+/// Clients that grant every window HTTP/2 allows and then read nothing: what lhnet holds
+/// for each of their calls is bounded by its own send buffer per stream and the socket's,
+/// not by the client's window.
+#[test]
+fn clients_that_grant_every_window_and_read_nothing_stay_inside_the_memory_limit() {
+    survive(
+        "never-read-open",
+        Attack::NeverRead {
+            connections: 8,
+            send_timeout: None,
+            open_windows: true,
         },
     );
 }
