@@ -25,7 +25,7 @@ use tokio::time::Instant;
 
 mod common;
 
-use common::raw_h2::{frame, headers_frame, EMPTY_SETTINGS, PREFACE};
+use common::raw_h2::{frame, grpc_message, headers_frame, EMPTY_SETTINGS, PREFACE};
 use common::KillOnDrop;
 use lhnet_proto::echo::echo_client::EchoClient;
 use lhnet_proto::echo::EchoRequest;
@@ -247,9 +247,7 @@ async fn never_read(
         delay_ms: 0,
     }
     .encode_to_vec();
-    let mut body = vec![0];
-    body.extend_from_slice(&(request.len() as u32).to_be_bytes());
-    body.extend_from_slice(&request);
+    let body = grpc_message(&request);
     let mut out = PREFACE.to_vec();
     if open_windows {
         const MAX_WINDOW: u32 = (1 << 31) - 1;

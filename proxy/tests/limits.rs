@@ -6,7 +6,7 @@ use std::time::Duration;
 
 mod common;
 
-use common::raw_h2::{frame, frames, headers_frame, EMPTY_SETTINGS, PREFACE};
+use common::raw_h2::{frame, frames, grpc_message, headers_frame, EMPTY_SETTINGS, PREFACE};
 use lhnet_proto::echo::echo_client::EchoClient;
 use lhnet_proto::echo::EchoRequest;
 use lhnet_proto::echo_server::{self, RunningEcho};
@@ -505,9 +505,7 @@ async fn a_client_that_takes_none_of_its_reply_is_closed_after_send_timeout() {
         delay_ms: 0,
     }
     .encode_to_vec();
-    let mut body = vec![0];
-    body.extend_from_slice(&(request.len() as u32).to_be_bytes());
-    body.extend_from_slice(&request);
+    let body = grpc_message(&request);
     let mut out = PREFACE.to_vec();
     out.extend_from_slice(&EMPTY_SETTINGS);
     out.extend_from_slice(&headers_frame(1, "/lhnet.echo.v1.Echo/ServerStream"));

@@ -22,6 +22,14 @@ pub fn headers_frame(stream: u32, path: &str) -> Vec<u8> {
     frame(0x1, 0x4, stream, &block)
 }
 
+/// A gRPC message as a DATA frame's payload: uncompressed, its length, then `message`.
+pub fn grpc_message(message: &[u8]) -> Vec<u8> {
+    let mut out = vec![0];
+    out.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    out.extend_from_slice(message);
+    out
+}
+
 /// One frame: type, flags, stream and payload.
 pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(9 + payload.len());
