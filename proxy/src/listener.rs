@@ -85,10 +85,10 @@ pub struct Downstream {
     evict: CancellationToken,
     /// The listener's streams waiting for their request body.
     pub waiters: Arc<Waiters>,
-    /// Reply frames handed to HTTP/2 and not yet taken by it: a frame is taken when HTTP/2
-    /// has sent it and asks for the next one (or drops the body). A client that grants no
-    /// window, or reads nothing, leaves its replies' frames here.
-    replies_waiting: AtomicUsize,
+    /// Reply frames handed to HTTP/2 so far. A frame is taken when HTTP/2 has sent it and
+    /// asks for the next one (or drops the body); handed less taken are the frames waiting,
+    /// which a client that grants no window, or reads nothing, leaves there.
+    replies_handed: AtomicU64,
     /// Reply frames taken so far: unchanged between two looks `send_timeout` apart while
     /// replies wait, the client has taken none of them in that time.
     replies_taken: AtomicU64,
@@ -339,7 +339,7 @@ impl Shared {
             held_slots: AtomicUsize::new(0),
             evict: shutdown.child_token(),
             waiters: self.waiters.clone(),
-            replies_waiting: AtomicUsize::new(0),
+            replies_handed: AtomicU64::new(0),
             replies_taken: AtomicU64::new(0),
         });
         open.insert(conn.id, conn.clone());
@@ -465,6 +465,15 @@ impl Downstream {
         }
     }
 
+    /// Reply frames handed to HTTP/2 and not yet taken, and the count of those taken.
+    fn replies(&self) -> (u64, u64) {
+        // Taken first: a frame is handed before it is taken, so this never counts one taken
+        // that was not handed (saturating all the same: the two are read apart).
+        let taken = self.replies_taken.load(Ordering::Relaxed);
+        let handed = self.replies_handed.load(Ordering::Relaxed);
+        (handed.saturating_sub(taken), taken)
+    }
+
     /// Whether replies have waited for this connection's client, none of them taken, since a
     /// look at least `after` ago (so for longer than `after`); else looks again from `now`.
     fn replies_stalled(
@@ -473,11 +482,11 @@ impl Downstream {
         after: Duration,
         now: Instant,
     ) -> bool {
-        if self.replies_waiting.load(Ordering::Relaxed) == 0 {
+        let (waiting, taken) = self.replies();
+        if waiting == 0 {
             *look = None;
             return false;
         }
-        let taken = self.replies_taken.load(Ordering::Relaxed);
         match *look {
             Some((seen, since)) if seen == taken => now.duration_since(since) >= after,
             _ => {
@@ -671,9 +680,9 @@ impl Admitted {
                     } else if conn.replies_stalled(&mut look, limits.send_timeout, now) {
                         // A GOAWAY would wait behind the replies: the connection is dropped,
                         // and with it its calls, their upstream streams and cluster slots.
-                        let waiting = conn.replies_waiting.load(Ordering::Relaxed);
+                        let (waiting, _) = conn.replies();
                         self.shared.metrics.limit_reached(&name, "send_timeout", || format!(
-                            "listener {name}: {peer} took no reply data for send_timeout {} ({waiting} replies waiting for its window); closed",
+                            "listener {name}: {peer} took no reply data for send_timeout {} ({waiting} replies waiting for its window or its reads); closed (a client that is only slow: raise listeners[].send_timeout)",
                             format_duration(limits.send_timeout)
                         ));
                         return;
@@ -715,13 +724,12 @@ impl InProgress {
     /// lets it out.
     fn hand(&mut self) {
         self.handed = true;
-        self.conn.replies_waiting.fetch_add(1, Ordering::Relaxed);
+        self.conn.replies_handed.fetch_add(1, Ordering::Relaxed);
     }
 
     /// HTTP/2 asks for the next frame, or is done with the body: the last frame went out.
     fn taken(&mut self) {
         if std::mem::take(&mut self.handed) {
-            self.conn.replies_waiting.fetch_sub(1, Ordering::Relaxed);
             self.conn.replies_taken.fetch_add(1, Ordering::Relaxed);
         }
     }

@@ -455,15 +455,7 @@ fn survive(tag: &str, attack: Attack) {
     } = attack
     {
         let metrics = admin_metrics(admin);
-        let closed = metrics
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix(
-                    "lhnet_limits_reached_total{limit=\"send_timeout\",listener=\"management\"} ",
-                )
-            })
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(0.0);
+        let closed = common::limit_count(&metrics, "management", "send_timeout");
         assert_eq!(
             closed, connections as f64,
             "every never-reading connection is closed by send_timeout, once:\n{metrics}"

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 mod common;
 
+use common::limit_count;
+
 use common::raw_h2::{frame, frames, grpc_message, headers_frame, EMPTY_SETTINGS, PREFACE};
 use lhnet_proto::echo::echo_client::EchoClient;
 use lhnet_proto::echo::EchoRequest;
@@ -63,16 +65,6 @@ async fn metrics(p: &RunningProxy) -> String {
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     out
-}
-
-fn limit_count(metrics: &str, listener: &str, limit: &str) -> f64 {
-    let series =
-        format!("lhnet_limits_reached_total{{limit=\"{limit}\",listener=\"{listener}\"}} ");
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(&series))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// Reads until lhnet closes the connection (or `within` passes): what it sent.

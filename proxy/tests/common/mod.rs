@@ -190,3 +190,14 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
 }
+
+/// `lhnet_limits_reached_total{listener, limit}` in a `/metrics` text (0 when absent).
+pub fn limit_count(metrics: &str, listener: &str, limit: &str) -> f64 {
+    let series =
+        format!("lhnet_limits_reached_total{{limit=\"{limit}\",listener=\"{listener}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
